@@ -1,0 +1,116 @@
+/* pyllama's C API: the whole boundary between Python and C.
+ *
+ * build_ffi.py reads this file verbatim as the cffi cdef, and every csrc/*.c file includes it, so
+ * the two cannot drift apart. Keep it cdef-clean: no #include, no #ifdef, only integer #defines.
+ * Bump PL_ABI_VERSION whenever a struct or signature here changes: pyllama/__init__.py refuses a
+ * compiled core whose version differs (a stale build).
+ *
+ * C does arithmetic only. Python validates every size and offset before it hands C a pointer, and
+ * owns every buffer (numpy arrays kept alive by the Python objects that hold these structs).
+ */
+
+#define PL_ABI_VERSION 1
+
+/* Tensor types: ggml's type numbers, plus one of our own for llama2.c V2 checkpoints. */
+#define PL_F32 0
+#define PL_F16 1
+#define PL_Q4_0 2
+#define PL_Q4_1 3
+#define PL_Q5_0 6
+#define PL_Q5_1 7
+#define PL_Q8_0 8
+#define PL_Q2_K 10
+#define PL_Q3_K 11
+#define PL_Q4_K 12
+#define PL_Q5_K 13
+#define PL_Q6_K 14
+#define PL_BF16 30
+#define PL_Q8_G 1000   /* llama2.c V2: int8 values, f32 scale per group_size values in `scales` */
+
+/* A 2-D weight matrix, row-major: `rows` rows of `cols` elements (cols = the input length). */
+typedef struct {
+    const void *data;    /* rows * (bytes per row of `type`) */
+    const float *scales; /* PL_Q8_G only: rows*cols/group_size scales; NULL otherwise */
+    int type;            /* a PL_* type above */
+    int group_size;      /* PL_Q8_G only */
+    long long rows;
+    long long cols;
+} pl_tensor;
+
+typedef struct {
+    int dim;          /* transformer width */
+    int hidden_dim;   /* FFN width */
+    int n_layers;
+    int n_heads;      /* query heads */
+    int n_kv_heads;   /* key/value heads (n_heads is a multiple of it) */
+    int vocab_size;
+    int seq_len;      /* the model's maximum context */
+    float rms_eps;    /* rmsnorm epsilon (1e-5 for llama2.c files) */
+    float rope_theta; /* RoPE frequency base (10000 for llama2.c files) */
+} pl_config;
+
+typedef struct {
+    const float *rms_att; /* (dim,) */
+    const float *rms_ffn; /* (dim,) */
+    pl_tensor wq;         /* (n_heads*head_size, dim) */
+    pl_tensor wk;         /* (n_kv_heads*head_size, dim) */
+    pl_tensor wv;         /* (n_kv_heads*head_size, dim) */
+    pl_tensor wo;         /* (dim, n_heads*head_size) */
+    pl_tensor w1;         /* (hidden_dim, dim)  gate */
+    pl_tensor w2;         /* (dim, hidden_dim)  down */
+    pl_tensor w3;         /* (hidden_dim, dim)  up */
+} pl_layer;
+
+typedef struct {
+    pl_config cfg;
+    pl_tensor token_embedding; /* (vocab_size, dim) */
+    const float *rms_final;    /* (dim,) */
+    pl_tensor wcls;            /* (vocab_size, dim); may alias token_embedding */
+    pl_layer *layers;          /* [n_layers] */
+} pl_weights;
+
+/* Run state of one sequence. All buffers are allocated by Python. */
+typedef struct {
+    float *x;           /* (dim,) activation */
+    float *xb;          /* (max(dim, n_heads*head_size),) */
+    float *xb2;         /* (dim,) */
+    float *hb;          /* (hidden_dim,) */
+    float *hb2;         /* (hidden_dim,) */
+    float *q;           /* (n_heads*head_size,) */
+    float *att;         /* (n_heads, n_ctx) attention scores */
+    float *logits;      /* (vocab_size,) */
+    float *key_cache;   /* (n_layers, n_ctx, kv_dim) */
+    float *value_cache; /* (n_layers, n_ctx, kv_dim) */
+    void *scratch;      /* pl_scratch_bytes(weights) bytes: quantized activations */
+    int n_ctx;          /* positions the KV cache holds (<= seq_len) */
+    int n_threads;      /* OpenMP threads for this state's calls (>= 1) */
+} pl_state;
+
+/* Sampler scratch entry (llama2.c's ProbIndex). */
+typedef struct {
+    float prob;
+    int index;
+} pl_probindex;
+
+int pl_abi_version(void);
+int pl_has_openmp(void);
+int pl_max_threads(void);
+const char *pl_build_info(void);
+
+/* Bytes of state->scratch that pl_forward needs for these weights. */
+long long pl_scratch_bytes(const pl_weights *w);
+
+/* One token at position pos (0 <= pos < s->n_ctx, 0 <= token < vocab): s->logits gets the output. */
+void pl_forward(const pl_weights *w, pl_state *s, int token, int pos);
+
+/* xout(rows) = W @ x(cols); scratch as for pl_forward; W.cols must be a multiple of the block. */
+void pl_matmul(float *xout, const float *x, const pl_tensor *w, void *scratch, int n_threads);
+
+/* out(cols) = row `row` of W, dequantized to f32. */
+void pl_dequantize_row(const pl_tensor *w, long long row, float *out);
+
+/* llama2.c's sampler: argmax at temperature 0, else softmax(logits/temperature) (logits is
+ * overwritten with the probabilities) and one xorshift* draw from *rng_state: multinomial, or
+ * top-p when 0 < topp < 1. probindex holds n entries. */
+int pl_sample(float *logits, int n, float temperature, float topp,
+              unsigned long long *rng_state, pl_probindex *probindex);

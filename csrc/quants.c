@@ -1,0 +1,1098 @@
+/* Block-quantized weight types: ggml's Q4_0 … Q6_K and llama2.c V2's PL_Q8_G.
+ *
+ * For each type: dequantize a row; quantize the activation x to 8 bits once per matmul
+ * (pli_quantize_act, before the row loop); dot every weight row with it in integers, one f32
+ * multiply-add per block (pli_matvec_rows, called by each OpenMP thread for its rows).
+ *
+ * Activation formats (our own, in the scratch buffer; all blocks of one x laid out as planes):
+ *   q8 blocks of 32   for Q4_0 Q4_1 Q5_0 Q5_1 Q8_0 (llama.cpp's q8_0 / q8_1):
+ *                     int8 q[cols] | f32 d[cols/32] | f32 s[cols/32],  x ≈ d·q, s = d·Σq
+ *   q8 blocks of 256  for the K-quants (llama.cpp's q8_K):
+ *                     int8 q[cols] | f32 d[cols/256] | int16 bsums[cols/16] (Σq per 16 values)
+ *   q8 groups         for PL_Q8_G (llama2.c's runq.c, mirrored exactly):
+ *                     int8 q[cols] | f32 d[cols/group_size]
+ * 32- and 256-blocks round x·(127/amax) to nearest-even (identical in the scalar and AVX2 code);
+ * Q8_G rounds x/scale half away from zero like runq.c's round().
+ *
+ * Every weight block is read through the byte layout documented beside its struct (ggml's,
+ * little-endian, fp16 scales). Scalar code is the reference; AVX2+FMA paths (x86-64-v3) replace
+ * the dot products when the compiler targets them. The products avoid int16 saturation: the
+ * weight operand of maddubs is unsigned (≤ 128) and the activations stay in [-127, 127].
+ */
+#include <math.h>
+#include <string.h>
+#include "kernels.h"
+
+#if defined(__AVX2__) && defined(__FMA__)
+#define PL_AVX2 1
+#endif
+#if defined(PL_AVX2) || defined(__F16C__)
+#include <immintrin.h>
+#endif
+
+#define QK 32     /* values per block of the 32-value types */
+#define QK_K 256  /* values per super-block of the K-quants */
+
+/* ------------------------------------------------------------------------------------------------
+ * fp16 */
+
+static inline float fp16(uint16_t h)
+{
+#if defined(__F16C__)
+    return _cvtsh_ss(h);
+#else
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, mant = h & 0x3ff, bits;
+    if (exp == 0) {
+        if (mant == 0) {
+            bits = sign;
+        } else { /* subnormal: shift the mantissa up to the implicit bit */
+            int e = -1;
+            do { mant <<= 1; e++; } while (!(mant & 0x400));
+            bits = sign | (uint32_t)(127 - 15 - e) << 23 | (mant & 0x3ff) << 13;
+        }
+    } else if (exp == 31) { /* inf / nan */
+        bits = sign | 0x7f800000u | mant << 13;
+    } else {
+        bits = sign | (exp + 127 - 15) << 23 | mant << 13;
+    }
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+#endif
+}
+
+/* ------------------------------------------------------------------------------------------------
+ * block layouts (ggml). Blocks are read in place from the mmap: every field is 1 or 2 bytes, so
+ * the 2-byte alignment GGUF guarantees (32) is enough. */
+
+typedef struct { /* 18 bytes: x[j] = d·((qs[j] & 15) − 8), x[j+16] = d·((qs[j] >> 4) − 8) */
+    uint16_t d;
+    uint8_t qs[QK / 2];
+} blk_q4_0;
+
+typedef struct { /* 20 bytes: as Q4_0 without the −8, plus the block minimum: x = d·q + m */
+    uint16_t d, m;
+    uint8_t qs[QK / 2];
+} blk_q4_1;
+
+typedef struct { /* 22 bytes: 5th bit of value j is bit j of qh (u32 LE); x = d·(q − 16) */
+    uint16_t d;
+    uint8_t qh[4];
+    uint8_t qs[QK / 2];
+} blk_q5_0;
+
+typedef struct { /* 24 bytes: Q5_0's bits, x = d·q + m */
+    uint16_t d, m;
+    uint8_t qh[4];
+    uint8_t qs[QK / 2];
+} blk_q5_1;
+
+typedef struct { /* 34 bytes: x = d·qs[j] */
+    uint16_t d;
+    int8_t qs[QK];
+} blk_q8_0;
+
+/* Q2_K, 84 bytes, 16 sub-blocks of 16. Value i = 128h + 32j + l (h < 2, j < 4, l < 32):
+ * q = (qs[32h + l] >> 2j) & 3, sub-block k = i/16, x = d·(scales[k] & 15)·q − dmin·(scales[k] >> 4) */
+typedef struct {
+    uint8_t scales[QK_K / 16];
+    uint8_t qs[QK_K / 4];
+    uint16_t d, dmin;
+} blk_q2_K;
+
+/* Q3_K, 110 bytes, 16 sub-blocks of 16. Value i = 128h + 32j + l: low bits (qs[32h + l] >> 2j) & 3,
+ * q = low − 4 when bit (4h + j) of hmask[l] is CLEAR, else low. 6-bit scales (see k3_scales),
+ * stored +32: x = d·(sc[i/16] − 32)·q */
+typedef struct {
+    uint8_t hmask[QK_K / 8];
+    uint8_t qs[QK_K / 4];
+    uint8_t scales[12];
+    uint16_t d;
+} blk_q3_K;
+
+/* Q4_K, 144 bytes, 8 sub-blocks of 32. Sub-block s: q = nibble (s & 1) of qs[32(s/2) + l];
+ * 6-bit scale and min (see k4_scales): x = d·sc[s]·q − dmin·m[s] */
+typedef struct {
+    uint16_t d, dmin;
+    uint8_t scales[12];
+    uint8_t qs[QK_K / 2];
+} blk_q4_K;
+
+/* Q5_K, 176 bytes: Q4_K plus a 5th bit, bit s of qh[l] for value l of sub-block s */
+typedef struct {
+    uint16_t d, dmin;
+    uint8_t scales[12];
+    uint8_t qh[QK_K / 8];
+    uint8_t qs[QK_K / 2];
+} blk_q5_K;
+
+/* Q6_K, 210 bytes, 16 sub-blocks of 16. Value i = 128h + 32j + l: low 4 bits = nibble (j >= 2) of
+ * ql[64h + 32(j & 1) + l], high 2 bits = (qh[32h + l] >> 2j) & 3, x = d·scales[i/16]·(q − 32) */
+typedef struct {
+    uint8_t ql[QK_K / 2];
+    uint8_t qh[QK_K / 4];
+    int8_t scales[QK_K / 16];
+    uint16_t d;
+} blk_q6_K;
+
+_Static_assert(sizeof(blk_q4_0) == 18 && sizeof(blk_q4_1) == 20 && sizeof(blk_q5_0) == 22 &&
+               sizeof(blk_q5_1) == 24 && sizeof(blk_q8_0) == 34, "32-value block sizes");
+_Static_assert(sizeof(blk_q2_K) == 84 && sizeof(blk_q3_K) == 110 && sizeof(blk_q4_K) == 144 &&
+               sizeof(blk_q5_K) == 176 && sizeof(blk_q6_K) == 210, "K block sizes");
+
+/* Q4_K/Q5_K: 12 bytes → 8 scales then 8 mins (6 bits each). Bytes 0-3 hold scales 0-3 in their
+ * low 6 bits, bytes 4-7 mins 0-3; bytes 8-11 hold the low 4 bits of scale 4+j (low nibble) and
+ * min 4+j (high nibble), whose top 2 bits are the top 2 bits of bytes j and 4+j. */
+static inline void k4_scales(const uint8_t *q, uint8_t out[16])
+{
+    uint32_t a[3], u[4];
+    memcpy(a, q, 12);
+    u[0] = a[0] & 0x3f3f3f3f;                                          /* sc 0-3 */
+    u[1] = (a[2] & 0x0f0f0f0f) | ((a[0] >> 6) & 0x03030303) << 4;      /* sc 4-7 */
+    u[2] = a[1] & 0x3f3f3f3f;                                          /* m 0-3 */
+    u[3] = ((a[2] >> 4) & 0x0f0f0f0f) | ((a[1] >> 6) & 0x03030303) << 4; /* m 4-7 */
+    memcpy(out, u, 16);
+}
+
+/* Q3_K: 12 bytes → 16 signed scales. Scale k: low 4 bits = nibble (k >= 8) of byte k % 8,
+ * high 2 bits = bits 2(k/4)..+1 of byte 8 + k % 4; stored with +32. */
+static inline void k3_scales(const uint8_t *q, int8_t out[16])
+{
+    uint32_t a[3], u[4];
+    memcpy(a, q, 12);
+    u[0] = (a[0] & 0x0f0f0f0f) | ((a[2] >> 0) & 0x03030303) << 4;
+    u[1] = (a[1] & 0x0f0f0f0f) | ((a[2] >> 2) & 0x03030303) << 4;
+    u[2] = ((a[0] >> 4) & 0x0f0f0f0f) | ((a[2] >> 4) & 0x03030303) << 4;
+    u[3] = ((a[1] >> 4) & 0x0f0f0f0f) | ((a[2] >> 6) & 0x03030303) << 4;
+    uint8_t b[16];
+    memcpy(b, u, 16);
+    for (int k = 0; k < 16; k++) out[k] = (int8_t)(b[k] - 32);
+}
+
+/* ------------------------------------------------------------------------------------------------
+ * type table (as switches) */
+
+int pli_is_quant(int type)
+{
+    switch (type) {
+    case PL_Q4_0: case PL_Q4_1: case PL_Q5_0: case PL_Q5_1: case PL_Q8_0:
+    case PL_Q2_K: case PL_Q3_K: case PL_Q4_K: case PL_Q5_K: case PL_Q6_K:
+    case PL_Q8_G:
+        return 1;
+    default:
+        return 0;
+    }
+}
+
+/* Values per block and bytes per block of a ggml type (Q8_G: values per group, 0 bytes). */
+static int block_values(const pl_tensor *w)
+{
+    switch (w->type) {
+    case PL_Q2_K: case PL_Q3_K: case PL_Q4_K: case PL_Q5_K: case PL_Q6_K: return QK_K;
+    case PL_Q8_G: return w->group_size;
+    default: return QK;
+    }
+}
+
+static size_t block_bytes(int type)
+{
+    switch (type) {
+    case PL_Q4_0: return sizeof(blk_q4_0);
+    case PL_Q4_1: return sizeof(blk_q4_1);
+    case PL_Q5_0: return sizeof(blk_q5_0);
+    case PL_Q5_1: return sizeof(blk_q5_1);
+    case PL_Q8_0: return sizeof(blk_q8_0);
+    case PL_Q2_K: return sizeof(blk_q2_K);
+    case PL_Q3_K: return sizeof(blk_q3_K);
+    case PL_Q4_K: return sizeof(blk_q4_K);
+    case PL_Q5_K: return sizeof(blk_q5_K);
+    case PL_Q6_K: return sizeof(blk_q6_K);
+    default: return 0;
+    }
+}
+
+static int is_k(int type) { return type >= PL_Q2_K && type <= PL_Q6_K; }
+
+/* ------------------------------------------------------------------------------------------------
+ * activations */
+
+typedef struct {
+    int8_t *q;      /* (cols,) */
+    float *d;       /* (cols/block,) x ≈ d·q */
+    float *s;       /* 32-blocks: (cols/32,) d·Σq */
+    int16_t *bsums; /* K blocks: (cols/16,) Σq per 16 values */
+} act_view;
+
+static size_t align64(size_t n) { return (n + 63) & ~(size_t)63; }
+
+static act_view act_layout(const pl_tensor *w, const void *xq)
+{
+    size_t cols = (size_t)w->cols, nb = cols / (size_t)block_values(w);
+    char *p = (char *)xq;
+    act_view a;
+    a.q = (int8_t *)p;
+    a.d = (float *)(p + align64(cols));
+    a.s = a.d + nb;
+    a.bsums = (int16_t *)(a.d + nb);
+    return a;
+}
+
+long long pli_act_bytes(const pl_tensor *w)
+{
+    if (!pli_is_quant(w->type)) return 0;
+    long long cols = w->cols, nb = cols / block_values(w);
+    long long extra = w->type == PL_Q8_G ? 0 : is_k(w->type) ? cols / 16 * 2 : nb * 4;
+    return (long long)align64((size_t)cols) + nb * 4 + extra;
+}
+
+static float absmax(const float *x, int n)
+{
+    int j = 0;
+    float amax = 0.0f;
+#ifdef PL_AVX2
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    __m256 m = _mm256_setzero_ps();
+    for (; j + 8 <= n; j += 8) m = _mm256_max_ps(m, _mm256_andnot_ps(sign, _mm256_loadu_ps(x + j)));
+    __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_max_ss(h, _mm_movehdup_ps(h));
+    amax = _mm_cvtss_f32(h);
+#endif
+    for (; j < n; j++) amax = fmaxf(amax, fabsf(x[j]));
+    return amax;
+}
+
+/* q[j] = round-to-nearest-even(x[j]·id), n a multiple of 32. */
+static void round_i8(const float *x, int n, float id, int8_t *q)
+{
+    int j = 0;
+#ifdef PL_AVX2
+    const __m256 vid = _mm256_set1_ps(id);
+    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    for (; j + 32 <= n; j += 32) {
+        __m256i i0 = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + j), vid));
+        __m256i i1 = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + j + 8), vid));
+        __m256i i2 = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + j + 16), vid));
+        __m256i i3 = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + j + 24), vid));
+        __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(i0, i1), _mm256_packs_epi32(i2, i3));
+        _mm256_storeu_si256((__m256i *)(q + j), _mm256_permutevar8x32_epi32(p, order));
+    }
+#endif
+    for (; j < n; j++) q[j] = (int8_t)lrintf(x[j] * id);
+}
+
+/* Blocks of `bs` values (32 or 256) with scale amax/127. */
+static void quantize_blocks(const float *x, int n, int bs, act_view *a)
+{
+    for (int b = 0; b < n / bs; b++) {
+        const float *xb = x + (size_t)b * bs;
+        float amax = absmax(xb, bs);
+        a->d[b] = amax / 127.0f;
+        round_i8(xb, bs, amax != 0.0f ? 127.0f / amax : 0.0f, a->q + (size_t)b * bs);
+    }
+}
+
+/* runq.c's quantize(): per group scale = max|x|/127, q = (int8) round(x/scale). */
+static void quantize_groups(const float *x, int n, int gs, act_view *a)
+{
+    for (int g = 0; g < n / gs; g++) {
+        const float *xg = x + (size_t)g * gs;
+        int8_t *qg = a->q + (size_t)g * gs;
+        float scale = absmax(xg, gs) / 127.0f;
+        a->d[g] = scale;
+        int j = 0;
+        if (scale == 0.0f) { /* runq.c divides 0 by 0 here; all values are 0 */
+            memset(qg, 0, (size_t)gs);
+            continue;
+        }
+#ifdef PL_AVX2
+        const __m256 vs = _mm256_set1_ps(scale), half = _mm256_set1_ps(0.5f);
+        const __m256 sign = _mm256_set1_ps(-0.0f), one = _mm256_set1_ps(1.0f);
+        for (; j + 8 <= gs; j += 8) { /* roundf: truncate, then step away from 0 if |frac| >= .5 */
+            __m256 v = _mm256_div_ps(_mm256_loadu_ps(xg + j), vs);
+            __m256 t = _mm256_round_ps(v, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
+            __m256 up = _mm256_cmp_ps(_mm256_andnot_ps(sign, _mm256_sub_ps(v, t)), half, _CMP_GE_OQ);
+            __m256 step = _mm256_and_ps(up, _mm256_or_ps(one, _mm256_and_ps(sign, v)));
+            __m256i i = _mm256_cvttps_epi32(_mm256_add_ps(t, step));
+            __m128i p = _mm_packs_epi32(_mm256_castsi256_si128(i), _mm256_extracti128_si256(i, 1));
+            _mm_storel_epi64((__m128i *)(qg + j), _mm_packs_epi16(p, p));
+        }
+#endif
+        for (; j < gs; j++) qg[j] = (int8_t)roundf(xg[j] / scale);
+    }
+}
+
+void pli_quantize_act(const pl_tensor *w, const float *x, void *xq)
+{
+    act_view a = act_layout(w, xq);
+    int n = (int)w->cols;
+    if (w->type == PL_Q8_G) {
+        quantize_groups(x, n, w->group_size, &a);
+    } else if (is_k(w->type)) {
+        quantize_blocks(x, n, QK_K, &a);
+        for (int k = 0; k < n / 16; k++) {
+            int s = 0;
+            for (int l = 0; l < 16; l++) s += a.q[16 * k + l];
+            a.bsums[k] = (int16_t)s;
+        }
+    } else {
+        quantize_blocks(x, n, QK, &a);
+        for (int b = 0; b < n / QK; b++) {
+            int s = 0;
+            for (int l = 0; l < QK; l++) s += a.q[QK * b + l];
+            a.s[b] = a.d[b] * (float)s;
+        }
+    }
+}
+
+/* ------------------------------------------------------------------------------------------------
+ * AVX2 helpers */
+
+#ifdef PL_AVX2
+static inline float hsum_ps(__m256 v)
+{
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+static inline int hsum_epi32_128(__m128i s)
+{
+    s = _mm_add_epi32(s, _mm_unpackhi_epi64(s, s));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
+    return _mm_cvtsi128_si32(s);
+}
+
+static inline int hsum_epi32(__m256i v)
+{
+    return hsum_epi32_128(_mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1)));
+}
+
+/* 16 bytes of nibbles → 32 bytes: low nibbles (values 0-15), then high nibbles (16-31). */
+static inline __m256i nibbles(const uint8_t *p)
+{
+    __m128i t = _mm_loadu_si128((const __m128i *)p);
+    return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(t, 4), t), _mm256_set1_epi8(0x0f));
+}
+
+/* Byte j = 0x10 when bit j of the 32 bits qh is set, else 0 (Q5_0/Q5_1 5th bits). */
+static inline __m256i bit4_of(const uint8_t *qh4)
+{
+    uint32_t qh;
+    memcpy(&qh, qh4, 4);
+    const __m256i spread = _mm256_setr_epi64x(0x0000000000000000, 0x0101010101010101,
+                                              0x0202020202020202, 0x0303030303030303);
+    const __m256i bit = _mm256_set1_epi64x((long long)0x8040201008040201ull);
+    __m256i v = _mm256_shuffle_epi8(_mm256_set1_epi32((int)qh), spread);
+    v = _mm256_cmpeq_epi8(_mm256_and_si256(v, bit), bit);
+    return _mm256_and_si256(v, _mm256_set1_epi8(0x10));
+}
+
+/* Σ over pairs: 8 int32 of u[4i..4i+3]·s[4i..4i+3], u unsigned bytes, s signed bytes. */
+static inline __m256i dot_u8(__m256i u, __m256i s)
+{
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+}
+
+/* The same for signed w (any int8) and x in [-127, 127]: |w| as the unsigned side. */
+static inline __m256i dot_i8(__m256i w, __m256i x)
+{
+    return dot_u8(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w));
+}
+
+/* For the 16-value sub-blocks of Q2_K/Q3_K/Q6_K: 16 int16 = 8 × scale 2g, then 8 × scale 2g+1. */
+static inline __m256i scale_pair(__m128i sc8, int g)
+{
+    __m128i idx = _mm_add_epi8(_mm_set1_epi8((char)(2 * g)), _mm_set_epi64x(0x0101010101010101, 0));
+    return _mm256_cvtepi8_epi16(_mm_shuffle_epi8(sc8, idx));
+}
+#endif
+
+/* ------------------------------------------------------------------------------------------------
+ * Q4_0 */
+
+static void deq_q4_0(const void *row, int nb, float *y)
+{
+    const blk_q4_0 *b = (const blk_q4_0 *)row;
+    for (int i = 0; i < nb; i++, y += QK) {
+        float d = fp16(b[i].d);
+        for (int j = 0; j < QK / 2; j++) {
+            y[j] = d * (float)((b[i].qs[j] & 15) - 8);
+            y[j + QK / 2] = d * (float)((b[i].qs[j] >> 4) - 8);
+        }
+    }
+}
+
+static float dot_q4_0(const void *row, const act_view *a, int nb)
+{
+    const blk_q4_0 *b = (const blk_q4_0 *)row;
+#ifdef PL_AVX2 /* unsigned nibbles · q8, minus 8·Σq8 per block */
+    __m256 acc = _mm256_setzero_ps();
+    float corr = 0.0f;
+    for (int i = 0; i < nb; i++) {
+        float d = fp16(b[i].d);
+        __m256i p = dot_u8(nibbles(b[i].qs), _mm256_loadu_si256((const __m256i *)(a->q + QK * i)));
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(d * a->d[i]), _mm256_cvtepi32_ps(p), acc);
+        corr += d * a->s[i];
+    }
+    return hsum_ps(acc) - 8.0f * corr;
+#else
+    float sum = 0.0f;
+    for (int i = 0; i < nb; i++) {
+        const int8_t *q8 = a->q + QK * i;
+        int s = 0;
+        for (int j = 0; j < QK / 2; j++)
+            s += ((b[i].qs[j] & 15) - 8) * q8[j] + ((b[i].qs[j] >> 4) - 8) * q8[j + QK / 2];
+        sum += fp16(b[i].d) * a->d[i] * (float)s;
+    }
+    return sum;
+#endif
+}
+
+/* ------------------------------------------------------------------------------------------------
+ * Q4_1 */
+
+static void deq_q4_1(const void *row, int nb, float *y)
+{
+    const blk_q4_1 *b = (const blk_q4_1 *)row;
+    for (int i = 0; i < nb; i++, y += QK) {
+        float d = fp16(b[i].d), m = fp16(b[i].m);
+        for (int j = 0; j < QK / 2; j++) {
+            y[j] = d * (float)(b[i].qs[j] & 15) + m;
+            y[j + QK / 2] = d * (float)(b[i].qs[j] >> 4) + m;
+        }
+    }
+}
+
+static float dot_q4_1(const void *row, const act_view *a, int nb)
+{
+    const blk_q4_1 *b = (const blk_q4_1 *)row;
+#ifdef PL_AVX2
+    __m256 acc = _mm256_setzero_ps();
+    float mins = 0.0f;
+    for (int i = 0; i < nb; i++) {
+        __m256i p = dot_u8(nibbles(b[i].qs), _mm256_loadu_si256((const __m256i *)(a->q + QK * i)));
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(fp16(b[i].d) * a->d[i]), _mm256_cvtepi32_ps(p), acc);
+        mins += fp16(b[i].m) * a->s[i];
+    }
+    return hsum_ps(acc) + mins;
+#else
+    float sum = 0.0f;
+    for (int i = 0; i < nb; i++) {
+        const int8_t *q8 = a->q + QK * i;
+        int s = 0;
+        for (int j = 0; j < QK / 2; j++) s += (b[i].qs[j] & 15) * q8[j] + (b[i].qs[j] >> 4) * q8[j + QK / 2];
+        sum += fp16(b[i].d) * a->d[i] * (float)s + fp16(b[i].m) * a->s[i];
+    }
+    return sum;
+#endif
+}
+
+/* ------------------------------------------------------------------------------------------------
+ * Q5_0 */
+
+static void deq_q5_0(const void *row, int nb, float *y)
+{
+    const blk_q5_0 *b = (const blk_q5_0 *)row;
+    for (int i = 0; i < nb; i++, y += QK) {
+        float d = fp16(b[i].d);
+        uint32_t qh;
+        memcpy(&qh, b[i].qh, 4);
+        for (int j = 0; j < QK / 2; j++) {
+            int h0 = (qh >> j) & 1, h1 = (qh >> (j + 16)) & 1;
+            y[j] = d * (float)(((b[i].qs[j] & 15) | h0 << 4) - 16);
+            y[j + QK / 2] = d * (float)(((b[i].qs[j] >> 4) | h1 << 4) - 16);
+        }
+    }
+}
+
+static float dot_q5_0(const void *row, const act_view *a, int nb)
+{
+    const blk_q5_0 *b = (const blk_q5_0 *)row;
+#ifdef PL_AVX2 /* unsigned 5-bit values · q8, minus 16·Σq8 per block */
+    __m256 acc = _mm256_setzero_ps();
+    float corr = 0.0f;
+    for (int i = 0; i < nb; i++) {
+        float d = fp16(b[i].d);
+        __m256i w = _mm256_or_si256(nibbles(b[i].qs), bit4_of(b[i].qh));
+        __m256i p = dot_u8(w, _mm256_loadu_si256((const __m256i *)(a->q + QK * i)));
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(d * a->d[i]), _mm256_cvtepi32_ps(p), acc);
+        corr += d * a->s[i];
+    }
+    return hsum_ps(acc) - 16.0f * corr;
+#else
+    float sum = 0.0f;
+    for (int i = 0; i < nb; i++) {
+        const int8_t *q8 = a->q + QK * i;
+        uint32_t qh;
+        memcpy(&qh, b[i].qh, 4);
+        int s = 0;
+        for (int j = 0; j < QK / 2; j++) {
+            int h0 = (qh >> j) & 1, h1 = (qh >> (j + 16)) & 1;
+            s += (((b[i].qs[j] & 15) | h0 << 4) - 16) * q8[j] + (((b[i].qs[j] >> 4) | h1 << 4) - 16) * q8[j + QK / 2];
+        }
+        sum += fp16(b[i].d) * a->d[i] * (float)s;
+    }
+    return sum;
+#endif
+}
+
+/* ------------------------------------------------------------------------------------------------
+ * Q5_1 */
+
+static void deq_q5_1(const void *row, int nb, float *y)
+{
+    const blk_q5_1 *b = (const blk_q5_1 *)row;
+    for (int i = 0; i < nb; i++, y += QK) {
+        float d = fp16(b[i].d), m = fp16(b[i].m);
+        uint32_t qh;
+        memcpy(&qh, b[i].qh, 4);
+        for (int j = 0; j < QK / 2; j++) {
+            int h0 = (qh >> j) & 1, h1 = (qh >> (j + 16)) & 1;
+            y[j] = d * (float)((b[i].qs[j] & 15) | h0 << 4) + m;
+            y[j + QK / 2] = d * (float)((b[i].qs[j] >> 4) | h1 << 4) + m;
+        }
+    }
+}
+
+static float dot_q5_1(const void *row, const act_view *a, int nb)
+{
+    const blk_q5_1 *b = (const blk_q5_1 *)row;
+#ifdef PL_AVX2
+    __m256 acc = _mm256_setzero_ps();
+    float mins = 0.0f;
+    for (int i = 0; i < nb; i++) {
+        __m256i w = _mm256_or_si256(nibbles(b[i].qs), bit4_of(b[i].qh));
+        __m256i p = dot_u8(w, _mm256_loadu_si256((const __m256i *)(a->q + QK * i)));
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(fp16(b[i].d) * a->d[i]), _mm256_cvtepi32_ps(p), acc);
+        mins += fp16(b[i].m) * a->s[i];
+    }
+    return hsum_ps(acc) + mins;
+#else
+    float sum = 0.0f;
+    for (int i = 0; i < nb; i++) {
+        const int8_t *q8 = a->q + QK * i;
+        uint32_t qh;
+        memcpy(&qh, b[i].qh, 4);
+        int s = 0;
+        for (int j = 0; j < QK / 2; j++) {
+            int h0 = (qh >> j) & 1, h1 = (qh >> (j + 16)) & 1;
+            s += ((b[i].qs[j] & 15) | h0 << 4) * q8[j] + ((b[i].qs[j] >> 4) | h1 << 4) * q8[j + QK / 2];
+        }
+        sum += fp16(b[i].d) * a->d[i] * (float)s + fp16(b[i].m) * a->s[i];
+    }
+    return sum;
+#endif
+}
+
+/* ------------------------------------------------------------------------------------------------
+ * Q8_0 */
+
+static void deq_q8_0(const void *row, int nb, float *y)
+{
+    const blk_q8_0 *b = (const blk_q8_0 *)row;
+    for (int i = 0; i < nb; i++, y += QK) {
+        float d = fp16(b[i].d);
+        for (int j = 0; j < QK; j++) y[j] = (float)b[i].qs[j] * d;
+    }
+}
+
+static float dot_q8_0(const void *row, const act_view *a, int nb)
+{
+    const blk_q8_0 *b = (const blk_q8_0 *)row;
+#ifdef PL_AVX2 /* two accumulators: the FMA latency, not the loads, would bound one */
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    int i = 0;
+    for (; i + 1 < nb; i += 2) {
+        __m256i p0 = dot_i8(_mm256_loadu_si256((const __m256i *)b[i].qs),
+                            _mm256_loadu_si256((const __m256i *)(a->q + QK * i)));
+        __m256i p1 = dot_i8(_mm256_loadu_si256((const __m256i *)b[i + 1].qs),
+                            _mm256_loadu_si256((const __m256i *)(a->q + QK * i + QK)));
+        acc0 = _mm256_fmadd_ps(_mm256_set1_ps(fp16(b[i].d) * a->d[i]), _mm256_cvtepi32_ps(p0), acc0);
+        acc1 = _mm256_fmadd_ps(_mm256_set1_ps(fp16(b[i + 1].d) * a->d[i + 1]), _mm256_cvtepi32_ps(p1), acc1);
+    }
+    if (i < nb) {
+        __m256i p0 = dot_i8(_mm256_loadu_si256((const __m256i *)b[i].qs),
+                            _mm256_loadu_si256((const __m256i *)(a->q + QK * i)));
+        acc0 = _mm256_fmadd_ps(_mm256_set1_ps(fp16(b[i].d) * a->d[i]), _mm256_cvtepi32_ps(p0), acc0);
+    }
+    return hsum_ps(_mm256_add_ps(acc0, acc1));
+#else
+    float sum = 0.0f;
+    for (int i = 0; i < nb; i++) {
+        const int8_t *q8 = a->q + QK * i;
+        int s = 0;
+        for (int j = 0; j < QK; j++) s += b[i].qs[j] * q8[j];
+        sum += fp16(b[i].d) * a->d[i] * (float)s;
+    }
+    return sum;
+#endif
+}
+
+/* ------------------------------------------------------------------------------------------------
+ * Q2_K */
+
+static void deq_q2_K(const void *row, int nb, float *y)
+{
+    const blk_q2_K *b = (const blk_q2_K *)row;
+    for (int i = 0; i < nb; i++, y += QK_K) {
+        float d = fp16(b[i].d), dmin = fp16(b[i].dmin);
+        for (int k = 0; k < 16; k++) { /* sub-block k: h = k/8, j = (k/2)%4, l = 16(k%2) + t */
+            float dl = d * (float)(b[i].scales[k] & 15), ml = dmin * (float)(b[i].scales[k] >> 4);
+            const uint8_t *qs = b[i].qs + 32 * (k / 8) + 16 * (k % 2);
+            int shift = 2 * ((k / 2) % 4);
+            for (int t = 0; t < 16; t++) y[16 * k + t] = dl * (float)((qs[t] >> shift) & 3) - ml;
+        }
+    }
+}
+
+static float dot_q2_K(const void *row, const act_view *a, int nb)
+{
+    const blk_q2_K *b = (const blk_q2_K *)row;
+#ifdef PL_AVX2
+    __m256 acc = _mm256_setzero_ps();
+    float mins = 0.0f;
+    const __m256i m3 = _mm256_set1_epi8(3);
+    for (int i = 0; i < nb; i++) {
+        const int8_t *q8 = a->q + QK_K * i;
+        __m128i sc = _mm_loadu_si128((const __m128i *)b[i].scales);
+        __m128i lo = _mm_and_si128(sc, _mm_set1_epi8(15));
+        __m128i hi = _mm_and_si128(_mm_srli_epi16(sc, 4), _mm_set1_epi8(15));
+        __m256i bs = _mm256_loadu_si256((const __m256i *)(a->bsums + 16 * i));
+        int m = hsum_epi32(_mm256_madd_epi16(_mm256_cvtepu8_epi16(hi), bs));
+        __m256i sumi = _mm256_setzero_si256();
+        for (int h = 0; h < 2; h++) {
+            __m256i qs = _mm256_loadu_si256((const __m256i *)(b[i].qs + 32 * h));
+            for (int j = 0; j < 4; j++) {
+                __m256i q = _mm256_and_si256(_mm256_srli_epi16(qs, 2 * j), m3);
+                __m256i p = _mm256_maddubs_epi16(q, _mm256_loadu_si256((const __m256i *)(q8 + 128 * h + 32 * j)));
+                sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(scale_pair(lo, 4 * h + j), p));
+            }
+        }
+        float d8 = a->d[i];
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(d8 * fp16(b[i].d)), _mm256_cvtepi32_ps(sumi), acc);
+        mins += d8 * fp16(b[i].dmin) * (float)m;
+    }
+    return hsum_ps(acc) - mins;
+#else
+    float sum = 0.0f;
+    for (int i = 0; i < nb; i++) {
+        const int8_t *q8 = a->q + QK_K * i;
+        const int16_t *bs = a->bsums + 16 * i;
+        int isum = 0, msum = 0;
+        for (int k = 0; k < 16; k++) {
+            const uint8_t *qs = b[i].qs + 32 * (k / 8) + 16 * (k % 2);
+            int shift = 2 * ((k / 2) % 4), s = 0;
+            for (int t = 0; t < 16; t++) s += ((qs[t] >> shift) & 3) * q8[16 * k + t];
+            isum += (b[i].scales[k] & 15) * s;
+            msum += (b[i].scales[k] >> 4) * bs[k];
+        }
+        sum += a->d[i] * (fp16(b[i].d) * (float)isum - fp16(b[i].dmin) * (float)msum);
+    }
+    return sum;
+#endif
+}
+
+/* ------------------------------------------------------------------------------------------------
+ * Q3_K */
+
+static void deq_q3_K(const void *row, int nb, float *y)
+{
+    const blk_q3_K *b = (const blk_q3_K *)row;
+    for (int i = 0; i < nb; i++, y += QK_K) {
+        float d = fp16(b[i].d);
+        int8_t sc[16];
+        k3_scales(b[i].scales, sc);
+        for (int k = 0; k < 16; k++) { /* value v = 16k + t = 128h + 32j + l */
+            float dl = d * (float)sc[k];
+            for (int t = 0; t < 16; t++) {
+                int v = 16 * k + t, h = v / 128, j = (v / 32) % 4, l = v % 32;
+                int q = ((b[i].qs[32 * h + l] >> (2 * j)) & 3) - ((b[i].hmask[l] >> (4 * h + j)) & 1 ? 0 : 4);
+                y[v] = dl * (float)q;
+            }
+        }
+    }
+}
+
+static float dot_q3_K(const void *row, const act_view *a, int nb)
+{
+    const blk_q3_K *b = (const blk_q3_K *)row;
+#ifdef PL_AVX2 /* unsigned q + 4 in [0, 7] · q8, minus 4·Σ scale·bsum */
+    __m256 acc = _mm256_setzero_ps();
+    const __m256i m3 = _mm256_set1_epi8(3), m4 = _mm256_set1_epi8(4);
+    for (int i = 0; i < nb; i++) {
+        const int8_t *q8 = a->q + QK_K * i;
+        int8_t scb[16];
+        k3_scales(b[i].scales, scb);
+        __m128i sc = _mm_loadu_si128((const __m128i *)scb);
+        __m256i bs = _mm256_loadu_si256((const __m256i *)(a->bsums + 16 * i));
+        __m256i corr = _mm256_slli_epi32(_mm256_madd_epi16(_mm256_cvtepi8_epi16(sc), bs), 2);
+        __m256i hm = _mm256_loadu_si256((const __m256i *)b[i].hmask);
+        __m256i sumi = _mm256_setzero_si256();
+        for (int h = 0; h < 2; h++) {
+            __m256i qs = _mm256_loadu_si256((const __m256i *)(b[i].qs + 32 * h));
+            for (int j = 0; j < 4; j++) { /* hm's bit (4h + j) sits at bit 0 of every byte */
+                __m256i q = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(qs, 2 * j), m3),
+                                            _mm256_and_si256(_mm256_slli_epi16(hm, 2), m4));
+                hm = _mm256_srli_epi16(hm, 1);
+                __m256i p = _mm256_maddubs_epi16(q, _mm256_loadu_si256((const __m256i *)(q8 + 128 * h + 32 * j)));
+                sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(scale_pair(sc, 4 * h + j), p));
+            }
+        }
+        sumi = _mm256_sub_epi32(sumi, corr);
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(a->d[i] * fp16(b[i].d)), _mm256_cvtepi32_ps(sumi), acc);
+    }
+    return hsum_ps(acc);
+#else
+    float sum = 0.0f;
+    for (int i = 0; i < nb; i++) {
+        const int8_t *q8 = a->q + QK_K * i;
+        int8_t sc[16];
+        k3_scales(b[i].scales, sc);
+        int isum = 0;
+        for (int k = 0; k < 16; k++) {
+            int s = 0;
+            for (int t = 0; t < 16; t++) {
+                int v = 16 * k + t, h = v / 128, j = (v / 32) % 4, l = v % 32;
+                int q = ((b[i].qs[32 * h + l] >> (2 * j)) & 3) - ((b[i].hmask[l] >> (4 * h + j)) & 1 ? 0 : 4);
+                s += q * q8[v];
+            }
+            isum += sc[k] * s;
+        }
+        sum += a->d[i] * fp16(b[i].d) * (float)isum;
+    }
+    return sum;
+#endif
+}
+
+/* ------------------------------------------------------------------------------------------------
+ * Q4_K */
+
+static void deq_q4_K(const void *row, int nb, float *y)
+{
+    const blk_q4_K *b = (const blk_q4_K *)row;
+    for (int i = 0; i < nb; i++, y += QK_K) {
+        float d = fp16(b[i].d), dmin = fp16(b[i].dmin);
+        uint8_t sm[16];
+        k4_scales(b[i].scales, sm);
+        for (int s = 0; s < 8; s++) {
+            float dl = d * (float)sm[s], ml = dmin * (float)sm[8 + s];
+            const uint8_t *qs = b[i].qs + 32 * (s / 2);
+            int shift = 4 * (s & 1);
+            for (int l = 0; l < 32; l++) y[32 * s + l] = dl * (float)((qs[l] >> shift) & 15) - ml;
+        }
+    }
+}
+
+static float dot_q4_K(const void *row, const act_view *a, int nb)
+{
+    const blk_q4_K *b = (const blk_q4_K *)row;
+#ifdef PL_AVX2
+    __m256 acc = _mm256_setzero_ps();
+    __m128 accm = _mm_setzero_ps();
+    const __m256i m4 = _mm256_set1_epi8(15);
+    for (int i = 0; i < nb; i++) {
+        const int8_t *q8 = a->q + QK_K * i;
+        uint8_t sm[16];
+        k4_scales(b[i].scales, sm);
+        __m256i sm16 = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)sm)); /* sc 0-7, m 0-7 */
+        /* mins: Σ_s m[s]·(bsum[2s] + bsum[2s+1]) */
+        __m256i bs = _mm256_loadu_si256((const __m256i *)(a->bsums + 16 * i));
+        __m128i bs32 = _mm_hadd_epi16(_mm256_castsi256_si128(bs), _mm256_extracti128_si256(bs, 1));
+        __m128i pm = _mm_madd_epi16(_mm256_extracti128_si256(sm16, 1), bs32);
+        float d8 = a->d[i];
+        accm = _mm_fmadd_ps(_mm_set1_ps(d8 * fp16(b[i].dmin)), _mm_cvtepi32_ps(pm), accm);
+        __m256i scales = _mm256_broadcastsi128_si256(_mm256_castsi256_si128(sm16));
+        __m256i sumi = _mm256_setzero_si256();
+        for (int k = 0; k < 4; k++) {
+            __m256i qs = _mm256_loadu_si256((const __m256i *)(b[i].qs + 32 * k));
+            __m256i sl = _mm256_shuffle_epi8(scales, _mm256_set1_epi16((short)((4 * k + 1) << 8 | 4 * k)));
+            __m256i sh = _mm256_shuffle_epi8(scales, _mm256_set1_epi16((short)((4 * k + 3) << 8 | (4 * k + 2))));
+            __m256i pl = _mm256_maddubs_epi16(_mm256_and_si256(qs, m4), _mm256_loadu_si256((const __m256i *)(q8 + 64 * k)));
+            __m256i ph = _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(qs, 4), m4),
+                                              _mm256_loadu_si256((const __m256i *)(q8 + 64 * k + 32)));
+            sumi = _mm256_add_epi32(sumi, _mm256_add_epi32(_mm256_madd_epi16(sl, pl), _mm256_madd_epi16(sh, ph)));
+        }
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(d8 * fp16(b[i].d)), _mm256_cvtepi32_ps(sumi), acc);
+    }
+    accm = _mm_add_ps(accm, _mm_movehl_ps(accm, accm));
+    accm = _mm_add_ss(accm, _mm_movehdup_ps(accm));
+    return hsum_ps(acc) - _mm_cvtss_f32(accm);
+#else
+    float sum = 0.0f;
+    for (int i = 0; i < nb; i++) {
+        const int8_t *q8 = a->q + QK_K * i;
+        const int16_t *bs = a->bsums + 16 * i;
+        uint8_t sm[16];
+        k4_scales(b[i].scales, sm);
+        int isum = 0, msum = 0;
+        for (int s = 0; s < 8; s++) {
+            const uint8_t *qs = b[i].qs + 32 * (s / 2);
+            int shift = 4 * (s & 1), t = 0;
+            for (int l = 0; l < 32; l++) t += ((qs[l] >> shift) & 15) * q8[32 * s + l];
+            isum += sm[s] * t;
+            msum += sm[8 + s] * (bs[2 * s] + bs[2 * s + 1]);
+        }
+        sum += a->d[i] * (fp16(b[i].d) * (float)isum - fp16(b[i].dmin) * (float)msum);
+    }
+    return sum;
+#endif
+}
+
+/* ------------------------------------------------------------------------------------------------
+ * Q5_K */
+
+static void deq_q5_K(const void *row, int nb, float *y)
+{
+    const blk_q5_K *b = (const blk_q5_K *)row;
+    for (int i = 0; i < nb; i++, y += QK_K) {
+        float d = fp16(b[i].d), dmin = fp16(b[i].dmin);
+        uint8_t sm[16];
+        k4_scales(b[i].scales, sm);
+        for (int s = 0; s < 8; s++) {
+            float dl = d * (float)sm[s], ml = dmin * (float)sm[8 + s];
+            const uint8_t *qs = b[i].qs + 32 * (s / 2);
+            int shift = 4 * (s & 1);
+            for (int l = 0; l < 32; l++) {
+                int q = ((qs[l] >> shift) & 15) | ((b[i].qh[l] >> s) & 1) << 4;
+                y[32 * s + l] = dl * (float)q - ml;
+            }
+        }
+    }
+}
+
+static float dot_q5_K(const void *row, const act_view *a, int nb)
+{
+    const blk_q5_K *b = (const blk_q5_K *)row;
+#ifdef PL_AVX2 /* Q4_K plus the 5th bits, shifted down 2 per 64 values */
+    __m256 acc = _mm256_setzero_ps();
+    __m128 accm = _mm_setzero_ps();
+    const __m256i m4 = _mm256_set1_epi8(15), b4 = _mm256_set1_epi8(16);
+    for (int i = 0; i < nb; i++) {
+        const int8_t *q8 = a->q + QK_K * i;
+        uint8_t sm[16];
+        k4_scales(b[i].scales, sm);
+        __m256i sm16 = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)sm));
+        __m256i bs = _mm256_loadu_si256((const __m256i *)(a->bsums + 16 * i));
+        __m128i bs32 = _mm_hadd_epi16(_mm256_castsi256_si128(bs), _mm256_extracti128_si256(bs, 1));
+        __m128i pm = _mm_madd_epi16(_mm256_extracti128_si256(sm16, 1), bs32);
+        float d8 = a->d[i];
+        accm = _mm_fmadd_ps(_mm_set1_ps(d8 * fp16(b[i].dmin)), _mm_cvtepi32_ps(pm), accm);
+        __m256i scales = _mm256_broadcastsi128_si256(_mm256_castsi256_si128(sm16));
+        __m256i hb = _mm256_loadu_si256((const __m256i *)b[i].qh);
+        __m256i sumi = _mm256_setzero_si256();
+        for (int k = 0; k < 4; k++) {
+            __m256i qs = _mm256_loadu_si256((const __m256i *)(b[i].qs + 32 * k));
+            __m256i ql = _mm256_or_si256(_mm256_and_si256(qs, m4), _mm256_and_si256(_mm256_slli_epi16(hb, 4), b4));
+            __m256i qh = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(qs, 4), m4),
+                                         _mm256_and_si256(_mm256_slli_epi16(hb, 3), b4));
+            hb = _mm256_srli_epi16(hb, 2);
+            __m256i sl = _mm256_shuffle_epi8(scales, _mm256_set1_epi16((short)((4 * k + 1) << 8 | 4 * k)));
+            __m256i sh = _mm256_shuffle_epi8(scales, _mm256_set1_epi16((short)((4 * k + 3) << 8 | (4 * k + 2))));
+            __m256i pl = _mm256_maddubs_epi16(ql, _mm256_loadu_si256((const __m256i *)(q8 + 64 * k)));
+            __m256i ph = _mm256_maddubs_epi16(qh, _mm256_loadu_si256((const __m256i *)(q8 + 64 * k + 32)));
+            sumi = _mm256_add_epi32(sumi, _mm256_add_epi32(_mm256_madd_epi16(sl, pl), _mm256_madd_epi16(sh, ph)));
+        }
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(d8 * fp16(b[i].d)), _mm256_cvtepi32_ps(sumi), acc);
+    }
+    accm = _mm_add_ps(accm, _mm_movehl_ps(accm, accm));
+    accm = _mm_add_ss(accm, _mm_movehdup_ps(accm));
+    return hsum_ps(acc) - _mm_cvtss_f32(accm);
+#else
+    float sum = 0.0f;
+    for (int i = 0; i < nb; i++) {
+        const int8_t *q8 = a->q + QK_K * i;
+        const int16_t *bs = a->bsums + 16 * i;
+        uint8_t sm[16];
+        k4_scales(b[i].scales, sm);
+        int isum = 0, msum = 0;
+        for (int s = 0; s < 8; s++) {
+            const uint8_t *qs = b[i].qs + 32 * (s / 2);
+            int shift = 4 * (s & 1), t = 0;
+            for (int l = 0; l < 32; l++)
+                t += (((qs[l] >> shift) & 15) | ((b[i].qh[l] >> s) & 1) << 4) * q8[32 * s + l];
+            isum += sm[s] * t;
+            msum += sm[8 + s] * (bs[2 * s] + bs[2 * s + 1]);
+        }
+        sum += a->d[i] * (fp16(b[i].d) * (float)isum - fp16(b[i].dmin) * (float)msum);
+    }
+    return sum;
+#endif
+}
+
+/* ------------------------------------------------------------------------------------------------
+ * Q6_K */
+
+static inline int q6_value(const blk_q6_K *b, int v) /* unsigned, 0..63 (stored + 32) */
+{
+    int h = v / 128, j = (v / 32) % 4, l = v % 32;
+    int lo = (b->ql[64 * h + 32 * (j & 1) + l] >> (4 * (j >= 2))) & 15;
+    return lo | ((b->qh[32 * h + l] >> (2 * j)) & 3) << 4;
+}
+
+static void deq_q6_K(const void *row, int nb, float *y)
+{
+    const blk_q6_K *b = (const blk_q6_K *)row;
+    for (int i = 0; i < nb; i++, y += QK_K) {
+        float d = fp16(b[i].d);
+        for (int k = 0; k < 16; k++) {
+            float dl = d * (float)b[i].scales[k];
+            for (int t = 0; t < 16; t++) y[16 * k + t] = dl * (float)(q6_value(&b[i], 16 * k + t) - 32);
+        }
+    }
+}
+
+static float dot_q6_K(const void *row, const act_view *a, int nb)
+{
+    const blk_q6_K *b = (const blk_q6_K *)row;
+#ifdef PL_AVX2 /* unsigned q in [0, 63] · q8, minus 32·Σ scale·bsum */
+    __m256 acc = _mm256_setzero_ps();
+    const __m256i m4 = _mm256_set1_epi8(15), m30 = _mm256_set1_epi8(0x30);
+    for (int i = 0; i < nb; i++) {
+        const int8_t *q8 = a->q + QK_K * i;
+        __m128i sc = _mm_loadu_si128((const __m128i *)b[i].scales);
+        __m256i bs = _mm256_loadu_si256((const __m256i *)(a->bsums + 16 * i));
+        __m256i sumi = _mm256_slli_epi32(_mm256_madd_epi16(_mm256_cvtepi8_epi16(sc), bs), 5);
+        sumi = _mm256_sub_epi32(_mm256_setzero_si256(), sumi);
+        for (int h = 0; h < 2; h++) {
+            __m256i la = _mm256_loadu_si256((const __m256i *)(b[i].ql + 64 * h));
+            __m256i lb = _mm256_loadu_si256((const __m256i *)(b[i].ql + 64 * h + 32));
+            __m256i hq = _mm256_loadu_si256((const __m256i *)(b[i].qh + 32 * h));
+            __m256i q[4];
+            q[0] = _mm256_or_si256(_mm256_and_si256(la, m4), _mm256_and_si256(_mm256_slli_epi16(hq, 4), m30));
+            q[1] = _mm256_or_si256(_mm256_and_si256(lb, m4), _mm256_and_si256(_mm256_slli_epi16(hq, 2), m30));
+            q[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(la, 4), m4), _mm256_and_si256(hq, m30));
+            q[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(lb, 4), m4),
+                                   _mm256_and_si256(_mm256_srli_epi16(hq, 2), m30));
+            for (int j = 0; j < 4; j++) {
+                __m256i p = _mm256_maddubs_epi16(q[j], _mm256_loadu_si256((const __m256i *)(q8 + 128 * h + 32 * j)));
+                sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(scale_pair(sc, 4 * h + j), p));
+            }
+        }
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(a->d[i] * fp16(b[i].d)), _mm256_cvtepi32_ps(sumi), acc);
+    }
+    return hsum_ps(acc);
+#else
+    float sum = 0.0f;
+    for (int i = 0; i < nb; i++) {
+        const int8_t *q8 = a->q + QK_K * i;
+        int isum = 0;
+        for (int k = 0; k < 16; k++) {
+            int s = 0;
+            for (int t = 0; t < 16; t++) s += (q6_value(&b[i], 16 * k + t) - 32) * q8[16 * k + t];
+            isum += b[i].scales[k] * s;
+        }
+        sum += a->d[i] * fp16(b[i].d) * (float)isum;
+    }
+    return sum;
+#endif
+}
+
+/* ------------------------------------------------------------------------------------------------
+ * PL_Q8_G (llama2.c V2): row r = int8 data[r·cols …], its scales from scales[r·cols/gs]. The dot
+ * is runq.c's matmul: an int32 sum per group, then val += (float)ival · ws · xs in group order. */
+
+static float dot_q8_g(const int8_t *w, const float *ws, const act_view *a, int cols, int gs)
+{
+    float val = 0.0f;
+    int g = 0, j = 0;
+#ifdef PL_AVX2
+    if (gs % 16 == 0) {
+        for (; j < cols; j += gs, g++) {
+            __m256i acc = _mm256_setzero_si256();
+            int k = 0;
+            for (; k + 32 <= gs; k += 32)
+                acc = _mm256_add_epi32(acc, dot_i8(_mm256_loadu_si256((const __m256i *)(w + j + k)),
+                                                   _mm256_loadu_si256((const __m256i *)(a->q + j + k))));
+            __m128i s = _mm_add_epi32(_mm256_castsi256_si128(acc), _mm256_extracti128_si256(acc, 1));
+            if (k < gs) { /* a last 16 */
+                __m128i wv = _mm_loadu_si128((const __m128i *)(w + j + k));
+                __m128i xv = _mm_loadu_si128((const __m128i *)(a->q + j + k));
+                __m128i p = _mm_maddubs_epi16(_mm_sign_epi8(wv, wv), _mm_sign_epi8(xv, wv));
+                s = _mm_add_epi32(s, _mm_madd_epi16(p, _mm_set1_epi16(1)));
+            }
+            int ival = hsum_epi32_128(s);
+            val += (float)ival * ws[g] * a->d[g];
+        }
+    }
+#endif
+    for (; j < cols; j += gs, g++) {
+        int32_t ival = 0;
+        for (int k = 0; k < gs; k++) ival += (int32_t)a->q[j + k] * (int32_t)w[j + k];
+        val += (float)ival * ws[g] * a->d[g];
+    }
+    return val;
+}
+
+/* ------------------------------------------------------------------------------------------------
+ * dispatch */
+
+typedef float (*dot_fn)(const void *row, const act_view *a, int nb);
+typedef void (*deq_fn)(const void *row, int nb, float *y);
+
+static dot_fn dot_of(int type)
+{
+    switch (type) {
+    case PL_Q4_0: return dot_q4_0;
+    case PL_Q4_1: return dot_q4_1;
+    case PL_Q5_0: return dot_q5_0;
+    case PL_Q5_1: return dot_q5_1;
+    case PL_Q8_0: return dot_q8_0;
+    case PL_Q2_K: return dot_q2_K;
+    case PL_Q3_K: return dot_q3_K;
+    case PL_Q4_K: return dot_q4_K;
+    case PL_Q5_K: return dot_q5_K;
+    case PL_Q6_K: return dot_q6_K;
+    default: return 0;
+    }
+}
+
+static deq_fn deq_of(int type)
+{
+    switch (type) {
+    case PL_Q4_0: return deq_q4_0;
+    case PL_Q4_1: return deq_q4_1;
+    case PL_Q5_0: return deq_q5_0;
+    case PL_Q5_1: return deq_q5_1;
+    case PL_Q8_0: return deq_q8_0;
+    case PL_Q2_K: return deq_q2_K;
+    case PL_Q3_K: return deq_q3_K;
+    case PL_Q4_K: return deq_q4_K;
+    case PL_Q5_K: return deq_q5_K;
+    case PL_Q6_K: return deq_q6_K;
+    default: return 0;
+    }
+}
+
+void pli_matvec_rows(const pl_tensor *w, const void *xq, float *out, long long r0, long long r1)
+{
+    act_view a = act_layout(w, xq);
+    if (w->type == PL_Q8_G) {
+        const int8_t *q = (const int8_t *)w->data;
+        long long gpr = w->cols / w->group_size; /* groups per row */
+        for (long long r = r0; r < r1; r++)
+            out[r] = dot_q8_g(q + r * w->cols, w->scales + r * gpr, &a, (int)w->cols, w->group_size);
+        return;
+    }
+    dot_fn dot = dot_of(w->type);
+    if (!dot) return;
+    int nb = (int)(w->cols / block_values(w));
+    size_t row_bytes = (size_t)nb * block_bytes(w->type);
+    const char *base = (const char *)w->data;
+    for (long long r = r0; r < r1; r++) out[r] = dot(base + (size_t)r * row_bytes, &a, nb);
+}
+
+void pli_dequantize_row(const pl_tensor *w, long long row, float *out)
+{
+    if (w->type == PL_Q8_G) {
+        const int8_t *q = (const int8_t *)w->data + row * w->cols;
+        const float *s = w->scales + row * (w->cols / w->group_size);
+        for (long long j = 0; j < w->cols; j++) out[j] = (float)q[j] * s[j / w->group_size];
+        return;
+    }
+    deq_fn deq = deq_of(w->type);
+    if (!deq) return;
+    int nb = (int)(w->cols / block_values(w));
+    deq((const char *)w->data + (size_t)row * nb * block_bytes(w->type), nb, out);
+}

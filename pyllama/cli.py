@@ -1,0 +1,206 @@
+"""The `pyllama` command: `run` (llama2.c's flags), `chat`, `info`.
+
+Every error a user can cause ends as one line `pyllama: error: …` on stderr and exit status 1.
+"""
+import argparse
+import os
+import sys
+import time
+
+from ._version import __version__
+from .errors import PyllamaError
+
+COMMANDS = ("run", "chat", "info")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise _UsageError(f"{message} (see '{self.prog} --help')")
+
+
+class _UsageError(Exception):
+    pass
+
+
+def _add_run_args(p):
+    p.add_argument("checkpoint", help="model file: llama2.c .bin (legacy, V1, V2) or GGUF")
+    p.add_argument("-t", "--temperature", type=float, default=1.0, metavar="T",
+                   help="sampling temperature, 0 = greedy argmax (default 1.0)")
+    p.add_argument("-p", "--topp", type=float, default=0.9, metavar="P",
+                   help="top-p (nucleus) sampling in [0,1]; 0 or 1 = off (default 0.9)")
+    p.add_argument("-s", "--seed", type=int, default=0, metavar="S",
+                   help="random seed; 0 = from the clock (default)")
+    p.add_argument("-n", "--steps", type=int, default=256, metavar="N",
+                   help="positions to run, prompt included; 0 = the model's context (default 256)")
+    p.add_argument("-i", "--input", "--prompt", dest="prompt", default=None, metavar="TEXT",
+                   help="input prompt")
+    p.add_argument("-z", "--tokenizer", default=None, metavar="PATH",
+                   help="tokenizer.bin (default: the GGUF's own, else tokenizer.bin beside the "
+                        "model, then in the working directory)")
+    p.add_argument("-m", "--mode", choices=("generate", "chat"), default="generate",
+                   help="generate (default) or chat")
+    p.add_argument("-y", "--system", default=None, metavar="TEXT",
+                   help="system prompt in chat mode")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="CPU threads (default: all available cores)")
+    p.add_argument("--context", type=int, default=None, metavar="N",
+                   help="KV cache positions (default: the model's seq_len)")
+
+
+def get_parser():
+    """The argparse parser (also used by `make man`)."""
+    parser = _Parser(prog="pyllama", description="Llama-2-family inference: llama2.c checkpoints "
+                     "and GGUF files, on the CPU, from Python.")
+    parser.add_argument("--version", action="version", version=_version_string())
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    run = sub.add_parser("run", help="generate text (llama2.c's run)",
+                         description="Generate text from a prompt, or chat (-m chat), with "
+                         "llama2.c's options and semantics: same seed, same text.")
+    _add_run_args(run)
+    chat = sub.add_parser("chat", help="interactive Llama-2 chat (= run -m chat)")
+    _add_run_args(chat)
+    info = sub.add_parser("info", help="describe a model file")
+    info.add_argument("file", help="model file (.bin or .gguf)")
+    info.add_argument("--json", action="store_true", help="machine-readable output")
+    return parser
+
+
+def _version_string():
+    try:
+        from . import build_info
+        return f"pyllama {__version__} ({build_info()})"
+    except Exception as e:  # the core failed to import: still say what we are
+        return f"pyllama {__version__} (core not loaded: {e})"
+
+
+def _check_args(args):
+    from .errors import ParameterError
+    if args.threads is not None and args.threads < 1:
+        raise ParameterError(f"--threads: expected a number >= 1, found {args.threads}")
+    if args.steps < 0:
+        raise ParameterError(f"--steps: expected a number >= 0, found {args.steps}")
+
+
+def cmd_run(args, out, err):
+    from .generate import generate_tokens, make_sampler, resolve_steps
+    from .llama import Llama
+    from .errors import TokenizerError
+    _check_args(args)
+    model = Llama(args.checkpoint, tokenizer=args.tokenizer, threads=args.threads,
+                  n_ctx=args.context)
+    if model.tokenizer is None:
+        raise TokenizerError(f"no tokenizer: {args.checkpoint} has none and no tokenizer.bin was "
+                             f"found beside it or in the working directory (use -z PATH)")
+    steps = resolve_steps(args.steps, model.n_ctx)
+    sampler = make_sampler(model._model, args.temperature, args.topp, args.seed)
+    if args.mode == "chat" or args.command == "chat":
+        return _chat(model, sampler, args.prompt, args.system, steps, out)
+    tok = model.tokenizer
+    ids = tok.encode(args.prompt or "", bos=True, eos=False)
+    start, n = None, 0
+    for prev, token in generate_tokens(model._model, ids, steps, sampler, bos_id=tok.bos_id):
+        out.write(tok.safe_piece(prev, token))
+        out.flush()
+        n += 1
+        if start is None:
+            start = time.monotonic()
+    out.write(b"\n")
+    out.flush()
+    if n > 1 and start is not None:
+        elapsed = max(time.monotonic() - start, 1e-9)
+        err.write(f"achieved tok/s: {(n - 1) / elapsed:f}\n")
+    return 0
+
+
+def _read_line(out, guide):
+    out.write(guide.encode())
+    out.flush()
+    line = sys.stdin.buffer.readline()
+    if not line:
+        return None
+    return line.rstrip(b"\n").decode("utf-8", errors="replace")
+
+
+def _chat(model, sampler, user_prompt, system_prompt, steps, out):
+    """llama2.c's chat(): Llama-2 [INST] turns; user turns from stdin until EOF or steps."""
+    tok, m = model.tokenizer, model._model
+    eos = tok.eos_id
+    prompt_ids, user_idx, user_turn, pos, nxt = [], 0, True, 0, None
+    with m._lock:
+        while pos < steps:
+            if user_turn:
+                if pos == 0:
+                    system = system_prompt if system_prompt is not None else \
+                        _read_line(out, "Enter system prompt (optional): ")
+                    if system is None:
+                        break
+                user = user_prompt if (pos == 0 and user_prompt is not None) else \
+                    _read_line(out, "User: ")
+                if user is None:
+                    break
+                if pos == 0 and system:
+                    rendered = f"[INST] <<SYS>>\n{system}\n<</SYS>>\n\n{user} [/INST]"
+                else:
+                    rendered = f"[INST] {user} [/INST]"
+                prompt_ids = tok.encode(rendered, bos=True, eos=False)
+                user_idx, user_turn = 0, False
+                out.write(b"Assistant: ")
+            if user_idx < len(prompt_ids):
+                token = prompt_ids[user_idx]
+                user_idx += 1
+            else:
+                token = nxt
+            if token == eos:
+                user_turn = True
+            m.forward(token, pos)
+            nxt = sampler.sample(m.logits_ptr)
+            pos += 1
+            if user_idx >= len(prompt_ids) and nxt != eos:
+                out.write(tok.safe_piece(token, nxt))
+                out.flush()
+            if nxt == eos:
+                out.write(b"\n")
+    out.write(b"\n")
+    out.flush()
+    return 0
+
+
+def cmd_info(args, out, err):
+    from .info import describe, render_text
+    import json
+    info = describe(args.file)
+    if args.json:
+        out.write((json.dumps(info, indent=2) + "\n").encode())
+    else:
+        out.write(render_text(info).encode())
+    return 0
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # llama2.c's form `run model.bin -i …`: a first argument that is a file means `run`
+    if argv and argv[0] not in COMMANDS and not argv[0].startswith("-") and os.path.isfile(argv[0]):
+        argv.insert(0, "run")
+    out, err = sys.stdout.buffer, sys.stderr
+    try:
+        args = get_parser().parse_args(argv)
+        if args.command is None:
+            get_parser().print_help()
+            return 1
+        handler = {"run": cmd_run, "chat": cmd_run, "info": cmd_info}[args.command]
+        return handler(args, out, err)
+    except _UsageError as e:
+        err.write(f"pyllama: error: {e}\n")
+        return 1
+    except BrokenPipeError:  # e.g. `pyllama run … | head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except (PyllamaError, MemoryError, OSError) as e:
+        msg = str(e) or type(e).__name__
+        if isinstance(e, MemoryError):
+            msg = f"out of memory: {msg}"
+        err.write(f"pyllama: error: {msg}\n")
+        return 1
+    except KeyboardInterrupt:
+        err.write("\npyllama: interrupted\n")
+        return 130

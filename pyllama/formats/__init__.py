@@ -1,0 +1,38 @@
+"""Model file readers. `load(path)` detects the format from the file's first bytes."""
+import os
+
+import numpy as np
+
+from ..errors import FormatError
+from .common import ModelFile, Tensor, TYPES, type_name  # noqa: F401
+from .llama2c import read_llama2c
+
+GGUF_MAGIC = b"GGUF"
+
+
+def open_map(path):
+    """The one read-only map of a file, after checking that it is a readable regular file."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FormatError(f"{path}: no such file")
+    if os.path.isdir(path):
+        raise FormatError(f"{path}: is a directory, not a model file")
+    try:
+        with open(path, "rb"):
+            pass
+        size = os.path.getsize(path)
+    except OSError as e:
+        raise FormatError(f"{path}: cannot read: {e.strerror or e}") from None
+    if size == 0:
+        raise FormatError(f"{path}: unsupported format: the file is empty")
+    return np.memmap(path, dtype=np.uint8, mode="r")
+
+
+def load(path) -> ModelFile:
+    """Read a model file (llama2.c legacy/V1/V2 .bin or GGUF) into a ModelFile of mmap views."""
+    path = os.fspath(path)
+    mm = open_map(path)
+    if bytes(mm[:4]) == GGUF_MAGIC:
+        from .gguf import read_gguf
+        return read_gguf(path, mm)
+    return read_llama2c(path, mm)

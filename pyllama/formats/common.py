@@ -1,0 +1,139 @@
+"""The model description every format reader returns, and the checks they share.
+
+A reader maps the file ONCE (read-only np.memmap) and describes each tensor as a numpy view into
+that map: nothing is copied. Tensor names are GGUF's canonical names for every format:
+
+    token_embd.weight, output_norm.weight, output.weight (absent = tied to token_embd),
+    blk.N.attn_norm.weight, blk.N.attn_q/attn_k/attn_v/attn_output.weight,
+    blk.N.ffn_norm.weight, blk.N.ffn_gate.weight (w1), blk.N.ffn_down.weight (w2),
+    blk.N.ffn_up.weight (w3)
+"""
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+
+from ..errors import FormatError
+
+# type number -> (name, elements per block, bytes per block); ggml's numbering.
+TYPES = {
+    0: ("F32", 1, 4),
+    1: ("F16", 1, 2),
+    2: ("Q4_0", 32, 18),
+    3: ("Q4_1", 32, 20),
+    6: ("Q5_0", 32, 22),
+    7: ("Q5_1", 32, 24),
+    8: ("Q8_0", 32, 34),
+    10: ("Q2_K", 256, 84),
+    11: ("Q3_K", 256, 110),
+    12: ("Q4_K", 256, 144),
+    13: ("Q5_K", 256, 176),
+    14: ("Q6_K", 256, 210),
+    30: ("BF16", 1, 2),
+    1000: ("Q8_G", 1, 1),  # llama2.c V2: int8 values + f32 scales per group (pyllama's own number)
+}
+F32, F16, BF16, Q8_G = 0, 1, 30, 1000
+TYPE_BY_NAME = {name: num for num, (name, _, _) in TYPES.items()}
+
+# Config keys every reader fills (the pl_config fields).
+CONFIG_KEYS = ("dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "seq_len",
+               "rms_eps", "rope_theta")
+
+LAYER_TENSORS = ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output",
+                 "ffn_norm", "ffn_gate", "ffn_down", "ffn_up")
+
+# Anything above these is refused before any allocation (checked before sizes are multiplied).
+MAX_DIM = 1 << 16
+MAX_LAYERS = 1024
+MAX_VOCAB = 1 << 22
+MAX_SEQ = 1 << 22
+
+
+def type_name(t):
+    return TYPES[t][0] if t in TYPES else f"type {t}"
+
+
+def row_bytes(ggml_type, cols):
+    """Bytes of one row of `cols` elements; the caller checked cols % block == 0."""
+    _, block, size = TYPES[ggml_type]
+    return cols // block * size
+
+
+@dataclass
+class Tensor:
+    """One weight tensor: `data` is a uint8 (or f32 for norms) numpy view into the file's mmap.
+
+    shape is numpy order (rows, cols) — or (n,) for vectors; cols is the row length (GGUF ne[0]).
+    """
+    name: str
+    type: int
+    shape: tuple
+    data: np.ndarray
+    scales: Optional[np.ndarray] = None  # Q8_G only: float32 view, one per group
+    group_size: int = 0                 # Q8_G only
+    offset: int = 0                     # absolute byte offset in the file
+
+    @property
+    def nbytes(self):
+        return int(self.data.nbytes) + (int(self.scales.nbytes) if self.scales is not None else 0)
+
+    @property
+    def type_name(self):
+        return type_name(self.type)
+
+
+@dataclass
+class ModelFile:
+    """What a format reader returns: config, tensors by canonical name, optional tokenizer data."""
+    path: str
+    format: str                 # "llama2c-legacy", "llama2c-v1", "llama2c-v2", "gguf"
+    version: int
+    config: dict                # CONFIG_KEYS
+    tensors: dict               # name -> Tensor
+    mmap: Optional[np.ndarray]  # the one read-only map every view points into (None if no tensors)
+    metadata: dict = field(default_factory=dict)  # GGUF key -> value (empty for .bin)
+    tokenizer: Optional[object] = None           # a pyllama.tokenizer.Tokenizer from the file (GGUF)
+    file_size: int = 0
+
+    @property
+    def has_weights(self):
+        """False for a vocab-only file (GGUF with no tensors): tokenizer + partial config only."""
+        return bool(self.tensors)
+
+    @property
+    def shared_classifier(self):
+        return "output.weight" not in self.tensors
+
+    def close(self):
+        """Drop the map; views taken from it become invalid for C (Python keeps them alive)."""
+        self.tensors = {}
+        self.mmap = None
+
+
+def fail(path, what):
+    raise FormatError(f"{path}: {what}")
+
+
+def check_config(path, cfg):
+    """Validate the hyper-parameters shared by every format; raises FormatError naming the field."""
+    for key in ("dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "seq_len"):
+        v = cfg.get(key)
+        if not isinstance(v, (int, np.integer)) or isinstance(v, bool):
+            fail(path, f"{key}: expected an integer, found {v!r}")
+        if v <= 0:
+            fail(path, f"{key}: expected a positive value, found {v}")
+    limits = {"dim": MAX_DIM, "hidden_dim": MAX_DIM * 4, "n_layers": MAX_LAYERS, "n_heads": MAX_DIM,
+              "n_kv_heads": MAX_DIM, "vocab_size": MAX_VOCAB, "seq_len": MAX_SEQ}
+    for key, lim in limits.items():
+        if cfg[key] > lim:
+            fail(path, f"{key} = {cfg[key]} is beyond what pyllama supports (at most {lim})")
+    if cfg["dim"] % cfg["n_heads"]:
+        fail(path, f"dim {cfg['dim']} is not divisible by n_heads {cfg['n_heads']}")
+    if cfg["n_heads"] % cfg["n_kv_heads"]:
+        fail(path, f"n_heads {cfg['n_heads']} is not divisible by n_kv_heads {cfg['n_kv_heads']}")
+    if (cfg["dim"] // cfg["n_heads"]) % 2:
+        fail(path, f"head size {cfg['dim'] // cfg['n_heads']} is odd (RoPE rotates pairs)")
+    for key in ("rms_eps", "rope_theta"):
+        v = cfg.get(key)
+        if not isinstance(v, float) or not np.isfinite(v) or v <= 0:
+            fail(path, f"{key}: expected a positive finite number, found {v!r}")

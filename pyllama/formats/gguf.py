@@ -1,0 +1,427 @@
+"""GGUF reader (versions 2 and 3): one read-only np.memmap, header parsed from bounded slices.
+
+    read_gguf(path, tokenizer=True) -> ModelFile      a llama model (or a vocab-only file, below)
+    read_metadata(path) -> (version, metadata, [TensorInfo])   structure only, for `pyllama info`
+
+Every length and count is checked against the bytes that remain BEFORE anything is sliced or
+allocated, so a hostile file ends in FormatError (naming file, field/offset, expected vs found) —
+never a MemoryError, a hang or a short read. Tensors are numpy views into the one map (no copy):
+matrices are uint8 of shape (rows, row_bytes), norms float32 of shape (dim,).
+
+Metadata values: integers -> int, f32/f64 -> float, bool -> bool, string -> str; arrays of numbers
+or bools -> 1-D numpy arrays (copied out of the map, so they outlive it), arrays of strings ->
+list[str], arrays of arrays -> list. v2 and v3 are the same layout for us (v1 had u32 counts).
+
+Vocab-only files (tensor count 0, e.g. llama.cpp's ggml-vocab-*.gguf): read_gguf returns a
+ModelFile with `tensors == {}` (`has_weights` False), `mmap None`, the tokenizer, and a PARTIAL
+config — the keys present in the metadata plus defaults, type-checked but not check_config'ed.
+Callers that need weights must test `model_file.has_weights`. A file that has tensors is always
+checked in full: config, every used tensor's type and shape, missing tensors.
+
+Tensors whose names are not in the llama set (e.g. rope_freqs.weight) are validated structurally
+(type, bounds, alignment, overlap) but left out of ModelFile.tensors; read_metadata lists them all.
+"""
+import os
+import struct
+from collections import namedtuple
+
+import numpy as np
+
+from .common import F32, LAYER_TENSORS, Q8_G, TYPES, ModelFile, Tensor, check_config, fail
+
+MAGIC = b"GGUF"
+VERSIONS = (2, 3)
+DEFAULT_ALIGNMENT = 32
+MAX_DIMS = 4              # GGML_MAX_DIMS
+MAX_NAME_BYTES = 63       # GGML_MAX_NAME is 64 including the NUL
+MAX_ARRAY_DEPTH = 8       # arrays of arrays of ...: deeper than this is refused
+MIN_KV_BYTES = 8 + 4 + 1  # empty key, value type, 1-byte value
+MIN_TENSOR_INFO_BYTES = 8 + 4 + 8 + 4 + 8  # empty name, n_dims, one dim, type, offset
+
+# GGUF metadata value type -> (name, struct format, numpy dtype); None = not a fixed-size scalar.
+VALUE_TYPES = {
+    0: ("u8", "<B", "<u1"), 1: ("i8", "<b", "<i1"), 2: ("u16", "<H", "<u2"),
+    3: ("i16", "<h", "<i2"), 4: ("u32", "<I", "<u4"), 5: ("i32", "<i", "<i4"),
+    6: ("f32", "<f", "<f4"), 7: ("bool", "<B", "<u1"), 8: ("string", None, None),
+    9: ("array", None, None), 10: ("u64", "<Q", "<u8"), 11: ("i64", "<q", "<i8"),
+    12: ("f64", "<d", "<f8"),
+}
+BOOL, STRING, ARRAY = 7, 8, 9
+
+# Every ggml type number -> (name, elements per block, bytes per block), so that tensors pyllama
+# does not use can still be sized and errors can name the type. None sizes: removed from ggml.
+GGML_TYPES = {
+    0: ("F32", 1, 4), 1: ("F16", 1, 2), 2: ("Q4_0", 32, 18), 3: ("Q4_1", 32, 20),
+    4: ("Q4_2", None, None), 5: ("Q4_3", None, None), 6: ("Q5_0", 32, 22), 7: ("Q5_1", 32, 24),
+    8: ("Q8_0", 32, 34), 9: ("Q8_1", 32, 40), 10: ("Q2_K", 256, 84), 11: ("Q3_K", 256, 110),
+    12: ("Q4_K", 256, 144), 13: ("Q5_K", 256, 176), 14: ("Q6_K", 256, 210), 15: ("Q8_K", 256, 292),
+    16: ("IQ2_XXS", 256, 66), 17: ("IQ2_XS", 256, 74), 18: ("IQ3_XXS", 256, 98),
+    19: ("IQ1_S", 256, 50), 20: ("IQ4_NL", 32, 18), 21: ("IQ3_S", 256, 110), 22: ("IQ2_S", 256, 82),
+    23: ("IQ4_XS", 256, 136), 24: ("I8", 1, 1), 25: ("I16", 1, 2), 26: ("I32", 1, 4),
+    27: ("I64", 1, 8), 28: ("F64", 1, 8), 29: ("IQ1_M", 256, 56), 30: ("BF16", 1, 2),
+    31: ("Q4_0_4_4", None, None), 32: ("Q4_0_4_8", None, None), 33: ("Q4_0_8_8", None, None),
+    34: ("TQ1_0", 256, 54), 35: ("TQ2_0", 256, 66), 36: ("IQ4_NL_4_4", None, None),
+    37: ("IQ4_NL_4_8", None, None), 38: ("IQ4_NL_8_8", None, None), 39: ("MXFP4", 32, 17),
+    40: ("NVFP4", 64, 36), 41: ("Q1_0", 128, 18),
+}
+SUPPORTED_TYPES = {t for t in TYPES if t != Q8_G}  # what the C core computes with
+
+REQUIRED = object()
+# pyllama config field -> ("llama." key, kind, default). Default REQUIRED: the key must be there
+# (when the file has tensors); a str default names another field; vocab_size is also derived
+# from the token_embd rows and the tokenizer's token count, and all sources must agree.
+CONFIG_KEYS = {
+    "dim": ("embedding_length", int, REQUIRED),
+    "hidden_dim": ("feed_forward_length", int, REQUIRED),
+    "n_layers": ("block_count", int, REQUIRED),
+    "n_heads": ("attention.head_count", int, REQUIRED),
+    "n_kv_heads": ("attention.head_count_kv", int, "n_heads"),
+    "vocab_size": ("vocab_size", int, None),
+    "seq_len": ("context_length", int, REQUIRED),
+    "rms_eps": ("attention.layer_norm_rms_epsilon", float, 1e-5),
+    "rope_theta": ("rope.freq_base", float, 10000.0),
+}
+
+TensorInfo = namedtuple("TensorInfo", "name type ne offset nbytes")
+TensorInfo.__doc__ = "One tensor info: ne in GGUF order (ne[0] = row length), absolute offset."
+
+_U64 = struct.Struct("<Q")
+
+
+def ggml_type_name(t):
+    return GGML_TYPES[t][0] if t in GGML_TYPES else f"unknown type {t}"
+
+
+class _Cursor:
+    """Bounded reads from the map: every read checks the remaining bytes first."""
+
+    def __init__(self, path, mv):
+        self.path, self.mv, self.size, self.pos = path, mv, len(mv), 0
+
+    def need(self, n, what):
+        if n > self.size - self.pos:
+            fail(self.path, f"{what} at offset {self.pos}: needs {n} bytes, only "
+                            f"{self.size - self.pos} remain (truncated or corrupt file)")
+
+    def scalar(self, fmt, n, what):
+        self.need(n, what)
+        v = struct.unpack_from(fmt, self.mv, self.pos)[0]
+        self.pos += n
+        return v
+
+    def string(self, what):
+        start = self.pos
+        n = self.scalar("<Q", 8, f"{what}: string length")
+        self.need(n, f"{what}: string of {n} bytes")
+        raw = self.mv[self.pos:self.pos + n]
+        self.pos += n
+        try:
+            return str(raw, "utf-8")
+        except UnicodeDecodeError as e:
+            fail(self.path, f"{what} at offset {start}: invalid UTF-8 ({e.reason} at byte {e.start})")
+
+    def value(self, vtype, key, depth=0):
+        if vtype not in VALUE_TYPES:
+            fail(self.path, f"metadata '{key}' at offset {self.pos - 4}: unknown value type "
+                            f"{vtype} (expected 0 to 12)")
+        name, fmt, _ = VALUE_TYPES[vtype]
+        if vtype == STRING:
+            return self.string(f"metadata '{key}'")
+        if vtype == ARRAY:
+            return self.array(key, depth + 1)
+        v = self.scalar(fmt, struct.calcsize(fmt), f"metadata '{key}' ({name})")
+        if vtype == BOOL:
+            if v > 1:
+                fail(self.path, f"metadata '{key}' at offset {self.pos - 1}: bool must be 0 or 1, "
+                                f"found {v}")
+            return bool(v)
+        return v
+
+    def array(self, key, depth):
+        what = f"metadata '{key}'"
+        if depth > MAX_ARRAY_DEPTH:
+            fail(self.path, f"{what} at offset {self.pos}: arrays nested deeper than "
+                            f"{MAX_ARRAY_DEPTH} levels")
+        etype = self.scalar("<i", 4, f"{what}: array element type")
+        count = self.scalar("<Q", 8, f"{what}: array length")
+        if etype not in VALUE_TYPES:
+            fail(self.path, f"{what} at offset {self.pos - 12}: unknown array element type {etype} "
+                            f"(expected 0 to 12)")
+        name, fmt, dtype = VALUE_TYPES[etype]
+        if dtype is not None:
+            itemsize = np.dtype(dtype).itemsize
+            self.need(count * itemsize, f"{what}: array of {count} {name}")
+            a = (np.frombuffer(self.mv, dtype=dtype, count=count, offset=self.pos).copy() if count
+                 else np.empty(0, dtype))
+            if etype == BOOL:
+                if count and a.max() > 1:
+                    fail(self.path, f"{what} at offset {self.pos}: bool array holds "
+                                    f"{int(a.max())} (expected 0 or 1)")
+                a = a.astype(bool)
+            self.pos += count * itemsize
+            return a
+        if etype == ARRAY:  # each element is at least an element type and a length
+            self.need(count * 12, f"{what}: array of {count} arrays")
+            return [self.array(key, depth + 1) for _ in range(count)]
+        self.need(count * 8, f"{what}: array of {count} strings")
+        return self._strings(key, count)
+
+    def _strings(self, key, count):
+        """The tokenizer's 32000 pieces: a tight loop over (u64 length, bytes)."""
+        mv, size, unpack = self.mv, self.size, _U64.unpack_from
+        out = [None] * count
+        p, i = self.pos, 0
+        try:
+            for i in range(count):
+                if size - p < 8:
+                    fail(self.path, f"metadata '{key}'[{i}] at offset {p}: string length is past "
+                                    f"the end of the file ({size} bytes)")
+                n = unpack(mv, p)[0]
+                p += 8
+                if n > size - p:
+                    fail(self.path, f"metadata '{key}'[{i}] at offset {p - 8}: string of {n} bytes, "
+                                    f"only {size - p} remain")
+                out[i] = str(mv[p:p + n], "utf-8")
+                p += n
+        except UnicodeDecodeError as e:
+            fail(self.path, f"metadata '{key}'[{i}] at offset {p}: invalid UTF-8 ({e.reason})")
+        self.pos = p
+        return out
+
+
+def _map(path):
+    size = os.path.getsize(path)
+    if size == 0:
+        fail(path, "empty file (0 bytes), expected a GGUF header")
+    return np.memmap(path, dtype=np.uint8, mode="r")
+
+
+def _parse(path, mm):
+    """Header, metadata and tensor infos; returns (version, metadata, infos, data_start)."""
+    c = _Cursor(path, memoryview(mm))
+    c.need(4, "magic")
+    magic = bytes(c.mv[0:4])
+    if magic != MAGIC:
+        fail(path, f"not a GGUF file: expected magic {MAGIC!r} at offset 0, found {magic!r}")
+    c.pos = 4
+    version = c.scalar("<I", 4, "version")
+    if version not in VERSIONS:
+        swapped = int.from_bytes(version.to_bytes(4, "little"), "big")
+        hint = " (a big-endian GGUF, which pyllama does not read)" if swapped in VERSIONS else ""
+        fail(path, f"unsupported GGUF version {version}{hint}: pyllama reads versions 2 and 3")
+    n_tensors = c.scalar("<Q", 8, "tensor count")
+    n_kv = c.scalar("<Q", 8, "metadata count")
+    left = c.size - c.pos
+    if n_tensors * MIN_TENSOR_INFO_BYTES > left:
+        fail(path, f"tensor count {n_tensors} at offset 8 is impossible: {left} bytes remain, "
+                   f"each tensor info takes at least {MIN_TENSOR_INFO_BYTES}")
+    if n_kv * MIN_KV_BYTES + n_tensors * MIN_TENSOR_INFO_BYTES > left:
+        fail(path, f"metadata count {n_kv} at offset 16 is impossible: {left} bytes remain, each "
+                   f"key/value takes at least {MIN_KV_BYTES}")
+
+    meta = {}
+    for i in range(n_kv):
+        at = c.pos
+        key = c.string(f"metadata key #{i}")
+        if key in meta:
+            fail(path, f"duplicate metadata key '{key}' at offset {at}")
+        meta[key] = c.value(c.scalar("<i", 4, f"metadata '{key}': value type"), key)
+
+    alignment = meta.get("general.alignment", DEFAULT_ALIGNMENT)
+    if (not isinstance(alignment, int) or isinstance(alignment, bool) or alignment <= 0
+            or alignment & (alignment - 1)):
+        fail(path, f"general.alignment: expected a power of two, found {alignment!r}")
+
+    infos, names = [], set()
+    for i in range(n_tensors):
+        at = c.pos
+        name = c.string(f"tensor #{i} name")
+        if len(name.encode()) > MAX_NAME_BYTES:
+            fail(path, f"tensor #{i} at offset {at}: name of {len(name.encode())} bytes "
+                       f"(at most {MAX_NAME_BYTES})")
+        if name in names:
+            fail(path, f"duplicate tensor name '{name}' at offset {at}")
+        names.add(name)
+        n_dims = c.scalar("<I", 4, f"tensor '{name}': n_dims")
+        if not 1 <= n_dims <= MAX_DIMS:
+            fail(path, f"tensor '{name}' at offset {c.pos - 4}: n_dims {n_dims} "
+                       f"(expected 1 to {MAX_DIMS})")
+        c.need(8 * n_dims, f"tensor '{name}': dims")
+        ne = struct.unpack_from(f"<{n_dims}q", c.mv, c.pos)
+        if min(ne) < 0:
+            fail(path, f"tensor '{name}' at offset {c.pos}: negative dimension in {list(ne)}")
+        c.pos += 8 * n_dims
+        ttype = c.scalar("<i", 4, f"tensor '{name}': type")
+        offset = c.scalar("<Q", 8, f"tensor '{name}': offset")
+        infos.append((name, ttype, ne, offset, at))
+
+    data_start = -(-c.pos // alignment) * alignment
+    out, spans = [], []
+    for name, ttype, ne, offset, at in infos:
+        tname, block, bsize = GGML_TYPES.get(ttype, (None, None, None))
+        if bsize is None:
+            what = f"type {tname} ({ttype}), removed from ggml" if tname else f"unknown type {ttype}"
+            fail(path, f"tensor '{name}' (info at offset {at}) has {what}, "
+                       f"which pyllama does not support")
+        if ne[0] % block:
+            fail(path, f"tensor '{name}': row length ne[0] = {ne[0]} is not a multiple of the "
+                       f"{tname} block size {block}")
+        nelem = 1
+        for d in ne:
+            nelem *= d
+        nbytes = nelem // block * bsize
+        if offset % alignment:
+            fail(path, f"tensor '{name}': data offset {offset} is not a multiple of the alignment "
+                       f"{alignment}")
+        start = data_start + offset
+        if start + nbytes > c.size:
+            fail(path, f"tensor '{name}': data [{start}, {start + nbytes}) ({list(ne)} {tname}) "
+                       f"is outside the file ({c.size} bytes)")
+        out.append(TensorInfo(name, ttype, tuple(ne), start, nbytes))
+        spans.append((start, start + nbytes, name))
+    spans.sort()
+    for (s0, e0, n0), (s1, e1, n1) in zip(spans, spans[1:]):
+        if s1 < e0:
+            fail(path, f"tensors '{n0}' [{s0}, {e0}) and '{n1}' [{s1}, {e1}) overlap")
+    return version, meta, out
+
+
+def read_metadata(path):
+    """(version, metadata dict, list of TensorInfo) — the structural checks, no llama semantics."""
+    path = os.fspath(path)
+    return _parse(path, _map(path))
+
+
+def _number(path, key, v, kind):
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or (kind is int and isinstance(v, float)):
+        found = type(v).__name__ if not isinstance(v, np.ndarray) else "array"
+        fail(path, f"metadata '{key}': expected {'an integer' if kind is int else 'a number'}, "
+                   f"found {found} {v!r:.60}")
+    return kind(v)
+
+
+def _config(path, meta, infos):
+    has_weights = bool(infos)
+    cfg = {}
+    for field, (suffix, kind, default) in CONFIG_KEYS.items():
+        key = "llama." + suffix
+        if key in meta:
+            cfg[field] = _number(path, key, meta[key], kind)
+        elif default is REQUIRED:
+            if has_weights:
+                fail(path, f"missing metadata key '{key}' ({field})")
+        elif isinstance(default, str):
+            if default in cfg:
+                cfg[field] = cfg[default]
+        elif default is not None:
+            cfg[field] = default
+    # vocab_size: every source present must agree.
+    sources = []
+    if "vocab_size" in cfg:
+        sources.append(("llama.vocab_size", cfg["vocab_size"]))
+    embd = next((t for t in infos if t.name == "token_embd.weight"), None)
+    if embd is not None and len(embd.ne) >= 2:
+        sources.append(("rows of token_embd.weight", embd.ne[1]))
+    tokens = meta.get("tokenizer.ggml.tokens")
+    if isinstance(tokens, list):
+        sources.append(("entries of tokenizer.ggml.tokens", len(tokens)))
+    if len({v for _, v in sources}) > 1:
+        fail(path, "vocab size mismatch: " + ", ".join(f"{k} = {v}" for k, v in sources))
+    if sources:
+        cfg["vocab_size"] = sources[0][1]
+    elif has_weights:
+        fail(path, "no vocab size: none of llama.vocab_size, token_embd.weight, tokenizer.ggml.tokens")
+    if has_weights:
+        check_config(path, cfg)
+        rot = meta.get("llama.rope.dimension_count")
+        head = cfg["dim"] // cfg["n_heads"]
+        if rot is not None and _number(path, "llama.rope.dimension_count", rot, int) != head:
+            fail(path, f"llama.rope.dimension_count = {rot}, expected the head size {head} "
+                       f"(partial RoPE is not supported)")
+    return cfg
+
+
+def _check_llama(path, meta):
+    arch = meta.get("general.architecture")
+    if arch is None:
+        fail(path, "missing metadata key 'general.architecture'")
+    if arch != "llama":
+        fail(path, f"unsupported architecture {arch!r} (general.architecture): pyllama runs 'llama'")
+    experts = meta.get("llama.expert_count", 0)
+    if _number(path, "llama.expert_count", experts, int) > 0:
+        fail(path, f"llama.expert_count = {experts}: mixture-of-experts models are not supported")
+    stype = meta.get("llama.rope.scaling.type", "linear")
+    if not isinstance(stype, str):
+        fail(path, f"metadata 'llama.rope.scaling.type': expected a string, found {stype!r:.60}")
+    factor = 0.0
+    for key in ("llama.rope.scaling.factor", "llama.rope.scale_linear"):
+        if key in meta and factor == 0.0:
+            factor = _number(path, key, meta[key], float)
+    if "llama.rope.scaling.type" in meta and stype not in ("none", "linear"):
+        fail(path, f"unsupported rope scaling '{stype}' (llama.rope.scaling.type)")
+    if stype != "none" and factor not in (0.0, 1.0):
+        fail(path, f"unsupported rope scaling '{stype}' with factor {factor}")
+
+
+def _expected_shapes(cfg):
+    """Canonical name -> numpy shape (rows, cols) or (n,); output.weight is optional."""
+    d, h, v = cfg["dim"], cfg["hidden_dim"], cfg["vocab_size"]
+    kv = d // cfg["n_heads"] * cfg["n_kv_heads"]
+    per_layer = {"attn_norm": (d,), "attn_q": (d, d), "attn_k": (kv, d), "attn_v": (kv, d),
+                 "attn_output": (d, d), "ffn_norm": (d,), "ffn_gate": (h, d), "ffn_down": (d, h),
+                 "ffn_up": (h, d)}
+    assert set(per_layer) == set(LAYER_TENSORS)
+    shapes = {"token_embd.weight": (v, d), "output_norm.weight": (d,), "output.weight": (v, d)}
+    for i in range(cfg["n_layers"]):
+        for n in LAYER_TENSORS:
+            shapes[f"blk.{i}.{n}.weight"] = per_layer[n]
+    return shapes
+
+
+def _bind(path, mm, cfg, infos):
+    shapes = _expected_shapes(cfg)
+    tensors = {}
+    for t in infos:
+        shape = shapes.get(t.name)
+        if shape is None:
+            continue  # not a llama tensor pyllama uses (listed by read_metadata)
+        want = tuple(reversed(shape))
+        if t.ne + (1,) * (MAX_DIMS - len(t.ne)) != want + (1,) * (MAX_DIMS - len(want)):
+            fail(path, f"tensor '{t.name}' has ne {list(t.ne)} (numpy shape "
+                       f"{tuple(reversed(t.ne))}), expected {list(want)} (numpy shape {shape}) "
+                       f"from the config")
+        view = mm[t.offset:t.offset + t.nbytes]
+        if len(shape) == 1:
+            if t.type != F32:
+                fail(path, f"norm tensor '{t.name}' has type {ggml_type_name(t.type)} ({t.type}), "
+                           f"expected F32")
+            data = view.view("<f4")
+        else:
+            if t.type not in SUPPORTED_TYPES:
+                names = ", ".join(TYPES[k][0] for k in sorted(SUPPORTED_TYPES))
+                fail(path, f"tensor '{t.name}' has type {ggml_type_name(t.type)} ({t.type}), which "
+                           f"pyllama does not support (supported: {names})")
+            data = view.reshape(shape[0], t.nbytes // shape[0])
+        tensors[t.name] = Tensor(name=t.name, type=t.type, shape=shape, data=data, offset=t.offset)
+    missing = [n for n in shapes if n not in tensors and n != "output.weight"]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        fail(path, f"missing tensor '{missing[0]}'{more}")
+    return tensors
+
+
+def read_gguf(path, tokenizer=True):
+    """Read a llama GGUF file; `tokenizer=False` skips building the Tokenizer from the metadata."""
+    path = os.fspath(path)
+    mm = _map(path)
+    version, meta, infos = _parse(path, mm)
+    _check_llama(path, meta)
+    cfg = _config(path, meta, infos)
+    tensors = _bind(path, mm, cfg, infos) if infos else {}
+    tok = None
+    if tokenizer and "tokenizer.ggml.model" in meta:
+        from ..tokenizer import Tokenizer
+        tok = Tokenizer.from_gguf_metadata(meta, source=path)
+    return ModelFile(path=path, format="gguf", version=version, config=cfg, tensors=tensors,
+                     mmap=mm if infos else None, metadata=meta, tokenizer=tok,
+                     file_size=int(mm.size))

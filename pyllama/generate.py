@@ -1,0 +1,62 @@
+"""The token loop (llama2.c's generate() and chat()), streaming and stop rules."""
+import codecs
+
+from .errors import ParameterError
+from .sampler import Sampler
+
+BOS, EOS = 1, 2  # llama2.c's fixed ids (tokenizer.bin); GGUF tokenizers carry their own
+
+
+def resolve_steps(steps, seq_len):
+    """llama2.c: steps counts positions including the prompt; 0 means seq_len; more is clamped."""
+    if isinstance(steps, bool) or not isinstance(steps, int):
+        raise ParameterError(f"steps: expected an integer, found {steps!r}")
+    if steps < 0:
+        raise ParameterError(f"steps: expected a number >= 0, found {steps}")
+    return seq_len if steps == 0 or steps > seq_len else steps
+
+
+def check_prompt_length(n_tokens, n_ctx):
+    if n_tokens > n_ctx:
+        raise ParameterError(f"the prompt is {n_tokens} tokens, longer than the context of "
+                             f"{n_ctx} positions")
+
+
+def generate_tokens(transformer, prompt_ids, steps, sampler, bos_id=BOS):
+    """Yield (prev, token) pairs in llama2.c's order: the prompt is forced, then sampled tokens,
+    until `steps` positions are done or BOS is sampled. `prev` is the token before `token`."""
+    if not prompt_ids:
+        raise ParameterError("the prompt must hold at least one token (BOS)")
+    check_prompt_length(len(prompt_ids), transformer.n_ctx)
+    n_prompt = len(prompt_ids)
+    token, pos = prompt_ids[0], 0
+    forward, sample, logits_ptr = transformer.forward, sampler.sample, transformer.logits_ptr
+    with transformer._lock:
+        while pos < steps:
+            forward(token, pos)
+            if pos < n_prompt - 1:
+                nxt = prompt_ids[pos + 1]
+            else:
+                nxt = sample(logits_ptr)
+            pos += 1
+            if nxt == bos_id:
+                break
+            yield token, nxt
+            token = nxt
+
+
+def stream_text(tokenizer, pairs, skip=0):
+    """Decode (prev, token) pairs into text pieces, joining UTF-8 split across byte tokens.
+    The first `skip` pairs (the prompt) are decoded but not yielded."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    for i, (prev, tok) in enumerate(pairs):
+        text = decoder.decode(tokenizer.decode_piece(prev, tok))
+        if i >= skip and text:
+            yield text
+    tail = decoder.decode(b"", final=True)
+    if tail:
+        yield tail
+
+
+def make_sampler(transformer, temperature, topp, seed):
+    return Sampler(transformer.vocab_size, temperature, topp, seed)

@@ -1,0 +1,140 @@
+"""The public model object: `pyllama.Llama`."""
+import os
+
+import numpy as np
+
+from .errors import ParameterError, TokenizerError
+from .formats import load
+from .generate import generate_tokens, make_sampler, resolve_steps, stream_text
+from .model import Transformer
+from .tokenizer import Tokenizer
+
+CONFIG_ATTRS = ("dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "seq_len")
+
+
+def find_tokenizer(model_path):
+    """llama2.c's default: tokenizer.bin beside the model, then in the working directory."""
+    for candidate in (os.path.join(os.path.dirname(os.path.abspath(model_path)), "tokenizer.bin"),
+                      "tokenizer.bin"):
+        if os.path.isfile(candidate):
+            return candidate
+    return None
+
+
+class Llama:
+    """A loaded model: forward pass, tokenizer and sampler.
+
+    path       a llama2.c .bin (legacy, V1, V2) or a GGUF file
+    tokenizer  a llama2.c tokenizer.bin path, a Tokenizer, or None: the file's own tokenizer
+               (GGUF), else tokenizer.bin beside the model or in the working directory, else none
+               (logits-only use; tokenize() then raises TokenizerError)
+    threads    OpenMP threads for the C core (default: all cores available to this process)
+    n_ctx      positions the KV cache holds (default and maximum: the model's seq_len)
+
+    One Llama is used by one thread at a time (calls from another thread wait for it); separate
+    Llama objects run in parallel (the GIL is released while C runs).
+    """
+
+    def __init__(self, path, tokenizer=None, threads=None, n_ctx=None):
+        self.path = os.fspath(path)
+        self.file = load(self.path)
+        self._model = Transformer(self.file, n_ctx=n_ctx, threads=threads)
+        self.tokenizer = self._resolve_tokenizer(tokenizer)
+        for key in CONFIG_ATTRS:
+            setattr(self, key, self.file.config[key])
+
+    def _resolve_tokenizer(self, tokenizer):
+        if isinstance(tokenizer, Tokenizer):
+            tok = tokenizer
+        elif tokenizer is not None:
+            tok = Tokenizer.from_llama2c(os.fspath(tokenizer), self.file.config["vocab_size"])
+        elif self.file.tokenizer is not None:
+            tok = self.file.tokenizer
+        else:
+            found = find_tokenizer(self.path)
+            tok = Tokenizer.from_llama2c(found, self.file.config["vocab_size"]) if found else None
+        if tok is not None and tok.vocab_size < self.file.config["vocab_size"]:
+            raise TokenizerError(f"the tokenizer has {tok.vocab_size} tokens, fewer than the "
+                                 f"model's vocabulary of {self.file.config['vocab_size']}")
+        return tok
+
+    # -- properties ------------------------------------------------------------------------------
+    @property
+    def config(self):
+        return dict(self.file.config)
+
+    @property
+    def threads(self):
+        return self._model.threads
+
+    @threads.setter
+    def threads(self, value):
+        self._model.threads = value
+
+    @property
+    def n_ctx(self):
+        return self._model.n_ctx
+
+    def _tok(self):
+        if self.tokenizer is None:
+            raise TokenizerError(f"{self.path}: no tokenizer loaded (pass tokenizer=PATH to a "
+                                 f"tokenizer.bin)")
+        return self.tokenizer
+
+    # -- text ------------------------------------------------------------------------------------
+    def tokenize(self, text, bos=True, eos=False):
+        """Token ids of `text` (str, or UTF-8 bytes)."""
+        return self._tok().encode(text, bos=bos, eos=eos)
+
+    def detokenize(self, ids):
+        """Text of a sequence of token ids."""
+        return self._tok().decode(ids)
+
+    def _check_ids(self, ids):
+        ids = [int(i) for i in np.asarray(ids, dtype=np.int64).reshape(-1)] if len(ids) else []
+        bad = [i for i in ids if not 0 <= i < self.vocab_size]
+        if bad:
+            raise ParameterError(f"token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})")
+        return ids
+
+    def logits(self, ids):
+        """Teacher-forced logits: row i is the output after feeding ids[0..i] from position 0."""
+        ids = self._check_ids(ids)
+        if len(ids) > self.n_ctx:
+            raise ParameterError(f"{len(ids)} ids do not fit the context of {self.n_ctx} positions")
+        out = np.empty((len(ids), self.vocab_size), np.float32)
+        with self._model._lock:
+            for pos, tok in enumerate(ids):
+                out[pos] = self._model.forward(tok, pos)
+        return out
+
+    def generate(self, prompt="", steps=256, temperature=1.0, topp=0.9, seed=None, echo=False):
+        """Stream text as it is generated, as llama2.c's `run` does.
+
+        steps counts positions including the prompt's tokens (0 = the model's context); generation
+        stops early when BOS is sampled. temperature 0 is greedy; seed None or 0 means a seed from
+        the clock. Yields the continuation's text pieces (with echo=True, the prompt's first).
+        """
+        tok = self._tok()
+        steps = resolve_steps(steps, self.n_ctx)
+        sampler = make_sampler(self._model, temperature, topp, seed)
+        ids = tok.encode(prompt, bos=True, eos=False)
+        pairs = generate_tokens(self._model, ids, steps, sampler, bos_id=tok.bos_id)
+        return stream_text(tok, pairs, skip=0 if echo else len(ids) - 1)
+
+    # -- lifetime --------------------------------------------------------------------------------
+    def close(self):
+        """Release the model's memory map and buffers; the object is unusable afterwards."""
+        self._model = None
+        if self.file is not None:
+            self.file.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __repr__(self):
+        return (f"Llama({self.path!r}, format={self.file.format}, dim={self.dim}, "
+                f"layers={self.n_layers}, vocab={self.vocab_size})")

@@ -1,0 +1,163 @@
+"""Binds a ModelFile's numpy views into the C structs and runs the forward pass.
+
+Every cdata made here (from_buffer pointers, structs, arrays) is kept on the Transformer so the
+memory C points into stays alive as long as the Transformer does. The weights are never copied.
+"""
+import os
+import threading
+
+import numpy as np
+
+from ._core import ffi, lib
+from .errors import ParameterError
+from .formats.common import F32, Q8_G
+
+MAX_THREADS = 1024
+
+
+def default_threads():
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def check_threads(threads):
+    if threads is None:
+        return default_threads()
+    if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)):
+        raise ParameterError(f"threads: expected an integer, found {threads!r}")
+    if not 1 <= threads <= MAX_THREADS:
+        raise ParameterError(f"threads: expected 1..{MAX_THREADS}, found {threads}")
+    return int(threads)
+
+
+def available_memory():
+    """Bytes of memory available now (Linux: MemAvailable), or None when unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+class Transformer:
+    """The C forward pass over one ModelFile, with its own KV cache of n_ctx positions."""
+
+    def __init__(self, model_file, n_ctx=None, threads=None):
+        cfg = model_file.config
+        self.file = model_file
+        self.config = cfg
+        self.vocab_size = cfg["vocab_size"]
+        seq_len = cfg["seq_len"]
+        if n_ctx is None:
+            n_ctx = seq_len
+        if isinstance(n_ctx, bool) or not isinstance(n_ctx, (int, np.integer)) or not 1 <= n_ctx <= seq_len:
+            raise ParameterError(f"context: expected 1..{seq_len} (the model's seq_len), found {n_ctx!r}")
+        self.n_ctx = int(n_ctx)
+        self._keep = []
+        self._lock = threading.Lock()
+        self._weights = self._bind_weights(model_file)
+        self._alloc_state(threads)
+
+    # -- binding ---------------------------------------------------------------------------------
+    def _ptr(self, array, ctype="void *"):
+        buf = ffi.from_buffer(array)  # read-only buffers are fine: C only reads weights
+        self._keep.append(buf)
+        return ffi.cast(ctype, buf)
+
+    def _tensor(self, dst, t):
+        dst.data = self._ptr(t.data)
+        dst.type = t.type
+        dst.rows, dst.cols = t.shape
+        if t.type == Q8_G:
+            dst.scales = self._ptr(t.scales, "float *")
+            dst.group_size = t.group_size
+        else:
+            dst.scales = ffi.NULL
+            dst.group_size = 0
+
+    def _norm(self, t):
+        if t.type != F32:
+            raise ParameterError(f"{t.name}: norm weights must be F32")  # readers guarantee it
+        return self._ptr(t.data, "float *")
+
+    def _bind_weights(self, mf):
+        cfg, T = mf.config, mf.tensors
+        w = ffi.new("pl_weights *")
+        layers = ffi.new("pl_layer[]", cfg["n_layers"])
+        self._keep += [w, layers]
+        c = w.cfg
+        for key in ("dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "seq_len"):
+            setattr(c, key, cfg[key])
+        c.rms_eps = cfg["rms_eps"]
+        c.rope_theta = cfg["rope_theta"]
+        self._tensor(w.token_embedding, T["token_embd.weight"])
+        w.rms_final = self._norm(T["output_norm.weight"])
+        self._tensor(w.wcls, T.get("output.weight", T["token_embd.weight"]))
+        names = (("wq", "attn_q"), ("wk", "attn_k"), ("wv", "attn_v"), ("wo", "attn_output"),
+                 ("w1", "ffn_gate"), ("w2", "ffn_down"), ("w3", "ffn_up"))
+        for l in range(cfg["n_layers"]):
+            L = layers[l]
+            L.rms_att = self._norm(T[f"blk.{l}.attn_norm.weight"])
+            L.rms_ffn = self._norm(T[f"blk.{l}.ffn_norm.weight"])
+            for field, name in names:
+                self._tensor(getattr(L, field), T[f"blk.{l}.{name}.weight"])
+        w.layers = layers
+        return w
+
+    def kv_cache_bytes(self, n_ctx=None):
+        cfg = self.config
+        kv_dim = cfg["dim"] // cfg["n_heads"] * cfg["n_kv_heads"]
+        return 2 * 4 * cfg["n_layers"] * (n_ctx or self.n_ctx) * kv_dim
+
+    def _alloc_state(self, threads):
+        cfg = self.config
+        dim, hidden, n_ctx = cfg["dim"], cfg["hidden_dim"], self.n_ctx
+        need = self.kv_cache_bytes() + 4 * cfg["n_heads"] * n_ctx
+        avail = available_memory()
+        if avail is not None and need > avail:
+            raise MemoryError(f"the KV cache for a context of {n_ctx} positions needs {need} bytes; "
+                              f"only {avail} bytes of memory are available (ask for a smaller context)")
+        kv_shape = (cfg["n_layers"], n_ctx, dim // cfg["n_heads"] * cfg["n_kv_heads"])
+        bufs = dict(
+            x=np.zeros(dim, np.float32), xb=np.zeros(dim, np.float32), xb2=np.zeros(dim, np.float32),
+            hb=np.zeros(hidden, np.float32), hb2=np.zeros(hidden, np.float32),
+            q=np.zeros(dim, np.float32), att=np.zeros((cfg["n_heads"], n_ctx), np.float32),
+            logits=np.zeros(cfg["vocab_size"], np.float32),
+            key_cache=np.zeros(kv_shape, np.float32), value_cache=np.zeros(kv_shape, np.float32))
+        s = ffi.new("pl_state *")
+        self._keep.append(s)
+        for name, arr in bufs.items():
+            setattr(s, name, self._ptr(arr, "float *"))
+        scratch = np.zeros(max(16, int(lib.pl_scratch_bytes(self._weights))) + 64, np.uint8)
+        s.scratch = self._ptr(scratch)
+        s.n_ctx = n_ctx
+        self._bufs = bufs
+        self._scratch = scratch
+        self._state = s
+        self.logits_buffer = bufs["logits"]
+        self.logits_ptr = s.logits
+        self.threads = threads  # validated by the property setter
+
+    @property
+    def threads(self):
+        return self._state.n_threads
+
+    @threads.setter
+    def threads(self, value):
+        self._state.n_threads = check_threads(value)
+
+    # -- running ---------------------------------------------------------------------------------
+    def forward(self, token, pos):
+        """Logits (a view of this Transformer's buffer, overwritten by the next call) for `token`
+        at position `pos`; positions 0..pos-1 must already be in the KV cache."""
+        if not 0 <= token < self.vocab_size:
+            raise ParameterError(f"token id {token} is outside the vocabulary (0..{self.vocab_size - 1})")
+        if not 0 <= pos < self.n_ctx:
+            raise ParameterError(f"position {pos} is outside the context (0..{self.n_ctx - 1})")
+        lib.pl_forward(self._weights, self._state, token, pos)
+        return self.logits_buffer

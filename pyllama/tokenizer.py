@@ -1,0 +1,407 @@
+"""SentencePiece BPE for Llama-2 vocabularies, read from llama2.c's tokenizer.bin or GGUF metadata.
+
+Encoding is SentencePiece's BPE (what llama2.c's run.c ``encode()`` and llama.cpp's SPM tokenizer
+also do): optional dummy-prefix space, one symbol per code point, then repeatedly merge the
+adjacent pair whose concatenation is a vocabulary piece with the HIGHEST score (leftmost on ties);
+symbols that are not pieces become byte tokens ``<0xXX>`` (or ``<unk>`` without byte tokens).
+
+Where the references differ, this module follows ``sentencepiece`` (tests/test_tokenizer.py checks
+it against the real library on generated strings):
+  * U+2581 ``▁`` in the input is a space (SentencePiece escapes spaces to it; llama2.c would emit
+    its three bytes as byte tokens instead).
+  * Merging works on text, so two characters that are not pieces themselves can still merge into
+    a piece (llama2.c turns them into bytes first). No Llama-2 piece contains such a character,
+    so for Llama-2 both agree.
+  * ``decode()`` is SentencePiece's DecodeIds: control tokens vanish, the leading space of the
+    first visible piece is dropped, ``<unk>`` reads " ⁇ ", and each byte of an invalid UTF-8
+    sequence becomes U+FFFD. ``decode_piece()``/``safe_piece()`` are llama2.c's streaming
+    ``decode()``/``safe_printf()`` instead (for byte-exact parity of ``run`` output), except that
+    control tokens (BOS/EOS) are empty (llama2.c would print EOS's "\\n</s>\\n").
+
+Speed: a priority queue of candidate pairs over a linked list of symbols with lazy invalidation
+(O(n log n)); the text is also cut into words where no piece can span the cut (checked on the
+vocabulary, e.g. before " x" after a non-space) and words are cached.
+"""
+from __future__ import annotations
+
+import heapq
+import operator
+import os
+import re
+import struct
+from typing import Iterable, Optional
+
+import numpy as np
+
+from .errors import FormatError, ParameterError, TokenizerError
+
+# GGUF token types (llama.cpp's llama_token_type); 0 "undefined" is treated as normal.
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
+TOKEN_TYPES = {0: "undefined", NORMAL: "normal", UNKNOWN: "unknown", CONTROL: "control",
+               USER_DEFINED: "user-defined", UNUSED: "unused", BYTE: "byte"}
+_MERGEABLE = (0, NORMAL, USER_DEFINED, UNUSED)  # pieces BPE may produce (SentencePiece's pieces_)
+
+GGUF_KEYS = {  # metadata key -> default (None = required)
+    "tokenizer.ggml.model": None,
+    "tokenizer.ggml.tokens": None,
+    "tokenizer.ggml.scores": None,
+    "tokenizer.ggml.token_type": (),
+    "tokenizer.ggml.bos_token_id": 1,
+    "tokenizer.ggml.eos_token_id": 2,
+    "tokenizer.ggml.unknown_token_id": 0,
+    "tokenizer.ggml.add_bos_token": True,
+    "tokenizer.ggml.add_space_prefix": True,
+}
+
+_BYTE_PIECE = re.compile(rb"<0x([0-9A-Fa-f]{2})>\Z")
+_SPM_SPACE = "\u2581"                  # SentencePiece's visible space "▁"
+_UNK_SURFACE = " \u2047 ".encode()     # what SentencePiece's decode prints for <unk>
+_WORD = re.compile(r"[^ ]+| +[^ ]*")   # words: cut before a space that follows a non-space
+_CROSSES_WORD = re.compile(r"[^ ] ")   # a piece containing this could span a cut
+_PRINTABLE = frozenset(range(0x20, 0x7F)) | frozenset(b"\t\n\v\f\r")  # C isprint || isspace
+_ESCAPED_TO_FFFD = {c: 0xFFFD for c in range(0xDC80, 0xDD00)}  # surrogateescape'd bytes
+_CACHE_MAX, _CACHED_WORD_MAX = 1 << 16, 64
+_HEADER, _RECORD = struct.Struct("<I"), struct.Struct("<fI")
+
+
+class Tokenizer:
+    """A SentencePiece BPE vocabulary: ``pieces[i]`` (bytes, real spaces) with ``scores[i]``."""
+
+    def __init__(self, pieces: list, scores, token_types=None, bos_id: int = 1, eos_id: int = 2,
+                 unk_id: int = 0, add_bos: bool = True, add_space_prefix: bool = True,
+                 source: str = "<tokenizer>"):
+        n = len(pieces)
+        self.source = source
+        if n == 0:
+            raise FormatError(f"{source}: empty vocabulary")
+        for i, p in enumerate(pieces):
+            if not isinstance(p, bytes):
+                raise FormatError(f"{source}: token {i}: piece must be bytes, found {type(p).__name__}")
+        self._pieces = list(pieces)
+        self.scores = _vector(scores, n, np.float32, "scores", source)
+        for name, v in (("bos_id", bos_id), ("eos_id", eos_id), ("unk_id", unk_id)):
+            if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or not 0 <= v < n:
+                raise FormatError(f"{source}: {name} must be a token id in [0, {n}), found {v!r}")
+        self.bos_id, self.eos_id, self.unk_id = int(bos_id), int(eos_id), int(unk_id)
+        self.add_bos, self.add_space_prefix = bool(add_bos), bool(add_space_prefix)
+        if token_types is None:  # llama2.c's tokenizer.bin: infer what SentencePiece stored
+            types = [BYTE if _BYTE_PIECE.match(p) else NORMAL for p in self._pieces]
+            types[self.unk_id] = UNKNOWN
+            types[self.bos_id] = types[self.eos_id] = CONTROL
+            token_types = types
+        self.token_types = _vector(token_types, n, np.int32, "token_type", source)
+        bad = np.flatnonzero((self.token_types < 0) | (self.token_types > BYTE))
+        if bad.size:
+            raise FormatError(f"{source}: token {bad[0]}: token type must be 0..6, "
+                              f"found {self.token_types[bad[0]]}")
+        self._types = self.token_types.tolist()
+        self._merge_scores = [-s for s in self.scores.tolist()]  # heap order: max score first
+        self._ids: dict = {}            # piece text -> id, for every piece BPE may produce
+        self._unused = set()
+        self._user_defined: dict = {}   # first char -> user-defined pieces, longest first
+        self._byte_value: dict = {}     # byte token id -> its byte
+        self._byte_ids = [None] * 256   # byte -> its byte token id
+        for i, (p, t) in enumerate(zip(self._pieces, self._types)):
+            if t == BYTE:
+                m = _BYTE_PIECE.match(p)
+                if not m:
+                    raise FormatError(f"{source}: token {i} is a byte token but its piece is "
+                                      f"{p!r}, expected <0xXX>")
+                b = int(m.group(1), 16)
+                self._byte_value[i] = b
+                if self._byte_ids[b] is None:
+                    self._byte_ids[b] = i
+            elif t in _MERGEABLE and p:
+                try:
+                    text = p.decode("utf-8")
+                except UnicodeDecodeError:
+                    continue  # can never match valid text
+                if self._ids.setdefault(text, i) == i:
+                    if t == UNUSED:
+                        self._unused.add(i)
+                    elif t == USER_DEFINED:
+                        self._user_defined.setdefault(text[0], []).append(text)
+        for group in self._user_defined.values():
+            group.sort(key=len, reverse=True)
+        self._split_words = not any(_CROSSES_WORD.search(s) for s in self._ids)
+        self._cache: dict = {}
+
+    # ------------------------------------------------------------------ constructors
+    @classmethod
+    def from_llama2c(cls, path, vocab_size: int) -> "Tokenizer":
+        """Read llama2.c's tokenizer.bin; ``vocab_size`` (from the model) is the token count."""
+        path = os.fspath(path)
+        if isinstance(vocab_size, bool) or not isinstance(vocab_size, (int, np.integer)) \
+                or vocab_size < 1:
+            raise ParameterError(f"{path}: vocab_size must be a positive integer, found {vocab_size!r}")
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except OSError as e:
+            raise FormatError(f"{path}: cannot read tokenizer file: {e.strerror or e}") from None
+        size = len(data)
+        if size < _HEADER.size:
+            raise FormatError(f"{path}: truncated header: expected 4 bytes (u32 max_token_length), "
+                              f"found {size}")
+        (max_len,) = _HEADER.unpack_from(data, 0)
+        pieces, scores, off = [], np.empty(vocab_size, np.float32), _HEADER.size
+        for i in range(vocab_size):
+            if off + _RECORD.size > size:
+                what = (f"the file ends after {i} tokens" if off == size else
+                        f"token {i} is truncated at offset {off}: expected 8 bytes of score and "
+                        f"length, found {size - off}")
+                raise FormatError(f"{path}: {what}, but the model's vocab_size is {vocab_size}")
+            scores[i], n = _RECORD.unpack_from(data, off)
+            off += _RECORD.size
+            if n > size - off:
+                raise FormatError(f"{path}: token {i}: length field {n} (at offset {off - 4}) "
+                                  f"exceeds the {size - off} bytes left in the file")
+            if n > max_len:
+                raise FormatError(f"{path}: token {i} (offset {off}) is {n} bytes long, expected "
+                                  f"at most the header's max_token_length {max_len}")
+            pieces.append(data[off:off + n])
+            off += n
+        return cls(pieces, scores, source=path)
+
+    @classmethod
+    def from_gguf_metadata(cls, meta: dict, source: str = "<gguf>") -> "Tokenizer":
+        """Build from GGUF metadata (``tokenizer.ggml.*`` keys, see GGUF_KEYS)."""
+        v = {}
+        for key, default in GGUF_KEYS.items():
+            if meta.get(key) is None and default is None:
+                raise FormatError(f"{source}: missing metadata key {key}")
+            v[key] = meta.get(key, default)
+        model = v["tokenizer.ggml.model"]
+        if model != "llama":
+            raise FormatError(f"{source}: unsupported tokenizer model {model!r} "
+                              f"(tokenizer.ggml.model): only 'llama' (SentencePiece BPE) is supported")
+        pieces = []
+        for i, t in enumerate(v["tokenizer.ggml.tokens"]):
+            if isinstance(t, str):
+                t = t.encode("utf-8", "surrogatepass")
+            elif not isinstance(t, (bytes, bytearray)):
+                raise FormatError(f"{source}: tokenizer.ggml.tokens[{i}]: expected a string, "
+                                  f"found {type(t).__name__}")
+            pieces.append(bytes(t).replace(_SPM_SPACE.encode(), b" "))
+        types = v["tokenizer.ggml.token_type"]
+        ids = []
+        for key in ("bos_token_id", "eos_token_id", "unknown_token_id"):
+            x = v["tokenizer.ggml." + key]
+            if isinstance(x, bool) or not isinstance(x, (int, np.integer)) or not 0 <= x < len(pieces):
+                raise FormatError(f"{source}: tokenizer.ggml.{key} must be a token id in "
+                                  f"[0, {len(pieces)}), found {x!r}")
+            ids.append(int(x))
+        return cls(pieces, _array(v["tokenizer.ggml.scores"], "tokenizer.ggml.scores", source),
+                   _array(types, "tokenizer.ggml.token_type", source) if len(types) else None,
+                   *ids, add_bos=bool(v["tokenizer.ggml.add_bos_token"]),
+                   add_space_prefix=bool(v["tokenizer.ggml.add_space_prefix"]), source=source)
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def vocab_size(self) -> int:
+        return len(self._pieces)
+
+    @property
+    def pieces(self) -> list:
+        """Token pieces as bytes, with real spaces (a copy)."""
+        return list(self._pieces)
+
+    def __repr__(self) -> str:
+        return f"Tokenizer({self.source!r}, vocab_size={self.vocab_size})"
+
+    # ------------------------------------------------------------------ encoding
+    def encode(self, text, bos: Optional[bool] = None, eos: bool = False) -> list:
+        """Token ids of ``text`` (str, or UTF-8 bytes); ``bos=None`` means ``self.add_bos``."""
+        text = _as_text(text)
+        ids = [self.bos_id] if (self.add_bos if bos is None else bos) else []
+        if text:
+            text = text.replace(_SPM_SPACE, " ")
+            if self.add_space_prefix:
+                text = " " + text
+            cache = self._cache
+            for word in (_WORD.findall(text) if self._split_words else (text,)):
+                word_ids = cache.get(word)
+                if word_ids is None:
+                    word_ids = self._bpe(word)
+                    if len(word) <= _CACHED_WORD_MAX:
+                        if len(cache) >= _CACHE_MAX:
+                            cache.clear()
+                        cache[word] = word_ids
+                ids.extend(word_ids)
+        if eos:
+            ids.append(self.eos_id)
+        return ids
+
+    def _bpe(self, text: str) -> list:
+        """SentencePiece BPE of one word. A symbol is the span [start, end[start]) of ``text``."""
+        n, vocab, neg_scores = len(text), self._ids, self._merge_scores
+        starts, frozen = self._initial_symbols(text)
+        end, prev = [-1] * (n + 1), [-1] * (n + 1)
+        for a, b in zip(starts, starts[1:] + [n]):
+            end[a], prev[b] = b, a
+        frozen = frozen or ()
+
+        def pair(i, j, k):  # the merge of [i, j) and [j, k) if it is a piece, else None
+            tid = vocab.get(text[i:k])
+            if tid is None or i in frozen or j in frozen or neg_scores[tid] != neg_scores[tid]:
+                return None  # (NaN scores never merge, as in llama2.c)
+            return neg_scores[tid], i, j, k, tid
+
+        heap = [p for p in map(pair, starts, starts[1:], starts[2:] + [n]) if p]
+        heapq.heapify(heap)
+        split = {}
+        while heap:
+            _, i, j, k, tid = heapq.heappop(heap)
+            if end[i] != j or end[j] != k:
+                continue  # stale: one side has merged since
+            end[i], end[j], prev[k] = k, -1, i
+            if tid in self._unused:
+                split[i, k] = j  # SentencePiece re-splits unused pieces at the end
+            left = pair(prev[i], i, k) if prev[i] >= 0 else None
+            right = pair(i, k, end[k]) if k < n else None
+            if left:
+                heapq.heappush(heap, left)
+            if right:
+                heapq.heappush(heap, right)
+        out, i = [], 0
+        while i < n:
+            self._emit(text, i, end[i], split, out)
+            i = end[i]
+        return out
+
+    def _initial_symbols(self, text: str):
+        """Symbol starts: one per code point, or a whole user-defined piece (frozen: never merged)."""
+        if not self._user_defined:
+            return list(range(len(text))), None
+        starts, frozen, i = [], set(), 0
+        while i < len(text):
+            starts.append(i)
+            for u in self._user_defined.get(text[i], ()):
+                if text.startswith(u, i):
+                    frozen.add(i)
+                    i += len(u)
+                    break
+            else:
+                i += 1
+        return starts, frozen
+
+    def _emit(self, text: str, i: int, k: int, split: dict, out: list) -> None:
+        tid = self._ids.get(text[i:k])
+        if tid is None:  # not a piece: byte fallback, else <unk>
+            raw = text[i:k].encode("utf-8")
+            byte_ids = [self._byte_ids[b] for b in raw]
+            out.extend(byte_ids if None not in byte_ids else (self.unk_id,))
+        elif (i, k) in split:
+            self._emit(text, i, split[i, k], split, out)
+            self._emit(text, split[i, k], k, split, out)
+        else:
+            out.append(tid)
+
+    # ------------------------------------------------------------------ decoding
+    def check_ids(self, ids: Iterable) -> list:
+        """``ids`` as a list of ints, or TokenizerError naming the first invalid one."""
+        if isinstance(ids, np.ndarray) and ids.dtype.kind in "iu" and ids.ndim == 1:
+            if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
+                bad = ids[(ids < 0) | (ids >= self.vocab_size)][0]
+                raise TokenizerError(f"token id {bad} out of range [0, {self.vocab_size}) "
+                                     f"of {self.source}")
+            return ids.tolist()
+        return [self._check_id(i) for i in ids]
+
+    def ids_valid(self, ids: Iterable) -> bool:
+        try:
+            self.check_ids(ids)
+        except (TokenizerError, TypeError):
+            return False
+        return True
+
+    def _check_id(self, tid) -> int:
+        try:
+            if isinstance(tid, bool):
+                raise TypeError
+            v = operator.index(tid)
+        except TypeError:
+            raise TokenizerError(f"token id {tid!r} is not an integer") from None
+        if not 0 <= v < len(self._pieces):
+            raise TokenizerError(f"token id {v} out of range [0, {len(self._pieces)}) of {self.source}")
+        return v
+
+    def decode_piece(self, prev_id, tid) -> bytes:
+        """llama2.c's decode(): the bytes of ``tid`` following ``prev_id``.
+
+        After BOS a leading space is dropped; ``<0xXX>`` gives its raw byte; control tokens give b"".
+        """
+        tid = self._check_id(tid)
+        t = self._types[tid]
+        if t == CONTROL:
+            return b""
+        if t == BYTE:
+            return bytes((self._byte_value[tid],))
+        piece = self._pieces[tid]
+        if prev_id == self.bos_id and piece[:1] == b" ":
+            return piece[1:]
+        return piece
+
+    def safe_piece(self, prev_id, tid) -> bytes:
+        """What llama2.c's safe_printf(decode(...)) prints: cut at NUL, lone unprintable byte → b""."""
+        piece = self.decode_piece(prev_id, tid).split(b"\0", 1)[0]
+        if len(piece) == 1 and piece[0] not in _PRINTABLE:
+            return b""
+        return piece
+
+    def decode(self, ids: Iterable) -> str:
+        """Text of ``ids``, as SentencePiece's DecodeIds gives it (see the module docstring)."""
+        out, strip = bytearray(), True
+        for tid in self.check_ids(ids):
+            t = self._types[tid]
+            if t == CONTROL:
+                continue
+            if t == BYTE:
+                out.append(self._byte_value[tid])
+            elif t == UNKNOWN:
+                out += _UNK_SURFACE
+            else:
+                piece = self._pieces[tid]
+                out += piece[1:] if strip and piece[:1] == b" " else piece
+            strip = False
+        # Each byte that does not start a valid UTF-8 sequence becomes one U+FFFD, as in
+        # SentencePiece (Python's errors="replace" would merge some runs into one).
+        return out.decode("utf-8", "surrogateescape").translate(_ESCAPED_TO_FFFD)
+
+
+# ---------------------------------------------------------------------- helpers
+def _as_text(text) -> str:
+    """``text`` as a str that has a UTF-8 encoding, else TokenizerError."""
+    if isinstance(text, (bytes, bytearray, memoryview)):
+        try:
+            return bytes(text).decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise TokenizerError(f"text is not valid UTF-8: byte 0x{e.object[e.start]:02x} at "
+                                 f"byte offset {e.start} ({e.reason})") from None
+    if not isinstance(text, str):
+        raise TokenizerError(f"text must be str or bytes, found {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise TokenizerError(f"text has a lone surrogate U+{ord(text[e.start]):04X} at character "
+                             f"index {e.start}, which has no UTF-8 encoding") from None
+    return text
+
+
+def _array(values, key: str, source: str) -> np.ndarray:
+    try:
+        return np.asarray(values)
+    except (TypeError, ValueError) as e:
+        raise FormatError(f"{source}: {key}: expected a numeric array ({e})") from None
+
+
+def _vector(values, n: int, dtype, name: str, source: str) -> np.ndarray:
+    """``values`` as a 1-D array of ``n`` numbers of ``dtype``, else FormatError."""
+    a = np.asarray(values)
+    if a.ndim != 1 or len(a) != n:
+        raise FormatError(f"{source}: {name}: expected {n} values (one per token), "
+                          f"found shape {a.shape}")
+    if a.size and a.dtype.kind not in ("iuf" if dtype == np.float32 else "iu"):
+        raise FormatError(f"{source}: {name}: expected {np.dtype(dtype).name} values, "
+                          f"found {a.dtype}")
+    return a.astype(dtype)

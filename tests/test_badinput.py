@@ -1,0 +1,239 @@
+"""Bad input ends in a clear pyllama exception (CLI: one `pyllama: error:` line, exit 1)."""
+import math
+import struct
+import subprocess
+import sys
+
+import pytest
+
+from conftest import shared_path
+from models import byte_vocab, write_legacy, write_tokenizer_bin
+
+import pyllama
+from pyllama import FormatError, ParameterError, TokenizerError
+
+
+def cli(*args, input=None):
+    p = subprocess.run([sys.executable, "-m", "pyllama", *map(str, args)], capture_output=True,
+                       input=input, timeout=120)
+    return p.returncode, p.stdout, p.stderr.decode()
+
+
+def assert_cli_error(args, fragment):
+    code, out, err = cli(*args)
+    assert code == 1, (code, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("pyllama: error: "), err
+    assert fragment in lines[0], lines[0]
+    assert "Traceback" not in err
+
+
+# -- model files ---------------------------------------------------------------------------------
+
+def test_missing_file(tmp_path):
+    with pytest.raises(FormatError, match="no such file"):
+        pyllama.load(tmp_path / "nope.bin")
+    assert_cli_error(["run", tmp_path / "nope.bin"], "no such file")
+
+
+def test_directory(tmp_path):
+    with pytest.raises(FormatError, match="directory"):
+        pyllama.load(tmp_path)
+
+
+def test_empty_file(tmp_path):
+    (tmp_path / "e.bin").write_bytes(b"")
+    with pytest.raises(FormatError, match="empty"):
+        pyllama.load(tmp_path / "e.bin")
+
+
+def test_tiny_file(tmp_path):
+    (tmp_path / "t.bin").write_bytes(b"\1\2\3")
+    with pytest.raises(FormatError, match="too short"):
+        pyllama.load(tmp_path / "t.bin")
+
+
+def test_valid_small_model_loads(tmp_path):
+    mf = pyllama.load(write_legacy(tmp_path / "ok.bin"))
+    assert mf.config["dim"] == 8 and mf.shared_classifier
+
+
+@pytest.mark.parametrize("missing,extra", [(4, 0), (1, 0), (0, 4), (0, 1)])
+def test_size_mismatch(tmp_path, missing, extra):
+    p = write_legacy(tmp_path / "m.bin", missing_bytes=missing, extra_bytes=extra)
+    word = "truncated" if missing else "longer than its header implies"
+    with pytest.raises(FormatError, match=word):
+        pyllama.load(p)
+    assert_cli_error(["run", p, "-z", write_tokenizer_bin(tmp_path / "t.bin", byte_vocab(16))], word)
+
+
+@pytest.mark.parametrize("header,fragment", [
+    ((0, 16, 1, 2, 2, 16, 8), "dim: expected a positive value, found 0"),
+    ((8, -16, 1, 2, 2, 16, 8), "hidden_dim: expected a positive value"),
+    ((8, 16, 0, 2, 2, 16, 8), "n_layers: expected a positive value"),
+    ((8, 16, 1, 0, 2, 16, 8), "n_heads: expected a positive value"),
+    ((8, 16, 1, 2, 2, 0, 8), "vocab_size: expected a positive value"),
+    ((8, 16, 1, 2, 2, 16, -5), "seq_len: expected a positive value"),
+    ((8, 16, 1, 3, 3, 16, 8), "dim 8 is not divisible by n_heads 3"),
+    ((8, 16, 1, 4, 3, 16, 8), "n_heads 4 is not divisible by n_kv_heads 3"),
+    ((8, 16, 2**31 - 1, 2, 2, 16, 8), "n_layers = 2147483647 is beyond"),
+    ((2**30, 16, 1, 2, 2, 16, 8), "dim = 1073741824 is beyond"),
+])
+def test_bad_legacy_header(tmp_path, header, fragment):
+    p = write_legacy(tmp_path / "h.bin", header=header)
+    with pytest.raises(FormatError, match="unsupported format") as e:
+        pyllama.load(p)
+    assert fragment in str(e.value)
+    assert str(p) in str(e.value)
+
+
+def _v1_header(version=1, dims=(8, 16, 1, 2, 2, 16, 8), shared=1, group=0):
+    h = struct.pack("<Ii7iB", 0x616B3432, version, *dims, shared)
+    if version == 2:
+        h += struct.pack("<i", group)
+    return h + b"\0" * (256 - len(h))
+
+
+def test_v1_truncated_and_bad(tmp_path):
+    p = tmp_path / "v1.bin"
+    p.write_bytes(_v1_header()[:100])
+    with pytest.raises(FormatError, match="truncated: a llama2.c V1/V2 header"):
+        pyllama.load(p)
+    p.write_bytes(_v1_header() + b"\0" * 40)
+    with pytest.raises(FormatError, match="llama2.c V1 file is truncated"):
+        pyllama.load(p)
+    p.write_bytes(_v1_header(version=7))
+    with pytest.raises(FormatError, match="unsupported format: llama2.c checkpoint version 7"):
+        pyllama.load(p)
+    p.write_bytes(_v1_header(shared=5))
+    with pytest.raises(FormatError, match="shared_classifier"):
+        pyllama.load(p)
+    p.write_bytes(_v1_header(dims=(8, 16, 1, 2, 2, 16, 0)))
+    with pytest.raises(FormatError, match="seq_len"):
+        pyllama.load(p)
+
+
+def test_v2_bad_group_size(tmp_path):
+    p = tmp_path / "v2.bin"
+    for group, fragment in ((0, "group_size at offset 37"), (3, "not a multiple of group_size 3"),
+                            (9, "group_size at offset 37")):
+        p.write_bytes(_v1_header(version=2, group=group) + b"\0" * 64)
+        with pytest.raises(FormatError, match=fragment):
+            pyllama.load(p)
+
+
+def test_v2_truncated(tmp_path):
+    good = shared_path("models/quant-base-v2.bin").read_bytes()
+    p = tmp_path / "v2.bin"
+    p.write_bytes(good[:-10])
+    with pytest.raises(FormatError, match="V2 file is truncated"):
+        pyllama.load(p)
+
+
+def test_gguf_like_garbage_is_unsupported(tmp_path):
+    p = tmp_path / "x.bin"
+    p.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 100)
+    with pytest.raises(FormatError, match="unsupported format: the file starts with bytes 89 50 4e 47"):
+        pyllama.load(p)
+
+
+# -- tokenizer files -----------------------------------------------------------------------------
+
+def test_tokenizer_with_fewer_tokens_than_vocab(tmp_path):
+    model = write_legacy(tmp_path / "m.bin", vocab=300)
+    tok = write_tokenizer_bin(tmp_path / "t.bin", byte_vocab(290))
+    with pytest.raises(FormatError):
+        pyllama.Llama(model, tokenizer=tok)
+    assert_cli_error(["run", model, "-z", tok], str(tok))
+
+
+def test_truncated_tokenizer(tmp_path):
+    model = write_legacy(tmp_path / "m.bin", vocab=300)
+    tok = write_tokenizer_bin(tmp_path / "t.bin", byte_vocab(300))
+    tok.write_bytes(tok.read_bytes()[:-3])
+    with pytest.raises(FormatError):
+        pyllama.Llama(model, tokenizer=tok)
+
+
+def test_model_without_tokenizer_gives_logits_but_not_text(tmp_path):
+    model = write_legacy(tmp_path / "m.bin", vocab=300)
+    m = pyllama.Llama(model)
+    assert m.tokenizer is None
+    assert m.logits([1, 5, 7]).shape == (3, 300)
+    with pytest.raises(TokenizerError, match="no tokenizer"):
+        m.tokenize("hi")
+    with pytest.raises(TokenizerError):
+        list(m.generate("hi"))
+    assert_cli_error(["run", model], "no tokenizer")
+
+
+# -- arguments -----------------------------------------------------------------------------------
+
+@pytest.fixture
+def small(tmp_path):
+    model = write_legacy(tmp_path / "m.bin", vocab=300, seq=16)
+    tok = write_tokenizer_bin(tmp_path / "t.bin", byte_vocab(300))
+    return model, tok
+
+
+@pytest.mark.parametrize("kwargs,fragment", [
+    (dict(steps=-1), "steps: expected a number >= 0"),
+    (dict(temperature=-0.5), "temperature"),
+    (dict(temperature=math.nan), "temperature"),
+    (dict(temperature=math.inf), "temperature"),
+    (dict(topp=1.5), "top-p"),
+    (dict(topp=-0.1), "top-p"),
+    (dict(topp=math.nan), "top-p"),
+])
+def test_bad_sampling_arguments(small, kwargs, fragment):
+    m = pyllama.Llama(small[0], tokenizer=small[1])
+    with pytest.raises(ParameterError, match=fragment):
+        list(m.generate("ab", **kwargs))
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["-n", "-1"], "steps"),
+    (["-t", "-1"], "temperature"),
+    (["-t", "nan"], "temperature"),
+    (["-p", "2"], "top-p"),
+    (["-p", "x"], "invalid float value"),
+    (["--threads", "0"], "threads"),
+    (["-m", "dance"], "invalid choice"),
+    (["--bogus"], "unrecognized arguments"),
+])
+def test_bad_cli_arguments(small, args, fragment):
+    assert_cli_error(["run", small[0], "-z", small[1], *args], fragment)
+
+
+def test_prompt_longer_than_context(small):
+    m = pyllama.Llama(small[0], tokenizer=small[1])
+    with pytest.raises(ParameterError, match="longer than the context of 16"):
+        list(m.generate("x" * 40, steps=0))
+    assert_cli_error(["run", small[0], "-z", small[1], "-i", "x" * 40], "longer than the context")
+
+
+def test_invalid_utf8_prompt(small):
+    m = pyllama.Llama(small[0], tokenizer=small[1])
+    with pytest.raises(TokenizerError):
+        m.tokenize(b"ab\xff\xfe")
+    with pytest.raises(TokenizerError):
+        list(m.generate(b"ab\xc3"))
+
+
+def test_bad_threads_and_context(small):
+    with pytest.raises(ParameterError, match="threads"):
+        pyllama.Llama(small[0], threads=0)
+    with pytest.raises(ParameterError, match="context"):
+        pyllama.Llama(small[0], n_ctx=17)
+    with pytest.raises(ParameterError, match="context"):
+        pyllama.Llama(small[0], n_ctx=0)
+
+
+def test_out_of_range_ids(small):
+    m = pyllama.Llama(small[0], tokenizer=small[1])
+    with pytest.raises(ParameterError, match="outside the vocabulary"):
+        m.logits([1, 300])
+    with pytest.raises(ParameterError, match="outside the vocabulary"):
+        m.logits([-1])
+    with pytest.raises(ParameterError, match="do not fit the context"):
+        m.logits([1] * 17)

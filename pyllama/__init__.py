@@ -17,10 +17,17 @@ except ImportError as e:  # pragma: no cover - a broken install
                       f"`pip install .` from the source tree") from e
 
 ABI_VERSION = 1
-if _core.lib.pl_abi_version() != ABI_VERSION or _core.lib.PL_ABI_VERSION != ABI_VERSION:
-    raise ImportError(f"pyllama's compiled core has ABI version {_core.lib.pl_abi_version()}, "
-                      f"this Python code expects {ABI_VERSION}: the build is stale; "
-                      f"reinstall with `pip install .`")
+
+
+def check_abi(lib):
+    """Refuse a compiled core built from another version of csrc/pyllama.h (a stale build)."""
+    found = lib.pl_abi_version()
+    if found != ABI_VERSION or lib.PL_ABI_VERSION != ABI_VERSION:
+        raise ImportError(f"pyllama's compiled core has ABI version {found}, this Python code "
+                          f"expects {ABI_VERSION}: the build is stale; reinstall with `pip install .`")
+
+
+check_abi(_core.lib)
 
 from .formats import load  # noqa: E402
 from .llama import Llama  # noqa: E402

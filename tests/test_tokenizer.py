@@ -1,0 +1,468 @@
+"""Tests of pyllama.tokenizer.
+
+Expected values come from (see ../shared/golden/README.md):
+  * golden/manifest.json "encode": llama2.c's encode() with models/tokenizer.bin;
+  * golden/manifest.json "generate": llama2.c's `run` stdout (decode + safe_printf) with tok512.bin;
+  * golden/llama2-vocab.gguf.inp/.out: llama.cpp's tokenizer test vectors for its
+    ggml-vocab-llama-spm.gguf (= models/llama2-vocab.gguf), without BOS;
+  * the `sentencepiece` library itself with models/tokenizer.model (differential tests).
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import struct
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from pyllama.errors import FormatError, TokenizerError
+from pyllama.tokenizer import Tokenizer
+
+HYPOTHESIS = settings(max_examples=300, deadline=None, database=None,
+                      suppress_health_check=[HealthCheck.too_slow])
+
+
+# ---------------------------------------------------------------------- shared data
+def shared_dir() -> Optional[Path]:
+    """The shared/ folder: $PYLLAMA_SHARED, else the one beside this repository."""
+    env = os.environ.get("PYLLAMA_SHARED")
+    path = Path(env) if env else Path(__file__).resolve().parents[1].parent / "shared"
+    return path if path.is_dir() else None
+
+
+def _missing(what: str):
+    """Fail under CI (CI=true), skip elsewhere."""
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{what} (required when CI=true)")
+    pytest.skip(what)
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    path = shared_dir()
+    if path is None:
+        _missing("shared test data not found: set PYLLAMA_SHARED or put shared/ beside the repo")
+    return path
+
+
+def _import(name: str):
+    try:
+        return __import__(name)
+    except ImportError:
+        _missing(f"the {name!r} package is not installed (pip install '.[test]')")
+
+
+def _count_tokens(path: Path) -> int:
+    """Whole token records in a tokenizer.bin (for tests: the real count is the model's)."""
+    data, off, n = path.read_bytes(), 4, 0
+    while off + 8 <= len(data):
+        off += 8 + struct.unpack_from("<I", data, off + 4)[0]
+        n += 1
+    return n
+
+
+def _load_tokenizer(shared: Path, rel: str) -> Tokenizer:
+    path = shared / rel
+    return Tokenizer.from_llama2c(path, _count_tokens(path))
+
+
+def gguf_metadata(path: Path) -> dict:
+    """GGUF metadata as plain Python values, read with the `gguf` package."""
+    gguf = _import("gguf")
+    reader = gguf.GGUFReader(str(path))
+    meta = {}
+    for key, field in reader.fields.items():
+        kind = field.types[0]
+        if kind == gguf.GGUFValueType.ARRAY:
+            parts = [field.parts[i] for i in field.data]
+            if field.types[1] == gguf.GGUFValueType.STRING:
+                meta[key] = [bytes(p).decode("utf-8") for p in parts]
+            else:
+                meta[key] = np.concatenate(parts) if parts else np.array([])
+        elif kind == gguf.GGUFValueType.STRING:
+            meta[key] = bytes(field.parts[field.data[0]]).decode("utf-8")
+        else:
+            meta[key] = field.parts[field.data[0]][0].item()
+    return meta
+
+
+@pytest.fixture(scope="session")
+def tok(shared_data) -> Tokenizer:
+    return Tokenizer.from_llama2c(shared_data / "models/tokenizer.bin", 32000)
+
+
+@pytest.fixture(scope="session")
+def sp(shared_data):
+    spm = _import("sentencepiece")
+    return spm.SentencePieceProcessor(model_file=str(shared_data / "models/tokenizer.model"))
+
+
+@pytest.fixture(scope="session")
+def gguf_tok(shared_data) -> Tokenizer:
+    path = shared_data / "models/llama2-vocab.gguf"
+    return Tokenizer.from_gguf_metadata(gguf_metadata(path), str(path))
+
+
+def _manifest_cases(kind: str) -> list:
+    path = shared_dir()
+    if path is None:
+        return [None]  # one case that skips (or fails under CI) through the shared_data fixture
+    return json.loads((path / "golden/manifest.json").read_text(encoding="utf-8"))[kind]
+
+
+def _llamacpp_vectors() -> list:
+    path = shared_dir()
+    if path is None:
+        return [None]
+    inp = (path / "golden/llama2-vocab.gguf.inp").read_text(encoding="utf-8")
+    out = (path / "golden/llama2-vocab.gguf.out").read_text(encoding="utf-8").split("\n")
+    texts = inp.split("\n__ggml_vocab_test__\n")[:-1]  # the file ends with a separator
+    assert len(out) >= len(texts)
+    return [(t, [int(x) for x in o.split()]) for t, o in zip(texts, out)]
+
+
+# ---------------------------------------------------------------------- golden data
+@pytest.mark.parametrize("case", _manifest_cases("encode"))
+def test_golden_encode(shared_data, case):
+    t = _load_tokenizer(shared_data, case["tokenizer"])
+    assert t.encode(case["text"], bos=case["bos"], eos=case["eos"]) == case["ids"]
+
+
+@pytest.mark.parametrize("case", _manifest_cases("generate"))
+def test_golden_generate_prompt_and_stdout(shared_data, case):
+    """llama2.c's run: prompt ids are a prefix of the run's ids, stdout is safe_piece's bytes."""
+    if "tokenizer" not in case:
+        pytest.skip("llama.cpp run (prints its own rendering of the tokens)")
+    t = _load_tokenizer(shared_data, case["tokenizer"])
+    ids = case["ids"]
+    prompt = t.encode(case["prompt"])
+    assert ids[:len(prompt)] == prompt
+    printed = b"".join(t.safe_piece(a, b) for a, b in zip(ids, ids[1:])) + b"\n"
+    assert printed == case["stdout"].encode("utf-8")
+
+
+@pytest.mark.parametrize("case", _llamacpp_vectors())
+def test_llamacpp_vectors(gguf_tok, case):
+    text, expected = case
+    assert gguf_tok.encode(text, bos=False) == expected
+
+
+def test_gguf_and_bin_agree(tok, gguf_tok):
+    assert gguf_tok.vocab_size == tok.vocab_size == 32000
+    assert (gguf_tok.bos_id, gguf_tok.eos_id, gguf_tok.unk_id) == (1, 2, 0)
+    assert gguf_tok.pieces[3:] == tok.pieces[3:]  # BOS/EOS read "\n<s>\n" in tokenizer.bin
+    assert np.array_equal(gguf_tok.scores, tok.scores)
+    assert np.array_equal(gguf_tok.token_types, tok.token_types)  # inferred for tokenizer.bin
+    text = "Héllo wörld 🦙\n\tx"
+    assert gguf_tok.encode(text) == tok.encode(text)
+
+
+# ---------------------------------------------------------------------- vs sentencepiece
+EDGE_CASES = [
+    "", " ", "   ", " " * 40, "\n", "\t\t", "\r\n", "\n\n\n", " \t \t\t \t", "a" * 1000,
+    "x" * 5000, "🦙", "🦙🦙 🦙", "Hello world", " Hello world", "Hello  world", "trailing   ",
+    "<s>", "</s>", "<s>Hello</s>", "a<s>b</s>c", "<unk>", "<0x0A>", "<0x0a> <0xZZ>",
+    "▁", "a▁b", "▁▁x", "\u2581 \u2581", "\x00", "a\x00b", "\x7f\x01", "\ufeffBOM", "\u3000",
+    "e\u0301 é", "ﬁ ＦＵＬＬ", "mixed: abc日本語def Привет мир 안녕 مرحبا שלום ελληνικά",
+    "3.14159 1,000,000 0x1F", "I'm 'told' \"quoted\" — dash… ellipsis", "\U0010ffff\U000e0001",
+    "tab\tsep\tvalues\n  indented\n    more", "C'est déjà l'été, naïve coöperation",
+]
+
+WORDS = ["the", "The", "a", "little", "girl", "dog", "named", "Lily", "Ben", "park", "ball",
+         "happy", "said", "was", "to", "and", "in", "it", "played", "Once", "upon", "time",
+         "café", "über", "naïve", "東京", "日本語", "Привет", "🦙", "😀", "42", "3.14", "e.g.",
+         "don't", "it's", ",", ".", "!", "?", ";", ":", "\"", "'", "(", ")", "-", "—", "…"]
+
+_CHARS = st.one_of(
+    st.sampled_from(list(" \t\n\r ") + ["\u2581", "\u3000"]),
+    st.characters(min_codepoint=0x20, max_codepoint=0x7E),
+    st.characters(min_codepoint=0x30, max_codepoint=0x39),
+    st.characters(min_codepoint=0xA0, max_codepoint=0xFF),
+    st.characters(min_codepoint=0x4E00, max_codepoint=0x9FFF),
+    st.characters(min_codepoint=0x1F300, max_codepoint=0x1FAFF),
+    st.characters(blacklist_categories=("Cs",)),  # anything with a UTF-8 encoding
+)
+TEXTS = st.one_of(
+    st.text(_CHARS, max_size=80),
+    st.lists(st.sampled_from(WORDS), max_size=30).map(" ".join),
+    st.lists(st.one_of(st.sampled_from(WORDS), st.sampled_from([" ", "  ", "\n", "\t"])),
+             max_size=30).map("".join),
+)
+
+
+def _check_against_sp(tok, sp, text):
+    assert tok.encode(text) == [1] + sp.encode(text), repr(text)
+    assert tok.encode(text, bos=False, eos=True) == sp.encode(text) + [2]
+    expected = sp.decode(sp.encode(text))
+    assert tok.decode(tok.encode(text, bos=False)) == expected
+    assert tok.decode(tok.encode(text)) == expected
+    if expected == text:
+        assert tok.decode(tok.encode(text)) == text
+
+
+@pytest.mark.parametrize("text", EDGE_CASES)
+def test_edge_cases_match_sentencepiece(tok, sp, text):
+    _check_against_sp(tok, sp, text)
+
+
+@HYPOTHESIS
+@given(text=TEXTS)
+def test_encode_matches_sentencepiece(tok, sp, text):
+    _check_against_sp(tok, sp, text)
+
+
+@HYPOTHESIS
+@given(text=TEXTS)
+def test_gguf_tokenizer_matches_sentencepiece(gguf_tok, sp, text):
+    assert gguf_tok.encode(text) == [1] + sp.encode(text)
+
+
+_SPECIAL_IDS = [0, 1, 2, 3, 13, 16, 35, 259, 29871, 15043] + [
+    3 + b for b in (0xE2, 0x80, 0x9C, 0xF0, 0x9F, 0xA6, 0x99, 0xC3, 0xFF, 0xED, 0xA0)]
+
+
+@HYPOTHESIS
+@given(ids=st.lists(st.one_of(st.integers(0, 31999), st.sampled_from(_SPECIAL_IDS)), max_size=40))
+def test_decode_matches_sentencepiece(tok, sp, ids):
+    """Any id sequence, incl. controls, <unk> and invalid UTF-8 byte runs."""
+    assert tok.decode(ids) == sp.decode(ids)
+    assert tok.decode(np.array(ids, dtype=np.int32)) == sp.decode(ids)
+
+
+@pytest.mark.parametrize("ids", [
+    [3 + 0xE2, 3 + 0x82, 3 + 0xAC],             # "€" from three byte tokens
+    [3 + 0xE2, 2, 3 + 0x82, 3 + 0xAC],          # a control token splits the byte run
+    [3 + 0xE2, 3 + 0x82, 29871, 3 + 0xAC],      # so does a normal piece
+    [3 + 0xF0, 3 + 0x9F], [3 + 0xED, 3 + 0xA0, 3 + 0x80], [3 + 0xC0, 3 + 0x80],
+    [3 + 0xF4, 3 + 0x90, 3 + 0x80, 3 + 0x80], [3 + 0xFF, 263],
+    [1, 1, 29871, 15043], [2, 15043], [0, 15043], [29871, 29871], [3 + 0x20, 15043], [],
+])
+def test_decode_corner_cases_match_sentencepiece(tok, sp, ids):
+    assert tok.decode(ids) == sp.decode(ids)
+
+
+def test_literal_sentencepiece_space_is_a_space(tok):
+    # sentencepiece and llama.cpp read U+2581 as a space; llama2.c would emit its 3 bytes.
+    assert tok.encode("a▁b") == tok.encode("a b") == [1, 263, 289]
+
+
+# ---------------------------------------------------------------------- speed
+def _realistic_text(size: int) -> str:
+    rng = random.Random(1234)
+    base = ["time", "upon", "there", "little", "because", "wanted", "together", "something",
+            "beautiful", "remember", "questions", "important", "understand", "tokenizer",
+            "international", "llama", "quickly", "ice-cream", "mother's", "didn't", "1987",
+            "über", "naïve", "日本", "🦙", "Привет"]
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    vocab = base + ["".join(rng.choice(letters) for _ in range(rng.randint(2, 11)))
+                    for _ in range(3000)]
+    parts = []
+    while sum(map(len, parts)) < size:
+        word = rng.choice(vocab)
+        if rng.random() < 0.1:
+            word = word.capitalize()
+        parts.append(word + rng.choice([" "] * 12 + [", ", ". ", "\n", "! ", "  ", "\n\n", "; "]))
+    return "".join(parts)[:size]
+
+
+def test_encode_100kb_is_fast(shared_data, sp):
+    t = Tokenizer.from_llama2c(shared_data / "models/tokenizer.bin", 32000)  # cold word cache
+    text = _realistic_text(100_000)
+    start = time.perf_counter()
+    ids = t.encode(text)
+    elapsed = time.perf_counter() - start
+    assert elapsed < 2.0, f"encoding 100 KB took {elapsed:.2f} s: quadratic behaviour?"
+    assert ids == [1] + sp.encode(text)
+
+
+@pytest.mark.parametrize("text", ["a" * 100_000, "日本語の文章" * 15_000, ". " * 50_000])
+def test_encode_long_words_is_fast(tok, sp, text):
+    start = time.perf_counter()
+    ids = tok.encode(text)
+    elapsed = time.perf_counter() - start
+    assert elapsed < 2.0, f"encoding {len(text)} chars took {elapsed:.2f} s"
+    assert ids == [1] + sp.encode(text)
+
+
+# ---------------------------------------------------------------------- pieces
+def test_decode_piece_and_safe_piece(tok):
+    once = tok.encode("Once", bos=False)
+    assert once == [9038] and tok.pieces[9038] == b" Once"
+    assert tok.decode_piece(1, 9038) == b"Once"          # space dropped after BOS
+    assert tok.decode_piece(450, 9038) == b" Once"
+    assert tok.decode_piece(1, 13) == b"\n"               # <0x0A>
+    assert tok.safe_piece(1, 13) == b"\n"
+    assert tok.decode_piece(5, 3 + 0xE2) == b"\xe2"       # <0xE2>: raw byte ...
+    assert tok.safe_piece(5, 3 + 0xE2) == b""             # ... but not printed alone
+    assert tok.decode_piece(5, 3) == b"\x00" and tok.safe_piece(5, 3) == b""
+    assert tok.safe_piece(5, 3 + 0x7F) == b"" and tok.safe_piece(5, 3 + 0x0B) == b"\x0b"
+    assert tok.safe_piece(5, 3 + ord("A")) == b"A"
+    assert tok.decode_piece(5, 1) == b"" and tok.decode_piece(5, 2) == b""   # BOS, EOS
+    assert tok.decode_piece(1, 29871) == b"" and tok.safe_piece(1, 29871) == b""
+    assert tok.decode_piece(5, 0) == b"<unk>"
+    assert tok.decode([1, 9038, 2501]) == "Once upon" == tok.decode([9038, 2501])
+
+
+def test_encode_options(tok):
+    assert tok.encode("") == [1] and tok.encode("", bos=False) == []
+    assert tok.encode("", bos=False, eos=True) == [2]
+    assert tok.encode(b"Hello world") == tok.encode("Hello world") == [1, 15043, 3186]
+    assert tok.encode(bytearray(b"Hello")) == [1, 15043]
+    plain = Tokenizer(tok.pieces, tok.scores, tok.token_types, add_bos=False,
+                      add_space_prefix=False)
+    assert plain.encode("Hello") == [10994] and plain.encode("Hello", bos=True) == [1, 10994]
+
+
+def test_user_defined_and_unused_pieces():
+    """GGUF types 4 (matched whole, never merged) and 5 (merged, then split back)."""
+    pieces = [b"<unk>", b"<s>", b"</s>", b" ", b"a", b"b", b"c", b"ab", b"abc", b"<|x|>", b"bc"]
+    scores = np.array([0, 0, 0, -9, -8, -7, -6, -1, -2, 0, -3], np.float32)
+    types = [2, 3, 3, 1, 1, 1, 1, 5, 1, 4, 1]
+    t = Tokenizer(pieces, scores, types, add_space_prefix=False)
+    assert t.encode("a<|x|>bc", bos=False) == [4, 9, 10]
+    assert t.encode("abc", bos=False) == [8]       # via the unused "ab"
+    assert t.encode("ab", bos=False) == [4, 5]     # "ab" is unused: split back
+    assert t.encode("d", bos=False) == [0]         # no byte tokens: <unk>
+    assert t.decode([9, 4]) == "<|x|>a"
+
+
+# ---------------------------------------------------------------------- bad input
+def test_invalid_utf8_and_surrogates(tok):
+    with pytest.raises(TokenizerError, match="byte offset 0"):
+        tok.encode(b"\xff")
+    with pytest.raises(TokenizerError, match="byte offset 2"):
+        tok.encode(b"ab\xc3(")
+    with pytest.raises(TokenizerError, match="byte offset 1"):
+        tok.encode(b"a\xed\xa0\x80")  # an encoded surrogate
+    with pytest.raises(TokenizerError, match="U\\+D800.*index 1"):
+        tok.encode("a\ud800b")
+    with pytest.raises(TokenizerError, match="U\\+DFFF"):
+        tok.encode("\udfff")
+    with pytest.raises(TokenizerError, match="str or bytes"):
+        tok.encode(42)
+
+
+@given(text=st.text(st.characters(min_codepoint=0xD800, max_codepoint=0xDFFF), min_size=1))
+@settings(max_examples=30, deadline=None, database=None)
+def test_surrogates_always_raise(tok, text):
+    with pytest.raises(TokenizerError):
+        tok.encode("x" + text)
+
+
+@pytest.mark.parametrize("ids, match", [
+    ([32000], "32000 out of range"), ([-1], "-1 out of range"), ([5, 1.5], "1.5"),
+    (["a"], "'a'"), ([True], "True"), (np.array([5, 40000]), "40000 out of range"),
+    ([None], "None"), (5, "iterable of ints, found int"),
+])
+def test_decode_invalid_ids(tok, ids, match):
+    with pytest.raises(TokenizerError, match=match):
+        tok.decode(ids)
+    assert not tok.ids_valid(ids)
+
+
+def test_decode_piece_invalid_id(tok):
+    with pytest.raises(TokenizerError, match="out of range"):
+        tok.decode_piece(1, 32000)
+    with pytest.raises(TokenizerError, match="out of range"):
+        tok.safe_piece(1, -3)
+    assert tok.ids_valid([0, 31999]) and tok.check_ids(np.array([1, 2])) == [1, 2]
+
+
+def _bin(tokens, max_len=None) -> bytes:
+    out = struct.pack("<I", max(len(p) for _, p in tokens) if max_len is None else max_len)
+    for score, piece in tokens:
+        out += struct.pack("<fI", score, len(piece)) + piece
+    return out
+
+
+GOOD = [(0.0, b"<unk>"), (0.0, b"\n<s>\n"), (0.0, b"\n</s>\n"), (-1.0, b" "), (-2.0, b"a"),
+        (-0.5, b" a"), (float("nan"), b"aa"), (-3.0, b"<0x62>")]
+
+
+def test_small_bin_file(tmp_path):
+    path = tmp_path / "tok.bin"
+    path.write_bytes(_bin(GOOD) + b"trailing bytes are fine")
+    t = Tokenizer.from_llama2c(path, len(GOOD))
+    assert t.vocab_size == 8 and t.pieces[5] == b" a"
+    assert t.encode("a") == [1, 5]
+    assert t.encode("aa") == [1, 5, 4]   # NaN score: never merged (llama2.c never picks it)
+    assert t.encode("ab") == [1, 5, 7]   # "b" -> its byte token
+    assert t.encode("é") == [1, 3, 0]    # no <0xC3>/<0xA9> tokens: <unk>
+    assert Tokenizer.from_llama2c(path, 4).vocab_size == 4  # fewer than in the file is fine
+
+
+@pytest.mark.parametrize("data, vocab, match", [
+    (b"", 8, "truncated header: expected 4 bytes .* found 0"),
+    (b"\x05\x00", 8, "truncated header: expected 4 bytes .* found 2"),
+    (_bin(GOOD)[:4], 8, "ends after 0 tokens, but the model's vocab_size is 8"),
+    (_bin(GOOD)[:7], 8, "token 0 is truncated at offset 4: expected 8 bytes .* found 3"),
+    (_bin(GOOD)[:14], 8, "token 0: length field 5 .* exceeds the 2 bytes left"),
+    (_bin(GOOD[:3]) + struct.pack("<fI", 0.0, 0xFFFFFFFF) + b"xx", 8,
+     "token 3: length field 4294967295 .*exceeds the 2 bytes left"),
+    (_bin(GOOD), 9, "ends after 8 tokens, but the model's vocab_size is 9"),
+    (_bin(GOOD, max_len=3), 8, "token 0 .* is 5 bytes long, expected at most .* 3"),
+    (_bin(GOOD[:2]), 2, "eos_id must be a token id in \\[0, 2\\)"),
+    (_bin([(0.0, b"<unk>"), (0.0, b"<s>"), (0.0, b"</s>"), (0.0, b"<0xZZ>")]), 4, None),
+])
+def test_bad_bin_files(tmp_path, data, vocab, match):
+    path = tmp_path / "bad-tokenizer.bin"
+    path.write_bytes(data)
+    if match is None:  # "<0xZZ>" is not a byte token, just a normal piece
+        assert Tokenizer.from_llama2c(path, vocab).token_types[3] == 1
+        return
+    with pytest.raises(FormatError, match=match) as info:
+        Tokenizer.from_llama2c(path, vocab)
+    assert str(path) in str(info.value)
+
+
+def test_missing_file_and_directory(tmp_path):
+    with pytest.raises(FormatError, match="nope.bin: cannot read tokenizer file"):
+        Tokenizer.from_llama2c(tmp_path / "nope.bin", 32000)
+    with pytest.raises(FormatError, match="cannot read tokenizer file: Is a directory"):
+        Tokenizer.from_llama2c(tmp_path, 32000)
+
+
+def _meta(**changes) -> dict:
+    meta = {"tokenizer.ggml.model": "llama",
+            "tokenizer.ggml.tokens": ["<unk>", "<s>", "</s>", "▁", "a", "▁a", "<0x62>"],
+            "tokenizer.ggml.scores": np.array([0, 0, 0, -1, -2, -0.5, 0], np.float32),
+            "tokenizer.ggml.token_type": np.array([2, 3, 3, 1, 1, 1, 6], np.int32)}
+    meta.update(changes)
+    return {k: v for k, v in meta.items() if v is not None}
+
+
+def test_gguf_metadata_small():
+    t = Tokenizer.from_gguf_metadata(_meta(), "small.gguf")
+    assert t.pieces[5] == b" a" and t.encode("ab") == [1, 5, 6]
+    assert t.decode([1, 5, 6]) == "ab" and t.decode_piece(1, 1) == b""
+    t = Tokenizer.from_gguf_metadata(_meta(**{"tokenizer.ggml.add_bos_token": False,
+                                              "tokenizer.ggml.add_space_prefix": False}), "x")
+    assert t.encode("a") == [4] and t.encode("a", bos=True) == [1, 4]
+
+
+@pytest.mark.parametrize("changes, match", [
+    ({"tokenizer.ggml.model": "gpt2"}, "unsupported tokenizer model 'gpt2'"),
+    ({"tokenizer.ggml.model": None}, "missing metadata key tokenizer.ggml.model"),
+    ({"tokenizer.ggml.tokens": None}, "missing metadata key tokenizer.ggml.tokens"),
+    ({"tokenizer.ggml.scores": None}, "missing metadata key tokenizer.ggml.scores"),
+    ({"tokenizer.ggml.scores": np.zeros(6, np.float32)}, "scores: expected 7 values .* \\(6,\\)"),
+    ({"tokenizer.ggml.token_type": [1, 1]}, "token_type: expected 7 values"),
+    ({"tokenizer.ggml.token_type": [2, 3, 3, 1, 1, 1, 9]}, "token 6: token type must be 0..6"),
+    ({"tokenizer.ggml.token_type": [2, 3, 3, 1, 6, 1, 6]}, "token 4 is a byte token .*'a'"),
+    ({"tokenizer.ggml.scores": ["x"] * 7}, "scores: expected float32 values"),
+    ({"tokenizer.ggml.bos_token_id": 7}, "bos_token_id must be a token id in \\[0, 7\\), found 7"),
+    ({"tokenizer.ggml.eos_token_id": -1}, "eos_token_id .* found -1"),
+    ({"tokenizer.ggml.unknown_token_id": "0"}, "unknown_token_id .* found '0'"),
+    ({"tokenizer.ggml.tokens": ["a", 5]}, "tokens\\[1\\]: expected a string"),
+])
+def test_gguf_metadata_errors(changes, match):
+    with pytest.raises(FormatError, match=match) as info:
+        Tokenizer.from_gguf_metadata(_meta(**changes), "model.gguf")
+    assert "model.gguf" in str(info.value)

@@ -30,10 +30,10 @@ def check_abi(lib):
 check_abi(_core.lib)
 
 from .formats import load  # noqa: E402
-from .llama import Llama  # noqa: E402
+from .llama import Llama, load_tokenizer  # noqa: E402
 from .tokenizer import Tokenizer  # noqa: E402
 
-__all__ = ["Llama", "Tokenizer", "load", "FormatError", "ParameterError", "PyllamaError",
+__all__ = ["Llama", "Tokenizer", "load", "load_tokenizer", "FormatError", "ParameterError", "PyllamaError",
            "TokenizerError", "__version__", "build_info"]
 
 

@@ -3,8 +3,8 @@ import os
 
 import numpy as np
 
-from .errors import ParameterError, TokenizerError
-from .formats import load
+from .errors import FormatError, ParameterError, TokenizerError
+from .formats import GGUF_MAGIC, load, open_map
 from .generate import generate_tokens, make_sampler, resolve_steps, stream_text
 from .model import Transformer
 from .tokenizer import Tokenizer
@@ -21,11 +21,28 @@ def find_tokenizer(model_path):
     return None
 
 
+def load_tokenizer(path, vocab_size=None):
+    """A Tokenizer from a GGUF file (its embedded vocabulary; vocab-only files too) or from a
+    llama2.c tokenizer.bin (which does not store its size: give the model's vocab_size)."""
+    path = os.fspath(path)
+    mm = open_map(path)
+    if bytes(mm[:4]) == GGUF_MAGIC:
+        from .formats.gguf import read_gguf
+        tok = read_gguf(path, mm).tokenizer
+        if tok is None:
+            raise FormatError(f"{path}: this GGUF file has no tokenizer (tokenizer.ggml.model)")
+        return tok
+    if vocab_size is None:
+        raise TokenizerError(f"{path}: a llama2.c tokenizer.bin does not store its size; "
+                             f"pass the model's vocab_size")
+    return Tokenizer.from_llama2c(path, vocab_size)
+
+
 class Llama:
     """A loaded model: forward pass, tokenizer and sampler.
 
     path       a llama2.c .bin (legacy, V1, V2) or a GGUF file
-    tokenizer  a llama2.c tokenizer.bin path, a Tokenizer, or None: the file's own tokenizer
+    tokenizer  a tokenizer.bin or GGUF path, a Tokenizer, or None: the file's own tokenizer
                (GGUF), else tokenizer.bin beside the model or in the working directory, else none
                (logits-only use; tokenize() then raises TokenizerError)
     threads    OpenMP threads for the C core (default: all cores available to this process)
@@ -38,6 +55,9 @@ class Llama:
     def __init__(self, path, tokenizer=None, threads=None, n_ctx=None):
         self.path = os.fspath(path)
         self.file = load(self.path)
+        if not self.file.has_weights:
+            raise FormatError(f"{self.path}: a vocab-only GGUF holds no weights to run; load its "
+                              f"tokenizer with pyllama.load_tokenizer(path)")
         self._model = Transformer(self.file, n_ctx=n_ctx, threads=threads)
         self.tokenizer = self._resolve_tokenizer(tokenizer)
         for key in CONFIG_ATTRS:
@@ -47,12 +67,12 @@ class Llama:
         if isinstance(tokenizer, Tokenizer):
             tok = tokenizer
         elif tokenizer is not None:
-            tok = Tokenizer.from_llama2c(os.fspath(tokenizer), self.file.config["vocab_size"])
+            tok = load_tokenizer(tokenizer, self.file.config["vocab_size"])
         elif self.file.tokenizer is not None:
             tok = self.file.tokenizer
         else:
             found = find_tokenizer(self.path)
-            tok = Tokenizer.from_llama2c(found, self.file.config["vocab_size"]) if found else None
+            tok = load_tokenizer(found, self.file.config["vocab_size"]) if found else None
         if tok is not None and tok.vocab_size < self.file.config["vocab_size"]:
             raise TokenizerError(f"the tokenizer has {tok.vocab_size} tokens, fewer than the "
                                  f"model's vocabulary of {self.file.config['vocab_size']}")

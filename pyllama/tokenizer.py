@@ -37,8 +37,6 @@ from .errors import FormatError, ParameterError, TokenizerError
 
 # GGUF token types (llama.cpp's llama_token_type); 0 "undefined" is treated as normal.
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
-TOKEN_TYPES = {0: "undefined", NORMAL: "normal", UNKNOWN: "unknown", CONTROL: "control",
-               USER_DEFINED: "user-defined", UNUSED: "unused", BYTE: "byte"}
 _MERGEABLE = (0, NORMAL, USER_DEFINED, UNUSED)  # pieces BPE may produce (SentencePiece's pieces_)
 
 GGUF_KEYS = {  # metadata key -> default (None = required)
@@ -55,7 +53,7 @@ GGUF_KEYS = {  # metadata key -> default (None = required)
 
 _BYTE_PIECE = re.compile(rb"<0x([0-9A-Fa-f]{2})>\Z")
 _SPM_SPACE = "\u2581"                  # SentencePiece's visible space "▁"
-_UNK_SURFACE = " \u2047 ".encode()     # what SentencePiece's decode prints for <unk>
+_UNK_SURFACE = " \u2047 "              # what SentencePiece's decode prints for <unk>
 _WORD = re.compile(r"[^ ]+| +[^ ]*")   # words: cut before a space that follows a non-space
 _CROSSES_WORD = re.compile(r"[^ ] ")   # a piece containing this could span a cut
 _PRINTABLE = frozenset(range(0x20, 0x7F)) | frozenset(b"\t\n\v\f\r")  # C isprint || isspace
@@ -76,7 +74,8 @@ class Tokenizer:
             raise FormatError(f"{source}: empty vocabulary")
         for i, p in enumerate(pieces):
             if not isinstance(p, bytes):
-                raise FormatError(f"{source}: token {i}: piece must be bytes, found {type(p).__name__}")
+                raise FormatError(f"{source}: token {i}: piece must be bytes, "
+                                  f"found {type(p).__name__}")
         self._pieces = list(pieces)
         self.scores = _vector(scores, n, np.float32, "scores", source)
         for name, v in (("bos_id", bos_id), ("eos_id", eos_id), ("unk_id", unk_id)):
@@ -84,6 +83,8 @@ class Tokenizer:
                 raise FormatError(f"{source}: {name} must be a token id in [0, {n}), found {v!r}")
         self.bos_id, self.eos_id, self.unk_id = int(bos_id), int(eos_id), int(unk_id)
         self.add_bos, self.add_space_prefix = bool(add_bos), bool(add_space_prefix)
+        # llama2.c prints control pieces as text ("\n</s>\n"); GGUF runners print nothing
+        self.prints_control = token_types is None
         if token_types is None:  # llama2.c's tokenizer.bin: infer what SentencePiece stored
             types = [BYTE if _BYTE_PIECE.match(p) else NORMAL for p in self._pieces]
             types[self.unk_id] = UNKNOWN
@@ -133,7 +134,8 @@ class Tokenizer:
         path = os.fspath(path)
         if isinstance(vocab_size, bool) or not isinstance(vocab_size, (int, np.integer)) \
                 or vocab_size < 1:
-            raise ParameterError(f"{path}: vocab_size must be a positive integer, found {vocab_size!r}")
+            raise ParameterError(f"{path}: vocab_size must be a positive integer, "
+                                 f"found {vocab_size!r}")
         try:
             with open(path, "rb") as f:
                 data = f.read()
@@ -173,8 +175,8 @@ class Tokenizer:
             v[key] = meta.get(key, default)
         model = v["tokenizer.ggml.model"]
         if model != "llama":
-            raise FormatError(f"{source}: unsupported tokenizer model {model!r} "
-                              f"(tokenizer.ggml.model): only 'llama' (SentencePiece BPE) is supported")
+            raise FormatError(f"{source}: unsupported tokenizer model {model!r} (tokenizer.ggml."
+                              f"model): only 'llama' (SentencePiece BPE) is supported")
         pieces = []
         for i, t in enumerate(v["tokenizer.ggml.tokens"]):
             if isinstance(t, str):
@@ -187,12 +189,12 @@ class Tokenizer:
         ids = []
         for key in ("bos_token_id", "eos_token_id", "unknown_token_id"):
             x = v["tokenizer.ggml." + key]
-            if isinstance(x, bool) or not isinstance(x, (int, np.integer)) or not 0 <= x < len(pieces):
+            if isinstance(x, bool) or not isinstance(x, (int, np.integer)) \
+                    or not 0 <= x < len(pieces):
                 raise FormatError(f"{source}: tokenizer.ggml.{key} must be a token id in "
                                   f"[0, {len(pieces)}), found {x!r}")
             ids.append(int(x))
-        return cls(pieces, _array(v["tokenizer.ggml.scores"], "tokenizer.ggml.scores", source),
-                   _array(types, "tokenizer.ggml.token_type", source) if len(types) else None,
+        return cls(pieces, v["tokenizer.ggml.scores"], types if len(types) else None,
                    *ids, add_bos=bool(v["tokenizer.ggml.add_bos_token"]),
                    add_space_prefix=bool(v["tokenizer.ggml.add_space_prefix"]), source=source)
 
@@ -270,7 +272,7 @@ class Tokenizer:
         return out
 
     def _initial_symbols(self, text: str):
-        """Symbol starts: one per code point, or a whole user-defined piece (frozen: never merged)."""
+        """Symbol starts: one per code point or user-defined piece (frozen: never merged)."""
         if not self._user_defined:
             return list(range(len(text))), None
         starts, frozen, i = [], set(), 0
@@ -306,12 +308,17 @@ class Tokenizer:
                 raise TokenizerError(f"token id {bad} out of range [0, {self.vocab_size}) "
                                      f"of {self.source}")
             return ids.tolist()
-        return [self._check_id(i) for i in ids]
+        try:
+            return [self._check_id(i) for i in ids]
+        except TypeError:
+            raise TokenizerError(f"token ids must be an iterable of ints, found "
+                                 f"{type(ids).__name__}") from None
 
     def ids_valid(self, ids: Iterable) -> bool:
+        """Whether every id in ``ids`` is an int in [0, vocab_size)."""
         try:
             self.check_ids(ids)
-        except (TokenizerError, TypeError):
+        except TokenizerError:
             return False
         return True
 
@@ -323,13 +330,15 @@ class Tokenizer:
         except TypeError:
             raise TokenizerError(f"token id {tid!r} is not an integer") from None
         if not 0 <= v < len(self._pieces):
-            raise TokenizerError(f"token id {v} out of range [0, {len(self._pieces)}) of {self.source}")
+            raise TokenizerError(f"token id {v} out of range [0, {len(self._pieces)}) "
+                                 f"of {self.source}")
         return v
 
     def decode_piece(self, prev_id, tid) -> bytes:
         """llama2.c's decode(): the bytes of ``tid`` following ``prev_id``.
 
-        After BOS a leading space is dropped; ``<0xXX>`` gives its raw byte; control tokens give b"".
+        After BOS a leading space is dropped; ``<0xXX>`` gives its raw byte; control tokens (BOS,
+        EOS) give b"".
         """
         tid = self._check_id(tid)
         t = self._types[tid]
@@ -343,30 +352,41 @@ class Tokenizer:
         return piece
 
     def safe_piece(self, prev_id, tid) -> bytes:
-        """What llama2.c's safe_printf(decode(...)) prints: cut at NUL, lone unprintable byte → b""."""
-        piece = self.decode_piece(prev_id, tid).split(b"\0", 1)[0]
+        """What llama2.c's safe_printf(decode(...)) prints: cut at a NUL; b"" for a single byte
+        that is neither printable ASCII nor whitespace; for a tokenizer.bin, control tokens print
+        their piece (EOS is "\n</s>\n"), as in llama2.c."""
+        if self.prints_control and self._types[self._check_id(tid)] == CONTROL:
+            piece = self._pieces[tid]  # llama2.c's decode() has no notion of control tokens
+        else:
+            piece = self.decode_piece(prev_id, tid)
+        piece = piece.split(b"\0", 1)[0]
         if len(piece) == 1 and piece[0] not in _PRINTABLE:
             return b""
         return piece
 
     def decode(self, ids: Iterable) -> str:
         """Text of ``ids``, as SentencePiece's DecodeIds gives it (see the module docstring)."""
-        out, strip = bytearray(), True
+        parts, run, strip = [], bytearray(), True
         for tid in self.check_ids(ids):
             t = self._types[tid]
+            if t == BYTE:
+                run.append(self._byte_value[tid])
+                strip = False
+                continue
+            if run:  # SentencePiece decodes each run of byte tokens on its own
+                parts.append(_utf8(run))
+                run.clear()
             if t == CONTROL:
                 continue
-            if t == BYTE:
-                out.append(self._byte_value[tid])
-            elif t == UNKNOWN:
-                out += _UNK_SURFACE
+            if t == UNKNOWN:
+                parts.append(_UNK_SURFACE)
             else:
                 piece = self._pieces[tid]
-                out += piece[1:] if strip and piece[:1] == b" " else piece
+                parts.append(_utf8(piece[1:] if strip and piece[:1] == b" " else piece))
             strip = False
-        # Each byte that does not start a valid UTF-8 sequence becomes one U+FFFD, as in
-        # SentencePiece (Python's errors="replace" would merge some runs into one).
-        return out.decode("utf-8", "surrogateescape").translate(_ESCAPED_TO_FFFD)
+        if run:
+            parts.append(_utf8(run))
+        return "".join(parts)
 
 
 # ---------------------------------------------------------------------- helpers
@@ -388,16 +408,18 @@ def _as_text(text) -> str:
     return text
 
 
-def _array(values, key: str, source: str) -> np.ndarray:
-    try:
-        return np.asarray(values)
-    except (TypeError, ValueError) as e:
-        raise FormatError(f"{source}: {key}: expected a numeric array ({e})") from None
+def _utf8(data) -> str:
+    """Decode UTF-8 as SentencePiece does: each byte that does not start a valid sequence becomes
+    one U+FFFD (Python's errors="replace" would turn some multi-byte runs into a single one)."""
+    return bytes(data).decode("utf-8", "surrogateescape").translate(_ESCAPED_TO_FFFD)
 
 
 def _vector(values, n: int, dtype, name: str, source: str) -> np.ndarray:
     """``values`` as a 1-D array of ``n`` numbers of ``dtype``, else FormatError."""
-    a = np.asarray(values)
+    try:
+        a = np.asarray(values)
+    except (TypeError, ValueError) as e:
+        raise FormatError(f"{source}: {name}: expected {n} numbers ({e})") from None
     if a.ndim != 1 or len(a) != n:
         raise FormatError(f"{source}: {name}: expected {n} values (one per token), "
                           f"found shape {a.shape}")

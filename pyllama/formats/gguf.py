@@ -1,7 +1,10 @@
 """GGUF reader (versions 2 and 3): one read-only np.memmap, header parsed from bounded slices.
 
-    read_gguf(path, tokenizer=True) -> ModelFile      a llama model (or a vocab-only file, below)
-    read_metadata(path) -> (version, metadata, [TensorInfo])   structure only, for `pyllama info`
+    read_gguf(path, mm=None, tokenizer=True) -> ModelFile   a llama model (or vocab-only, below)
+    read_metadata(path, mm=None) -> (version, metadata, [TensorInfo])   structure only
+
+`mm` is the file's map when the caller already made one (formats.load does); otherwise it is made
+here.
 
 Every length and count is checked against the bytes that remain BEFORE anything is sliced or
 allocated, so a hostile file ends in FormatError (naming file, field/offset, expected vs found) —
@@ -27,6 +30,7 @@ from collections import namedtuple
 
 import numpy as np
 
+from .common import CONFIG_KEYS as CONFIG_ORDER
 from .common import F32, LAYER_TENSORS, Q8_G, TYPES, ModelFile, Tensor, check_config, fail
 
 MAGIC = b"GGUF"
@@ -112,13 +116,14 @@ class _Cursor:
     def string(self, what):
         start = self.pos
         n = self.scalar("<Q", 8, f"{what}: string length")
-        self.need(n, f"{what}: string of {n} bytes")
+        self.need(n, f"{what}: string")
         raw = self.mv[self.pos:self.pos + n]
         self.pos += n
         try:
             return str(raw, "utf-8")
         except UnicodeDecodeError as e:
-            fail(self.path, f"{what} at offset {start}: invalid UTF-8 ({e.reason} at byte {e.start})")
+            fail(self.path, f"{what} at offset {start}: invalid UTF-8 ({e.reason} at byte "
+                            f"{e.start})")
 
     def value(self, vtype, key, depth=0):
         if vtype not in VALUE_TYPES:
@@ -179,8 +184,8 @@ class _Cursor:
                 n = unpack(mv, p)[0]
                 p += 8
                 if n > size - p:
-                    fail(self.path, f"metadata '{key}'[{i}] at offset {p - 8}: string of {n} bytes, "
-                                    f"only {size - p} remain")
+                    fail(self.path, f"metadata '{key}'[{i}] at offset {p - 8}: string of {n} "
+                                    f"bytes, only {size - p} remain")
                 out[i] = str(mv[p:p + n], "utf-8")
                 p += n
         except UnicodeDecodeError as e:
@@ -252,7 +257,7 @@ def _parse(path, mm):
             fail(path, f"tensor '{name}' at offset {c.pos}: negative dimension in {list(ne)}")
         c.pos += 8 * n_dims
         ttype = c.scalar("<i", 4, f"tensor '{name}': type")
-        offset = c.scalar("<Q", 8, f"tensor '{name}': offset")
+        offset = c.scalar("<Q", 8, f"tensor '{name}': data offset")
         infos.append((name, ttype, ne, offset, at))
 
     data_start = -(-c.pos // alignment) * alignment
@@ -260,7 +265,8 @@ def _parse(path, mm):
     for name, ttype, ne, offset, at in infos:
         tname, block, bsize = GGML_TYPES.get(ttype, (None, None, None))
         if bsize is None:
-            what = f"type {tname} ({ttype}), removed from ggml" if tname else f"unknown type {ttype}"
+            what = (f"type {tname} ({ttype}), removed from ggml" if tname
+                    else f"unknown type {ttype}")
             fail(path, f"tensor '{name}' (info at offset {at}) has {what}, "
                        f"which pyllama does not support")
         if ne[0] % block:
@@ -286,14 +292,15 @@ def _parse(path, mm):
     return version, meta, out
 
 
-def read_metadata(path):
+def read_metadata(path, mm=None):
     """(version, metadata dict, list of TensorInfo) — the structural checks, no llama semantics."""
     path = os.fspath(path)
-    return _parse(path, _map(path))
+    return _parse(path, _map(path) if mm is None else mm)
 
 
 def _number(path, key, v, kind):
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or (kind is int and isinstance(v, float)):
+    if (isinstance(v, bool) or not isinstance(v, (int, float))
+            or (kind is int and isinstance(v, float))):
         found = type(v).__name__ if not isinstance(v, np.ndarray) else "array"
         fail(path, f"metadata '{key}': expected {'an integer' if kind is int else 'a number'}, "
                    f"found {found} {v!r:.60}")
@@ -330,7 +337,9 @@ def _config(path, meta, infos):
     if sources:
         cfg["vocab_size"] = sources[0][1]
     elif has_weights:
-        fail(path, "no vocab size: none of llama.vocab_size, token_embd.weight, tokenizer.ggml.tokens")
+        fail(path, "no vocab size: none of llama.vocab_size, token_embd.weight, "
+                   "tokenizer.ggml.tokens is present")
+    cfg = {k: cfg[k] for k in CONFIG_ORDER if k in cfg}
     if has_weights:
         check_config(path, cfg)
         rot = meta.get("llama.rope.dimension_count")
@@ -346,7 +355,8 @@ def _check_llama(path, meta):
     if arch is None:
         fail(path, "missing metadata key 'general.architecture'")
     if arch != "llama":
-        fail(path, f"unsupported architecture {arch!r} (general.architecture): pyllama runs 'llama'")
+        fail(path, f"unsupported architecture {arch!r} (general.architecture): pyllama runs "
+                   f"'llama'")
     experts = meta.get("llama.expert_count", 0)
     if _number(path, "llama.expert_count", experts, int) > 0:
         fail(path, f"llama.expert_count = {experts}: mixture-of-experts models are not supported")
@@ -410,10 +420,11 @@ def _bind(path, mm, cfg, infos):
     return tensors
 
 
-def read_gguf(path, tokenizer=True):
+def read_gguf(path, mm=None, tokenizer=True):
     """Read a llama GGUF file; `tokenizer=False` skips building the Tokenizer from the metadata."""
     path = os.fspath(path)
-    mm = _map(path)
+    if mm is None:
+        mm = _map(path)
     version, meta, infos = _parse(path, mm)
     _check_llama(path, meta)
     cfg = _config(path, meta, infos)

@@ -10,7 +10,7 @@ import numpy as np
 
 from ._core import ffi, lib
 from .errors import ParameterError
-from .formats.common import F32, Q8_G
+from .formats.common import F32, MAX_SEQ, Q8_G
 
 MAX_THREADS = 1024
 
@@ -55,8 +55,11 @@ class Transformer:
         seq_len = cfg["seq_len"]
         if n_ctx is None:
             n_ctx = seq_len
-        if isinstance(n_ctx, bool) or not isinstance(n_ctx, (int, np.integer)) or not 1 <= n_ctx <= seq_len:
-            raise ParameterError(f"context: expected 1..{seq_len} (the model's seq_len), found {n_ctx!r}")
+        # beyond the trained seq_len is allowed when asked for (as llama.cpp's -c): RoPE extends,
+        # quality may not
+        if isinstance(n_ctx, bool) or not isinstance(n_ctx, (int, np.integer)) or not 1 <= n_ctx <= MAX_SEQ:
+            raise ParameterError(f"context: expected 1..{MAX_SEQ} positions (the model's seq_len is "
+                                 f"{seq_len}), found {n_ctx!r}")
         self.n_ctx = int(n_ctx)
         self._keep = []
         self._lock = threading.Lock()

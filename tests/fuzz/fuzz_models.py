@@ -1,0 +1,956 @@
+#!/usr/bin/env python3
+"""Seeded mutation fuzzer for pyllama's file readers (llama2.c .bin, GGUF, tokenizer.bin).
+
+    python tests/fuzz/fuzz_models.py --count 2000 --seed 1 --out build/fuzz
+    python tests/fuzz/fuzz_models.py --seed 1 --case 1234        # replay one case, in-process
+    python tests/fuzz/fuzz_models.py --replay FILE [--tokenizer]  # replay a saved file
+
+Seeds are small VALID files written here (shared/FORMATS.md): legacy .bin (shared and unshared
+classifier), V1, V2 (int8, group 16), GGUF v3/v2 in F32, F16, BF16, Q8_0, Q4_0, Q4_K, Q6_K and a
+mix (with `tokenizer.ggml.*` metadata, model "llama"), a vocab-only GGUF and a tokenizer.bin.
+Case i of seed S is fully determined by (S, i): it picks a seed file and applies 1-4 mutations
+(bit flips, byte sets, truncation, appended junk, known header/length/count fields and random
+aligned words set to 0, -1, 0xFFFFFFFF, 2^63, huge or small values, chunk swaps, duplications,
+deletions, insertions, splices from another seed).
+
+Each mutated model is opened with `pyllama.Llama(path, tokenizer=..., threads=1)`; when it loads,
+2 tokens of `logits` and 2 tokens of `generate(temperature=0.8)` run. A mutated tokenizer.bin goes
+through `Tokenizer.from_llama2c(path, vocab)`, encode/decode, and generation with a valid model.
+Accepted outcomes: success, a pyllama.PyllamaError, or a MemoryError whose message names bytes
+(pyllama's documented refusal of an absurd KV cache). Failures:
+  unexpected  any other exception (file + traceback saved under --out)
+  hang        a case running longer than 10 s (SIGALRM; or killed by the supervisor at 30 s)
+  crash       the worker process dying (signal, ASan/UBSan abort, os._exit)
+The cases run in-process in a worker child; this script supervises it, saves the file a crash
+happened on, and restarts the worker after it. Exit status 0 iff there was no failure. The last
+line is the summary:
+  fuzz: 2000 inputs, 0 crashes, 0 hangs, 0 unexpected exceptions (1234 rejected with FormatError, ...)
+"""
+import argparse
+import faulthandler
+import io
+import os
+import random
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+import warnings
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+HANG_SECONDS = 10          # per case, raised in the worker by SIGALRM
+HARD_TIMEOUT = HANG_SECONDS + 20  # supervisor: no word from the worker for this long -> kill
+MAX_CRASHES = 25           # the supervisor gives up after this many worker deaths
+VOCAB = 300
+TOKENIZER_SHARE = 0.12     # fraction of cases that mutate tokenizer.bin
+
+# ---------------------------------------------------------------------------------------------
+# Seed files
+# ---------------------------------------------------------------------------------------------
+# A seed: name, kind ("model" or "tokenizer"), bytes, known integer fields
+# [(offset, width, signed, label)], and header_end (where the bulk weight data starts; most
+# mutations land before it).
+
+
+class Seed:
+    def __init__(self, name, kind, data, fields, header_end):
+        self.name, self.kind, self.data = name, kind, bytes(data)
+        self.fields, self.header_end = fields, min(header_end, len(data))
+        self.ext = ".gguf" if self.data[:4] == b"GGUF" else ".bin"
+
+
+WORDS = ["Once", "upon", "a", "time", "there", "was", "little", "girl", "hi", "the", "cat",
+         "sat", "on", "mat", "and", "she", "said"]
+
+
+def vocab_pieces():
+    """<unk>, BOS, EOS, 256 byte tokens, then characters, merges and words up to VOCAB pieces."""
+    pieces = [b"<unk>", b"\n<s>\n", b"\n</s>\n"] + [b"<0x%02X>" % b for b in range(256)]
+    extra = []
+    for w in WORDS:
+        for piece in [c for c in w] + [w[:2], w, " " + w]:
+            if piece.encode() not in extra:
+                extra.append(piece.encode())
+    extra = [b" "] + extra
+    pieces += extra[:VOCAB - len(pieces)]
+    i = 0
+    while len(pieces) < VOCAB:
+        pieces.append(b"x%d" % i)
+        i += 1
+    return pieces
+
+
+def scores_of(pieces):
+    return [0.0 if i < 259 else -float(i - 259) for i in range(len(pieces))]
+
+
+def tokenizer_seed():
+    pieces = vocab_pieces()
+    out = [struct.pack("<I", max(len(p) for p in pieces))]
+    fields = [(0, 4, False, "max_token_length")]
+    off = 4
+    for i, (p, s) in enumerate(zip(pieces, scores_of(pieces))):
+        out.append(struct.pack("<fI", s, len(p)) + p)
+        fields.append((off + 4, 4, False, f"token {i} length"))
+        if i % 25 == 0:
+            fields.append((off, 4, False, f"token {i} score"))
+        off += 8 + len(p)
+    data = b"".join(out)
+    return Seed("tokenizer.bin", "tokenizer", data, fields, len(data))
+
+
+BIN_CFG = dict(dim=16, hidden=32, layers=2, heads=2, kv_heads=1, vocab=VOCAB, seq=16)
+
+
+def _floats(rng, n, scale=0.3):
+    return (rng.standard_normal(n) * scale).astype("<f4")
+
+
+def legacy_seed(shared, rng):
+    c = BIN_CFG
+    d, h, L, v = c["dim"], c["hidden"], c["layers"], c["vocab"]
+    hs = d // c["heads"]
+    kv = hs * c["kv_heads"]
+    parts = [_floats(rng, v * d), np.ones(L * d, "<f4"),
+             _floats(rng, L * d * d), _floats(rng, L * kv * d), _floats(rng, L * kv * d),
+             _floats(rng, L * d * d), np.ones(L * d, "<f4"),
+             _floats(rng, L * h * d), _floats(rng, L * d * h), _floats(rng, L * h * d),
+             np.ones(d, "<f4"), _floats(rng, c["seq"] * hs)]  # + two half RoPE tables
+    if not shared:
+        parts.append(_floats(rng, v * d))
+    hdr = struct.pack("<7i", d, h, L, c["heads"], c["kv_heads"], v if shared else -v, c["seq"])
+    fields = [(4 * k, 4, True, name) for k, name in enumerate(
+        ("dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "seq_len"))]
+    name = "legacy-shared.bin" if shared else "legacy-unshared.bin"
+    return Seed(name, "model", hdr + b"".join(p.tobytes() for p in parts), fields, 28 + 64)
+
+
+def _v1v2_header(version, shared, group=None):
+    c = BIN_CFG
+    hdr = struct.pack("<Ii7iB", 0x616B3432, version, c["dim"], c["hidden"], c["layers"],
+                      c["heads"], c["kv_heads"], c["vocab"], c["seq"], int(shared))
+    if group is not None:
+        hdr += struct.pack("<i", group)
+    fields = [(0, 4, False, "magic"), (4, 4, True, "version")]
+    fields += [(8 + 4 * k, 4, True, name) for k, name in enumerate(
+        ("dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "seq_len"))]
+    fields.append((36, 1, False, "shared_classifier"))
+    if group is not None:
+        fields.append((37, 4, True, "group_size"))
+    return hdr + b"\0" * (256 - len(hdr)), fields
+
+
+def _bin_matrices():
+    c = BIN_CFG
+    d, h, v = c["dim"], c["hidden"], c["vocab"]
+    kv = d // c["heads"] * c["kv_heads"]
+    return [(d, d), (kv, d), (kv, d), (d, d), (h, d), (d, h), (h, d)], v
+
+
+def v1_seed(shared, rng):
+    c = BIN_CFG
+    d, L = c["dim"], c["layers"]
+    mats, v = _bin_matrices()
+    hdr, fields = _v1v2_header(1, shared)
+    parts = [np.ones(2 * L * d + d, "<f4"), _floats(rng, v * d)]
+    parts += [_floats(rng, L * r * k) for r, k in mats]
+    if not shared:
+        parts.append(_floats(rng, v * d))
+    return Seed("v1-shared.bin" if shared else "v1-unshared.bin", "model",
+                hdr + b"".join(p.tobytes() for p in parts), fields, 256 + 64)
+
+
+def _q8_group(w, gs):
+    g = w.reshape(-1, gs)
+    scale = np.abs(g).max(axis=1) / 127.0
+    scale[scale == 0] = 1.0
+    q = np.round(g / scale[:, None]).astype(np.int8)
+    return q.tobytes() + scale.astype("<f4").tobytes()
+
+
+def v2_seed(shared, rng, gs=16):
+    c = BIN_CFG
+    d, L = c["dim"], c["layers"]
+    mats, v = _bin_matrices()
+    hdr, fields = _v1v2_header(2, shared, gs)
+    out = [hdr, np.ones(2 * L * d + d, "<f4").tobytes(), _q8_group(_floats(rng, v * d), gs)]
+    for r, k in mats:
+        out += [_q8_group(_floats(rng, r * k), gs) for _ in range(L)]
+    if not shared:
+        out.append(_q8_group(_floats(rng, v * d), gs))
+    return Seed("v2-shared.bin" if shared else "v2-unshared.bin", "model", b"".join(out),
+                fields, 256 + 64)
+
+
+# -- GGUF ------------------------------------------------------------------------------------
+
+def _f16(x):
+    return np.array([x], "<f2").tobytes()
+
+
+def _kquant_blocks(rng, rows, cols, qtype):
+    """Random K-quant blocks with small finite f16 scales (gguf-py cannot quantize them)."""
+    from gguf import GGMLQuantizationType as GT
+    n = rows * cols // 256
+    size = 144 if qtype == GT.Q4_K else 210
+    raw = rng.integers(0, 256, (n, size), dtype=np.uint8)
+    if qtype == GT.Q4_K:  # d, dmin at 0 and 2
+        raw[:, 0:2] = np.frombuffer(_f16(0.01), np.uint8)
+        raw[:, 2:4] = np.frombuffer(_f16(0.005), np.uint8)
+    else:                 # int8 scales at 192..207, d at 208
+        raw[:, 192:208] = rng.integers(-8, 8, (n, 16), dtype=np.int8).view(np.uint8)
+        raw[:, 208:210] = np.frombuffer(_f16(0.01), np.uint8)
+    return raw.reshape(rows, cols // 256 * size)
+
+
+def write_gguf(path, rng, cfg, wtype, tied=False, per_tensor=None, tokens=True, tensors=True,
+               alignment=None):
+    import gguf
+    from gguf import GGMLQuantizationType as GT
+    d, h, L, v = cfg["dim"], cfg["hidden"], cfg["layers"], cfg["vocab"]
+    kv = d // cfg["heads"] * cfg["kv_heads"]
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_context_length(cfg["seq"])
+    w.add_embedding_length(d)
+    w.add_block_count(L)
+    w.add_feed_forward_length(h)
+    w.add_head_count(cfg["heads"])
+    w.add_head_count_kv(cfg["kv_heads"])
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_rope_freq_base(10000.0)
+    w.add_rope_dimension_count(d // cfg["heads"])
+    w.add_file_type(int(wtype))
+    if alignment:
+        w.add_custom_alignment(alignment)
+    if tokens:
+        pieces = vocab_pieces()[:v]
+        text = []
+        types = []
+        for i, p in enumerate(pieces):
+            if i == 1:
+                p, t = b"<s>", 3
+            elif i == 2:
+                p, t = b"</s>", 3
+            elif i == 0:
+                t = 2
+            elif 3 <= i < 259:
+                t = 6
+            else:
+                t = 1
+            text.append(p.decode().replace(" ", "\u2581"))
+            types.append(t)
+        w.add_tokenizer_model("llama")
+        w.add_token_list(text)
+        w.add_token_scores(scores_of(pieces))
+        w.add_token_types(types)
+        w.add_bos_token_id(1)
+        w.add_eos_token_id(2)
+        w.add_unk_token_id(0)
+        w.add_add_bos_token(True)
+        w.add_add_space_prefix(True)
+    if tensors:
+        specs = [("token_embd.weight", (v, d)), ("output_norm.weight", (d,))]
+        if not tied:
+            specs.append(("output.weight", (v, d)))
+        for i in range(L):
+            specs += [(f"blk.{i}.attn_norm.weight", (d,)), (f"blk.{i}.attn_q.weight", (d, d)),
+                      (f"blk.{i}.attn_k.weight", (kv, d)), (f"blk.{i}.attn_v.weight", (kv, d)),
+                      (f"blk.{i}.attn_output.weight", (d, d)), (f"blk.{i}.ffn_norm.weight", (d,)),
+                      (f"blk.{i}.ffn_gate.weight", (h, d)), (f"blk.{i}.ffn_down.weight", (d, h)),
+                      (f"blk.{i}.ffn_up.weight", (h, d))]
+        for name, shape in specs:
+            if len(shape) == 1:
+                w.add_tensor(name, np.ones(shape, np.float32))
+                continue
+            t = (per_tensor or {}).get(name.split(".")[-2], wtype)
+            x = (rng.standard_normal(shape) * 0.3).astype(np.float32)
+            if t == GT.F32:
+                w.add_tensor(name, x)
+            elif t == GT.F16:
+                w.add_tensor(name, x.astype(np.float16))
+            elif t in (GT.Q4_K, GT.Q6_K):
+                w.add_tensor(name, _kquant_blocks(rng, *shape, t), raw_dtype=t)
+            else:  # BF16, Q8_0, Q4_0: gguf-py quantizes them
+                w.add_tensor(name, gguf.quants.quantize(x, t), raw_dtype=t)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def gguf_fields(data):
+    """Walk a valid GGUF: the offsets of its counts, lengths, types, dims, offsets and scalar
+    values, and where the data section starts."""
+    fields = [(4, 4, False, "version"), (8, 8, False, "tensor count"), (16, 8, False, "kv count")]
+    n_t, n_kv = struct.unpack_from("<QQ", data, 8)
+    p, alignment = 24, 32
+    sizes = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+    signed = {1, 3, 5, 11}
+
+    def string(label, record=True):
+        nonlocal p
+        n = struct.unpack_from("<Q", data, p)[0]
+        if record:
+            fields.append((p, 8, False, label + " length"))
+        s = data[p + 8:p + 8 + n]
+        p += 8 + n
+        return s
+
+    def value(vt, label):
+        nonlocal p
+        if vt == 8:
+            return string(label)
+        if vt == 9:
+            et, count = struct.unpack_from("<iQ", data, p)
+            fields.extend([(p, 4, True, label + " element type"),
+                           (p + 4, 8, False, label + " count")])
+            p += 12
+            for k in range(count):
+                if et == 8:
+                    string(f"{label}[{k}]", record=k % 20 == 0)
+                elif et == 9:
+                    value(et, f"{label}[{k}]")
+                else:
+                    if k % 50 == 0:
+                        fields.append((p, sizes[et], et in signed, f"{label}[{k}]"))
+                    p += sizes[et]
+            return None
+        fields.append((p, sizes[vt], vt in signed, label))
+        v = struct.unpack_from({1: "<B", 2: "<H", 4: "<I", 8: "<Q"}[sizes[vt]], data, p)[0]
+        p += sizes[vt]
+        return v
+
+    for _ in range(n_kv):
+        key = string("key").decode()
+        fields.append((p, 4, True, f"'{key}' value type"))
+        vt = struct.unpack_from("<i", data, p)[0]
+        p += 4
+        v = value(vt, f"'{key}'")
+        if key == "general.alignment":
+            alignment = v
+    for _ in range(n_t):
+        name = string("tensor name").decode()
+        nd = struct.unpack_from("<I", data, p)[0]
+        fields.append((p, 4, False, f"{name} n_dims"))
+        p += 4
+        for k in range(nd):
+            fields.append((p, 8, True, f"{name} ne[{k}]"))
+            p += 8
+        fields += [(p, 4, True, f"{name} type"), (p + 4, 8, False, f"{name} offset")]
+        p += 12
+    return fields, -(-p // alignment) * alignment
+
+
+def gguf_seeds(rng, tmp):
+    from gguf import GGMLQuantizationType as GT
+    small = dict(dim=32, hidden=64, layers=2, heads=4, kv_heads=2, vocab=VOCAB, seq=16)
+    kq = dict(dim=256, hidden=256, layers=1, heads=4, kv_heads=2, vocab=VOCAB, seq=16)
+    specs = [
+        ("gguf-f32.gguf", small, GT.F32, dict(tied=True)),
+        ("gguf-f16.gguf", small, GT.F16, {}),
+        ("gguf-bf16.gguf", small, GT.BF16, dict(tied=True)),
+        ("gguf-q8_0.gguf", small, GT.Q8_0, {}),
+        ("gguf-q4_0.gguf", small, GT.Q4_0, dict(tied=True, alignment=64)),
+        ("gguf-q4_k.gguf", kq, GT.Q4_K, dict(tied=True)),
+        ("gguf-q6_k.gguf", kq, GT.Q6_K, {}),
+        ("gguf-q4_k_m.gguf", kq, GT.Q4_K, dict(per_tensor={"ffn_down": GT.Q6_K, "attn_v": GT.Q6_K,
+                                                           "output": GT.Q6_K})),
+        ("gguf-vocab-only.gguf", small, GT.F32, dict(tensors=False)),
+    ]
+    out = []
+    for name, cfg, wtype, kw in specs:
+        path = Path(tmp) / name
+        write_gguf(path, rng, cfg, wtype, **kw)
+        data = path.read_bytes()
+        fields, data_start = gguf_fields(data)
+        out.append(Seed(name, "model", data, fields, data_start))
+    # GGUFWriter writes v3; v2 differs only in the version field for this layout
+    v3 = out[0].data
+    out.append(Seed("gguf-v2-f32.gguf", "model", v3[:4] + struct.pack("<I", 2) + v3[8:],
+                    out[0].fields, out[0].header_end))
+    return out
+
+
+def make_seeds():
+    rng = np.random.default_rng(20240601)
+    seeds = [legacy_seed(True, rng), legacy_seed(False, rng), v1_seed(True, rng),
+             v1_seed(False, rng), v2_seed(True, rng), v2_seed(False, rng)]
+    with tempfile.TemporaryDirectory(prefix="pyllama-fuzz-seeds-") as tmp:
+        seeds += gguf_seeds(rng, tmp)
+    seeds.append(tokenizer_seed())
+    return seeds
+
+
+# ---------------------------------------------------------------------------------------------
+# Mutations
+# ---------------------------------------------------------------------------------------------
+SMALL = (0, 1, 2, 3, 4, 7, 8, 15, 16, 17, 31, 32, 63, 64, 255, 256, 257, 1000, 4096, 65535, 65536)
+INTERESTING = {
+    1: SMALL[:15] + (0x7F, 0x80, 0xFF),
+    2: SMALL + (0x7FFF, 0x8000, 0xFFFF),
+    4: SMALL + (0x7FFF, 0x8000, 0xFFFF, 1 << 20, 1 << 22, (1 << 22) + 1, 0x7FFFFFFF, 0x80000000,
+                0xFFFFFFFF, 0xFFFFFFFE, 0x40000000, 0x10000000),
+    8: SMALL + (0x7FFFFFFF, 0x80000000, 0xFFFFFFFF, 1 << 32, (1 << 32) + 1, 1 << 40, 1 << 48,
+                1 << 62, (1 << 63) - 1, 1 << 63, (1 << 64) - 1, (1 << 64) - 2, 0x7FFFFFFFFFFFFFFF),
+}
+
+
+def _pick_offset(rng, n, header_end, bias=0.75):
+    if n <= 0:
+        return 0
+    if header_end > 0 and rng.random() < bias:
+        return rng.randrange(min(header_end, n))
+    return rng.randrange(n)
+
+
+def _new_value(rng, old, width):
+    mask = (1 << (8 * width)) - 1
+    r = rng.random()
+    if r < 0.55:
+        v = rng.choice(INTERESTING[width])
+    elif r < 0.75:
+        v = old + rng.choice((-2, -1, 1, 2, 8, -8, 256, -256))
+    elif r < 0.85:
+        v = rng.choice((old * 2, old // 2, old * 16, old << 16, -old, old ^ (1 << 31)))
+    else:
+        v = rng.getrandbits(8 * width)
+    return v & mask
+
+
+def _set_int(buf, off, width, value):
+    if off + width <= len(buf):
+        buf[off:off + width] = (value & ((1 << (8 * width)) - 1)).to_bytes(width, "little")
+
+
+def _get_int(buf, off, width):
+    return int.from_bytes(buf[off:off + width], "little") if off + width <= len(buf) else 0
+
+
+def m_bitflip(rng, buf, seed, seeds):
+    for _ in range(rng.choice((1, 1, 2, 3, 8))):
+        off = _pick_offset(rng, len(buf), seed.header_end)
+        if buf:
+            buf[off] ^= 1 << rng.randrange(8)
+    return "bitflip"
+
+
+def m_byteset(rng, buf, seed, seeds):
+    for _ in range(rng.randint(1, 4)):
+        off = _pick_offset(rng, len(buf), seed.header_end)
+        if buf:
+            buf[off] = rng.choice((0, 0xFF, 0x7F, 0x80, 1, rng.randrange(256)))
+    return "byteset"
+
+
+def m_truncate(rng, buf, seed, seeds):
+    n = len(buf)
+    r = rng.random()
+    if r < 0.4:
+        cut = _pick_offset(rng, n, seed.header_end + 1, bias=1.0)
+    elif r < 0.6:
+        cut = max(0, n - rng.randint(1, 64))
+    else:
+        cut = rng.randrange(n + 1)
+    del buf[cut:]
+    return f"truncate@{cut}"
+
+
+def m_append(rng, buf, seed, seeds):
+    k = rng.choice((1, 3, 4, 32, 255, 4096))
+    junk = bytes(k) if rng.random() < 0.3 else rng.randbytes(k)
+    buf.extend(junk)
+    return f"append{k}"
+
+
+def m_field(rng, buf, seed, seeds):
+    if not seed.fields:
+        return m_aligned(rng, buf, seed, seeds)
+    off, width, _, label = rng.choice(seed.fields)
+    value = _new_value(rng, _get_int(buf, off, width), width)
+    _set_int(buf, off, width, value)
+    return f"field[{label}]={value:#x}"
+
+
+def m_aligned(rng, buf, seed, seeds):
+    width = rng.choice((4, 8))
+    limit = seed.header_end if rng.random() < 0.8 else len(buf)
+    if limit < width:
+        return "aligned-noop"
+    off = rng.randrange(0, limit - width + 1) // 4 * 4
+    value = _new_value(rng, _get_int(buf, off, width), width)
+    _set_int(buf, off, width, value)
+    return f"word@{off}={value:#x}"
+
+
+def _chunk(rng, buf, seed):
+    n = rng.choice((1, 2, 4, 8, 12, 16, 24, 64, 256))
+    off = _pick_offset(rng, max(0, len(buf) - n), seed.header_end)
+    return off, min(n, len(buf) - off)
+
+
+def m_swap(rng, buf, seed, seeds):
+    a, n = _chunk(rng, buf, seed)
+    b, m = _chunk(rng, buf, seed)
+    n = min(n, m)
+    if n <= 0 or a == b:
+        return "swap-noop"
+    if a > b:
+        a, b = b, a
+    if a + n > b:
+        n = b - a
+    x, y = bytes(buf[a:a + n]), bytes(buf[b:b + n])
+    buf[a:a + n], buf[b:b + n] = y, x
+    return f"swap{n}@{a},{b}"
+
+
+def m_duplicate(rng, buf, seed, seeds):
+    a, n = _chunk(rng, buf, seed)
+    chunk = bytes(buf[a:a + n])
+    b = _pick_offset(rng, len(buf), seed.header_end)
+    if rng.random() < 0.5:
+        buf[b:b] = chunk            # insert (shifts the rest)
+        return f"dup-insert{n}@{a}->{b}"
+    buf[b:b + n] = chunk            # overwrite
+    return f"dup-over{n}@{a}->{b}"
+
+
+def m_delete(rng, buf, seed, seeds):
+    a, n = _chunk(rng, buf, seed)
+    del buf[a:a + n]
+    return f"delete{n}@{a}"
+
+
+def m_insert(rng, buf, seed, seeds):
+    a = _pick_offset(rng, len(buf), seed.header_end)
+    k = rng.choice((1, 4, 8, 13))
+    buf[a:a] = rng.randbytes(k)
+    return f"insert{k}@{a}"
+
+
+def m_splice(rng, buf, seed, seeds):
+    other = rng.choice(seeds)
+    n = rng.choice((4, 16, 64, 256))
+    src = _pick_offset(rng, max(0, len(other.data) - n), other.header_end)
+    dst = _pick_offset(rng, len(buf), seed.header_end)
+    buf[dst:dst + n] = other.data[src:src + n]
+    return f"splice[{other.name}]{n}@{src}->{dst}"
+
+
+MUTATIONS = [(m_bitflip, 14), (m_byteset, 10), (m_truncate, 8), (m_append, 4), (m_field, 30),
+             (m_aligned, 12), (m_swap, 5), (m_duplicate, 5), (m_delete, 4), (m_insert, 4),
+             (m_splice, 4)]
+_MUT_FUNCS, _MUT_WEIGHTS = zip(*MUTATIONS)
+
+
+def make_case(seeds, seed, i):
+    """(Seed, mutated bytes, description) of case i: a pure function of (seed, i)."""
+    rng = random.Random(f"pyllama-fuzz:{seed}:{i}")
+    tokenizers = [s for s in seeds if s.kind == "tokenizer"]
+    models = [s for s in seeds if s.kind == "model"]
+    base = rng.choice(tokenizers if rng.random() < TOKENIZER_SHARE else models)
+    buf = bytearray(base.data)
+    steps = []
+    for _ in range(rng.choice((1, 1, 1, 2, 2, 3, 4))):
+        f = rng.choices(_MUT_FUNCS, _MUT_WEIGHTS)[0]
+        steps.append(f(rng, buf, base, seeds))
+    return base, bytes(buf), rng, " ".join(steps)
+
+
+# ---------------------------------------------------------------------------------------------
+# Running one case
+# ---------------------------------------------------------------------------------------------
+class Hang(BaseException):
+    """Raised by SIGALRM; a BaseException so that no `except Exception` in pyllama eats it."""
+
+
+def _inject(what):
+    """--selftest: make this case fail the way `what` says (to test the harness itself)."""
+    if what == "crash":
+        os.kill(os.getpid(), signal.SIGSEGV)
+    elif what == "exit":
+        os._exit(3)
+    elif what == "hang":
+        while True:
+            time.sleep(0.01)
+    elif what == "stuck":  # a hang SIGALRM cannot break (like a loop in C)
+        signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGALRM])
+        while True:
+            time.sleep(0.01)
+    elif what == "unexpected":
+        raise KeyError("self-test")
+    elif what == "memory":
+        raise MemoryError("Unable to allocate 8.00 GiB for an array")
+
+
+def _on_alarm(signum, frame):
+    raise Hang(f"case ran longer than {HANG_SECONDS} s")
+
+
+def exercise_model(pyllama, path, tok_path, gen_seed):
+    """Load, 2 teacher-forced logits, 2 generated tokens. Returns 'loaded' or raises."""
+    tok = tok_path if not path.endswith(".gguf") else None
+    m = pyllama.Llama(path, tokenizer=tok, threads=1)
+    try:
+        v = m.vocab_size
+        ids = [1 % v, 3 % v][:max(1, min(2, m.n_ctx))]
+        out = m.logits(ids)
+        assert out.shape == (len(ids), v), out.shape
+        n_prompt = len(m.tokenize("Once"))
+        text = "".join(m.generate("Once", steps=n_prompt + 2, temperature=0.8, seed=gen_seed))
+        assert isinstance(text, str)
+    finally:
+        m.close()
+    return "loaded"
+
+
+def exercise_tokenizer(pyllama, path, model_path, vocab, gen_seed):
+    tok = pyllama.Tokenizer.from_llama2c(path, vocab)
+    ids = tok.encode("Once upon a time, hi! \u00e9\u4e2d", bos=True, eos=True)
+    tok.decode(ids)
+    for prev, t in zip(ids, ids[1:]):
+        tok.safe_piece(prev, t)
+    m = pyllama.Llama(model_path, tokenizer=tok, threads=1)
+    try:
+        n_prompt = len(m.tokenize("Once"))
+        "".join(m.generate("Once", steps=n_prompt + 2, temperature=0.8, seed=gen_seed))
+    finally:
+        m.close()
+    return "loaded"
+
+
+def classify(pyllama, exc):
+    """('accepted', label) or ('unexpected', label)."""
+    if isinstance(exc, pyllama.PyllamaError):
+        return "accepted", type(exc).__name__
+    if type(exc) is MemoryError and "bytes" in str(exc):
+        return "accepted", "MemoryError"
+    return "unexpected", f"{type(exc).__name__}: {exc}"[:300]
+
+
+class Runner:
+    """Runs cases in this process (the worker, or a replay)."""
+
+    def __init__(self, out, seed, hang_seconds=HANG_SECONDS):
+        import pyllama  # retried by the caller if a concurrent rebuild makes it fail
+        self.pyllama, self.seed, self.hang_seconds = pyllama, seed, hang_seconds
+        self.inject = None  # self-test: a failure to inject into the next case
+        self.out = Path(out)
+        self.work = self.out / "work"
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.seeds = make_seeds()
+        base = self.work / "base"
+        base.mkdir(exist_ok=True)
+        self.tok_path = str(base / "vocab.bin")       # not "tokenizer.bin": no auto-discovery
+        Path(self.tok_path).write_bytes(next(s for s in self.seeds if s.kind == "tokenizer").data)
+        self.model_path = str(base / "legacy-shared.bin")
+        Path(self.model_path).write_bytes(self.seeds[0].data)
+        signal.signal(signal.SIGALRM, _on_alarm)
+        self.heap = False
+        self._install_heap_map()
+
+    def _install_heap_map(self):
+        """Odd cases read the file into a malloc'd (read-only) numpy array instead of mapping
+        it, so that under AddressSanitizer a read past the file's end is a report, not a silent
+        read of the mapping's zero-filled last page."""
+        import pyllama.formats as formats
+        original = formats.open_map
+
+        def open_map(path):
+            mm = original(path)
+            if not self.heap:
+                return mm
+            heap = np.array(mm)  # a plain ndarray: its buffer comes from malloc
+            heap.flags.writeable = False
+            return heap
+
+        formats.open_map = open_map
+
+    def run_bytes(self, seed_obj, data, rng_or_seed, path):
+        """Outcome (status, label) of one input already written to `path`."""
+        gen_seed = rng_or_seed.randrange(1, 1 << 31) if hasattr(rng_or_seed, "randrange") \
+            else int(rng_or_seed)
+        vocab = VOCAB
+        if seed_obj.kind == "tokenizer" and hasattr(rng_or_seed, "random") \
+                and rng_or_seed.random() < 0.1:
+            vocab = rng_or_seed.choice((1, 3, 259, VOCAB - 1, VOCAB + 1))
+        signal.setitimer(signal.ITIMER_REAL, self.hang_seconds)
+        try:
+            if self.inject:
+                _inject(self.inject)
+            if seed_obj.kind == "tokenizer":
+                label = exercise_tokenizer(self.pyllama, path, self.model_path, vocab, gen_seed)
+            else:
+                label = exercise_model(self.pyllama, path, self.tok_path, gen_seed)
+            status = "ok"
+        except Hang as e:
+            status, label = "hang", str(e)
+        except Exception as e:  # noqa: BLE001 - classifying is the point
+            status, label = classify(self.pyllama, e)
+            if status == "unexpected":
+                self.last_traceback = traceback.format_exc()
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+        return status, label
+
+    def case_path(self, i, seed_obj):
+        return str(self.work / f"case-{i}{seed_obj.ext}")
+
+    def save(self, kind, i, seed_obj, data, desc, detail):
+        stem = f"{kind}-seed{self.seed}-case{i}-{seed_obj.name.rsplit('.', 1)[0]}"
+        (self.out / (stem + seed_obj.ext)).write_bytes(data)
+        (self.out / (stem + ".txt")).write_text(
+            f"seed {self.seed} case {i}: {seed_obj.name} mutated by {desc}\n"
+            f"replay: python {sys.argv[0]} --seed {self.seed} --case {i} --out {self.out}\n\n"
+            f"{detail}\n")
+        return stem
+
+
+def worker(args):
+    faulthandler.enable()
+    warnings.simplefilter("ignore")
+    for attempt in range(30):  # another engineer may be rebuilding the extension right now
+        try:
+            runner = Runner(args.out, args.seed, args.hang_seconds)
+            break
+        except ImportError:
+            if attempt == 29:
+                raise
+            time.sleep(2)
+    os.chdir(runner.work)  # no stray tokenizer.bin in the working directory
+    out = sys.stdout
+    for i in range(args.start, args.start + args.count):
+        seed_obj, data, rng, desc = make_case(runner.seeds, args.seed, i)
+        path = runner.case_path(i, seed_obj)
+        with open(path, "wb") as f:
+            f.write(data)
+        out.write(f"B {i} {seed_obj.name} {desc}\n")
+        out.flush()
+        runner.heap = i % 2 == 1
+        if args.selftest and int(args.selftest.split("@")[1]) == i:
+            runner.inject = args.selftest.split("@")[0]
+        status, label = runner.run_bytes(seed_obj, data, rng, path)
+        runner.inject = None
+        if status in ("hang", "unexpected"):
+            detail = getattr(runner, "last_traceback", "") if status == "unexpected" else label
+            runner.last_traceback = ""
+            stem = runner.save(status, i, seed_obj, data, desc, detail)
+            label = f"{label} [saved {stem}]".replace("\n", " ")
+        os.unlink(path)
+        out.write(f"E {i} {status} {label}\n".replace("\n", " ") + "\n")
+        out.flush()
+    out.write("DONE\n")
+    out.flush()
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Supervisor
+# ---------------------------------------------------------------------------------------------
+def supervise(args):
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"fuzz: seed {args.seed}, {args.count} inputs, output in {out}", flush=True)
+    counts = Counter()
+    failures = []
+    t0 = time.monotonic()
+    start, end = args.start, args.start + args.count
+    restarts = 0
+    while start < end:
+        log = out / f"worker-{start}.log"
+        cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--seed", str(args.seed),
+               "--start", str(start), "--count", str(end - start), "--out", str(out),
+               "--hang-seconds", str(args.hang_seconds)]
+        if args.selftest:
+            cmd += ["--selftest", args.selftest]
+        with open(log, "wb") as err:
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, bufsize=0)
+            current, next_start, done = None, end, False
+            reader = _LineReader(proc.stdout)
+            while True:
+                line = reader.readline(args.hang_seconds + HARD_TIMEOUT - HANG_SECONDS)
+                if line is None:  # silent too long: a hang the alarm could not break
+                    proc.kill()
+                    break
+                if not line:
+                    break
+                line = line.decode("utf-8", "replace").rstrip("\n")
+                if line.startswith("B "):
+                    _, i, name, desc = (line.split(" ", 3) + [""])[:4]
+                    current = (int(i), name, desc)
+                elif line.startswith("E "):
+                    _, i, status, label = (line.split(" ", 3) + [""])[:4]
+                    label = label.strip()
+                    counts["inputs"] += 1
+                    if status == "ok":
+                        counts["loaded"] += 1
+                    elif status == "accepted":
+                        counts["rejected " + label] += 1
+                    else:
+                        counts[status] += 1
+                        failures.append(f"{status}: seed {args.seed} case {i}: {label}")
+                        print(f"fuzz: FAILURE {failures[-1]}", flush=True)
+                    current = None
+                    if args.progress and counts["inputs"] % args.progress == 0:
+                        print(f"fuzz: {counts['inputs']} inputs, {time.monotonic() - t0:.0f} s",
+                              file=sys.stderr, flush=True)
+                elif line == "DONE":
+                    done = True
+            rc = proc.wait()
+        if done and rc == 0:
+            log.unlink()
+            break
+        if current is None:  # died between cases (e.g. while importing): nothing to blame
+            detail = log.read_text(errors="replace")[-3000:]
+            print(f"fuzz: worker exited with status {rc} outside any case:\n{detail}", flush=True)
+            counts["crash"] += 1
+            failures.append(f"crash: worker status {rc} outside a case")
+            break
+        i, name, desc = current
+        kind = "hang" if line is None else "crash"
+        counts["inputs"] += 1
+        counts[kind] += 1
+        stem = f"{kind}-seed{args.seed}-case{i}-{name.rsplit('.', 1)[0]}"
+        src = out / "work" / f"case-{i}{Path(name).suffix}"
+        if src.exists():
+            shutil.copyfile(src, out / (stem + Path(name).suffix))
+            src.unlink()
+        stderr_tail = log.read_text(errors="replace")[-20000:]
+        how = (f"no output for {args.hang_seconds + HARD_TIMEOUT - HANG_SECONDS:g} s (killed)"
+               if kind == "hang"
+               else f"worker died: {_status(rc)}")
+        (out / (stem + ".txt")).write_text(
+            f"seed {args.seed} case {i}: {name} mutated by {desc}\n{how}\n"
+            f"replay: python {__file__} --seed {args.seed} --case {i} --out {out}\n\n"
+            f"worker stderr (tail):\n{stderr_tail}\n")
+        log.unlink()
+        failures.append(f"{kind}: seed {args.seed} case {i}: {name} mutated by {desc}: {how} "
+                        f"[saved {stem}]")
+        print(f"fuzz: FAILURE {failures[-1]}", flush=True)
+        restarts += 1
+        if restarts >= MAX_CRASHES:
+            print(f"fuzz: giving up after {restarts} worker deaths", flush=True)
+            break
+        start = i + 1
+    elapsed = time.monotonic() - t0
+    rejected = sorted((k[len("rejected "):], v) for k, v in counts.items()
+                      if k.startswith("rejected "))
+    detail = ", ".join([f"{v} rejected with {k}" for k, v in rejected]
+                       + [f"{counts['loaded']} loaded"])
+    print(f"fuzz: {counts['inputs']} inputs, {counts['crash']} crashes, {counts['hang']} hangs, "
+          f"{counts['unexpected']} unexpected exceptions ({detail}) in {elapsed:.1f} s, "
+          f"seed {args.seed}", flush=True)
+    bad = counts["crash"] + counts["hang"] + counts["unexpected"]
+    if bad or counts["inputs"] != args.count:
+        if counts["inputs"] != args.count:
+            print(f"fuzz: only {counts['inputs']} of {args.count} inputs ran", flush=True)
+        return 1
+    return 0
+
+
+def _status(rc):
+    if rc < 0:
+        try:
+            return f"signal {signal.Signals(-rc).name}"
+        except ValueError:
+            return f"signal {-rc}"
+    return f"exit status {rc} (a sanitizer report or os._exit; see the stderr tail)"
+
+
+class _LineReader:
+    """readline with a timeout on a pipe (select + a buffer)."""
+
+    def __init__(self, f):
+        self.fd, self.buf = f.fileno(), b""
+
+    def readline(self, timeout):
+        import select
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self.buf:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            r, _, _ = select.select([self.fd], [], [], left)
+            if not r:
+                continue
+            chunk = os.read(self.fd, 65536)
+            if not chunk:
+                line, self.buf = self.buf, b""
+                return line
+            self.buf += chunk
+        line, self.buf = self.buf.split(b"\n", 1)
+        return line + b"\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# Replays
+# ---------------------------------------------------------------------------------------------
+def replay_case(args):
+    faulthandler.enable()
+    runner = Runner(args.out, args.seed)
+    seed_obj, data, rng, desc = make_case(runner.seeds, args.seed, args.case)
+    path = runner.case_path(args.case, seed_obj)
+    Path(path).write_bytes(data)
+    print(f"case {args.case} of seed {args.seed}: {seed_obj.name} mutated by {desc}\n"
+          f"file: {path}", flush=True)
+    return _report(runner, seed_obj, data, rng, path)
+
+
+def replay_file(args):
+    faulthandler.enable()
+    runner = Runner(args.out, args.seed)
+    data = Path(args.replay).read_bytes()
+    kind = "tokenizer" if args.tokenizer else "model"
+    ext = Path(args.replay).suffix if kind == "model" else ".bin"
+    seed_obj = Seed(Path(args.replay).name, kind, data, [], 0)
+    seed_obj.ext = ".gguf" if data[:4] == b"GGUF" else ext
+    path = str(runner.work / ("replay" + seed_obj.ext))
+    Path(path).write_bytes(data)
+    return _report(runner, seed_obj, data, random.Random(args.seed), path)
+
+
+def _report(runner, seed_obj, data, rng, path):
+    status, label = runner.run_bytes(seed_obj, data, rng, path)
+    print(f"outcome: {status}: {label}")
+    if status == "unexpected":
+        print(runner.last_traceback)
+    return 0 if status in ("ok", "accepted") else 1
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--count", type=int, default=2000, help="inputs to try (default 2000)")
+    p.add_argument("--seed", type=int, default=None, help="seed (default: random, printed)")
+    p.add_argument("--start", type=int, default=0, help="first case number")
+    p.add_argument("--out", default="build/fuzz", help="where failing inputs are saved")
+    p.add_argument("--progress", type=int, default=0, help="print progress every N inputs")
+    p.add_argument("--case", type=int, help="replay case N of --seed in this process")
+    p.add_argument("--replay", help="replay a saved file in this process")
+    p.add_argument("--tokenizer", action="store_true", help="--replay: the file is tokenizer.bin")
+    p.add_argument("--hang-seconds", type=float, default=HANG_SECONDS,
+                   help=f"a case running longer is a hang (default {HANG_SECONDS})")
+    p.add_argument("--selftest", help="KIND@N: inject a failure (crash, exit, hang, stuck, "
+                                      "unexpected, memory) into case N, to test the harness")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.seed is None:
+        if args.case is not None:
+            p.error("--case needs --seed")
+        args.seed = int.from_bytes(os.urandom(4), "little")
+    if args.worker:
+        return worker(args)
+    if args.case is not None:
+        return replay_case(args)
+    if args.replay:
+        return replay_file(args)
+    return supervise(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -157,3 +157,98 @@ def test_v2_against_numpy_reference():
             weights[name] = (q * t.scales[:, None]).reshape(t.shape)
     ref = forward_all(weights, mf.config, ids)
     assert np.abs(teacher_forced(dequantized_by_pyllama(mf), ids) - ref).max() <= 1e-4 * np.abs(ref).max()
+
+
+# -- types without a shared golden file: GGUF files written here ------------------------------------
+
+# K-quant layouts: (scales offset, d offset, dmin offset or None)
+K_LAYOUT = {"Q2_K": (0, 80, 82), "Q3_K": (96, 108, None), "Q4_K": (4, 0, 2),
+            "Q5_K": (4, 0, 2), "Q6_K": (192, 208, None)}
+
+
+def zero_mean_k_blocks(qname, rows, cols, rng, std):
+    """Random K-quant rows (gguf-py cannot quantize K types) whose weights look like a trained
+    layer's: random quants, sub-block scales and mins fixed so that each sub-block is centred on
+    zero, then d (and dmin) scaled so the dequantized weights have the given std."""
+    from test_quants import TYPES
+    _, gt, block, nbytes, _ = TYPES[qname]
+    sc_at, d_at, dmin_at = K_LAYOUT[qname]
+    b = rng.integers(0, 256, size=(rows * cols // block, nbytes), dtype=np.uint8)
+    one = np.array([1.0], np.float16).view(np.uint8)
+    if qname in ("Q4_K", "Q5_K"):   # 6-bit (scale, min) = (2, 15): 2·q − 15·(dmin/d)·… centred
+        b[:, sc_at:sc_at + 4] = 2
+        b[:, sc_at + 4:sc_at + 8] = 15
+        b[:, sc_at + 8:sc_at + 12] = 2 | (15 << 4)
+        ratio = 1.0 if qname == "Q4_K" else 31 / 15   # mean q is 7.5 (Q4) or 15.5 (Q5)
+    elif qname == "Q2_K":             # 4-bit scale 2, min 3: mean q is 1.5
+        b[:, sc_at:sc_at + 16] = 2 | (3 << 4)
+        ratio = 1.0
+    else:                             # Q3_K, Q6_K: signed quants and scales, already centred
+        ratio = None
+    b[:, d_at:d_at + 2] = one
+    if dmin_at is not None:
+        b[:, dmin_at:dmin_at + 2] = np.array([ratio], np.float16).view(np.uint8)
+    w = gguf.quants.dequantize(b, gt)
+    k = std / float(np.std(w))
+    b[:, d_at:d_at + 2] = np.array([k], np.float16).view(np.uint8)
+    if dmin_at is not None:
+        b[:, dmin_at:dmin_at + 2] = np.array([k * ratio], np.float16).view(np.uint8)
+    return np.ascontiguousarray(b.reshape(rows, -1))
+
+
+def write_model_gguf(path, src, qname):
+    """src (a float ModelFile with a tokenizer) as a GGUF whose matrices are of type qname:
+    quantized by gguf's quantizer where it has one, else random valid blocks (K-quants)."""
+    from test_quants import TYPES
+    cfg, meta = src.config, src.metadata
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_context_length(cfg["seq_len"])
+    w.add_embedding_length(cfg["dim"])
+    w.add_block_count(cfg["n_layers"])
+    w.add_feed_forward_length(cfg["hidden_dim"])
+    w.add_head_count(cfg["n_heads"])
+    w.add_head_count_kv(cfg["n_kv_heads"])
+    w.add_layer_norm_rms_eps(cfg["rms_eps"])
+    w.add_rope_dimension_count(cfg["dim"] // cfg["n_heads"])
+    w.add_tokenizer_model("llama")
+    w.add_token_list(meta["tokenizer.ggml.tokens"])
+    w.add_token_scores([float(s) for s in meta["tokenizer.ggml.scores"]])
+    w.add_token_types([int(t) for t in meta["tokenizer.ggml.token_type"]])
+    gt = TYPES[qname][1]
+    rng = np.random.default_rng(7)
+    for name, t in src.tensors.items():
+        data = np.asarray(t.data.view(np.float32)).reshape(t.shape)
+        if len(t.shape) == 2:
+            rows, cols = t.shape
+            try:
+                q = np.ascontiguousarray(gguf.quants.quantize(data, gt))
+            except NotImplementedError:
+                q = zero_mean_k_blocks(qname, rows, cols, rng, float(np.std(data)))
+            w.add_tensor(name, q, raw_dtype=gt)
+        else:
+            w.add_tensor(name, np.ascontiguousarray(data))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+@pytest.mark.parametrize("qname", ["Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"])
+def test_written_gguf_of_each_type(tmp_path, qname):
+    """A whole model in each type: the quantized path against our own f32 path over the same
+    weights dequantized by gguf-py (and that f32 path against the numpy reference)."""
+    src = pyllama.load(shared_path("models/quant-base-f32.gguf"))
+    path = write_model_gguf(tmp_path / f"m-{qname}.gguf", src, qname)
+    mf = pyllama.load(path)
+    assert {t.type_name for t in mf.tensors.values() if len(t.shape) == 2} == {qname}
+    ids = list(range(1, 21))
+    weights = dequantized_by_gguf(path)
+    ref = forward_all(weights, mf.config, ids)
+    f32 = dataclasses.replace(mf, tensors={n: Tensor(n, F32, w.shape, w) for n, w in weights.items()})
+    ours_f32 = teacher_forced(f32, ids)
+    assert np.abs(ours_f32 - ref).max() <= 1e-4 * np.abs(ref).max()
+    rms, mx = rel_err(teacher_forced(mf, ids, threads=2), ours_f32.astype(np.float64))
+    assert rms <= TOL_QUANT[0] and mx <= TOL_QUANT[1], (rms, mx)
+    m = pyllama.Llama(path)  # and it runs end to end with its embedded tokenizer
+    assert len(list(m.generate("ab", steps=8, temperature=0.7, seed=3))) >= 0

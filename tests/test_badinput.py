@@ -225,6 +225,9 @@ def test_bad_threads_and_context(small):
         pyllama.Llama(small[0], threads=0)
     with pytest.raises(ParameterError, match="context"):
         pyllama.Llama(small[0], n_ctx=2**40)
+    with pytest.raises(ParameterError, match="context"):
+        pyllama.Llama(small[0], n_ctx=0)
+
 
 def test_kv_cache_larger_than_memory_is_refused_before_allocating(tmp_path):
     model = write_legacy(tmp_path / "wide.bin", dim=64, hidden=16, layers=64, heads=2, kv_heads=2)
@@ -232,8 +235,6 @@ def test_kv_cache_larger_than_memory_is_refused_before_allocating(tmp_path):
         pyllama.Llama(model, n_ctx=1 << 22)  # 137 GB of KV cache
     assert_cli_error(["run", model, "--context", str(1 << 22), "-z",
                       write_tokenizer_bin(tmp_path / "t.bin", byte_vocab(16))], "out of memory")
-    with pytest.raises(ParameterError, match="context"):
-        pyllama.Llama(small[0], n_ctx=0)
 
 
 def test_out_of_range_ids(small):

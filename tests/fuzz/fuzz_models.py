@@ -60,10 +60,15 @@ TOKENIZER_SHARE = 0.12     # fraction of cases that mutate tokenizer.bin
 
 
 class Seed:
-    def __init__(self, name, kind, data, fields, header_end):
+    def __init__(self, name, kind, data, fields, header_end, layout=None, hot=None):
         self.name, self.kind, self.data = name, kind, bytes(data)
         self.fields, self.header_end = fields, min(header_end, len(data))
+        self.primary = [f for f in fields if "[" not in f[3]] or fields  # not array elements
         self.ext = ".gguf" if self.data[:4] == b"GGUF" else ".bin"
+        self.layout = layout  # GGUFLayout of a GGUF seed
+        # byte ranges most point mutations go to: weighted by length
+        self.hot = hot or [(0, self.header_end)]
+        self.hot_weights = [max(1, b - a) for a, b in self.hot]
 
 
 WORDS = ["Once", "upon", "a", "time", "there", "was", "little", "girl", "hi", "the", "cat",
@@ -285,13 +290,30 @@ def write_gguf(path, rng, cfg, wtype, tied=False, per_tensor=None, tokens=True, 
     w.close()
 
 
+class GGUFLayout:
+    """Where things are in a valid GGUF seed (for the structure-aware mutations)."""
+
+    def __init__(self):
+        self.kvs = []      # (key, start, end, vtype, value): value decoded for scalars/strings,
+        #                    for arrays (etype, [(elem start, elem end)])
+        self.tensors = []  # (name, start, end)
+        self.info_end = 0
+        self.data_start = 0
+        self.alignment = 32
+
+
+GGUF_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+GGUF_FMT = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<B", 10: "<Q",
+            11: "<q", 12: "<d"}
+
+
 def gguf_fields(data):
     """Walk a valid GGUF: the offsets of its counts, lengths, types, dims, offsets and scalar
-    values, and where the data section starts."""
+    values ([(offset, width, signed, label)]), and its GGUFLayout."""
     fields = [(4, 4, False, "version"), (8, 8, False, "tensor count"), (16, 8, False, "kv count")]
     n_t, n_kv = struct.unpack_from("<QQ", data, 8)
-    p, alignment = 24, 32
-    sizes = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+    lay = GGUFLayout()
+    p = 24
     signed = {1, 3, 5, 11}
 
     def string(label, record=True):
@@ -306,36 +328,42 @@ def gguf_fields(data):
     def value(vt, label):
         nonlocal p
         if vt == 8:
-            return string(label)
+            return string(label).decode()
         if vt == 9:
             et, count = struct.unpack_from("<iQ", data, p)
             fields.extend([(p, 4, True, label + " element type"),
                            (p + 4, 8, False, label + " count")])
             p += 12
+            elems = []
             for k in range(count):
+                e0 = p
                 if et == 8:
                     string(f"{label}[{k}]", record=k % 20 == 0)
                 elif et == 9:
                     value(et, f"{label}[{k}]")
                 else:
                     if k % 50 == 0:
-                        fields.append((p, sizes[et], et in signed, f"{label}[{k}]"))
-                    p += sizes[et]
-            return None
-        fields.append((p, sizes[vt], vt in signed, label))
-        v = struct.unpack_from({1: "<B", 2: "<H", 4: "<I", 8: "<Q"}[sizes[vt]], data, p)[0]
-        p += sizes[vt]
+                        fields.append((p, GGUF_SIZES[et], et in signed, f"{label}[{k}]"))
+                    p += GGUF_SIZES[et]
+                elems.append((e0, p))
+            return et, elems
+        fields.append((p, GGUF_SIZES[vt], vt in signed, label))
+        v = struct.unpack_from(GGUF_FMT[vt], data, p)[0]
+        p += GGUF_SIZES[vt]
         return v
 
     for _ in range(n_kv):
+        k0 = p
         key = string("key").decode()
         fields.append((p, 4, True, f"'{key}' value type"))
         vt = struct.unpack_from("<i", data, p)[0]
         p += 4
         v = value(vt, f"'{key}'")
+        lay.kvs.append((key, k0, p, vt, v))
         if key == "general.alignment":
-            alignment = v
+            lay.alignment = v
     for _ in range(n_t):
+        t0 = p
         name = string("tensor name").decode()
         nd = struct.unpack_from("<I", data, p)[0]
         fields.append((p, 4, False, f"{name} n_dims"))
@@ -345,7 +373,23 @@ def gguf_fields(data):
             p += 8
         fields += [(p, 4, True, f"{name} type"), (p + 4, 8, False, f"{name} offset")]
         p += 12
-    return fields, -(-p // alignment) * alignment
+        lay.tensors.append((name, t0, p))
+    lay.info_end = p
+    lay.data_start = -(-p // lay.alignment) * lay.alignment
+    return fields, lay
+
+
+def gguf_hot_ranges(lay):
+    """The header, every key/value but the big tokenizer arrays, and the tensor infos."""
+    ranges = [(0, 24)]
+    for key, a, b, vt, v in lay.kvs:
+        if vt == 9 and len(v[1]) > 16:
+            ranges.append((a, min(b, a + 64)))  # the key, type, count and first elements
+        else:
+            ranges.append((a, b))
+    if lay.tensors:
+        ranges.append((lay.tensors[0][1], lay.info_end))
+    return ranges
 
 
 def gguf_seeds(rng, tmp):
@@ -369,12 +413,13 @@ def gguf_seeds(rng, tmp):
         path = Path(tmp) / name
         write_gguf(path, rng, cfg, wtype, **kw)
         data = path.read_bytes()
-        fields, data_start = gguf_fields(data)
-        out.append(Seed(name, "model", data, fields, data_start))
+        fields, lay = gguf_fields(data)
+        out.append(Seed(name, "model", data, fields, lay.data_start, layout=lay,
+                        hot=gguf_hot_ranges(lay)))
     # GGUFWriter writes v3; v2 differs only in the version field for this layout
     v3 = out[0].data
     out.append(Seed("gguf-v2-f32.gguf", "model", v3[:4] + struct.pack("<I", 2) + v3[8:],
-                    out[0].fields, out[0].header_end))
+                    out[0].fields, out[0].header_end, layout=out[0].layout, hot=out[0].hot))
     return out
 
 
@@ -402,11 +447,15 @@ INTERESTING = {
 }
 
 
-def _pick_offset(rng, n, header_end, bias=0.75):
+def _pick_offset(rng, n, seed, bias=0.8):
+    """An offset in [0, n): mostly in one of the seed's hot ranges (headers, lengths, tensor
+    infos), otherwise anywhere."""
     if n <= 0:
         return 0
-    if header_end > 0 and rng.random() < bias:
-        return rng.randrange(min(header_end, n))
+    if rng.random() < bias:
+        a, b = rng.choices(seed.hot, seed.hot_weights)[0]
+        if a < n:
+            return rng.randrange(a, min(max(b, a + 1), n))
     return rng.randrange(n)
 
 
@@ -435,7 +484,7 @@ def _get_int(buf, off, width):
 
 def m_bitflip(rng, buf, seed, seeds):
     for _ in range(rng.choice((1, 1, 2, 3, 8))):
-        off = _pick_offset(rng, len(buf), seed.header_end)
+        off = _pick_offset(rng, len(buf), seed)
         if buf:
             buf[off] ^= 1 << rng.randrange(8)
     return "bitflip"
@@ -443,7 +492,7 @@ def m_bitflip(rng, buf, seed, seeds):
 
 def m_byteset(rng, buf, seed, seeds):
     for _ in range(rng.randint(1, 4)):
-        off = _pick_offset(rng, len(buf), seed.header_end)
+        off = _pick_offset(rng, len(buf), seed)
         if buf:
             buf[off] = rng.choice((0, 0xFF, 0x7F, 0x80, 1, rng.randrange(256)))
     return "byteset"
@@ -453,7 +502,7 @@ def m_truncate(rng, buf, seed, seeds):
     n = len(buf)
     r = rng.random()
     if r < 0.4:
-        cut = _pick_offset(rng, n, seed.header_end + 1, bias=1.0)
+        cut = rng.randrange(min(seed.header_end, n) + 1)
     elif r < 0.6:
         cut = max(0, n - rng.randint(1, 64))
     else:
@@ -472,7 +521,7 @@ def m_append(rng, buf, seed, seeds):
 def m_field(rng, buf, seed, seeds):
     if not seed.fields:
         return m_aligned(rng, buf, seed, seeds)
-    off, width, _, label = rng.choice(seed.fields)
+    off, width, _, label = rng.choice(seed.primary if rng.random() < 0.8 else seed.fields)
     value = _new_value(rng, _get_int(buf, off, width), width)
     _set_int(buf, off, width, value)
     return f"field[{label}]={value:#x}"
@@ -491,7 +540,7 @@ def m_aligned(rng, buf, seed, seeds):
 
 def _chunk(rng, buf, seed):
     n = rng.choice((1, 2, 4, 8, 12, 16, 24, 64, 256))
-    off = _pick_offset(rng, max(0, len(buf) - n), seed.header_end)
+    off = _pick_offset(rng, max(0, len(buf) - n), seed)
     return off, min(n, len(buf) - off)
 
 
@@ -513,7 +562,7 @@ def m_swap(rng, buf, seed, seeds):
 def m_duplicate(rng, buf, seed, seeds):
     a, n = _chunk(rng, buf, seed)
     chunk = bytes(buf[a:a + n])
-    b = _pick_offset(rng, len(buf), seed.header_end)
+    b = _pick_offset(rng, len(buf), seed)
     if rng.random() < 0.5:
         buf[b:b] = chunk            # insert (shifts the rest)
         return f"dup-insert{n}@{a}->{b}"
@@ -528,7 +577,7 @@ def m_delete(rng, buf, seed, seeds):
 
 
 def m_insert(rng, buf, seed, seeds):
-    a = _pick_offset(rng, len(buf), seed.header_end)
+    a = _pick_offset(rng, len(buf), seed)
     k = rng.choice((1, 4, 8, 13))
     buf[a:a] = rng.randbytes(k)
     return f"insert{k}@{a}"
@@ -537,10 +586,211 @@ def m_insert(rng, buf, seed, seeds):
 def m_splice(rng, buf, seed, seeds):
     other = rng.choice(seeds)
     n = rng.choice((4, 16, 64, 256))
-    src = _pick_offset(rng, max(0, len(other.data) - n), other.header_end)
-    dst = _pick_offset(rng, len(buf), seed.header_end)
+    src = _pick_offset(rng, max(0, len(other.data) - n), other)
+    dst = _pick_offset(rng, len(buf), seed)
     buf[dst:dst + n] = other.data[src:src + n]
     return f"splice[{other.name}]{n}@{src}->{dst}"
+
+
+
+# -- structure-aware GGUF mutations: rebuild the header with one key/value or tensor info changed
+
+def _gguf_scalar(vtype, value):
+    fmt = GGUF_FMT[vtype]
+    if fmt in ("<f", "<d"):
+        try:
+            return struct.pack(fmt, float(value))
+        except (OverflowError, ValueError, TypeError):
+            return struct.pack(fmt, float("inf"))
+    try:
+        v = int(value)
+    except (OverflowError, ValueError, TypeError):
+        v = 1
+    width = GGUF_SIZES[vtype]
+    return (v & ((1 << (8 * width)) - 1)).to_bytes(width, "little")
+
+
+def _gguf_value(vtype, value):
+    if vtype == 8:
+        b = value if isinstance(value, bytes) else str(value).encode("utf-8", "surrogatepass")
+        return struct.pack("<Q", len(b)) + b
+    if vtype == 9:
+        etype, items = value
+        return struct.pack("<iQ", etype, len(items)) + b"".join(_gguf_value(etype, x)
+                                                                for x in items)
+    return _gguf_scalar(vtype, value)
+
+
+def _gguf_kv(key, vtype, value):
+    return _gguf_value(8, key) + struct.pack("<i", vtype) + _gguf_value(vtype, value)
+
+
+NAN, INF = float("nan"), float("inf")
+U32_VALUES = (0, 1, 2, 3, 4, 8, 15, 16, 17, 32, 64, 256, 299, 300, 301, 1 << 16, 1 << 22,
+              (1 << 22) + 1, 0x7FFFFFFF, 0x80000000, 0xFFFFFFFF)
+FLOAT_VALUES = (0.0, -1.0, 1e-30, 1e-5, 1.0, 1e30, NAN, INF, -INF, 10000.0)
+# key -> (usual type, candidate values)
+INTERESTING_KVS = {
+    "general.alignment": (4, (0, 1, 2, 3, 4, 8, 16, 24, 64, 4096, 1 << 31, 0xFFFFFFFF)),
+    "general.architecture": (8, ("llama", "gpt2", "", "LLAMA", "llama\0")),
+    "llama.context_length": (4, U32_VALUES),
+    "llama.embedding_length": (4, U32_VALUES),
+    "llama.block_count": (4, U32_VALUES),
+    "llama.feed_forward_length": (4, U32_VALUES),
+    "llama.attention.head_count": (4, U32_VALUES),
+    "llama.attention.head_count_kv": (4, U32_VALUES),
+    "llama.rope.dimension_count": (4, U32_VALUES),
+    "llama.vocab_size": (4, U32_VALUES),
+    "llama.expert_count": (4, (0, 1, 8)),
+    "llama.attention.layer_norm_rms_epsilon": (6, FLOAT_VALUES),
+    "llama.rope.freq_base": (6, FLOAT_VALUES),
+    "llama.rope.scaling.type": (8, ("none", "linear", "yarn", "")),
+    "llama.rope.scaling.factor": (6, FLOAT_VALUES),
+    "llama.rope.scale_linear": (6, FLOAT_VALUES),
+    "tokenizer.ggml.model": (8, ("llama", "gpt2", "", "bert", "no_vocab")),
+    "tokenizer.ggml.bos_token_id": (4, (0, 1, 2, 258, 299, 300, 0xFFFFFFFF)),
+    "tokenizer.ggml.eos_token_id": (4, (0, 1, 2, 258, 299, 300, 0xFFFFFFFF)),
+    "tokenizer.ggml.unknown_token_id": (4, (0, 1, 2, 258, 299, 300, 0xFFFFFFFF)),
+    "tokenizer.ggml.padding_token_id": (4, (0, 300, 0xFFFFFFFF)),
+    "tokenizer.ggml.add_bos_token": (7, (0, 1)),
+    "tokenizer.ggml.add_eos_token": (7, (0, 1)),
+    "tokenizer.ggml.add_space_prefix": (7, (0, 1)),
+    "tokenizer.ggml.merges": (9, ((8, ["a b", "\u2581 t"]), (8, []))),
+    "tokenizer.chat_template": (8, ("{{ messages }}", "")),
+    "general.file_type": (4, (0, 1, 2, 7, 15, 0xFFFFFFFF)),
+}
+GGML_TYPE_CHOICES = (0, 1, 2, 3, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 4, 5, 16, 20, 23, 24, 26, 28,
+                     30, 31, 39, 41, 42, 1000, -1)
+
+
+def _retype(rng, vtype, value):
+    """A (type, value) of another metadata type carrying (roughly) the same value."""
+    new = rng.choice([t for t in range(13) if t != vtype])
+    if vtype == 9:
+        etype, elems = value if isinstance(value, tuple) else (4, [])
+        value = len(elems) if isinstance(elems, list) else 0
+    if new == 8:
+        return new, rng.choice((str(value), "", "\udcff" if rng.random() < 0.1 else "7"))
+    if new == 9:
+        et = rng.choice((0, 4, 5, 6, 7, 8, 9, 10))
+        item = (4, [1]) if et == 9 else ("x" if et == 8 else 1)
+        return new, (et, [item] * rng.choice((0, 1, 2, 300)))
+    if isinstance(value, str):
+        value = len(value)
+    if new == 7:
+        return new, rng.choice((0, 1))
+    return new, value
+
+
+def _tensor_info(data, start):
+    n = struct.unpack_from("<Q", data, start)[0]
+    name = data[start + 8:start + 8 + n]
+    p = start + 8 + n
+    nd = struct.unpack_from("<I", data, p)[0]
+    ne = list(struct.unpack_from(f"<{nd}q", data, p + 4))
+    ttype, offset = struct.unpack_from("<iQ", data, p + 4 + 8 * nd)
+    return name, ne, ttype, offset
+
+
+def _encode_info(name, ne, ttype, offset):
+    return (struct.pack("<Q", len(name)) + name + struct.pack("<I", len(ne))
+            + struct.pack(f"<{len(ne)}q", *ne) + struct.pack("<iQ", ttype, offset & (2**64 - 1)))
+
+
+def m_gguf(rng, seed):
+    """Rebuild the seed's GGUF with one structural change; the counts (and the padding before the
+    data section) are kept consistent so the change itself is what the reader sees."""
+    lay, data = seed.layout, seed.data
+    kvs = [(k, data[a:b], vt, v) for k, a, b, vt, v in lay.kvs]
+    infos = [data[a:b] for _, a, b in lay.tensors]
+    op = rng.choice(("set", "set", "set", "retype", "retype", "drop-kv", "dup-kv", "resize-array",
+                     "resize-array", "reorder-kv", "tensor-type", "tensor-type", "tensor-shape",
+                     "tensor-shape", "tensor-offset", "drop-tensor", "dup-tensor", "rename-tensor",
+                     "reorder-tensors"))
+    what = op
+    if op == "set":
+        key = rng.choice(list(INTERESTING_KVS))
+        vtype, values = INTERESTING_KVS[key]
+        value = rng.choice(values)
+        if rng.random() < 0.2:
+            vtype, value = _retype(rng, vtype, value)
+        raw = _gguf_kv(key, vtype, value)
+        at = next((i for i, kv in enumerate(kvs) if kv[0] == key), None)
+        if at is None:
+            kvs.append((key, raw, vtype, value))
+        else:
+            kvs[at] = (key, raw, vtype, value)
+        what = f"set {key}:{vtype}={value!r:.40}"
+    elif op == "retype":
+        i = rng.randrange(len(kvs))
+        key, _, vtype, value = kvs[i]
+        nt, nv = _retype(rng, vtype, value)
+        kvs[i] = (key, _gguf_kv(key, nt, nv), nt, nv)
+        what = f"retype {key}:{vtype}->{nt}={nv!r:.40}"
+    elif op == "drop-kv":
+        i = rng.randrange(len(kvs))
+        what = f"drop-kv {kvs[i][0]}"
+        del kvs[i]
+    elif op == "dup-kv":
+        i = rng.randrange(len(kvs))
+        kvs.insert(rng.randrange(len(kvs) + 1), kvs[i])
+        what = f"dup-kv {kvs[i][0]}"
+    elif op == "resize-array":
+        arrays = [i for i, kv in enumerate(kvs) if kv[2] == 9]
+        i = rng.choice(arrays)
+        key, raw, _, (etype, elems) = kvs[i]
+        k0 = lay.kvs[i][1] if lay.kvs[i][0] == key else None
+        if k0 is not None and elems:
+            body = [data[a:b] for a, b in elems]
+            n = rng.choice((len(body) - 1, len(body) + 1, 0, 1, 3, 259))
+            new = (body * (n // len(body) + 1))[:n] if n > len(body) else body[:n]
+            head = _gguf_value(8, key) + struct.pack("<iiQ", 9, etype, len(new))
+            kvs[i] = (key, head + b"".join(new), 9, (etype, []))
+            what = f"resize-array {key} {len(body)}->{n}"
+    elif op == "reorder-kv":
+        rng.shuffle(kvs)
+    elif infos:
+        i = rng.randrange(len(infos))
+        name, ne, ttype, offset = _tensor_info(infos[i], 0)
+        if op == "tensor-type":
+            ttype = rng.choice(GGML_TYPE_CHOICES)
+            infos[i] = _encode_info(name, ne, ttype, offset)
+        elif op == "tensor-shape":
+            choice = rng.randrange(5)
+            if choice == 0 and len(ne) > 1:
+                ne = [ne[1], ne[0]] + ne[2:]
+            elif choice == 1:
+                ne = ne + [1] * rng.randint(1, 2)
+            elif choice == 2:
+                ne = ne + [rng.choice((0, 2, 1 << 32, 1 << 62))]
+            elif choice == 3:
+                ne = ne[:1]
+            else:
+                k = rng.randrange(len(ne))
+                ne[k] = rng.choice((0, 1, ne[k] * 2, ne[k] // 2, ne[k] + 32, ne[k] + 256,
+                                    -ne[k], 1 << 40, (1 << 63) - 1))
+            infos[i] = _encode_info(name, ne[:5], ttype, offset)
+        elif op == "tensor-offset":
+            offset = rng.choice((0, offset + lay.alignment, offset - lay.alignment, offset + 1,
+                                 2**63, 2**64 - lay.alignment, len(data)))
+            infos[i] = _encode_info(name, ne, ttype, offset)
+        elif op == "drop-tensor":
+            del infos[i]
+        elif op == "dup-tensor":
+            infos.insert(rng.randrange(len(infos) + 1), infos[i])
+        elif op == "rename-tensor":
+            j = rng.randrange(len(infos))
+            other = _tensor_info(infos[j], 0)[0]
+            new = rng.choice((other, name + b"x", b"", b"\xff" + name, name.replace(b"0", b"9"),
+                              b"blk.7." + name.split(b".", 2)[-1]))
+            infos[i] = _encode_info(new, ne, ttype, offset)
+        elif op == "reorder-tensors":
+            rng.shuffle(infos)
+        what = f"{op} {name.decode(errors='replace')}: ne={ne} type={ttype} offset={offset}"
+    head = data[:8] + struct.pack("<QQ", len(infos), len(kvs))
+    body = head + b"".join(kv[1] for kv in kvs) + b"".join(infos)
+    body += bytes(-len(body) % lay.alignment)
+    return bytearray(body + data[lay.data_start:]), what
 
 
 MUTATIONS = [(m_bitflip, 14), (m_byteset, 10), (m_truncate, 8), (m_append, 4), (m_field, 30),
@@ -557,7 +807,12 @@ def make_case(seeds, seed, i):
     base = rng.choice(tokenizers if rng.random() < TOKENIZER_SHARE else models)
     buf = bytearray(base.data)
     steps = []
-    for _ in range(rng.choice((1, 1, 1, 2, 2, 3, 4))):
+    n = rng.choice((1, 1, 1, 2, 2, 3, 4))
+    if base.layout is not None and rng.random() < 0.35:
+        buf, what = m_gguf(rng, base)
+        steps.append(f"gguf[{what}]")
+        n = rng.choice((0, 0, 0, 1, 2))
+    for _ in range(n):
         f = rng.choices(_MUT_FUNCS, _MUT_WEIGHTS)[0]
         steps.append(f(rng, buf, base, seeds))
     return base, bytes(buf), rng, " ".join(steps)

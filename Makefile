@@ -33,3 +33,28 @@ man: install        ## the man page pyllama.1, from the argparse parser
 
 clean:
 	rm -rf build dist *.egg-info pyllama/_core*.so pyllama/_core.c pyllama.1 .pytest_cache
+
+# -- fuzzing and sanitizers (README: "Fuzzing and sanitizers") ----------------------------------
+.PHONY: fuzz asan
+FUZZ_COUNT ?= 100000
+FUZZ_SEED ?=
+FUZZ_OUT ?= build/fuzz
+ASAN_CC ?= gcc
+ASAN_TREE ?= build/asan
+ASAN_TESTS ?= tests
+ASAN_CFLAGS := -O1 -g -fsanitize=address,undefined -fno-omit-frame-pointer
+ASAN_LDFLAGS := -fsanitize=address,undefined
+# an uninstrumented python loading an instrumented extension: the ASan runtime must come first;
+# python's own allocations are not leaks worth reporting; any UBSan report fails the run
+ASAN_ENV = LD_PRELOAD="$$($(ASAN_CC) -print-file-name=libasan.so)" \
+  ASAN_OPTIONS=detect_leaks=0:allocator_may_return_null=1 \
+  UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 PYTHONPATH="$(CURDIR)/$(ASAN_TREE)"
+
+fuzz: install       ## long fuzz run of the file readers: FUZZ_COUNT=100000, FUZZ_SEED=random (printed)
+	$(PYTHON) tests/fuzz/fuzz_models.py --count $(FUZZ_COUNT) $(if $(FUZZ_SEED),--seed $(FUZZ_SEED)) --out $(FUZZ_OUT) --progress 10000
+
+asan:               ## the tests (ASAN_TESTS) on an ASan+UBSan core built in build/asan; the install is untouched
+	rm -rf $(ASAN_TREE) && $(PYTHON) -c "import shutil; shutil.copytree('.', '$(ASAN_TREE)', ignore=shutil.ignore_patterns('build', 'dist', '.git', '.venv', '__pycache__', '*.egg-info', '.pytest_cache', '.hypothesis', '*.so', '*.o', '_core.c', '*.bin', '*.gguf', 'models', 'bench-models'))"
+	cd $(ASAN_TREE) && CC=$(ASAN_CC) PYLLAMA_CFLAGS="$(ASAN_CFLAGS)" PYLLAMA_LDFLAGS="$(ASAN_LDFLAGS)" $(PYTHON) -c "import build_ffi; build_ffi.ffibuilder.compile(tmpdir='.')" >/dev/null
+	cd $(ASAN_TREE) && $(ASAN_ENV) PYLLAMA_SHARED=$(abspath $(SHARED)) $(PYTHON) -c "import pyllama; f = pyllama._core.__file__; assert f.startswith('$(CURDIR)/$(ASAN_TREE)/') and b'__asan_init' in open(f, 'rb').read(), f; print('ASan+UBSan core:', f)"
+	cd $(ASAN_TREE) && $(ASAN_ENV) PYLLAMA_SHARED=$(abspath $(SHARED)) $(PYTHON) -m pytest -q -p no:cacheprovider $(ASAN_TESTS)

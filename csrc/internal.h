@@ -4,9 +4,18 @@
 #include <stdint.h>
 #include "kernels.h"  /* includes pyllama.h, once */
 
+/* One matmul of a group that shares its input: out(w->rows) = w @ x. */
+typedef struct {
+    const pl_tensor *w;
+    float *out;
+} pl__mm;
+
+#define PL_MAX_GROUP 3   /* matmuls sharing one input: q, k, v */
+
 /* Inside an OpenMP parallel region (or outside one, single-threaded): all threads of the team
- * call it together; ends with a barrier. scratch holds the quantized activations. */
-void pl__team_matmul(float *xout, const float *x, const pl_tensor *w, void *scratch);
+ * call it together (see matmul.c). scratch holds PL_MAX_GROUP slots of quantized activations. */
+void pl__team_matmuls(const float *x, const pl__mm *mm, int n, void *scratch, int same_rows,
+                      long long *r0, long long *r1);
 
 /* Activation scratch bytes one matmul with w needs. */
 long long pl__act_bytes(const pl_tensor *w);

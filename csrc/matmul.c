@@ -2,7 +2,7 @@
  *
  * F32, F16 and BF16 are computed here (AVX2+FMA+F16C paths, scalar fallbacks); block-quantized
  * types go to quants.c through kernels.h. Threading: pl_matmul opens its own OpenMP team;
- * pl__team_matmul is the orphaned form used inside pl_forward's one parallel region.
+ * pl__team_matmuls is the orphaned form used inside pl_forward's one parallel region.
  */
 #include <math.h>
 #include <stdint.h>
@@ -154,31 +154,78 @@ static void split_rows(long long rows, int tid, int nth, long long *r0, long lon
     *r1 = p1 * 2 < rows ? p1 * 2 : rows;
 }
 
-void pl__team_matmul(float *xout, const float *x, const pl_tensor *w, void *scratch)
+/* ------------------------------------------------------------------------------------------------
+ * matmuls inside pl_forward's parallel region */
+
+/* Quantizes x once per distinct weight type of the group (one thread; the implicit barrier of
+ * `single` publishes it), then computes this thread's share of the rows of every weight:
+ * same_rows = 0: the rows of all the group's weights form one range split evenly in row pairs;
+ * same_rows = 1: all weights have the same rows and a thread gets the same range in each.
+ * r0[i], r1[i] return the thread's rows of weight i for an epilogue. No barrier at the end; the
+ * caller must have ended the previous step with one (nobody may still read the scratch). */
+void pl__team_matmuls(const float *x, const pl__mm *mm, int n, void *scratch, int same_rows,
+                      long long *r0, long long *r1)
 {
-    const void *xin = x;
-    if (pli_is_quant(w->type)) {
-        /* the previous matmul ended with a barrier, so no thread still reads the scratch */
+    const void *xin[PL_MAX_GROUP];
+    long long slot = 0, total = 0;
+    int any_quant = 0;
+    for (int i = 0; i < n; i++) {
+        long long b = pl__act_bytes(mm[i].w);
+        slot = b > slot ? b : slot;
+        any_quant |= b > 0;
+        total += mm[i].w->rows;
+    }
+    slot = (slot + 63) & ~63LL;
+    for (int i = 0; i < n; i++) {
+        xin[i] = x;
+        if (!pli_is_quant(mm[i].w->type)) continue;
+        xin[i] = (char *)scratch + i * slot;
+        for (int j = 0; j < i; j++)
+            if (mm[j].w->type == mm[i].w->type) { xin[i] = xin[j]; break; }
+    }
+    if (any_quant) {
 #pragma omp single
-        pli_quantize_act(w, x, scratch);
-        xin = scratch;
+        for (int i = 0; i < n; i++)
+            if (pli_is_quant(mm[i].w->type) && xin[i] == (char *)scratch + i * slot)
+                pli_quantize_act(mm[i].w, x, (void *)xin[i]);
     }
     int tid = 0, nth = 1;
 #ifdef _OPENMP
     tid = omp_get_thread_num();
     nth = omp_get_num_threads();
 #endif
-    long long r0, r1;
-    split_rows(w->rows, tid, nth, &r0, &r1);
-    if (r0 < r1)
-        matvec_rows(w, xin, xout, r0, r1);
-#pragma omp barrier
+    if (same_rows) {
+        long long a, b;
+        split_rows(mm[0].w->rows, tid, nth, &a, &b);
+        for (int i = 0; i < n; i++) {
+            r0[i] = a;
+            r1[i] = b;
+            if (a < b) matvec_rows(mm[i].w, xin[i], mm[i].out, a, b);
+        }
+        return;
+    }
+    long long a, b, base = 0;
+    split_rows(total, tid, nth, &a, &b);
+    for (int i = 0; i < n; i++) {
+        long long rows = mm[i].w->rows;
+        long long lo = a - base, hi = b - base;
+        lo = lo < 0 ? 0 : lo > rows ? rows : lo;
+        hi = hi < 0 ? 0 : hi > rows ? rows : hi;
+        r0[i] = lo;
+        r1[i] = hi;
+        if (lo < hi) matvec_rows(mm[i].w, xin[i], mm[i].out, lo, hi);
+        base += rows;
+    }
 }
 
 void pl_matmul(float *xout, const float *x, const pl_tensor *w, void *scratch, int n_threads)
 {
+    pl__mm mm = {w, xout};
 #pragma omp parallel num_threads(n_threads) if (n_threads > 1)
-    pl__team_matmul(xout, x, w, scratch);
+    {
+        long long r0, r1;
+        pl__team_matmuls(x, &mm, 1, scratch, 0, &r0, &r1);
+    }
 }
 
 long long pl__act_bytes(const pl_tensor *w)

@@ -9,7 +9,7 @@
  * owns every buffer (numpy arrays kept alive by the Python objects that hold these structs).
  */
 
-#define PL_ABI_VERSION 1
+#define PL_ABI_VERSION 2
 
 /* Tensor types: ggml's type numbers, plus one of our own for llama2.c V2 checkpoints. */
 #define PL_F32 0
@@ -79,6 +79,7 @@ typedef struct {
     float *q;           /* (n_heads*head_size,) */
     float *att;         /* (n_heads, n_ctx) attention scores */
     float *logits;      /* (vocab_size,) */
+    float *rope;        /* (head_size,) this position's RoPE cos/sin pairs */
     float *key_cache;   /* (n_layers, n_ctx, kv_dim) */
     float *value_cache; /* (n_layers, n_ctx, kv_dim) */
     void *scratch;      /* pl_scratch_bytes(weights) bytes: quantized activations */
@@ -111,6 +112,7 @@ void pl_dequantize_row(const pl_tensor *w, long long row, float *out);
 
 /* llama2.c's sampler: argmax at temperature 0, else softmax(logits/temperature) (logits is
  * overwritten with the probabilities) and one xorshift* draw from *rng_state: multinomial, or
- * top-p when 0 < topp < 1. probindex holds n entries. */
+ * top-p when 0 < topp < 1. probindex holds n entries. Returns -1, touching nothing, when a logit
+ * is NaN or infinite. */
 int pl_sample(float *logits, int n, float temperature, float topp,
               unsigned long long *rng_state, pl_probindex *probindex);

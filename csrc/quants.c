@@ -401,6 +401,31 @@ static inline __m256i dot_i8(__m256i w, __m256i x)
     return dot_u8(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w));
 }
 
+/* k4_scales in registers (no store/reload): bytes 0-7 scales, 8-15 mins. Reads 16 bytes at q
+ * (the 12 scale bytes and 4 bytes of the quants that follow them in the block). */
+static inline __m128i k4_scales_avx2(const uint8_t *q)
+{
+    __m128i a = _mm_loadu_si128((const __m128i *)q);                  /* a0 a1 a2 . */
+    __m128i lo = _mm_shuffle_epi32(a, _MM_SHUFFLE(2, 1, 2, 0));        /* a0 a2 a1 a2 */
+    __m128i top = _mm_shuffle_epi32(a, _MM_SHUFFLE(1, 1, 0, 0));       /* a0 a0 a1 a1 */
+    lo = _mm_and_si128(_mm_srlv_epi32(lo, _mm_setr_epi32(0, 0, 0, 4)),
+                       _mm_setr_epi32(0x3f3f3f3f, 0x0f0f0f0f, 0x3f3f3f3f, 0x0f0f0f0f));
+    top = _mm_and_si128(_mm_srli_epi32(top, 2), _mm_setr_epi32(0, 0x30303030, 0, 0x30303030));
+    return _mm_or_si128(lo, top);
+}
+
+/* k3_scales in registers: 16 signed scales. */
+static inline __m128i k3_scales_avx2(const uint8_t *q)
+{
+    uint32_t a[3];
+    memcpy(a, q, 12);
+    __m128i lo = _mm_setr_epi32((int)a[0], (int)a[1], (int)a[0], (int)a[1]);
+    lo = _mm_and_si128(_mm_srlv_epi32(lo, _mm_setr_epi32(0, 0, 4, 4)), _mm_set1_epi8(0x0f));
+    __m128i hi = _mm_and_si128(_mm_srlv_epi32(_mm_set1_epi32((int)a[2]), _mm_setr_epi32(0, 2, 4, 6)),
+                               _mm_set1_epi8(0x03));
+    return _mm_sub_epi8(_mm_or_si128(lo, _mm_slli_epi32(hi, 4)), _mm_set1_epi8(32));
+}
+
 /* For the 16-value sub-blocks of Q2_K/Q3_K/Q6_K: 16 int16 = 8 × scale 2g, then 8 × scale 2g+1. */
 static inline __m256i scale_pair(__m128i sc8, int g)
 {
@@ -723,9 +748,7 @@ static float dot_q3_K(const void *row, const act_view *a, int nb)
     const __m256i m3 = _mm256_set1_epi8(3), m4 = _mm256_set1_epi8(4);
     for (int i = 0; i < nb; i++) {
         const int8_t *q8 = a->q + QK_K * i;
-        int8_t scb[16];
-        k3_scales(b[i].scales, scb);
-        __m128i sc = _mm_loadu_si128((const __m128i *)scb);
+        __m128i sc = k3_scales_avx2(b[i].scales);
         __m256i bs = _mm256_loadu_si256((const __m256i *)(a->bsums + 16 * i));
         __m256i corr = _mm256_slli_epi32(_mm256_madd_epi16(_mm256_cvtepi8_epi16(sc), bs), 2);
         __m256i hm = _mm256_loadu_si256((const __m256i *)b[i].hmask);
@@ -794,9 +817,7 @@ static float dot_q4_K(const void *row, const act_view *a, int nb)
     const __m256i m4 = _mm256_set1_epi8(15);
     for (int i = 0; i < nb; i++) {
         const int8_t *q8 = a->q + QK_K * i;
-        uint8_t sm[16];
-        k4_scales(b[i].scales, sm);
-        __m256i sm16 = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)sm)); /* sc 0-7, m 0-7 */
+        __m256i sm16 = _mm256_cvtepu8_epi16(k4_scales_avx2(b[i].scales)); /* sc 0-7, m 0-7 */
         /* mins: Σ_s m[s]·(bsum[2s] + bsum[2s+1]) */
         __m256i bs = _mm256_loadu_si256((const __m256i *)(a->bsums + 16 * i));
         __m128i bs32 = _mm_hadd_epi16(_mm256_castsi256_si128(bs), _mm256_extracti128_si256(bs, 1));
@@ -871,9 +892,7 @@ static float dot_q5_K(const void *row, const act_view *a, int nb)
     const __m256i m4 = _mm256_set1_epi8(15), b4 = _mm256_set1_epi8(16);
     for (int i = 0; i < nb; i++) {
         const int8_t *q8 = a->q + QK_K * i;
-        uint8_t sm[16];
-        k4_scales(b[i].scales, sm);
-        __m256i sm16 = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)sm));
+        __m256i sm16 = _mm256_cvtepu8_epi16(k4_scales_avx2(b[i].scales)); /* sc 0-7, m 0-7 */
         __m256i bs = _mm256_loadu_si256((const __m256i *)(a->bsums + 16 * i));
         __m128i bs32 = _mm_hadd_epi16(_mm256_castsi256_si128(bs), _mm256_extracti128_si256(bs, 1));
         __m128i pm = _mm_madd_epi16(_mm256_extracti128_si256(sm16, 1), bs32);

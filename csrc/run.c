@@ -11,6 +11,9 @@
 #include <omp.h>
 #endif
 #include "internal.h"
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#endif
 
 int pl_abi_version(void) { return PL_ABI_VERSION; }
 
@@ -63,39 +66,58 @@ static void rmsnorm(float *o, const float *x, const float *weight, int size, flo
     for (int j = 0; j < size; j++) o[j] = weight[j] * (ss * x[j]);
 }
 
-/* RoPE on adjacent pairs of q (all heads) and k (kv heads), llama2.c's arithmetic. */
-static void rope(float *q, float *k, int pos, int dim, int kv_dim, int head_size, float theta)
+/* This position's RoPE rotation for each pair (i, i+1) of a head: rope[i] = cos, rope[i+1] = sin
+ * of pos * theta^(-i/head_size) (llama2.c's arithmetic, computed once per token, not per layer). */
+static void rope_table(float *rope, int pos, int head_size, float theta)
 {
-    for (int i = 0; i < dim; i += 2) {
-        int head_dim = i % head_size;
-        float freq = 1.0f / powf(theta, head_dim / (float)head_size);
+    for (int i = 0; i < head_size; i += 2) {
+        float freq = 1.0f / powf(theta, i / (float)head_size);
         float val = pos * freq;
-        float fcr = cosf(val), fci = sinf(val);
-        int rotn = i < kv_dim ? 2 : 1;
-        for (int v = 0; v < rotn; v++) {
-            float *vec = v == 0 ? q : k;
-            float v0 = vec[i], v1 = vec[i + 1];
-            vec[i] = v0 * fcr - v1 * fci;
-            vec[i + 1] = v0 * fci + v1 * fcr;
-        }
+        rope[i] = cosf(val);
+        rope[i + 1] = sinf(val);
     }
+}
+
+/* Rotate the pairs in rows [r0, r1) (r0 even) of vec, heads of head_size values laid end to end. */
+static void rope_rows(float *vec, const float *rope, long long r0, long long r1, int head_size)
+{
+    for (long long i = r0; i + 1 < r1; i += 2) {
+        int h = (int)(i % head_size);
+        float fcr = rope[h], fci = rope[h + 1];
+        float v0 = vec[i], v1 = vec[i + 1];
+        vec[i] = v0 * fcr - v1 * fci;
+        vec[i + 1] = v0 * fci + v1 * fcr;
+    }
+}
+
+static inline float dot(const float *a, const float *b, int n)
+{
+    int i = 0;
+    float s = 0.0f;
+#if defined(__AVX2__) && defined(__FMA__)
+    __m256 acc = _mm256_setzero_ps();
+    for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_add_ss(h, _mm_movehdup_ps(h));
+    s = _mm_cvtss_f32(h);
+#endif
+    for (; i < n; i++) s += a[i] * b[i];
+    return s;
 }
 
 long long pl_scratch_bytes(const pl_weights *w)
 {
-    long long m = pl__act_bytes(&w->token_embedding);
-    long long b = pl__act_bytes(&w->wcls);
-    if (b > m) m = b;
+    long long m = pl__act_bytes(&w->wcls);
     for (int l = 0; l < w->cfg.n_layers; l++) {
-        const pl_tensor *t[7] = {&w->layers[l].wq, &w->layers[l].wk, &w->layers[l].wv,
-                                 &w->layers[l].wo, &w->layers[l].w1, &w->layers[l].w2,
-                                 &w->layers[l].w3};
+        const pl_layer *L = &w->layers[l];
+        const pl_tensor *t[7] = {&L->wq, &L->wk, &L->wv, &L->wo, &L->w1, &L->w2, &L->w3};
         for (int i = 0; i < 7; i++) {
-            b = pl__act_bytes(t[i]);
-            if (b > m) m = b;
+            long long b = pl__act_bytes(t[i]);
+            m = b > m ? b : m;
         }
     }
-    return m;
+    return PL_MAX_GROUP * ((m + 63) & ~63LL);
 }
 
 /* ------------------------------------------------------------------------------------------------
@@ -104,7 +126,7 @@ long long pl_scratch_bytes(const pl_weights *w)
 void pl_forward(const pl_weights *w, pl_state *s, int token, int pos)
 {
     const pl_config *p = &w->cfg;
-    const int dim = p->dim, hidden_dim = p->hidden_dim, n_heads = p->n_heads;
+    const int dim = p->dim, n_heads = p->n_heads;
     const int head_size = dim / n_heads;
     const int kv_dim = head_size * p->n_kv_heads;
     const int kv_mul = n_heads / p->n_kv_heads; /* query heads per kv head */
@@ -113,23 +135,27 @@ void pl_forward(const pl_weights *w, pl_state *s, int token, int pos)
     float *x = s->x;
 
     pl_dequantize_row(&w->token_embedding, token, x);
+    rope_table(s->rope, pos, head_size, p->rope_theta);
 
+    /* One team for the whole token. Each step ends with a barrier (explicit, or implied by
+     * `single`/`for`) before the next one reads what it wrote. */
 #pragma omp parallel num_threads(s->n_threads) if (s->n_threads > 1)
     {
+        long long r0[PL_MAX_GROUP], r1[PL_MAX_GROUP];
         for (int l = 0; l < p->n_layers; l++) {
             const pl_layer *L = &w->layers[l];
             long long loff = (long long)l * n_ctx * kv_dim; /* layer offset into the KV cache */
             float *kc = s->key_cache + loff + (long long)pos * kv_dim;
             float *vc = s->value_cache + loff + (long long)pos * kv_dim;
 
-            /* attention rmsnorm, then q, k, v (k and v straight into the cache) */
+            /* attention rmsnorm; q, k, v (k and v straight into the cache) with RoPE */
 #pragma omp single
             rmsnorm(s->xb, x, L->rms_att, dim, p->rms_eps);
-            pl__team_matmul(s->q, s->xb, &L->wq, s->scratch);
-            pl__team_matmul(kc, s->xb, &L->wk, s->scratch);
-            pl__team_matmul(vc, s->xb, &L->wv, s->scratch);
-#pragma omp single
-            rope(s->q, kc, pos, dim, kv_dim, head_size, p->rope_theta);
+            pl__mm qkv[3] = {{&L->wq, s->q}, {&L->wk, kc}, {&L->wv, vc}};
+            pl__team_matmuls(s->xb, qkv, 3, s->scratch, 0, r0, r1);
+            rope_rows(s->q, s->rope, r0[0], r1[0], head_size);
+            rope_rows(kc, s->rope, r0[1], r1[1], head_size);
+#pragma omp barrier
 
             /* multi-head attention over positions 0..pos, one head per iteration */
 #pragma omp for schedule(static)
@@ -138,12 +164,8 @@ void pl_forward(const pl_weights *w, pl_state *s, int token, int pos)
                 float *att = s->att + (long long)h * n_ctx;
                 const float *kh = s->key_cache + loff + (h / kv_mul) * head_size;
                 const float *vh = s->value_cache + loff + (h / kv_mul) * head_size;
-                for (int t = 0; t <= pos; t++) {
-                    const float *k = kh + (long long)t * kv_dim;
-                    float score = 0.0f;
-                    for (int i = 0; i < head_size; i++) score += q[i] * k[i];
-                    att[t] = score * att_scale;
-                }
+                for (int t = 0; t <= pos; t++)
+                    att[t] = dot(q, kh + (long long)t * kv_dim, head_size) * att_scale;
                 pli_softmax(att, pos + 1);
                 float *xb = s->xb + h * head_size;
                 memset(xb, 0, head_size * sizeof(float));
@@ -154,30 +176,32 @@ void pl_forward(const pl_weights *w, pl_state *s, int token, int pos)
                 }
             }
 
-            /* output projection and residual, then the FFN rmsnorm */
-            pl__team_matmul(s->xb2, s->xb, &L->wo, s->scratch);
-#pragma omp single
-            {
-                for (int i = 0; i < dim; i++) x[i] += s->xb2[i];
-                rmsnorm(s->xb, x, L->rms_ffn, dim, p->rms_eps);
-            }
+            /* output projection, residual */
+            pl__mm wo = {&L->wo, s->xb2};
+            pl__team_matmuls(s->xb, &wo, 1, s->scratch, 0, r0, r1);
+            for (long long i = r0[0]; i < r1[0]; i++) x[i] += s->xb2[i];
+#pragma omp barrier
 
-            /* SwiGLU FFN: w2(silu(w1 x) * w3 x) */
-            pl__team_matmul(s->hb, s->xb, &L->w1, s->scratch);
-            pl__team_matmul(s->hb2, s->xb, &L->w3, s->scratch);
-#pragma omp for schedule(static)
-            for (int i = 0; i < hidden_dim; i++) {
+            /* SwiGLU FFN: w2(silu(w1 x) * w3 x), residual */
+#pragma omp single
+            rmsnorm(s->xb, x, L->rms_ffn, dim, p->rms_eps);
+            pl__mm up[2] = {{&L->w1, s->hb}, {&L->w3, s->hb2}};
+            pl__team_matmuls(s->xb, up, 2, s->scratch, 1, r0, r1);
+            for (long long i = r0[0]; i < r1[0]; i++) {
                 float val = s->hb[i];
                 val *= 1.0f / (1.0f + expf(-val));
                 s->hb[i] = val * s->hb2[i];
             }
-            pl__team_matmul(s->xb, s->hb, &L->w2, s->scratch);
-#pragma omp single
-            for (int i = 0; i < dim; i++) x[i] += s->xb[i];
+#pragma omp barrier
+            pl__mm down = {&L->w2, s->xb};
+            pl__team_matmuls(s->hb, &down, 1, s->scratch, 0, r0, r1);
+            for (long long i = r0[0]; i < r1[0]; i++) x[i] += s->xb[i];
+#pragma omp barrier
         }
 
 #pragma omp single
         rmsnorm(x, x, w->rms_final, dim, p->rms_eps);
-        pl__team_matmul(s->logits, x, &w->wcls, s->scratch);
+        pl__mm cls = {&w->wcls, s->logits};
+        pl__team_matmuls(x, &cls, 1, s->scratch, 0, r0, r1);
     }
 }

@@ -97,6 +97,10 @@ void pli_softmax(float *x, int size)
 int pl_sample(float *logits, int n, float temperature, float topp,
               unsigned long long *rng_state, pl_probindex *probindex)
 {
+    /* NaN or inf would leave top-p with no candidate (and argmax with garbage): refuse */
+    int finite = 1;
+    for (int i = 0; i < n; i++) finite &= isfinite(logits[i]) != 0;
+    if (!finite) return -1;
     if (temperature == 0.0f) return sample_argmax(logits, n);
     for (int q = 0; q < n; q++) logits[q] /= temperature;
     pli_softmax(logits, n);

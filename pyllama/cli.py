@@ -82,7 +82,7 @@ def _check_args(args):
 
 
 def cmd_run(args, out, err):
-    from .generate import generate_tokens, make_sampler, resolve_steps
+    from .generate import encode_prompt, generate_tokens, make_sampler, resolve_steps
     from .llama import Llama
     from .errors import TokenizerError
     _check_args(args)
@@ -96,7 +96,7 @@ def cmd_run(args, out, err):
     if args.mode == "chat" or args.command == "chat":
         return _chat(model, sampler, args.prompt, args.system, steps, out)
     tok = model.tokenizer
-    ids = tok.encode(args.prompt or "", bos=True, eos=False)
+    ids = encode_prompt(tok, args.prompt or "", model.n_ctx)
     start, n = None, 0
     for prev, token in generate_tokens(model._model, ids, steps, sampler, bos_id=tok.bos_id):
         out.write(tok.safe_piece(prev, token))

@@ -16,6 +16,17 @@ def resolve_steps(steps, seq_len):
     return seq_len if steps == 0 or steps > seq_len else steps
 
 
+def encode_prompt(tokenizer, prompt, n_ctx):
+    """BOS + the prompt's ids; a prompt that cannot fit the context is refused before encoding
+    (every token covers at most max_piece_chars characters), so a huge prompt fails fast."""
+    if isinstance(prompt, str) and len(prompt) > n_ctx * tokenizer.max_piece_chars:
+        raise ParameterError(f"the prompt ({len(prompt)} characters) is longer than the context "
+                             f"of {n_ctx} positions can hold")
+    ids = tokenizer.encode(prompt, bos=True, eos=False)
+    check_prompt_length(len(ids), n_ctx)
+    return ids
+
+
 def check_prompt_length(n_tokens, n_ctx):
     if n_tokens > n_ctx:
         raise ParameterError(f"the prompt is {n_tokens} tokens, longer than the context of "

@@ -5,7 +5,7 @@ import numpy as np
 
 from .errors import FormatError, ParameterError, TokenizerError
 from .formats import GGUF_MAGIC, load, open_map
-from .generate import generate_tokens, make_sampler, resolve_steps, stream_text
+from .generate import encode_prompt, generate_tokens, make_sampler, resolve_steps, stream_text
 from .model import Transformer
 from .tokenizer import Tokenizer
 
@@ -46,15 +46,17 @@ class Llama:
                (GGUF), else tokenizer.bin beside the model or in the working directory, else none
                (logits-only use; tokenize() then raises TokenizerError)
     threads    OpenMP threads for the C core (default: all cores available to this process)
-    n_ctx      positions the KV cache holds (default and maximum: the model's seq_len)
+    n_ctx      positions the KV cache holds (default: the model's seq_len; more on request)
+    mmap       map the file (default: loads in milliseconds, pages shared between processes);
+               False reads it into memory (safe if the file may change on disk while in use)
 
     One Llama is used by one thread at a time (calls from another thread wait for it); separate
     Llama objects run in parallel (the GIL is released while C runs).
     """
 
-    def __init__(self, path, tokenizer=None, threads=None, n_ctx=None):
+    def __init__(self, path, tokenizer=None, threads=None, n_ctx=None, mmap=True):
         self.path = os.fspath(path)
-        self.file = load(self.path)
+        self.file = load(self.path, mmap=mmap)
         if not self.file.has_weights:
             raise FormatError(f"{self.path}: a vocab-only GGUF holds no weights to run; load its "
                               f"tokenizer with pyllama.load_tokenizer(path)")
@@ -138,7 +140,7 @@ class Llama:
         tok = self._tok()
         steps = resolve_steps(steps, self.n_ctx)
         sampler = make_sampler(self._model, temperature, topp, seed)
-        ids = tok.encode(prompt, bos=True, eos=False)
+        ids = encode_prompt(tok, prompt, self.n_ctx)
         pairs = generate_tokens(self._model, ids, steps, sampler, bos_id=tok.bos_id)
         return stream_text(tok, pairs, skip=0 if echo else len(ids) - 1)
 

@@ -5,14 +5,32 @@ memory C points into stays alive as long as the Transformer does. The weights ar
 """
 import os
 import threading
+import weakref
 
 import numpy as np
 
 from ._core import ffi, lib
-from .errors import ParameterError
+from .errors import ParameterError, PyllamaError
 from .formats.common import F32, MAX_SEQ, Q8_G
 
 MAX_THREADS = 1024
+
+# GNU OpenMP's thread pool does not survive fork(): a child that opens a parallel region after its
+# parent used one hangs. So in a forked child every model runs single-threaded (the serial path
+# never touches the pool). Use multiprocessing's "spawn"/"forkserver" for multi-threaded children.
+_live = weakref.WeakSet()
+_forked = False
+
+
+def _after_fork_in_child():
+    global _forked
+    _forked = True
+    for t in list(_live):
+        t._state.n_threads = 1
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def default_threads():
@@ -44,6 +62,29 @@ def available_memory():
     return None
 
 
+class ModelLock:
+    """A Transformer's KV cache belongs to one generation at a time. Other threads wait for it;
+    the thread that holds it (e.g. a second generate() started while a first one is still being
+    iterated) gets a clear error instead of a deadlock or a corrupted cache."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._owner = None
+
+    def __enter__(self):
+        me = threading.get_ident()
+        if self._owner == me:
+            raise PyllamaError("this model is already in use by an unfinished generation in this "
+                               "thread: finish or close() that generator first")
+        self._lock.acquire()
+        self._owner = me
+        return self
+
+    def __exit__(self, *exc):
+        self._owner = None
+        self._lock.release()
+
+
 class Transformer:
     """The C forward pass over one ModelFile, with its own KV cache of n_ctx positions."""
 
@@ -62,9 +103,10 @@ class Transformer:
                                  f"{seq_len}), found {n_ctx!r}")
         self.n_ctx = int(n_ctx)
         self._keep = []
-        self._lock = threading.Lock()
+        self._lock = ModelLock()
         self._weights = self._bind_weights(model_file)
         self._alloc_state(threads)
+        _live.add(self)
 
     # -- binding ---------------------------------------------------------------------------------
     def _ptr(self, array, ctype="void *"):
@@ -131,6 +173,7 @@ class Transformer:
             hb=np.zeros(hidden, np.float32), hb2=np.zeros(hidden, np.float32),
             q=np.zeros(dim, np.float32), att=np.zeros((cfg["n_heads"], n_ctx), np.float32),
             logits=np.zeros(cfg["vocab_size"], np.float32),
+            rope=np.zeros(dim // cfg["n_heads"], np.float32),
             key_cache=np.zeros(kv_shape, np.float32), value_cache=np.zeros(kv_shape, np.float32))
         s = ffi.new("pl_state *")
         self._keep.append(s)
@@ -152,7 +195,7 @@ class Transformer:
 
     @threads.setter
     def threads(self, value):
-        self._state.n_threads = check_threads(value)
+        self._state.n_threads = 1 if _forked else check_threads(value)
 
     # -- running ---------------------------------------------------------------------------------
     def forward(self, token, pos):

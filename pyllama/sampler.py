@@ -45,5 +45,9 @@ class Sampler:
 
     def sample(self, logits_ptr):
         """Next token from the logits behind logits_ptr (overwritten with probabilities)."""
-        return lib.pl_sample(logits_ptr, self.vocab_size, self.temperature, self.topp,
-                             self._rng, self._probindex)
+        token = lib.pl_sample(logits_ptr, self.vocab_size, self.temperature, self.topp,
+                              self._rng, self._probindex)
+        if token < 0:
+            raise ParameterError("the model produced non-finite logits (NaN or inf): the weights "
+                                 "are broken or overflow in float32")
+        return token

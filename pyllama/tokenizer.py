@@ -15,8 +15,9 @@ it against the real library on generated strings):
   * ``decode()`` is SentencePiece's DecodeIds: control tokens vanish, the leading space of the
     first visible piece is dropped, ``<unk>`` reads " ⁇ ", and each byte of an invalid UTF-8
     sequence becomes U+FFFD. ``decode_piece()``/``safe_piece()`` are llama2.c's streaming
-    ``decode()``/``safe_printf()`` instead (for byte-exact parity of ``run`` output), except that
-    control tokens (BOS/EOS) are empty (llama2.c would print EOS's "\\n</s>\\n").
+    ``decode()``/``safe_printf()`` instead (for byte-exact parity of ``run`` output): control
+    tokens are empty in decode_piece; safe_piece prints them as llama2.c does ("\\n</s>\\n") for a
+    tokenizer.bin and not at all for a GGUF vocabulary (as llama.cpp).
 
 Speed: a priority queue of candidate pairs over a linked list of symbols with lazy invalidation
 (O(n log n)); the text is also cut into words where no piece can span the cut (checked on the
@@ -125,6 +126,7 @@ class Tokenizer:
         for group in self._user_defined.values():
             group.sort(key=len, reverse=True)
         self._split_words = not any(_CROSSES_WORD.search(s) for s in self._ids)
+        self.max_piece_chars = max((len(s) for s in self._ids), default=1)
         self._cache: dict = {}
 
     # ------------------------------------------------------------------ constructors
@@ -174,7 +176,7 @@ class Tokenizer:
                 raise FormatError(f"{source}: missing metadata key {key}")
             v[key] = meta.get(key, default)
         model = v["tokenizer.ggml.model"]
-        if model != "llama":
+        if not isinstance(model, str) or model != "llama":
             raise FormatError(f"{source}: unsupported tokenizer model {model!r} (tokenizer.ggml."
                               f"model): only 'llama' (SentencePiece BPE) is supported")
         pieces = []

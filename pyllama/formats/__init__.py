@@ -10,8 +10,12 @@ from .llama2c import read_llama2c
 GGUF_MAGIC = b"GGUF"
 
 
-def open_map(path):
-    """The one read-only map of a file, after checking that it is a readable regular file."""
+def open_map(path, mmap=True):
+    """The one read-only map of a file, after checking that it is a readable regular file.
+
+    mmap=False reads the file into memory instead: slower to load, but immune to the file being
+    truncated or rewritten on disk while in use (a mapped file truncated under a running model
+    makes the process die of SIGBUS, as with every mmap-based runner)."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FormatError(f"{path}: no such file")
@@ -25,13 +29,18 @@ def open_map(path):
         raise FormatError(f"{path}: cannot read: {e.strerror or e}") from None
     if size == 0:
         raise FormatError(f"{path}: unsupported format: the file is empty")
-    return np.memmap(path, dtype=np.uint8, mode="r")
+    if mmap:
+        return np.memmap(path, dtype=np.uint8, mode="r")
+    data = np.fromfile(path, dtype=np.uint8)
+    data.flags.writeable = False
+    return data
 
 
-def load(path) -> ModelFile:
-    """Read a model file (llama2.c legacy/V1/V2 .bin or GGUF) into a ModelFile of mmap views."""
+def load(path, mmap=True) -> ModelFile:
+    """Read a model file (llama2.c legacy/V1/V2 .bin or GGUF) into a ModelFile of views into one
+    read-only map of it (or, with mmap=False, one in-memory copy)."""
     path = os.fspath(path)
-    mm = open_map(path)
+    mm = open_map(path, mmap)
     if bytes(mm[:4]) == GGUF_MAGIC:
         from .gguf import read_gguf
         return read_gguf(path, mm)

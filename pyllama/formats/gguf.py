@@ -354,7 +354,7 @@ def _check_llama(path, meta):
     arch = meta.get("general.architecture")
     if arch is None:
         fail(path, "missing metadata key 'general.architecture'")
-    if arch != "llama":
+    if not isinstance(arch, str) or arch != "llama":
         fail(path, f"unsupported architecture {arch!r} (general.architecture): pyllama runs "
                    f"'llama'")
     experts = meta.get("llama.expert_count", 0)

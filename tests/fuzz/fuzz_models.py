@@ -19,7 +19,8 @@ through `Tokenizer.from_llama2c(path, vocab)`, encode/decode, and generation wit
 Accepted outcomes: success, a pyllama.PyllamaError, or a MemoryError whose message names bytes
 (pyllama's documented refusal of an absurd KV cache). Failures:
   unexpected  any other exception (file + traceback saved under --out)
-  hang        a case running longer than 10 s (SIGALRM; or killed by the supervisor at 30 s)
+  hang        a case running longer than 10 s (SIGALRM; or killed by the supervisor at 30 s
+              when the alarm cannot break it, e.g. a loop in C)
   crash       the worker process dying (signal, ASan/UBSan abort, os._exit)
 The cases run in-process in a worker child; this script supervises it, saves the file a crash
 happened on, and restarts the worker after it. Exit status 0 iff there was no failure. The last
@@ -46,7 +47,7 @@ from pathlib import Path
 import numpy as np
 
 HANG_SECONDS = 10          # per case, raised in the worker by SIGALRM
-HARD_TIMEOUT = HANG_SECONDS + 20  # supervisor: no word from the worker for this long -> kill
+GRACE_SECONDS = 20         # supervisor: no word from the worker for hang + grace s -> kill
 MAX_CRASHES = 25           # the supervisor gives up after this many worker deaths
 VOCAB = 300
 TOKENIZER_SHARE = 0.12     # fraction of cases that mutate tokenizer.bin
@@ -906,16 +907,22 @@ class Runner:
         Path(self.tok_path).write_bytes(next(s for s in self.seeds if s.kind == "tokenizer").data)
         self.model_path = str(base / "legacy-shared.bin")
         Path(self.model_path).write_bytes(self.seeds[0].data)
-        signal.signal(signal.SIGALRM, _on_alarm)
+        self._old_alarm = signal.signal(signal.SIGALRM, _on_alarm)
         self.heap = False
         self._install_heap_map()
+
+    def close(self):
+        """Undo what __init__ changed in this process (for in-process use, e.g. by pytest)."""
+        import pyllama.formats as formats
+        formats.open_map = self._original_open_map
+        signal.signal(signal.SIGALRM, self._old_alarm)
 
     def _install_heap_map(self):
         """Odd cases read the file into a malloc'd (read-only) numpy array instead of mapping
         it, so that under AddressSanitizer a read past the file's end is a report, not a silent
         read of the mapping's zero-filled last page."""
         import pyllama.formats as formats
-        original = formats.open_map
+        original = self._original_open_map = formats.open_map
 
         def open_map(path):
             mm = original(path)
@@ -979,6 +986,8 @@ def worker(args):
                 raise
             time.sleep(2)
     os.chdir(runner.work)  # no stray tokenizer.bin in the working directory
+    inject = {int(n): kind for kind, n in (x.split("@") for x in (args.selftest or "").split(",")
+                                           if x)}
     out = sys.stdout
     for i in range(args.start, args.start + args.count):
         seed_obj, data, rng, desc = make_case(runner.seeds, args.seed, i)
@@ -988,8 +997,7 @@ def worker(args):
         out.write(f"B {i} {seed_obj.name} {desc}\n")
         out.flush()
         runner.heap = i % 2 == 1
-        if args.selftest and int(args.selftest.split("@")[1]) == i:
-            runner.inject = args.selftest.split("@")[0]
+        runner.inject = inject.get(i)
         status, label = runner.run_bytes(seed_obj, data, rng, path)
         runner.inject = None
         if status in ("hang", "unexpected"):
@@ -1029,7 +1037,7 @@ def supervise(args):
             current, next_start, done = None, end, False
             reader = _LineReader(proc.stdout)
             while True:
-                line = reader.readline(args.hang_seconds + HARD_TIMEOUT - HANG_SECONDS)
+                line = reader.readline(args.hang_seconds + args.grace)
                 if line is None:  # silent too long: a hang the alarm could not break
                     proc.send_signal(signal.SIGABRT)  # faulthandler prints where it is stuck
                     try:
@@ -1081,7 +1089,7 @@ def supervise(args):
             shutil.copyfile(src, out / (stem + Path(name).suffix))
             src.unlink()
         stderr_tail = log.read_text(errors="replace")[-20000:]
-        how = (f"no output for {args.hang_seconds + HARD_TIMEOUT - HANG_SECONDS:g} s (killed)"
+        how = (f"no output for {args.hang_seconds + args.grace:g} s (killed)"
                if kind == "hang"
                else f"worker died: {_status(rc)}")
         (out / (stem + ".txt")).write_text(
@@ -1098,6 +1106,7 @@ def supervise(args):
             break
         start = i + 1
     elapsed = time.monotonic() - t0
+    shutil.rmtree(out / "work", ignore_errors=True)  # failing inputs were copied out of it
     rejected = sorted((k[len("rejected "):], v) for k, v in counts.items()
                       if k.startswith("rejected "))
     detail = ", ".join([f"{v} rejected with {k}" for k, v in rejected]
@@ -1194,8 +1203,10 @@ def main(argv=None):
     p.add_argument("--tokenizer", action="store_true", help="--replay: the file is tokenizer.bin")
     p.add_argument("--hang-seconds", type=float, default=HANG_SECONDS,
                    help=f"a case running longer is a hang (default {HANG_SECONDS})")
-    p.add_argument("--selftest", help="KIND@N: inject a failure (crash, exit, hang, stuck, "
-                                      "unexpected, memory) into case N, to test the harness")
+    p.add_argument("--grace", type=float, default=GRACE_SECONDS,
+                   help=f"kill a worker silent for hang + grace seconds (default {GRACE_SECONDS})")
+    p.add_argument("--selftest", help="KIND@N[,KIND@N...]: inject failures (crash, exit, hang, "
+                                      "stuck, unexpected, memory) into case N, to test the harness")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.seed is None:

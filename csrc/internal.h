@@ -4,7 +4,7 @@
 #include <stdint.h>
 #include "kernels.h"  /* includes pyllama.h, once */
 
-/* One matmul of a group that shares its input: out(w->rows) = w @ x. */
+/* One matmul of a group that shares its input: out(n, w->rows) = x(n, w->cols) @ w^T. */
 typedef struct {
     const pl_tensor *w;
     float *out;
@@ -14,8 +14,8 @@ typedef struct {
 
 /* Inside an OpenMP parallel region (or outside one, single-threaded): all threads of the team
  * call it together (see matmul.c). scratch holds PL_MAX_GROUP slots of quantized activations. */
-void pl__team_matmuls(const float *x, const pl__mm *mm, int n, void *scratch, int same_rows,
-                      long long *r0, long long *r1);
+void pl__team_matmuls(const float *x, int n, const pl__mm *mm, int nmm, void *scratch,
+                      int same_rows, long long *r0, long long *r1);
 
 /* Activation scratch bytes one matmul with w needs. */
 long long pl__act_bytes(const pl_tensor *w);

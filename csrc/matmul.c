@@ -157,64 +157,77 @@ static void split_rows(long long rows, int tid, int nth, long long *r0, long lon
 /* ------------------------------------------------------------------------------------------------
  * matmuls inside pl_forward's parallel region */
 
-/* Quantizes x once per distinct weight type of the group (one thread; the implicit barrier of
- * `single` publishes it), then computes this thread's share of the rows of every weight:
- * same_rows = 0: the rows of all the group's weights form one range split evenly in row pairs;
- * same_rows = 1: all weights have the same rows and a thread gets the same range in each.
- * r0[i], r1[i] return the thread's rows of weight i for an epilogue. No barrier at the end; the
- * caller must have ended the previous step with one (nobody may still read the scratch). */
-void pl__team_matmuls(const float *x, const pl__mm *mm, int n, void *scratch, int same_rows,
-                      long long *r0, long long *r1)
+/* Rows per chunk: a chunk of weight rows is read from memory once and then stays in cache while
+ * every token of the batch is multiplied with it (weight reuse for prompt processing). */
+static long long chunk_rows(const pl_tensor *w, int n)
 {
-    const void *xin[PL_MAX_GROUP];
-    long long slot = 0, total = 0;
+    if (n == 1) return 1LL << 40; /* one token: no reuse, no chunking */
+    long long ch = 32768 / (w->cols > 0 ? w->cols : 1);
+    ch = ch < 2 ? 2 : ch > 64 ? 64 : ch;
+    return ch & ~1LL;
+}
+
+/* For each matmul mm[i] of a group sharing one input: out_i[t*rows_i + r] = W_i[r] . x[t*cols]
+ * for the n tokens t of the batch. All threads of the team call it together.
+ * x is quantized once per distinct weight type (by one thread; `single`'s implicit barrier
+ * publishes it), then each thread computes its share of the rows:
+ *   same_rows = 0: the rows of all the group's weights form one range, split evenly in row pairs;
+ *   same_rows = 1: all weights have the same rows and a thread gets the same range in each.
+ * r0[i], r1[i] return the thread's rows of weight i (for an epilogue on them). No barrier at the
+ * end; the caller must have ended its previous step with one (nobody may still read scratch). */
+void pl__team_matmuls(const float *x, int n, const pl__mm *mm, int nmm, void *scratch,
+                      int same_rows, long long *r0, long long *r1)
+{
+    const char *xin[PL_MAX_GROUP]; /* token t's input for weight i: xin[i] + t * stride[i] */
+    long long stride[PL_MAX_GROUP], slot = 0, total = 0;
+    const long long cols = mm[0].w->cols;
     int any_quant = 0;
-    for (int i = 0; i < n; i++) {
+    for (int i = 0; i < nmm; i++) {
         long long b = pl__act_bytes(mm[i].w);
         slot = b > slot ? b : slot;
         any_quant |= b > 0;
         total += mm[i].w->rows;
     }
     slot = (slot + 63) & ~63LL;
-    for (int i = 0; i < n; i++) {
-        xin[i] = x;
+    for (int i = 0; i < nmm; i++) {
+        xin[i] = (const char *)x;
+        stride[i] = cols * (long long)sizeof(float);
         if (!pli_is_quant(mm[i].w->type)) continue;
-        xin[i] = (char *)scratch + i * slot;
+        xin[i] = (const char *)scratch + (long long)i * n * slot;
+        stride[i] = slot;
         for (int j = 0; j < i; j++)
             if (mm[j].w->type == mm[i].w->type) { xin[i] = xin[j]; break; }
     }
     if (any_quant) {
 #pragma omp single
-        for (int i = 0; i < n; i++)
-            if (pli_is_quant(mm[i].w->type) && xin[i] == (char *)scratch + i * slot)
-                pli_quantize_act(mm[i].w, x, (void *)xin[i]);
+        for (int i = 0; i < nmm; i++)
+            if (pli_is_quant(mm[i].w->type) && xin[i] == (const char *)scratch + (long long)i * n * slot)
+                for (int t = 0; t < n; t++)
+                    pli_quantize_act(mm[i].w, x + t * cols, (char *)xin[i] + t * slot);
     }
     int tid = 0, nth = 1;
 #ifdef _OPENMP
     tid = omp_get_thread_num();
     nth = omp_get_num_threads();
 #endif
-    if (same_rows) {
-        long long a, b;
-        split_rows(mm[0].w->rows, tid, nth, &a, &b);
-        for (int i = 0; i < n; i++) {
-            r0[i] = a;
-            r1[i] = b;
-            if (a < b) matvec_rows(mm[i].w, xin[i], mm[i].out, a, b);
-        }
-        return;
-    }
     long long a, b, base = 0;
-    split_rows(total, tid, nth, &a, &b);
-    for (int i = 0; i < n; i++) {
-        long long rows = mm[i].w->rows;
-        long long lo = a - base, hi = b - base;
-        lo = lo < 0 ? 0 : lo > rows ? rows : lo;
-        hi = hi < 0 ? 0 : hi > rows ? rows : hi;
+    split_rows(same_rows ? mm[0].w->rows : total, tid, nth, &a, &b);
+    for (int i = 0; i < nmm; i++) {
+        const pl_tensor *w = mm[i].w;
+        long long lo = a, hi = b;
+        if (!same_rows) {
+            lo = a - base < 0 ? 0 : a - base > w->rows ? w->rows : a - base;
+            hi = b - base < 0 ? 0 : b - base > w->rows ? w->rows : b - base;
+            base += w->rows;
+        }
         r0[i] = lo;
         r1[i] = hi;
-        if (lo < hi) matvec_rows(mm[i].w, xin[i], mm[i].out, lo, hi);
-        base += rows;
+        long long ch = chunk_rows(w, n);
+        for (long long c0 = lo; c0 < hi; c0 += ch) {
+            long long c1 = c0 + ch < hi ? c0 + ch : hi;
+            for (int t = 0; t < n; t++)
+                matvec_rows(w, xin[i] + t * stride[i], mm[i].out + t * w->rows, c0, c1);
+        }
     }
 }
 
@@ -224,7 +237,7 @@ void pl_matmul(float *xout, const float *x, const pl_tensor *w, void *scratch, i
 #pragma omp parallel num_threads(n_threads) if (n_threads > 1)
     {
         long long r0, r1;
-        pl__team_matmuls(x, &mm, 1, scratch, 0, &r0, &r1);
+        pl__team_matmuls(x, 1, &mm, 1, scratch, 0, &r0, &r1);
     }
 }
 

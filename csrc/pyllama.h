@@ -9,7 +9,7 @@
  * owns every buffer (numpy arrays kept alive by the Python objects that hold these structs).
  */
 
-#define PL_ABI_VERSION 2
+#define PL_ABI_VERSION 3
 
 /* Tensor types: ggml's type numbers, plus one of our own for llama2.c V2 checkpoints. */
 #define PL_F32 0
@@ -69,21 +69,23 @@ typedef struct {
     pl_layer *layers;          /* [n_layers] */
 } pl_weights;
 
-/* Run state of one sequence. All buffers are allocated by Python. */
+/* Run state of one sequence. All buffers are allocated by Python. Activations hold up to
+ * max_batch tokens (row t belongs to the t-th token of a pl_forward call). */
 typedef struct {
-    float *x;           /* (dim,) activation */
-    float *xb;          /* (max(dim, n_heads*head_size),) */
-    float *xb2;         /* (dim,) */
-    float *hb;          /* (hidden_dim,) */
-    float *hb2;         /* (hidden_dim,) */
-    float *q;           /* (n_heads*head_size,) */
-    float *att;         /* (n_heads, n_ctx) attention scores */
-    float *logits;      /* (vocab_size,) */
-    float *rope;        /* (head_size,) this position's RoPE cos/sin pairs */
+    float *x;           /* (max_batch, dim) activation */
+    float *xb;          /* (max_batch, dim) */
+    float *xb2;         /* (max_batch, dim) */
+    float *hb;          /* (max_batch, hidden_dim) */
+    float *hb2;         /* (max_batch, hidden_dim) */
+    float *q;           /* (max_batch, dim) */
+    float *att;         /* (max_batch, n_heads, n_ctx) attention scores */
+    float *logits;      /* (max_batch, vocab_size) */
+    float *rope;        /* (max_batch, head_size) RoPE cos/sin pairs of each token's position */
     float *key_cache;   /* (n_layers, n_ctx, kv_dim) */
     float *value_cache; /* (n_layers, n_ctx, kv_dim) */
-    void *scratch;      /* pl_scratch_bytes(weights) bytes: quantized activations */
-    int n_ctx;          /* positions the KV cache holds (<= seq_len) */
+    void *scratch;      /* pl_scratch_bytes(weights, max_batch) bytes: quantized activations */
+    int n_ctx;          /* positions the KV cache holds */
+    int max_batch;      /* tokens one pl_forward call may take (>= 1) */
     int n_threads;      /* OpenMP threads for this state's calls (>= 1) */
 } pl_state;
 
@@ -98,11 +100,14 @@ int pl_has_openmp(void);
 int pl_max_threads(void);
 const char *pl_build_info(void);
 
-/* Bytes of state->scratch that pl_forward needs for these weights. */
-long long pl_scratch_bytes(const pl_weights *w);
+/* Bytes of state->scratch that pl_forward needs for these weights and batch size. */
+long long pl_scratch_bytes(const pl_weights *w, int max_batch);
 
-/* One token at position pos (0 <= pos < s->n_ctx, 0 <= token < vocab): s->logits gets the output. */
-void pl_forward(const pl_weights *w, pl_state *s, int token, int pos);
+/* Runs tokens[0..n) at positions pos..pos+n-1 (1 <= n <= s->max_batch, pos + n <= s->n_ctx,
+ * 0 <= token < vocab), appending them to the KV cache. s->logits gets the last token's logits
+ * (row 0), or with all_logits every token's (row t). The prompt goes through as one batch:
+ * each weight row is read once for all n tokens. */
+void pl_forward(const pl_weights *w, pl_state *s, const int *tokens, int n, int pos, int all_logits);
 
 /* xout(rows) = W @ x(cols); scratch as for pl_forward; W.cols must be a multiple of the block. */
 void pl_matmul(float *xout, const float *x, const pl_tensor *w, void *scratch, int n_threads);

@@ -1,8 +1,8 @@
 /* The Llama-2 forward pass (llama2.c's run.c, generalised to typed weight tensors).
  *
- * One OpenMP parallel region per token: every step below is either a work-shared loop, a matmul
- * split over the team (pl__team_matmul), or a short `single` section, so the team is not forked
- * and joined once per matmul.
+ * One OpenMP parallel region per call: every step below is either a work-shared loop or a matmul
+ * split over the team (pl__team_matmuls), so the team is not forked and joined once per matmul.
+ * A call takes a batch of tokens (the prompt), so each weight row is read once per batch.
  */
 #include <math.h>
 #include <stdint.h>
@@ -66,7 +66,7 @@ static void rmsnorm(float *o, const float *x, const float *weight, int size, flo
     for (int j = 0; j < size; j++) o[j] = weight[j] * (ss * x[j]);
 }
 
-/* This position's RoPE rotation for each pair (i, i+1) of a head: rope[i] = cos, rope[i+1] = sin
+/* Position pos's RoPE rotation for each pair (i, i+1) of a head: rope[i] = cos, rope[i+1] = sin
  * of pos * theta^(-i/head_size) (llama2.c's arithmetic, computed once per token, not per layer). */
 static void rope_table(float *rope, int pos, int head_size, float theta)
 {
@@ -106,7 +106,7 @@ static inline float dot(const float *a, const float *b, int n)
     return s;
 }
 
-long long pl_scratch_bytes(const pl_weights *w)
+long long pl_scratch_bytes(const pl_weights *w, int max_batch)
 {
     long long m = pl__act_bytes(&w->wcls);
     for (int l = 0; l < w->cfg.n_layers; l++) {
@@ -117,16 +117,16 @@ long long pl_scratch_bytes(const pl_weights *w)
             m = b > m ? b : m;
         }
     }
-    return PL_MAX_GROUP * ((m + 63) & ~63LL);
+    return (long long)PL_MAX_GROUP * max_batch * ((m + 63) & ~63LL);
 }
 
 /* ------------------------------------------------------------------------------------------------
  * the forward pass */
 
-void pl_forward(const pl_weights *w, pl_state *s, int token, int pos)
+void pl_forward(const pl_weights *w, pl_state *s, const int *tokens, int n, int pos, int all_logits)
 {
     const pl_config *p = &w->cfg;
-    const int dim = p->dim, n_heads = p->n_heads;
+    const int dim = p->dim, hidden_dim = p->hidden_dim, n_heads = p->n_heads;
     const int head_size = dim / n_heads;
     const int kv_dim = head_size * p->n_kv_heads;
     const int kv_mul = n_heads / p->n_kv_heads; /* query heads per kv head */
@@ -134,10 +134,12 @@ void pl_forward(const pl_weights *w, pl_state *s, int token, int pos)
     const float att_scale = 1.0f / sqrtf((float)head_size);
     float *x = s->x;
 
-    pl_dequantize_row(&w->token_embedding, token, x);
-    rope_table(s->rope, pos, head_size, p->rope_theta);
+    for (int t = 0; t < n; t++) {
+        pl_dequantize_row(&w->token_embedding, tokens[t], x + (long long)t * dim);
+        rope_table(s->rope + (long long)t * head_size, pos + t, head_size, p->rope_theta);
+    }
 
-    /* One team for the whole token. Each step ends with a barrier (explicit, or implied by
+    /* One team for the whole call. Each step ends with a barrier (explicit, or implied by
      * `single`/`for`) before the next one reads what it wrote. */
 #pragma omp parallel num_threads(s->n_threads) if (s->n_threads > 1)
     {
@@ -145,63 +147,81 @@ void pl_forward(const pl_weights *w, pl_state *s, int token, int pos)
         for (int l = 0; l < p->n_layers; l++) {
             const pl_layer *L = &w->layers[l];
             long long loff = (long long)l * n_ctx * kv_dim; /* layer offset into the KV cache */
-            float *kc = s->key_cache + loff + (long long)pos * kv_dim;
-            float *vc = s->value_cache + loff + (long long)pos * kv_dim;
+            float *kc = s->key_cache + loff + (long long)pos * kv_dim;   /* (n, kv_dim) */
+            float *vc = s->value_cache + loff + (long long)pos * kv_dim; /* (n, kv_dim) */
 
             /* attention rmsnorm; q, k, v (k and v straight into the cache) with RoPE */
-#pragma omp single
-            rmsnorm(s->xb, x, L->rms_att, dim, p->rms_eps);
+#pragma omp for schedule(static)
+            for (int t = 0; t < n; t++)
+                rmsnorm(s->xb + (long long)t * dim, x + (long long)t * dim, L->rms_att, dim, p->rms_eps);
             pl__mm qkv[3] = {{&L->wq, s->q}, {&L->wk, kc}, {&L->wv, vc}};
-            pl__team_matmuls(s->xb, qkv, 3, s->scratch, 0, r0, r1);
-            rope_rows(s->q, s->rope, r0[0], r1[0], head_size);
-            rope_rows(kc, s->rope, r0[1], r1[1], head_size);
+            pl__team_matmuls(s->xb, n, qkv, 3, s->scratch, 0, r0, r1);
+            for (int t = 0; t < n; t++) {
+                const float *rope = s->rope + (long long)t * head_size;
+                rope_rows(s->q + (long long)t * dim, rope, r0[0], r1[0], head_size);
+                rope_rows(kc + (long long)t * kv_dim, rope, r0[1], r1[1], head_size);
+            }
 #pragma omp barrier
 
-            /* multi-head attention over positions 0..pos, one head per iteration */
-#pragma omp for schedule(static)
-            for (int h = 0; h < n_heads; h++) {
-                const float *q = s->q + h * head_size;
-                float *att = s->att + (long long)h * n_ctx;
-                const float *kh = s->key_cache + loff + (h / kv_mul) * head_size;
-                const float *vh = s->value_cache + loff + (h / kv_mul) * head_size;
-                for (int t = 0; t <= pos; t++)
-                    att[t] = dot(q, kh + (long long)t * kv_dim, head_size) * att_scale;
-                pli_softmax(att, pos + 1);
-                float *xb = s->xb + h * head_size;
-                memset(xb, 0, head_size * sizeof(float));
-                for (int t = 0; t <= pos; t++) {
-                    const float *v = vh + (long long)t * kv_dim;
-                    float a = att[t];
-                    for (int i = 0; i < head_size; i++) xb[i] += a * v[i];
+            /* causal multi-head attention: token t (at pos + t) over positions 0..pos+t */
+#pragma omp for collapse(2) schedule(static)
+            for (int t = 0; t < n; t++) {
+                for (int h = 0; h < n_heads; h++) {
+                    const int last = pos + t;
+                    const float *q = s->q + (long long)t * dim + h * head_size;
+                    float *att = s->att + ((long long)t * n_heads + h) * n_ctx;
+                    const float *kh = s->key_cache + loff + (h / kv_mul) * head_size;
+                    const float *vh = s->value_cache + loff + (h / kv_mul) * head_size;
+                    for (int i = 0; i <= last; i++)
+                        att[i] = dot(q, kh + (long long)i * kv_dim, head_size) * att_scale;
+                    pli_softmax(att, last + 1);
+                    float *xb = s->xb + (long long)t * dim + h * head_size;
+                    memset(xb, 0, head_size * sizeof(float));
+                    for (int i = 0; i <= last; i++) {
+                        const float *v = vh + (long long)i * kv_dim;
+                        float a = att[i];
+                        for (int j = 0; j < head_size; j++) xb[j] += a * v[j];
+                    }
                 }
             }
 
             /* output projection, residual */
             pl__mm wo = {&L->wo, s->xb2};
-            pl__team_matmuls(s->xb, &wo, 1, s->scratch, 0, r0, r1);
-            for (long long i = r0[0]; i < r1[0]; i++) x[i] += s->xb2[i];
+            pl__team_matmuls(s->xb, n, &wo, 1, s->scratch, 0, r0, r1);
+            for (int t = 0; t < n; t++)
+                for (long long i = r0[0]; i < r1[0]; i++)
+                    x[t * (long long)dim + i] += s->xb2[t * (long long)dim + i];
 #pragma omp barrier
 
             /* SwiGLU FFN: w2(silu(w1 x) * w3 x), residual */
-#pragma omp single
-            rmsnorm(s->xb, x, L->rms_ffn, dim, p->rms_eps);
+#pragma omp for schedule(static)
+            for (int t = 0; t < n; t++)
+                rmsnorm(s->xb + (long long)t * dim, x + (long long)t * dim, L->rms_ffn, dim, p->rms_eps);
             pl__mm up[2] = {{&L->w1, s->hb}, {&L->w3, s->hb2}};
-            pl__team_matmuls(s->xb, up, 2, s->scratch, 1, r0, r1);
-            for (long long i = r0[0]; i < r1[0]; i++) {
-                float val = s->hb[i];
-                val *= 1.0f / (1.0f + expf(-val));
-                s->hb[i] = val * s->hb2[i];
+            pl__team_matmuls(s->xb, n, up, 2, s->scratch, 1, r0, r1);
+            for (int t = 0; t < n; t++) {
+                float *hb = s->hb + (long long)t * hidden_dim, *hb2 = s->hb2 + (long long)t * hidden_dim;
+                for (long long i = r0[0]; i < r1[0]; i++) {
+                    float val = hb[i];
+                    val *= 1.0f / (1.0f + expf(-val));
+                    hb[i] = val * hb2[i];
+                }
             }
 #pragma omp barrier
             pl__mm down = {&L->w2, s->xb};
-            pl__team_matmuls(s->hb, &down, 1, s->scratch, 0, r0, r1);
-            for (long long i = r0[0]; i < r1[0]; i++) x[i] += s->xb[i];
+            pl__team_matmuls(s->hb, n, &down, 1, s->scratch, 0, r0, r1);
+            for (int t = 0; t < n; t++)
+                for (long long i = r0[0]; i < r1[0]; i++)
+                    x[t * (long long)dim + i] += s->xb[t * (long long)dim + i];
 #pragma omp barrier
         }
 
-#pragma omp single
-        rmsnorm(x, x, w->rms_final, dim, p->rms_eps);
+        /* final rmsnorm and classifier, for the last token only unless all are wanted */
+        const int first = all_logits ? 0 : n - 1;
+#pragma omp for schedule(static)
+        for (int t = first; t < n; t++)
+            rmsnorm(x + (long long)t * dim, x + (long long)t * dim, w->rms_final, dim, p->rms_eps);
         pl__mm cls = {&w->wcls, s->logits};
-        pl__team_matmuls(x, &cls, 1, s->scratch, 0, r0, r1);
+        pl__team_matmuls(x + (long long)first * dim, n - first, &cls, 1, s->scratch, 0, r0, r1);
     }
 }

@@ -34,26 +34,38 @@ def check_prompt_length(n_tokens, n_ctx):
 
 
 def generate_tokens(transformer, prompt_ids, steps, sampler, bos_id=BOS):
-    """Yield (prev, token) pairs in llama2.c's order: the prompt is forced, then sampled tokens,
-    until `steps` positions are done or BOS is sampled. `prev` is the token before `token`."""
+    """Yield (prev, token) pairs in llama2.c's order: the prompt's pairs, then sampled tokens,
+    until `steps` positions are done or BOS is sampled (bos_id None: never stop early).
+
+    The same positions are computed as in llama2.c's generate(), but the prompt goes through the
+    model as one batch (prefill) instead of one token at a time."""
     if not prompt_ids:
         raise ParameterError("the prompt must hold at least one token (BOS)")
     check_prompt_length(len(prompt_ids), transformer.n_ctx)
     n_prompt = len(prompt_ids)
-    token, pos = prompt_ids[0], 0
+    k = min(n_prompt, steps)  # prompt positions that run
     forward, sample, logits_ptr = transformer.forward, sampler.sample, transformer.logits_ptr
     with transformer._lock:
-        while pos < steps:
-            forward(token, pos)
-            if pos < n_prompt - 1:
-                nxt = prompt_ids[pos + 1]
-            else:
-                nxt = sample(logits_ptr)
-            pos += 1
+        if k == 0:
+            return
+        transformer.prefill(prompt_ids[:k], 0)
+        for pos in range(min(k, n_prompt - 1)):
+            if prompt_ids[pos + 1] == bos_id:
+                return
+            yield prompt_ids[pos], prompt_ids[pos + 1]
+        if k < n_prompt:
+            return
+        token, pos = prompt_ids[-1], n_prompt  # logits of the last prompt token are ready
+        while True:
+            nxt = sample(logits_ptr)
             if nxt == bos_id:
-                break
+                return
             yield token, nxt
             token = nxt
+            if pos >= steps:
+                return
+            forward(token, pos)
+            pos += 1
 
 
 def stream_text(tokenizer, pairs, skip=0):

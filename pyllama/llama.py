@@ -124,11 +124,8 @@ class Llama:
         ids = self._check_ids(ids)
         if len(ids) > self.n_ctx:
             raise ParameterError(f"{len(ids)} ids do not fit the context of {self.n_ctx} positions")
-        out = np.empty((len(ids), self.vocab_size), np.float32)
         with self._model._lock:
-            for pos, tok in enumerate(ids):
-                out[pos] = self._model.forward(tok, pos)
-        return out
+            return self._model.prefill(ids, 0, all_logits=True)
 
     def generate(self, prompt="", steps=256, temperature=1.0, topp=0.9, seed=None, echo=False):
         """Stream text as it is generated, as llama2.c's `run` does.

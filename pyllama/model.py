@@ -14,6 +14,8 @@ from .errors import ParameterError, PyllamaError
 from .formats.common import F32, MAX_SEQ, Q8_G
 
 MAX_THREADS = 1024
+MAX_BATCH = 32            # prompt tokens per forward call (each weight row is read once per batch)
+ATT_BYTES = 64 << 20      # cap on a batch's attention scores
 
 # GNU OpenMP's thread pool does not survive fork(): a child that opens a parallel region after its
 # parent used one hangs. So in a forked child every model runs single-threaded (the serial path
@@ -159,34 +161,47 @@ class Transformer:
         kv_dim = cfg["dim"] // cfg["n_heads"] * cfg["n_kv_heads"]
         return 2 * 4 * cfg["n_layers"] * (n_ctx or self.n_ctx) * kv_dim
 
+    def _batch_size(self):
+        """Tokens per pl_forward call: up to MAX_BATCH, fewer when the attention scores of a
+        batch (batch, n_heads, n_ctx) would pass ATT_BYTES."""
+        per_token = 4 * self.config["n_heads"] * self.n_ctx
+        return int(max(1, min(MAX_BATCH, ATT_BYTES // per_token)))
+
     def _alloc_state(self, threads):
         cfg = self.config
-        dim, hidden, n_ctx = cfg["dim"], cfg["hidden_dim"], self.n_ctx
-        need = self.kv_cache_bytes() + 4 * cfg["n_heads"] * n_ctx
+        dim, hidden, n_ctx, vocab = cfg["dim"], cfg["hidden_dim"], self.n_ctx, cfg["vocab_size"]
+        nb = self._batch_size()
+        kv_shape = (cfg["n_layers"], n_ctx, dim // cfg["n_heads"] * cfg["n_kv_heads"])
+        scratch_bytes = int(lib.pl_scratch_bytes(self._weights, nb)) + 64
+        need = (self.kv_cache_bytes() + 4 * nb * (cfg["n_heads"] * n_ctx + 4 * dim + 2 * hidden + vocab)
+                + scratch_bytes)
         avail = available_memory()
         if avail is not None and need > avail:
-            raise MemoryError(f"the KV cache for a context of {n_ctx} positions needs {need} bytes; "
-                              f"only {avail} bytes of memory are available (ask for a smaller context)")
-        kv_shape = (cfg["n_layers"], n_ctx, dim // cfg["n_heads"] * cfg["n_kv_heads"])
+            raise MemoryError(f"the KV cache and buffers for a context of {n_ctx} positions need "
+                              f"{need} bytes; only {avail} bytes of memory are available (ask for a "
+                              f"smaller context)")
+        f32 = np.float32
         bufs = dict(
-            x=np.zeros(dim, np.float32), xb=np.zeros(dim, np.float32), xb2=np.zeros(dim, np.float32),
-            hb=np.zeros(hidden, np.float32), hb2=np.zeros(hidden, np.float32),
-            q=np.zeros(dim, np.float32), att=np.zeros((cfg["n_heads"], n_ctx), np.float32),
-            logits=np.zeros(cfg["vocab_size"], np.float32),
-            rope=np.zeros(dim // cfg["n_heads"], np.float32),
-            key_cache=np.zeros(kv_shape, np.float32), value_cache=np.zeros(kv_shape, np.float32))
+            x=np.zeros((nb, dim), f32), xb=np.zeros((nb, dim), f32), xb2=np.zeros((nb, dim), f32),
+            hb=np.zeros((nb, hidden), f32), hb2=np.zeros((nb, hidden), f32),
+            q=np.zeros((nb, dim), f32), att=np.zeros((nb, cfg["n_heads"], n_ctx), f32),
+            logits=np.zeros((nb, vocab), f32), rope=np.zeros((nb, dim // cfg["n_heads"]), f32),
+            key_cache=np.zeros(kv_shape, f32), value_cache=np.zeros(kv_shape, f32))
         s = ffi.new("pl_state *")
         self._keep.append(s)
         for name, arr in bufs.items():
             setattr(s, name, self._ptr(arr, "float *"))
-        scratch = np.zeros(max(16, int(lib.pl_scratch_bytes(self._weights))) + 64, np.uint8)
+        scratch = np.zeros(scratch_bytes, np.uint8)
         s.scratch = self._ptr(scratch)
         s.n_ctx = n_ctx
+        s.max_batch = nb
+        self.max_batch = nb
+        self._tokens = ffi.new("int[]", nb)
         self._bufs = bufs
         self._scratch = scratch
         self._state = s
         self.logits_buffer = bufs["logits"]
-        self.logits_ptr = s.logits
+        self.logits_ptr = s.logits  # row 0: the last token's logits after a call
         self.threads = threads  # validated by the property setter
 
     @property
@@ -205,5 +220,27 @@ class Transformer:
             raise ParameterError(f"token id {token} is outside the vocabulary (0..{self.vocab_size - 1})")
         if not 0 <= pos < self.n_ctx:
             raise ParameterError(f"position {pos} is outside the context (0..{self.n_ctx - 1})")
-        lib.pl_forward(self._weights, self._state, token, pos)
-        return self.logits_buffer
+        self._tokens[0] = token
+        lib.pl_forward(self._weights, self._state, self._tokens, 1, pos, 0)
+        return self.logits_buffer[0]
+
+    def prefill(self, ids, pos=0, all_logits=False):
+        """Run ids at positions pos.. in batches of max_batch. Returns the logits of every token
+        ([len(ids), vocab], a new array) if all_logits; else None, and the last token's logits
+        are in logits_buffer[0] (where the sampler reads them)."""
+        n = len(ids)
+        if n and (min(ids) < 0 or max(ids) >= self.vocab_size):
+            bad = next(i for i in ids if not 0 <= i < self.vocab_size)
+            raise ParameterError(f"token id {bad} is outside the vocabulary (0..{self.vocab_size - 1})")
+        if pos < 0 or pos + n > self.n_ctx:
+            raise ParameterError(f"positions {pos}..{pos + n - 1} are outside the context "
+                                 f"(0..{self.n_ctx - 1})")
+        out = np.empty((n, self.vocab_size), np.float32) if all_logits else None
+        for start in range(0, n, self.max_batch):
+            chunk = ids[start:start + self.max_batch]
+            self._tokens[0:len(chunk)] = chunk
+            lib.pl_forward(self._weights, self._state, self._tokens, len(chunk), pos + start,
+                           1 if all_logits else 0)
+            if all_logits:
+                out[start:start + len(chunk)] = self.logits_buffer[:len(chunk)]
+        return out

@@ -1209,6 +1209,7 @@ def main(argv=None):
                                       "stuck, unexpected, memory) into case N, to test the harness")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    args.out = os.path.abspath(args.out)  # the worker changes directory
     if args.seed is None:
         if args.case is not None:
             p.error("--case needs --seed")

@@ -1,112 +1,103 @@
-"""`make bench`: generation speed of pyllama on llama2.c's published shapes (synthetic weights).
+"""`make bench`: pyllama's speed on llama2.c's published shapes, as the issue's table.
 
-For each model: tokens/s generating 256 positions at temperature 0 (min/median/max of --repeat
-runs), at 1 and 2 threads; the share of the time spent in Python (the token loop, sampling call,
-decoding) versus inside the C forward pass; and time to first token (load + first forward).
+Models: stories260K (real, ../shared), stories15M and stories110M shapes with synthetic weights
+(../shared/tools/make_model.py --shared), as llama2.c .bin and converted to GGUF F32, Q8_0, Q4_0
+and Q4_K_M by `pyllama convert` (all cached in build/bench-models/). For each: generation tok/s
+(256 tokens, temperature 0) at 1 and 2 threads, prompt tok/s (128 tokens, batched), min/median/max
+over --repeat runs, bytes read per token and the fraction of the read bandwidth measured in the
+same run. The reference columns are the figures the issue gives for llama2.c and llama.cpp on this
+machine (not re-measured here; `make bench-compare` runs llama-cpp-python side by side).
 
-    python benchmarks/bench.py [--models stories15M,stories110M,stories260K] [--repeat 3] [--json]
+    python benchmarks/bench.py [--quick] [--repeat 3] [--json FILE]
 """
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
-
-import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("PYLLAMA_SHARED") or ROOT.parent / "shared")
 MODELS = ROOT / "build" / "bench-models"
 
 import pyllama  # noqa: E402
-from pyllama.generate import generate_tokens, make_sampler  # noqa: E402
+from pyllama.bench import bench, read_bandwidth, time_to_first_token  # noqa: E402
+
+# (model, format): reference tok/s from the issue (generate at 2 threads; 260K at 1 thread)
+REFERENCE = {
+    ("stories15M", "bin"): ("llama2.c runomp", 167), ("stories110M", "bin"): ("llama2.c runomp", 34),
+    ("stories15M", "f32"): ("llama.cpp", 211), ("stories110M", "f32"): ("llama.cpp", 37.6),
+    ("stories15M", "q8_0"): ("llama.cpp", 478), ("stories110M", "q8_0"): ("llama.cpp", 88),
+    ("stories15M", "q4_0"): ("llama.cpp", 660), ("stories110M", "q4_0"): ("llama.cpp", 135),
+    ("stories260K", "bin"): ("llama2.c runomp, 1 thread", 9000),
+}
+PROMPT_REFERENCE = {("stories15M", "f32"): 4445, ("stories110M", "f32"): 486,
+                    ("stories15M", "q8_0"): 5302, ("stories110M", "q8_0"): 615}
 
 
-def model_path(name):
+def model_file(name, fmt):
     if name == "stories260K":
         return SHARED / "models" / "stories260K.bin"
     MODELS.mkdir(parents=True, exist_ok=True)
-    out = MODELS / f"{name}.bin"
-    if not out.exists():
-        print(f"making {out} with make_model.py --shape {name} --shared …", file=sys.stderr)
-        tmp = out.with_suffix(".tmp")
+    src = MODELS / f"{name}.bin"
+    if not src.exists():
+        print(f"making {src} (make_model.py --shape {name} --shared)", file=sys.stderr)
+        tmp = src.with_suffix(".tmp")
         subprocess.run([sys.executable, str(SHARED / "tools" / "make_model.py"), "--shape", name,
                         "--shared", "--out", str(tmp)], check=True)
-        tmp.replace(out)
+        tmp.replace(src)
+    if fmt == "bin":
+        return src
+    out = MODELS / f"{name}-{fmt}.gguf"
+    if not out.exists():
+        print(f"converting {src.name} to {out.name}", file=sys.stderr)
+        from pyllama.convert import convert
+        convert(src, out, type=fmt, tokenizer=SHARED / "models" / "tokenizer.bin")
     return out
-
-
-def bench_generate(m, steps, threads):
-    """tokens/s of the whole loop, and the fraction of it spent inside pl_forward."""
-    m.threads = threads
-    t_forward = 0.0
-    fwd = m._model.forward
-
-    def timed_forward(tok, pos):
-        nonlocal t_forward
-        t0 = time.perf_counter()
-        r = fwd(tok, pos)
-        t_forward += time.perf_counter() - t0
-        return r
-
-    sampler = make_sampler(m._model, 0.0, 0.9, 1)
-    m._model.forward = timed_forward
-    try:
-        t0 = time.perf_counter()
-        # bos_id=None: random weights may sample BOS, which must not end a speed run
-        n = sum(1 for _ in generate_tokens(m._model, [1], steps, sampler, bos_id=None))
-        total = time.perf_counter() - t0
-    finally:
-        del m._model.forward
-    return n / total, 1 - t_forward / total
-
-
-def bench_api_stream(m, steps, threads):
-    """tokens/s through the public streaming API (decoding included)."""
-    m.threads = threads
-    if m.tokenizer is None:
-        return None
-    t0 = time.perf_counter()
-    n = sum(1 for _ in m.generate("", steps=steps, temperature=0))
-    return steps / (time.perf_counter() - t0) if n else None
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", default="stories260K,stories15M,stories110M")
-    ap.add_argument("--threads", default="1,2")
-    ap.add_argument("--steps", type=int, default=256)
+    ap.add_argument("--quick", action="store_true", help="stories260K and stories15M only")
     ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
     args = ap.parse_args()
+    shapes = ["stories260K", "stories15M"] + ([] if args.quick else ["stories110M"])
+    formats = ["bin", "f32", "q8_0", "q4_0", "q4_k_m"]
+    print(f"pyllama {pyllama.__version__} ({pyllama.build_info()}), {os.cpu_count()} CPUs")
+    bw = {t: read_bandwidth(t) for t in (1, 2)}
+    print(f"read bandwidth (1 GiB sum): 1 thread {bw[1] / 1e9:.1f} GB/s, 2 threads {bw[2] / 1e9:.1f} GB/s\n")
+    head = (f"{'model':12} {'format':7} {'MB/tok':>7} {'gen 1t':>8} {'gen 2t':>8} {'[min..max 2t]':>17} "
+            f"{'%bw':>4} {'prompt 2t':>9} {'ttft ms':>7}  reference (ratio)")
+    print(head)
+    print("-" * len(head))
     rows = []
-    print(f"pyllama {pyllama.__version__} ({pyllama.build_info()}), {os.cpu_count()} CPUs", file=sys.stderr)
-    for name in args.models.split(","):
-        path = model_path(name)
-        tok = SHARED / "models" / ("tok512.bin" if name == "stories260K" else "tokenizer.bin")
-        t0 = time.perf_counter()
-        m = pyllama.Llama(path, tokenizer=tok)
-        m.logits([1])
-        ttft = time.perf_counter() - t0
-        for threads in map(int, args.threads.split(",")):
-            runs = [bench_generate(m, args.steps, threads) for _ in range(args.repeat)]
-            tps = sorted(r[0] for r in runs)
-            py_share = statistics.median(r[1] for r in runs)
-            row = dict(model=name, threads=threads, steps=args.steps, tok_s_min=tps[0],
-                       tok_s_median=statistics.median(tps), tok_s_max=tps[-1],
-                       python_share=py_share, load_and_first_token_ms=ttft * 1000,
-                       weight_bytes=sum(t.nbytes for t in m.file.tensors.values()))
-            rows.append(row)
-            if not args.json:
-                print(f"{name:12s} threads={threads}  tok/s min {tps[0]:9.1f}  median "
-                      f"{row['tok_s_median']:9.1f}  max {tps[-1]:9.1f}   python share "
-                      f"{py_share * 100:4.1f}%   load+first token {ttft * 1000:6.1f} ms", flush=True)
-        m.close()
+    for name in shapes:
+        for fmt in (["bin"] if name == "stories260K" else formats):
+            path = model_file(name, fmt)
+            m = pyllama.Llama(path)
+            r1 = bench(m, 1, 128, 256, args.repeat)
+            r2 = bench(m, 2, 128, 256, args.repeat)
+            ttft = min(time_to_first_token(path) for _ in range(3))
+            g1, g2 = r1["gen_tok_s"]["median"], r2["gen_tok_s"]["median"]
+            frac = g2 * r2["bytes_per_token"] / bw[2]
+            ref = REFERENCE.get((name, fmt))
+            best = g1 if name == "stories260K" else g2
+            ref_s = f"{ref[0]} {ref[1]} ({best / ref[1]:.2f}x)" if ref else ""
+            pref = PROMPT_REFERENCE.get((name, fmt))
+            if pref:
+                ref_s += f"; prompt {pref} ({r2['prompt_tok_s']['median'] / pref:.2f}x)"
+            print(f"{name:12} {fmt:7} {r2['bytes_per_token'] / 1e6:7.1f} {g1:8.1f} {g2:8.1f} "
+                  f"{'[%.1f..%.1f]' % (r2['gen_tok_s']['min'], r2['gen_tok_s']['max']):>17} "
+                  f"{frac * 100:4.0f} {r2['prompt_tok_s']['median']:9.1f} {ttft * 1000:7.1f}  {ref_s}",
+                  flush=True)
+            rows.append(dict(model=name, format=fmt, one_thread=r1, two_threads=r2,
+                             time_to_first_token_ms=ttft * 1000, bandwidth_fraction=frac))
+            m.close()
     if args.json:
-        print(json.dumps(rows, indent=2))
+        Path(args.json).write_text(json.dumps(dict(read_bandwidth=bw, rows=rows), indent=2))
 
 
 if __name__ == "__main__":

@@ -268,3 +268,26 @@ void pl_dequantize_row(const pl_tensor *w, long long row, float *out)
         break;
     }
 }
+
+double pl_sum_f32(const float *x, long long n, int n_threads)
+{
+    double total = 0.0;
+#pragma omp parallel for num_threads(n_threads) if (n_threads > 1) reduction(+ : total) schedule(static)
+    for (long long c = 0; c < n / 64; c++) { /* 64 floats = one cache line pair per chunk */
+        const float *p = x + c * 64;
+#ifdef PL_AVX2
+        __m256 a = _mm256_loadu_ps(p), b = _mm256_loadu_ps(p + 8);
+        for (int j = 16; j < 64; j += 16) {
+            a = _mm256_add_ps(a, _mm256_loadu_ps(p + j));
+            b = _mm256_add_ps(b, _mm256_loadu_ps(p + j + 8));
+        }
+        total += hsum256(_mm256_add_ps(a, b));
+#else
+        float sum = 0.0f;
+        for (int j = 0; j < 64; j++) sum += p[j];
+        total += sum;
+#endif
+    }
+    for (long long i = n / 64 * 64; i < n; i++) total += x[i];
+    return total;
+}

@@ -9,7 +9,7 @@
  * owns every buffer (numpy arrays kept alive by the Python objects that hold these structs).
  */
 
-#define PL_ABI_VERSION 3
+#define PL_ABI_VERSION 4
 
 /* Tensor types: ggml's type numbers, plus one of our own for llama2.c V2 checkpoints. */
 #define PL_F32 0
@@ -114,6 +114,9 @@ void pl_matmul(float *xout, const float *x, const pl_tensor *w, void *scratch, i
 
 /* out(cols) = row `row` of W, dequantized to f32. */
 void pl_dequantize_row(const pl_tensor *w, long long row, float *out);
+
+/* Sum of x[0..n) read by n_threads threads: the benchmark's memory read-bandwidth probe. */
+double pl_sum_f32(const float *x, long long n, int n_threads);
 
 /* llama2.c's sampler: argmax at temperature 0, else softmax(logits/temperature) (logits is
  * overwritten with the probabilities) and one xorshift* draw from *rng_state: multinomial, or

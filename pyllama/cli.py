@@ -10,7 +10,7 @@ import time
 from ._version import __version__
 from .errors import PyllamaError
 
-COMMANDS = ("run", "chat", "info")
+COMMANDS = ("run", "chat", "info", "bench", "convert")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -62,6 +62,17 @@ def get_parser():
     info = sub.add_parser("info", help="describe a model file")
     info.add_argument("file", help="model file (.bin or .gguf)")
     info.add_argument("--json", action="store_true", help="machine-readable output")
+    bench = sub.add_parser("bench", help="measure prompt and generation speed",
+                           description="Prompt-processing and generation tokens/s (min/median/max "
+                           "over repeats), bytes read per token and the share of this machine's "
+                           "memory read bandwidth that it reaches.")
+    bench.add_argument("model", help="model file")
+    bench.add_argument("-z", "--tokenizer", default=None, metavar="PATH", help="tokenizer (unused by the timing)")
+    bench.add_argument("--threads", default=None, metavar="N[,N…]", help="thread counts (default: all cores)")
+    bench.add_argument("--prompt", type=int, default=128, metavar="N", help="prompt tokens (default 128)")
+    bench.add_argument("--gen", type=int, default=256, metavar="N", help="generated tokens (default 256)")
+    bench.add_argument("--repeat", type=int, default=3, metavar="N", help="runs per figure (default 3)")
+    bench.add_argument("--json", action="store_true", help="machine-readable output")
     return parser
 
 
@@ -176,6 +187,15 @@ def cmd_info(args, out, err):
     return 0
 
 
+def cmd_bench(args, out, err):
+    from .bench import run
+    from .errors import ParameterError
+    for name in ("prompt", "gen", "repeat"):
+        if getattr(args, name) < 1:
+            raise ParameterError(f"--{name}: expected a number >= 1, found {getattr(args, name)}")
+    return run(args, out, err)
+
+
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     # llama2.c's form `run model.bin -i …`: a first argument that is a file means `run`
@@ -187,7 +207,7 @@ def main(argv=None):
         if args.command is None:
             get_parser().print_help()
             return 1
-        handler = {"run": cmd_run, "chat": cmd_run, "info": cmd_info}[args.command]
+        handler = {"run": cmd_run, "chat": cmd_run, "info": cmd_info, "bench": cmd_bench}[args.command]
         return handler(args, out, err)
     except _UsageError as e:
         err.write(f"pyllama: error: {e}\n")

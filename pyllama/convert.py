@@ -78,6 +78,8 @@ _DTYPE_VTYPE = {"u1": _U8, "i1": _I8, "u2": _U16, "i2": _I16, "u4": _U32, "i4": 
                 "f4": _F32, "b1": _BOOL, "u8": _U64, "i8": _I64, "f8": _F64}
 _SCALAR_FMT = {_U8: "<B", _I8: "<b", _U16: "<H", _I16: "<h", _U32: "<I", _I32: "<i",
                _F32: "<f", _BOOL: "<B", _U64: "<Q", _I64: "<q", _F64: "<d"}
+_VT_DTYPE = {_U8: "<u1", _I8: "<i1", _U16: "<u2", _I16: "<i2", _U32: "<u4", _I32: "<i4",
+             _F32: "<f4", _BOOL: "<u1", _U64: "<u8", _I64: "<i8", _F64: "<f8"}
 
 
 # ====================================================================== quantizers
@@ -303,7 +305,8 @@ _DEQUANTIZE = {Q8_0: _deq_q8_0, Q4_0: _deq_q4_0, Q5_0: _deq_q5_0, Q4_K: _deq_q4_
 def dequantize(data, ggml_type, cols):
     """uint8 rows of `ggml_type` -> float32 (rows, cols)."""
     data = np.ascontiguousarray(data, dtype=np.uint8)
-    rows = data.size // max(1, GGML_TYPES[ggml_type][2] * cols // GGML_TYPES[ggml_type][1])
+    _, block, size = GGML_TYPES[ggml_type]
+    rows = data.size * block // (size * cols)
     if ggml_type == F32:
         return data.view("<f4").reshape(rows, cols)
     if ggml_type == F16:
@@ -312,7 +315,6 @@ def dequantize(data, ggml_type, cols):
         return (data.view("<u2").astype(np.uint32) << 16).view(np.float32).reshape(rows, cols)
     if ggml_type not in _DEQUANTIZE:
         raise FormatError(f"cannot dequantize {_type_name(ggml_type)}")
-    _, block, size = GGML_TYPES[ggml_type]
     return _DEQUANTIZE[ggml_type](data.reshape(-1, size)).reshape(rows, cols)
 
 
@@ -466,8 +468,7 @@ class _Header:
     def _value(self, buf, vtype, value):
         if isinstance(vtype, tuple):          # (ARR, element type)
             etype = vtype[1]
-            buf += struct.pack("<iQ", etype if not isinstance(etype, tuple) else _ARR,
-                               len(value))
+            buf += struct.pack("<iQ", _ARR if isinstance(etype, tuple) else etype, len(value))
             if etype == _STR:
                 for s in value:
                     self._string(buf, s)
@@ -475,10 +476,7 @@ class _Header:
                 for v in value:
                     self._value(buf, etype, v)
             else:
-                fmt = _SCALAR_FMT[etype]
-                buf += np.asarray(value).astype(fmt[0] + {"B": "u1", "b": "i1", "H": "u2",
-                    "h": "i2", "I": "u4", "i": "i4", "f": "f4", "Q": "u8", "q": "i8",
-                    "d": "f8"}[fmt[1]]).tobytes()
+                buf += np.asarray(value).astype(_VT_DTYPE[etype]).tobytes()
         elif vtype == _STR:
             self._string(buf, value)
         else:
@@ -660,9 +658,11 @@ def add_arguments(parser):
 
 
 def run(args, out, err):
-    """Run `pyllama convert`; `out`/`err` are binary streams. Errors raise PyllamaError."""
+    """Run `pyllama convert`: a summary line on `out`, progress on `err` when it is a terminal.
+
+    `out`/`err` may be text or binary streams. Errors raise PyllamaError (the CLI prints them)."""
     def progress(i, n, name, tname):
-        err.write(f"\r[{i + 1}/{n}] {name} -> {tname}\x1b[K".encode())
+        _emit(err, f"\r[{i + 1}/{n}] {name} -> {tname}\x1b[K")
         err.flush()
 
     tty = hasattr(err, "isatty") and err.isatty()
@@ -671,11 +671,19 @@ def run(args, out, err):
                        pure=getattr(args, "pure", False), progress=progress if tty else None)
     finally:
         if tty:
-            err.write(b"\r\x1b[K")
+            _emit(err, "\r\x1b[K")
     mix = ", ".join(f"{n} {k}" for k, n in sorted(info["counts"].items()))
-    out.write(f"wrote {info['path']}: {info['type']}, {len(info['tensors'])} tensors ({mix}), "
-              f"{info['bytes']:,} bytes in {info['seconds']:.1f} s\n".encode())
+    _emit(out, f"wrote {info['path']}: {info['type']}, {len(info['tensors'])} tensors ({mix}), "
+               f"{info['bytes']:,} bytes in {info['seconds']:.1f} s\n")
     return 0
+
+
+def _emit(stream, text):
+    """Write to a text or a binary stream (pyllama's CLI passes stdout.buffer and stderr)."""
+    try:
+        stream.write(text)
+    except TypeError:
+        stream.write(text.encode())
 
 
 if __name__ == "__main__":  # python -m pyllama.convert IN OUT --type T
@@ -683,7 +691,7 @@ if __name__ == "__main__":  # python -m pyllama.convert IN OUT --type T
     import sys
     p = add_arguments(argparse.ArgumentParser(prog="python -m pyllama.convert"))
     try:
-        sys.exit(run(p.parse_args(), sys.stdout.buffer, sys.stderr.buffer))
+        sys.exit(run(p.parse_args(), sys.stdout.buffer, sys.stderr))
     except PyllamaError as e:
         sys.stderr.write(f"pyllama: error: {e}\n")
         sys.exit(1)

@@ -32,6 +32,7 @@ import faulthandler
 import io
 import os
 import random
+import re
 import shutil
 import signal
 import struct
@@ -49,6 +50,7 @@ import numpy as np
 HANG_SECONDS = 10          # per case, raised in the worker by SIGALRM
 GRACE_SECONDS = 20         # supervisor: no word from the worker for hang + grace s -> kill
 MAX_CRASHES = 25           # the supervisor gives up after this many worker deaths
+MAX_SAVED_PER_ERROR = 20   # failing inputs kept per distinct error message
 VOCAB = 300
 TOKENIZER_SHARE = 0.12     # fraction of cases that mutate tokenizer.bin
 
@@ -849,10 +851,10 @@ def _on_alarm(signum, frame):
     raise Hang("case ran longer than the hang limit (SIGALRM)")
 
 
-def exercise_model(pyllama, path, tok_path, gen_seed):
+def exercise_model(pyllama, path, tok_path, gen_seed, **load_kwargs):
     """Load, 2 teacher-forced logits, 2 generated tokens. Returns 'loaded' or raises."""
     tok = tok_path if not path.endswith(".gguf") else None
-    m = pyllama.Llama(path, tokenizer=tok, threads=1)
+    m = pyllama.Llama(path, tokenizer=tok, threads=1, **load_kwargs)
     try:
         v = m.vocab_size
         ids = [1 % v, 3 % v][:max(1, min(2, m.n_ctx))]
@@ -913,20 +915,30 @@ class Runner:
 
     def close(self):
         """Undo what __init__ changed in this process (for in-process use, e.g. by pytest)."""
-        import pyllama.formats as formats
-        formats.open_map = self._original_open_map
+        if self._original_open_map is not None:
+            import pyllama.formats as formats
+            formats.open_map = self._original_open_map
         signal.signal(signal.SIGALRM, self._old_alarm)
 
     def _install_heap_map(self):
-        """Odd cases read the file into a malloc'd (read-only) numpy array instead of mapping
-        it, so that under AddressSanitizer a read past the file's end is a report, not a silent
-        read of the mapping's zero-filled last page."""
+        """When self.heap is set (odd cases), the file is read into a malloc'd read-only numpy
+        array instead of being mapped, so that under AddressSanitizer a read past the file's end
+        is a report, not a silent read of the mapping's zero-filled last page. Llama(mmap=False)
+        does exactly that; a pyllama without that option gets the same from a patched open_map.
+        """
+        import inspect
+
         import pyllama.formats as formats
+        self._original_open_map = None
+        self.load_kwargs = lambda: {"mmap": False} if self.heap else {}
+        if "mmap" in inspect.signature(self.pyllama.Llama).parameters:
+            return
+        self.load_kwargs = lambda: {}
         original = self._original_open_map = formats.open_map
 
-        def open_map(path):
-            mm = original(path)
-            if not self.heap:
+        def open_map(path, *args, **kwargs):
+            mm = original(path, *args, **kwargs)
+            if not self.heap or not isinstance(mm, np.memmap):
                 return mm
             heap = np.array(mm)  # a plain ndarray: its buffer comes from malloc
             heap.flags.writeable = False
@@ -949,7 +961,8 @@ class Runner:
             if seed_obj.kind == "tokenizer":
                 label = exercise_tokenizer(self.pyllama, path, self.model_path, vocab, gen_seed)
             else:
-                label = exercise_model(self.pyllama, path, self.tok_path, gen_seed)
+                label = exercise_model(self.pyllama, path, self.tok_path, gen_seed,
+                                       **self.load_kwargs())
             status = "ok"
         except Hang:
             status, label = "hang", f"case ran longer than {self.hang_seconds:g} s"
@@ -986,6 +999,7 @@ def worker(args):
                 raise
             time.sleep(2)
     os.chdir(runner.work)  # no stray tokenizer.bin in the working directory
+    saved = Counter()
     inject = {int(n): kind for kind, n in (x.split("@") for x in (args.selftest or "").split(",")
                                            if x)}
     out = sys.stdout
@@ -1003,8 +1017,13 @@ def worker(args):
         if status in ("hang", "unexpected"):
             detail = getattr(runner, "last_traceback", "") if status == "unexpected" else label
             runner.last_traceback = ""
-            stem = runner.save(status, i, seed_obj, data, desc, detail)
-            label = f"{label} [saved {stem}]".replace("\n", " ")
+            kind = re.sub(r"\d+", "N", label)  # one error, whatever the numbers in it
+            saved[kind] += 1
+            if saved[kind] <= MAX_SAVED_PER_ERROR:
+                stem = runner.save(status, i, seed_obj, data, desc, detail)
+                label = f"{label} [saved {stem}]".replace("\n", " ")
+            else:
+                label = f"{label} [not saved: {MAX_SAVED_PER_ERROR} of this error already]"
         os.unlink(path)
         out.write(f"E {i} {status} {label}\n".replace("\n", " ") + "\n")
         out.flush()

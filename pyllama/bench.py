@@ -1,0 +1,100 @@
+"""`pyllama bench`: prompt and generation speed of one model, and the machine's read bandwidth.
+
+Generation reads (about) every weight byte once per token, so tokens/s × bytes per token against
+the measured read bandwidth says how close a run is to the memory wall.
+"""
+import statistics
+import time
+
+import numpy as np
+
+from ._core import ffi, lib
+from .generate import generate_tokens, make_sampler
+
+
+def read_bandwidth(threads, nbytes=1 << 30, repeat=5):
+    """Best-of-`repeat` bytes/s of summing an f32 array far larger than the caches."""
+    x = np.ones(nbytes // 4, np.float32)
+    ptr = ffi.cast("float *", ffi.from_buffer(x))
+    best = 0.0
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        lib.pl_sum_f32(ptr, x.size, threads)
+        best = max(best, x.nbytes / (time.perf_counter() - t0))
+    return best
+
+
+def bytes_per_token(model_file):
+    """Weight bytes one generated token reads: every matrix and norm, one embedding row (all of
+    it when the classifier is tied to the embedding)."""
+    t = model_file.tensors
+    total = sum(x.nbytes for name, x in t.items() if name != "token_embd.weight")
+    emb = t["token_embd.weight"]
+    return total + (emb.nbytes if model_file.shared_classifier else emb.nbytes // emb.shape[0])
+
+
+def _stats(values):
+    v = sorted(values)
+    return {"min": v[0], "median": statistics.median(v), "max": v[-1]}
+
+
+def bench(llama, threads, n_prompt=128, n_gen=256, repeat=3):
+    """{prompt_tok_s, gen_tok_s: {min, median, max}, ...} for one Llama at `threads`."""
+    m = llama._model
+    m.threads = threads
+    rng = np.random.default_rng(0)
+    n_prompt = min(n_prompt, m.n_ctx - 1)
+    n_gen = min(n_gen, m.n_ctx)
+    prompt = [1] + rng.integers(3, m.vocab_size, size=n_prompt - 1).tolist()
+    pp, tg = [], []
+    for _ in range(repeat):
+        with m._lock:
+            t0 = time.perf_counter()
+            m.prefill(prompt, 0)
+            pp.append(n_prompt / (time.perf_counter() - t0))
+        sampler = make_sampler(m, 0.0, 0.9, 1)
+        t0 = time.perf_counter()
+        n = sum(1 for _ in generate_tokens(m, [1], n_gen, sampler, bos_id=None))
+        tg.append(n / (time.perf_counter() - t0))
+    return {"threads": threads, "prompt_tokens": n_prompt, "gen_tokens": n_gen,
+            "prompt_tok_s": _stats(pp), "gen_tok_s": _stats(tg),
+            "bytes_per_token": bytes_per_token(llama.file)}
+
+
+def time_to_first_token(path, tokenizer=None, threads=None):
+    """Seconds from nothing to the first sampled token of a one-token prompt (file warm)."""
+    from .llama import Llama
+    t0 = time.perf_counter()
+    m = Llama(path, tokenizer=tokenizer, threads=threads)
+    sampler = make_sampler(m._model, 0.0, 0.9, 1)
+    next(generate_tokens(m._model, [1, 2], 3, sampler, bos_id=None))
+    return time.perf_counter() - t0
+
+
+def run(args, out, err):
+    """The `pyllama bench` command."""
+    import json
+    from .llama import Llama
+    threads = [int(t) for t in str(args.threads).split(",")] if args.threads else [lib.pl_max_threads()]
+    m = Llama(args.model, tokenizer=None if not args.tokenizer else args.tokenizer)
+    ttft = time_to_first_token(args.model, args.tokenizer)
+    rows = []
+    for th in threads:
+        r = bench(m, th, args.prompt, args.gen, args.repeat)
+        r["read_bandwidth"] = read_bandwidth(th)
+        r["bandwidth_fraction"] = r["gen_tok_s"]["median"] * r["bytes_per_token"] / r["read_bandwidth"]
+        r["time_to_first_token_ms"] = ttft * 1000
+        r["model"] = args.model
+        rows.append(r)
+    if args.json:
+        out.write((json.dumps(rows, indent=2) + "\n").encode())
+        return 0
+    out.write(f"{args.model}: {m.file.format}, {rows[0]['bytes_per_token'] / 1e6:.1f} MB read per "
+              f"token, time to first token {ttft * 1000:.1f} ms\n".encode())
+    for r in rows:
+        pp, tg = r["prompt_tok_s"], r["gen_tok_s"]
+        out.write((f"  threads {r['threads']}: prompt ({r['prompt_tokens']} tokens) "
+                   f"{pp['median']:.1f} tok/s [{pp['min']:.1f}..{pp['max']:.1f}], generate "
+                   f"{tg['median']:.1f} tok/s [{tg['min']:.1f}..{tg['max']:.1f}], "
+                   f"{r['bandwidth_fraction'] * 100:.0f}% of {r['read_bandwidth'] / 1e9:.1f} GB/s\n").encode())
+    return 0

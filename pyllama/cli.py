@@ -73,6 +73,11 @@ def get_parser():
     bench.add_argument("--gen", type=int, default=256, metavar="N", help="generated tokens (default 256)")
     bench.add_argument("--repeat", type=int, default=3, metavar="N", help="runs per figure (default 3)")
     bench.add_argument("--json", action="store_true", help="machine-readable output")
+    from . import convert
+    convert.add_arguments(sub.add_parser(
+        "convert", help="convert a model to GGUF (f32, f16, bf16, q8_0, q4_0, q4_k_m, q6_k)",
+        description="Write any model pyllama reads as a GGUF file, optionally quantized "
+                    "(llama.cpp's type choices per tensor)."))
     return parser
 
 
@@ -196,6 +201,11 @@ def cmd_bench(args, out, err):
     return run(args, out, err)
 
 
+def cmd_convert(args, out, err):
+    from .convert import run
+    return run(args, out, err)
+
+
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     # llama2.c's form `run model.bin -i …`: a first argument that is a file means `run`
@@ -207,7 +217,8 @@ def main(argv=None):
         if args.command is None:
             get_parser().print_help()
             return 1
-        handler = {"run": cmd_run, "chat": cmd_run, "info": cmd_info, "bench": cmd_bench}[args.command]
+        handler = {"run": cmd_run, "chat": cmd_run, "info": cmd_info, "bench": cmd_bench,
+                   "convert": cmd_convert}[args.command]
         return handler(args, out, err)
     except _UsageError as e:
         err.write(f"pyllama: error: {e}\n")

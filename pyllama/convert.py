@@ -38,8 +38,9 @@ Quantizers (numpy, vectorized over all blocks of a chunk of rows):
                      rounded up likewise, so again |x - x^| <= |step|/2.
 (llama.cpp's iterative make_qkx2_quants / make_qx_quants searches are not used.)
 
-The file is written to DST.tmp tensor by tensor (a chunk of rows at a time, so memory stays far
-below one tensor's size) and renamed to DST at the end; an existing DST is replaced.
+The file is written to DST.tmp tensor by tensor, a chunk of rows (CHUNK_VALUES values) at a time,
+so memory stays bounded whatever the model's size (the source is read through its mmap), and is
+renamed to DST at the end; an existing DST is replaced.
 """
 import os
 import struct
@@ -222,7 +223,8 @@ def _bf16(x):
 
 
 def _f16(x):
-    h = x.astype("<f2")
+    with np.errstate(over="ignore"):
+        h = x.astype("<f2")
     if np.isinf(h).any() and not np.isinf(x[np.isinf(h)]).all():
         big = float(np.abs(x[np.isfinite(x)]).max())
         raise ParameterError(f"a weight of magnitude {big:g} does not fit in f16 (max 65504); "
@@ -645,7 +647,7 @@ def add_arguments(parser):
     """`pyllama convert IN OUT [--type T] [-z tokenizer.bin] [--pure]`."""
     parser.add_argument("input", help="model to convert: llama2.c .bin (legacy, V1, V2) or GGUF")
     parser.add_argument("output", help="GGUF file to write (replaced if it exists)")
-    parser.add_argument("--type", "-t", dest="type", default="f32", metavar="TYPE",
+    parser.add_argument("--type", dest="type", default="f32", metavar="TYPE",
                         help="output type: " + ", ".join(TYPES) + " (default f32); q4_k_m is "
                              "llama.cpp's Q4_K_M mix")
     parser.add_argument("-z", "--tokenizer", default=None, metavar="PATH",

@@ -131,7 +131,74 @@ FLOAT_ROWS(rows_f16, uint16_t, LOAD_F16, pli_f16_to_f32)
 FLOAT_ROWS(rows_bf16, uint16_t, LOAD_BF16, bf16_to_f32)
 
 /* ------------------------------------------------------------------------------------------------
+ * float rows x a batch of tokens: out[t*ldo + r] = dot(W[r, :], x[t, :]) for r in [r0, r1), t < n.
+ * A register tile of 2 rows x 4 tokens: each weight vector loaded is used for 4 tokens and each
+ * activation vector for 2 rows, so prompt processing is bound by FMAs, not by loads. */
+
+#ifdef PL_AVX2
+#define FLOAT_TILE(NAME, ELEM, LOAD, ROWS)                                                         \
+static void NAME(const void *data, const float *x, float *out, long long r0, long long r1,       \
+                 long long n, int ntok, long long ldo)                                           \
+{                                                                                                \
+    const ELEM *base = (const ELEM *)data;                                                       \
+    long long r = r0;                                                                            \
+    for (; r + 1 < r1; r += 2) {                                                                 \
+        const ELEM *w0 = base + r * n, *w1 = w0 + n;                                             \
+        int t = 0;                                                                               \
+        for (; t + 4 <= ntok; t += 4) {                                                          \
+            const float *x0 = x + t * n, *x1 = x0 + n, *x2 = x1 + n, *x3 = x2 + n;               \
+            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;                          \
+            __m256 b0 = a0, b1 = a0, b2 = a0, b3 = a0;                                           \
+            long long j = 0;                                                                     \
+            for (; j + 8 <= n; j += 8) {                                                         \
+                __m256 u = LOAD(w0, j), v = LOAD(w1, j), xv;                                     \
+                xv = _mm256_loadu_ps(x0 + j); a0 = _mm256_fmadd_ps(u, xv, a0); b0 = _mm256_fmadd_ps(v, xv, b0); \
+                xv = _mm256_loadu_ps(x1 + j); a1 = _mm256_fmadd_ps(u, xv, a1); b1 = _mm256_fmadd_ps(v, xv, b1); \
+                xv = _mm256_loadu_ps(x2 + j); a2 = _mm256_fmadd_ps(u, xv, a2); b2 = _mm256_fmadd_ps(v, xv, b2); \
+                xv = _mm256_loadu_ps(x3 + j); a3 = _mm256_fmadd_ps(u, xv, a3); b3 = _mm256_fmadd_ps(v, xv, b3); \
+            }                                                                                    \
+            float sa[4] = {hsum256(a0), hsum256(a1), hsum256(a2), hsum256(a3)};                  \
+            float sb[4] = {hsum256(b0), hsum256(b1), hsum256(b2), hsum256(b3)};                  \
+            for (; j < n; j++) {                                                                 \
+                float p = ROWS(w0[j]), q = ROWS(w1[j]);                                          \
+                sa[0] += p * x0[j]; sa[1] += p * x1[j]; sa[2] += p * x2[j]; sa[3] += p * x3[j];  \
+                sb[0] += q * x0[j]; sb[1] += q * x1[j]; sb[2] += q * x2[j]; sb[3] += q * x3[j];  \
+            }                                                                                    \
+            for (int k = 0; k < 4; k++) {                                                        \
+                out[(t + k) * ldo + r] = sa[k];                                                  \
+                out[(t + k) * ldo + r + 1] = sb[k];                                              \
+            }                                                                                    \
+        }                                                                                        \
+        for (; t < ntok; t++) NAME##_one(data, x + t * n, out + t * ldo, r, r + 2, n);          \
+    }                                                                                            \
+    for (; r < r1; r++)                                                                          \
+        for (int t = 0; t < ntok; t++) NAME##_one(data, x + t * n, out + t * ldo, r, r + 1, n);  \
+}
+#define rows_f32_tile_one rows_f32
+#define rows_f16_tile_one rows_f16
+#define rows_bf16_tile_one rows_bf16
+FLOAT_TILE(rows_f32_tile, float, LOAD_F32, AS_F32)
+FLOAT_TILE(rows_f16_tile, uint16_t, LOAD_F16, pli_f16_to_f32)
+FLOAT_TILE(rows_bf16_tile, uint16_t, LOAD_BF16, bf16_to_f32)
+#endif
+
+/* ------------------------------------------------------------------------------------------------
  * dispatch */
+
+/* The float types' batched kernel, or NULL where the per-token one is used. */
+typedef void (*tile_fn)(const void *, const float *, float *, long long, long long, long long, int, long long);
+static tile_fn float_tile(int type)
+{
+#ifdef PL_AVX2
+    switch (type) {
+    case PL_F32: return rows_f32_tile;
+    case PL_F16: return rows_f16_tile;
+    case PL_BF16: return rows_bf16_tile;
+    }
+#endif
+    (void)type;
+    return NULL;
+}
 
 static void matvec_rows(const pl_tensor *w, const void *xin, float *out, long long r0, long long r1)
 {
@@ -223,8 +290,13 @@ void pl__team_matmuls(const float *x, int n, const pl__mm *mm, int nmm, void *sc
         r0[i] = lo;
         r1[i] = hi;
         long long ch = chunk_rows(w, n);
+        tile_fn tile = n > 1 ? float_tile(w->type) : NULL;
         for (long long c0 = lo; c0 < hi; c0 += ch) {
             long long c1 = c0 + ch < hi ? c0 + ch : hi;
+            if (tile) {
+                tile(w->data, x, mm[i].out, c0, c1, w->cols, n, w->rows);
+                continue;
+            }
             for (int t = 0; t < n; t++)
                 matvec_rows(w, xin[i] + t * stride[i], mm[i].out + t * w->rows, c0, c1);
         }

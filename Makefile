@@ -3,7 +3,7 @@ PYTHON ?= python3
 SHARED ?= $(or $(PYLLAMA_SHARED),../shared)
 PIP := $(PYTHON) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: install demo test bench man clean
+.PHONY: install demo test bench bench-compare man clean
 
 install:            ## build the C core for this CPU and install pyllama (editable) with test deps
 	$(PIP) -e '.[test]'
@@ -23,6 +23,9 @@ test: install       ## the whole test suite (parity with llama2.c and llama.cpp 
 
 bench: install      ## speed: tokens/s on synthetic stories15M/110M shapes and stories260K
 	PYLLAMA_SHARED=$(SHARED) $(PYTHON) benchmarks/bench.py
+
+bench-compare: install  ## pyllama vs llama-cpp-python on the same GGUF files (pip install -e '.[bench]' first)
+	PYLLAMA_SHARED=$(SHARED) $(PYTHON) benchmarks/compare.py $(if $(LLAMA_PYTHON),--llama-python $(LLAMA_PYTHON))
 
 man: install        ## the man page pyllama.1, from the argparse parser
 	$(PIP) 'argparse-manpage>=4'

@@ -6,7 +6,7 @@
  *
  * Activation formats (our own, in the scratch buffer; all blocks of one x laid out as planes):
  *   q8 blocks of 32   for Q4_0 Q4_1 Q5_0 Q5_1 Q8_0 (llama.cpp's q8_0 / q8_1):
- *                     int8 q[cols] | f32 d[cols/32] | f32 s[cols/32],  x ≈ d·q, s = d·Σq
+ *                     int8 q[cols] | f32 (d, s)[cols/32],  x ≈ d·q, s = d·Σq
  *   q8 blocks of 256  for the K-quants (llama.cpp's q8_K):
  *                     int8 q[cols] | f32 d[cols/256] | int16 bsums[cols/16] (Σq per 16 values)
  *   q8 groups         for PL_Q8_G (llama2.c's runq.c, mirrored exactly):
@@ -23,7 +23,7 @@
 #include <string.h>
 #include "kernels.h"
 
-#if defined(__AVX2__) && defined(__FMA__)
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #define PL_AVX2 1
 #endif
 #if defined(PL_AVX2) || defined(__F16C__)
@@ -218,8 +218,8 @@ static int is_k(int type) { return type >= PL_Q2_K && type <= PL_Q6_K; }
 
 typedef struct {
     int8_t *q;      /* (cols,) */
-    float *d;       /* (cols/block,) x ≈ d·q */
-    float *s;       /* 32-blocks: (cols/32,) d·Σq */
+    float *d;       /* K blocks, Q8_G groups: (cols/block,) x ≈ d·q */
+    float *ds;      /* 32-blocks: (cols/32, 2) pairs d, d·Σq (llama.cpp's q8_1 d and s) */
     int16_t *bsums; /* K blocks: (cols/16,) Σq per 16 values */
 } act_view;
 
@@ -232,7 +232,7 @@ static act_view act_layout(const pl_tensor *w, const void *xq)
     act_view a;
     a.q = (int8_t *)p;
     a.d = (float *)(p + align64(cols));
-    a.s = a.d + nb;
+    a.ds = a.d;
     a.bsums = (int16_t *)(a.d + nb);
     return a;
 }
@@ -241,7 +241,7 @@ long long pli_act_bytes(const pl_tensor *w)
 {
     if (!pli_is_quant(w->type)) return 0;
     long long cols = w->cols, nb = cols / block_values(w);
-    long long extra = w->type == PL_Q8_G ? 0 : is_k(w->type) ? cols / 16 * 2 : nb * 4;
+    long long extra = w->type == PL_Q8_G ? 0 : is_k(w->type) ? cols / 16 * 2 : nb * 4; /* s or bsums */
     return (long long)align64((size_t)cols) + nb * 4 + extra;
 }
 
@@ -281,14 +281,14 @@ static void round_i8(const float *x, int n, float id, int8_t *q)
     for (; j < n; j++) q[j] = (int8_t)lrintf(x[j] * id);
 }
 
-/* Blocks of `bs` values (32 or 256) with scale amax/127. */
-static void quantize_blocks(const float *x, int n, int bs, act_view *a)
+/* Blocks of `bs` values (32 or 256) with scale amax/127, stored at d[b·stride]. */
+static void quantize_blocks(const float *x, int n, int bs, int8_t *q, float *d, int stride)
 {
     for (int b = 0; b < n / bs; b++) {
         const float *xb = x + (size_t)b * bs;
         float amax = absmax(xb, bs);
-        a->d[b] = amax / 127.0f;
-        round_i8(xb, bs, amax != 0.0f ? 127.0f / amax : 0.0f, a->q + (size_t)b * bs);
+        d[b * stride] = amax / 127.0f;
+        round_i8(xb, bs, amax != 0.0f ? 127.0f / amax : 0.0f, q + (size_t)b * bs);
     }
 }
 
@@ -329,18 +329,18 @@ void pli_quantize_act(const pl_tensor *w, const float *x, void *xq)
     if (w->type == PL_Q8_G) {
         quantize_groups(x, n, w->group_size, &a);
     } else if (is_k(w->type)) {
-        quantize_blocks(x, n, QK_K, &a);
+        quantize_blocks(x, n, QK_K, a.q, a.d, 1);
         for (int k = 0; k < n / 16; k++) {
             int s = 0;
             for (int l = 0; l < 16; l++) s += a.q[16 * k + l];
             a.bsums[k] = (int16_t)s;
         }
     } else {
-        quantize_blocks(x, n, QK, &a);
+        quantize_blocks(x, n, QK, a.q, a.ds, 2);
         for (int b = 0; b < n / QK; b++) {
             int s = 0;
             for (int l = 0; l < QK; l++) s += a.q[QK * b + l];
-            a.s[b] = a.d[b] * (float)s;
+            a.ds[2 * b + 1] = a.ds[2 * b] * (float)s;
         }
     }
 }
@@ -389,6 +389,14 @@ static inline __m256i bit4_of(const uint8_t *qh4)
     return _mm256_and_si256(v, _mm256_set1_epi8(0x10));
 }
 
+/* (d, s) of activation block i: [d, s, 0, 0] */
+static inline __m128 act_ds(const act_view *a, int i)
+{
+    return _mm_castpd_ps(_mm_load_sd((const double *)(a->ds + 2 * i)));
+}
+
+static inline float lane1(__m128 v) { return _mm_cvtss_f32(_mm_movehdup_ps(v)); }
+
 /* Σ over pairs: 8 int32 of u[4i..4i+3]·s[4i..4i+3], u unsigned bytes, s signed bytes. */
 static inline __m256i dot_u8(__m256i u, __m256i s)
 {
@@ -399,6 +407,49 @@ static inline __m256i dot_u8(__m256i u, __m256i s)
 static inline __m256i dot_i8(__m256i w, __m256i x)
 {
     return dot_u8(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w));
+}
+
+/* The 32-value types share one loop: a step per block adds (d·xd)·Σ w·q8 to 8 f32 lanes (acc)
+ * and a side term to lane 1 of `side` (d·xs or m·xs); two accumulator sets, alternating blocks,
+ * keep the loop from waiting on the FMA latency. Result: Σ acc + side_k · Σ side. */
+typedef void (*step32_fn)(const void *row, const act_view *a, int i, __m256 *acc, __m128 *side);
+
+static inline __attribute__((always_inline)) float
+dot32(const void *row, const act_view *a, int nb, step32_fn step, float side_k)
+{
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    __m128 side0 = _mm_setzero_ps(), side1 = _mm_setzero_ps();
+    int i = 0;
+    for (; i + 1 < nb; i += 2) {
+        step(row, a, i, &acc0, &side0);
+        step(row, a, i + 1, &acc1, &side1);
+    }
+    if (i < nb) step(row, a, i, &acc0, &side0);
+    return hsum_ps(_mm256_add_ps(acc0, acc1)) + side_k * lane1(_mm_add_ps(side0, side1));
+}
+
+/* (d·xd, d·xs) for a block with one fp16 scale d; (d·xd, m·xs) for adjacent fp16 d, m. */
+static inline __m128 scale_d(const uint16_t *d, const act_view *a, int i)
+{
+    return _mm_mul_ps(_mm_cvtph_ps(_mm_set1_epi16((short)*d)), act_ds(a, i));
+}
+
+static inline __m128 scale_dm(const uint16_t *dm, const act_view *a, int i)
+{
+    uint32_t v;
+    memcpy(&v, dm, 4);
+    return _mm_mul_ps(_mm_cvtph_ps(_mm_cvtsi32_si128((int)v)), act_ds(a, i));
+}
+
+static inline void accumulate32(__m128 f, __m256i p, __m256 *acc, __m128 *side)
+{
+    *acc = _mm256_fmadd_ps(_mm256_broadcastss_ps(f), _mm256_cvtepi32_ps(p), *acc);
+    *side = _mm_add_ps(*side, f);
+}
+
+static inline __m256i load_q8(const act_view *a, int i)
+{
+    return _mm256_loadu_si256((const __m256i *)(a->q + QK * i));
 }
 
 /* k4_scales in registers (no store/reload): bytes 0-7 scales, 8-15 mins. Reads 16 bytes at q
@@ -449,27 +500,27 @@ static void deq_q4_0(const void *row, int nb, float *y)
     }
 }
 
+#ifdef PL_AVX2 /* unsigned nibbles · q8, minus 8·Σq8 per block */
+static inline void step_q4_0(const void *row, const act_view *a, int i, __m256 *acc, __m128 *side)
+{
+    const blk_q4_0 *b = (const blk_q4_0 *)row + i;
+    accumulate32(scale_d(&b->d, a, i), dot_u8(nibbles(b->qs), load_q8(a, i)), acc, side);
+}
+#endif
+
 static float dot_q4_0(const void *row, const act_view *a, int nb)
 {
-    const blk_q4_0 *b = (const blk_q4_0 *)row;
-#ifdef PL_AVX2 /* unsigned nibbles · q8, minus 8·Σq8 per block */
-    __m256 acc = _mm256_setzero_ps();
-    float corr = 0.0f;
-    for (int i = 0; i < nb; i++) {
-        float d = fp16(b[i].d);
-        __m256i p = dot_u8(nibbles(b[i].qs), _mm256_loadu_si256((const __m256i *)(a->q + QK * i)));
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(d * a->d[i]), _mm256_cvtepi32_ps(p), acc);
-        corr += d * a->s[i];
-    }
-    return hsum_ps(acc) - 8.0f * corr;
+#ifdef PL_AVX2
+    return dot32(row, a, nb, step_q4_0, -8.0f);
 #else
+    const blk_q4_0 *b = (const blk_q4_0 *)row;
     float sum = 0.0f;
     for (int i = 0; i < nb; i++) {
         const int8_t *q8 = a->q + QK * i;
         int s = 0;
         for (int j = 0; j < QK / 2; j++)
             s += ((b[i].qs[j] & 15) - 8) * q8[j] + ((b[i].qs[j] >> 4) - 8) * q8[j + QK / 2];
-        sum += fp16(b[i].d) * a->d[i] * (float)s;
+        sum += fp16(b[i].d) * a->ds[2 * i] * (float)s;
     }
     return sum;
 #endif
@@ -490,25 +541,26 @@ static void deq_q4_1(const void *row, int nb, float *y)
     }
 }
 
+#ifdef PL_AVX2 /* nibbles · q8, plus m·xs per block */
+static inline void step_q4_1(const void *row, const act_view *a, int i, __m256 *acc, __m128 *side)
+{
+    const blk_q4_1 *b = (const blk_q4_1 *)row + i;
+    accumulate32(scale_dm(&b->d, a, i), dot_u8(nibbles(b->qs), load_q8(a, i)), acc, side);
+}
+#endif
+
 static float dot_q4_1(const void *row, const act_view *a, int nb)
 {
-    const blk_q4_1 *b = (const blk_q4_1 *)row;
 #ifdef PL_AVX2
-    __m256 acc = _mm256_setzero_ps();
-    float mins = 0.0f;
-    for (int i = 0; i < nb; i++) {
-        __m256i p = dot_u8(nibbles(b[i].qs), _mm256_loadu_si256((const __m256i *)(a->q + QK * i)));
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(fp16(b[i].d) * a->d[i]), _mm256_cvtepi32_ps(p), acc);
-        mins += fp16(b[i].m) * a->s[i];
-    }
-    return hsum_ps(acc) + mins;
+    return dot32(row, a, nb, step_q4_1, 1.0f);
 #else
+    const blk_q4_1 *b = (const blk_q4_1 *)row;
     float sum = 0.0f;
     for (int i = 0; i < nb; i++) {
         const int8_t *q8 = a->q + QK * i;
         int s = 0;
         for (int j = 0; j < QK / 2; j++) s += (b[i].qs[j] & 15) * q8[j] + (b[i].qs[j] >> 4) * q8[j + QK / 2];
-        sum += fp16(b[i].d) * a->d[i] * (float)s + fp16(b[i].m) * a->s[i];
+        sum += fp16(b[i].d) * a->ds[2 * i] * (float)s + fp16(b[i].m) * a->ds[2 * i + 1];
     }
     return sum;
 #endif
@@ -532,21 +584,21 @@ static void deq_q5_0(const void *row, int nb, float *y)
     }
 }
 
+#ifdef PL_AVX2 /* unsigned 5-bit values · q8, minus 16·Σq8 per block */
+static inline void step_q5_0(const void *row, const act_view *a, int i, __m256 *acc, __m128 *side)
+{
+    const blk_q5_0 *b = (const blk_q5_0 *)row + i;
+    __m256i w = _mm256_or_si256(nibbles(b->qs), bit4_of(b->qh));
+    accumulate32(scale_d(&b->d, a, i), dot_u8(w, load_q8(a, i)), acc, side);
+}
+#endif
+
 static float dot_q5_0(const void *row, const act_view *a, int nb)
 {
-    const blk_q5_0 *b = (const blk_q5_0 *)row;
-#ifdef PL_AVX2 /* unsigned 5-bit values · q8, minus 16·Σq8 per block */
-    __m256 acc = _mm256_setzero_ps();
-    float corr = 0.0f;
-    for (int i = 0; i < nb; i++) {
-        float d = fp16(b[i].d);
-        __m256i w = _mm256_or_si256(nibbles(b[i].qs), bit4_of(b[i].qh));
-        __m256i p = dot_u8(w, _mm256_loadu_si256((const __m256i *)(a->q + QK * i)));
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(d * a->d[i]), _mm256_cvtepi32_ps(p), acc);
-        corr += d * a->s[i];
-    }
-    return hsum_ps(acc) - 16.0f * corr;
+#ifdef PL_AVX2
+    return dot32(row, a, nb, step_q5_0, -16.0f);
 #else
+    const blk_q5_0 *b = (const blk_q5_0 *)row;
     float sum = 0.0f;
     for (int i = 0; i < nb; i++) {
         const int8_t *q8 = a->q + QK * i;
@@ -557,7 +609,7 @@ static float dot_q5_0(const void *row, const act_view *a, int nb)
             int h0 = (qh >> j) & 1, h1 = (qh >> (j + 16)) & 1;
             s += (((b[i].qs[j] & 15) | h0 << 4) - 16) * q8[j] + (((b[i].qs[j] >> 4) | h1 << 4) - 16) * q8[j + QK / 2];
         }
-        sum += fp16(b[i].d) * a->d[i] * (float)s;
+        sum += fp16(b[i].d) * a->ds[2 * i] * (float)s;
     }
     return sum;
 #endif
@@ -581,20 +633,21 @@ static void deq_q5_1(const void *row, int nb, float *y)
     }
 }
 
+#ifdef PL_AVX2
+static inline void step_q5_1(const void *row, const act_view *a, int i, __m256 *acc, __m128 *side)
+{
+    const blk_q5_1 *b = (const blk_q5_1 *)row + i;
+    __m256i w = _mm256_or_si256(nibbles(b->qs), bit4_of(b->qh));
+    accumulate32(scale_dm(&b->d, a, i), dot_u8(w, load_q8(a, i)), acc, side);
+}
+#endif
+
 static float dot_q5_1(const void *row, const act_view *a, int nb)
 {
-    const blk_q5_1 *b = (const blk_q5_1 *)row;
 #ifdef PL_AVX2
-    __m256 acc = _mm256_setzero_ps();
-    float mins = 0.0f;
-    for (int i = 0; i < nb; i++) {
-        __m256i w = _mm256_or_si256(nibbles(b[i].qs), bit4_of(b[i].qh));
-        __m256i p = dot_u8(w, _mm256_loadu_si256((const __m256i *)(a->q + QK * i)));
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(fp16(b[i].d) * a->d[i]), _mm256_cvtepi32_ps(p), acc);
-        mins += fp16(b[i].m) * a->s[i];
-    }
-    return hsum_ps(acc) + mins;
+    return dot32(row, a, nb, step_q5_1, 1.0f);
 #else
+    const blk_q5_1 *b = (const blk_q5_1 *)row;
     float sum = 0.0f;
     for (int i = 0; i < nb; i++) {
         const int8_t *q8 = a->q + QK * i;
@@ -605,7 +658,7 @@ static float dot_q5_1(const void *row, const act_view *a, int nb)
             int h0 = (qh >> j) & 1, h1 = (qh >> (j + 16)) & 1;
             s += ((b[i].qs[j] & 15) | h0 << 4) * q8[j] + ((b[i].qs[j] >> 4) | h1 << 4) * q8[j + QK / 2];
         }
-        sum += fp16(b[i].d) * a->d[i] * (float)s + fp16(b[i].m) * a->s[i];
+        sum += fp16(b[i].d) * a->ds[2 * i] * (float)s + fp16(b[i].m) * a->ds[2 * i + 1];
     }
     return sum;
 #endif
@@ -623,33 +676,28 @@ static void deq_q8_0(const void *row, int nb, float *y)
     }
 }
 
+#ifdef PL_AVX2
+static inline void step_q8_0(const void *row, const act_view *a, int i, __m256 *acc, __m128 *side)
+{
+    (void)side; /* no side term: a scalar scale is cheaper than scale_d here */
+    const blk_q8_0 *b = (const blk_q8_0 *)row + i;
+    __m256i p = dot_i8(_mm256_loadu_si256((const __m256i *)b->qs), load_q8(a, i));
+    *acc = _mm256_fmadd_ps(_mm256_set1_ps(fp16(b->d) * a->ds[2 * i]), _mm256_cvtepi32_ps(p), *acc);
+}
+#endif
+
 static float dot_q8_0(const void *row, const act_view *a, int nb)
 {
-    const blk_q8_0 *b = (const blk_q8_0 *)row;
-#ifdef PL_AVX2 /* two accumulators: the FMA latency, not the loads, would bound one */
-    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-    int i = 0;
-    for (; i + 1 < nb; i += 2) {
-        __m256i p0 = dot_i8(_mm256_loadu_si256((const __m256i *)b[i].qs),
-                            _mm256_loadu_si256((const __m256i *)(a->q + QK * i)));
-        __m256i p1 = dot_i8(_mm256_loadu_si256((const __m256i *)b[i + 1].qs),
-                            _mm256_loadu_si256((const __m256i *)(a->q + QK * i + QK)));
-        acc0 = _mm256_fmadd_ps(_mm256_set1_ps(fp16(b[i].d) * a->d[i]), _mm256_cvtepi32_ps(p0), acc0);
-        acc1 = _mm256_fmadd_ps(_mm256_set1_ps(fp16(b[i + 1].d) * a->d[i + 1]), _mm256_cvtepi32_ps(p1), acc1);
-    }
-    if (i < nb) {
-        __m256i p0 = dot_i8(_mm256_loadu_si256((const __m256i *)b[i].qs),
-                            _mm256_loadu_si256((const __m256i *)(a->q + QK * i)));
-        acc0 = _mm256_fmadd_ps(_mm256_set1_ps(fp16(b[i].d) * a->d[i]), _mm256_cvtepi32_ps(p0), acc0);
-    }
-    return hsum_ps(_mm256_add_ps(acc0, acc1));
+#ifdef PL_AVX2
+    return dot32(row, a, nb, step_q8_0, 0.0f);
 #else
+    const blk_q8_0 *b = (const blk_q8_0 *)row;
     float sum = 0.0f;
     for (int i = 0; i < nb; i++) {
         const int8_t *q8 = a->q + QK * i;
         int s = 0;
         for (int j = 0; j < QK; j++) s += b[i].qs[j] * q8[j];
-        sum += fp16(b[i].d) * a->d[i] * (float)s;
+        sum += fp16(b[i].d) * a->ds[2 * i] * (float)s;
     }
     return sum;
 #endif
@@ -676,8 +724,7 @@ static float dot_q2_K(const void *row, const act_view *a, int nb)
 {
     const blk_q2_K *b = (const blk_q2_K *)row;
 #ifdef PL_AVX2
-    __m256 acc = _mm256_setzero_ps();
-    float mins = 0.0f;
+    __m256 acc = _mm256_setzero_ps(), accm = _mm256_setzero_ps();
     const __m256i m3 = _mm256_set1_epi8(3);
     for (int i = 0; i < nb; i++) {
         const int8_t *q8 = a->q + QK_K * i;
@@ -685,7 +732,7 @@ static float dot_q2_K(const void *row, const act_view *a, int nb)
         __m128i lo = _mm_and_si128(sc, _mm_set1_epi8(15));
         __m128i hi = _mm_and_si128(_mm_srli_epi16(sc, 4), _mm_set1_epi8(15));
         __m256i bs = _mm256_loadu_si256((const __m256i *)(a->bsums + 16 * i));
-        int m = hsum_epi32(_mm256_madd_epi16(_mm256_cvtepu8_epi16(hi), bs));
+        __m256i m = _mm256_madd_epi16(_mm256_cvtepu8_epi16(hi), bs); /* Σ min·bsum, 8 lanes */
         __m256i sumi = _mm256_setzero_si256();
         for (int h = 0; h < 2; h++) {
             __m256i qs = _mm256_loadu_si256((const __m256i *)(b[i].qs + 32 * h));
@@ -697,9 +744,9 @@ static float dot_q2_K(const void *row, const act_view *a, int nb)
         }
         float d8 = a->d[i];
         acc = _mm256_fmadd_ps(_mm256_set1_ps(d8 * fp16(b[i].d)), _mm256_cvtepi32_ps(sumi), acc);
-        mins += d8 * fp16(b[i].dmin) * (float)m;
+        accm = _mm256_fmadd_ps(_mm256_set1_ps(d8 * fp16(b[i].dmin)), _mm256_cvtepi32_ps(m), accm);
     }
-    return hsum_ps(acc) - mins;
+    return hsum_ps(_mm256_sub_ps(acc, accm));
 #else
     float sum = 0.0f;
     for (int i = 0; i < nb; i++) {

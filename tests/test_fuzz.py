@@ -7,7 +7,7 @@ failure names a case that replays anywhere:
 
     python tests/fuzz/fuzz_models.py --seed SEED --case N
 
-Knobs: PYLLAMA_FUZZ_COUNT (default 10000 inputs, about 10 s here), PYLLAMA_FUZZ_SEED (default
+Knobs: PYLLAMA_FUZZ_COUNT (default 20000 inputs, about 15 s here), PYLLAMA_FUZZ_SEED (default
 20240601; "random" picks one and prints it). Failing inputs are kept in build/fuzz/.
 """
 import os
@@ -49,7 +49,7 @@ def fuzz_seed():
 
 
 def test_mutated_files_fail_cleanly():
-    count = int(os.environ.get("PYLLAMA_FUZZ_COUNT", "10000"))
+    count = int(os.environ.get("PYLLAMA_FUZZ_COUNT", "20000"))
     seed = fuzz_seed()
     out = ROOT / "build" / "fuzz" / f"test-seed{seed}"
     proc, counts, detail = run_fuzzer("--count", count, "--seed", seed, "--out", out)

@@ -11,9 +11,12 @@ mix (with `tokenizer.ggml.*` metadata, model "llama"), a vocab-only GGUF and a t
 Case i of seed S is fully determined by (S, i): it picks a seed file and applies 1-4 mutations
 (bit flips, byte sets, truncation, appended junk, known header/length/count fields and random
 aligned words set to 0, -1, 0xFFFFFFFF, 2^63, huge or small values, chunk swaps, duplications,
-deletions, insertions, splices from another seed).
+deletions, insertions, splices from another seed). Structure-aware cases rebuild a GGUF with one
+key/value or tensor info set, retyped, dropped, duplicated, resized or reordered (counts kept
+consistent), or write a VALID .bin of a random odd shape (hidden_dim 1, vocab 1, group_size 1).
 
-Each mutated model is opened with `pyllama.Llama(path, tokenizer=..., threads=1)`; when it loads,
+Each mutated model is opened with `pyllama.Llama(path, tokenizer=..., threads=1)` (odd cases with
+mmap=False: the file in a malloc'd buffer, so ASan sees reads past its end); when it loads,
 2 tokens of `logits` and 2 tokens of `generate(temperature=0.8)` run. A mutated tokenizer.bin goes
 through `Tokenizer.from_llama2c(path, vocab)`, encode/decode, and generation with a valid model.
 Accepted outcomes: success, a pyllama.PyllamaError, or a MemoryError whose message names bytes
@@ -29,7 +32,6 @@ line is the summary:
 """
 import argparse
 import faulthandler
-import io
 import os
 import random
 import re
@@ -49,7 +51,7 @@ import numpy as np
 
 HANG_SECONDS = 10          # per case, raised in the worker by SIGALRM
 GRACE_SECONDS = 20         # supervisor: no word from the worker for hang + grace s -> kill
-MAX_CRASHES = 25           # the supervisor gives up after this many worker deaths
+MAX_CRASHES = 200          # the supervisor gives up after this many worker deaths
 MAX_SAVED_PER_ERROR = 20   # failing inputs kept per distinct error message
 VOCAB = 300
 TOKENIZER_SHARE = 0.12     # fraction of cases that mutate tokenizer.bin
@@ -121,8 +123,7 @@ def _floats(rng, n, scale=0.3):
     return (rng.standard_normal(n) * scale).astype("<f4")
 
 
-def legacy_seed(shared, rng):
-    c = BIN_CFG
+def legacy_seed(shared, rng, c=BIN_CFG):
     d, h, L, v = c["dim"], c["hidden"], c["layers"], c["vocab"]
     hs = d // c["heads"]
     kv = hs * c["kv_heads"]
@@ -140,8 +141,7 @@ def legacy_seed(shared, rng):
     return Seed(name, "model", hdr + b"".join(p.tobytes() for p in parts), fields, 28 + 64)
 
 
-def _v1v2_header(version, shared, group=None):
-    c = BIN_CFG
+def _v1v2_header(version, shared, group=None, c=BIN_CFG):
     hdr = struct.pack("<Ii7iB", 0x616B3432, version, c["dim"], c["hidden"], c["layers"],
                       c["heads"], c["kv_heads"], c["vocab"], c["seq"], int(shared))
     if group is not None:
@@ -155,18 +155,16 @@ def _v1v2_header(version, shared, group=None):
     return hdr + b"\0" * (256 - len(hdr)), fields
 
 
-def _bin_matrices():
-    c = BIN_CFG
+def _bin_matrices(c=BIN_CFG):
     d, h, v = c["dim"], c["hidden"], c["vocab"]
     kv = d // c["heads"] * c["kv_heads"]
     return [(d, d), (kv, d), (kv, d), (d, d), (h, d), (d, h), (h, d)], v
 
 
-def v1_seed(shared, rng):
-    c = BIN_CFG
+def v1_seed(shared, rng, c=BIN_CFG):
     d, L = c["dim"], c["layers"]
-    mats, v = _bin_matrices()
-    hdr, fields = _v1v2_header(1, shared)
+    mats, v = _bin_matrices(c)
+    hdr, fields = _v1v2_header(1, shared, c=c)
     parts = [np.ones(2 * L * d + d, "<f4"), _floats(rng, v * d)]
     parts += [_floats(rng, L * r * k) for r, k in mats]
     if not shared:
@@ -183,11 +181,10 @@ def _q8_group(w, gs):
     return q.tobytes() + scale.astype("<f4").tobytes()
 
 
-def v2_seed(shared, rng, gs=16):
-    c = BIN_CFG
+def v2_seed(shared, rng, gs=16, c=BIN_CFG):
     d, L = c["dim"], c["layers"]
-    mats, v = _bin_matrices()
-    hdr, fields = _v1v2_header(2, shared, gs)
+    mats, v = _bin_matrices(c)
+    hdr, fields = _v1v2_header(2, shared, gs, c=c)
     out = [hdr, np.ones(2 * L * d + d, "<f4").tobytes(), _q8_group(_floats(rng, v * d), gs)]
     for r, k in mats:
         out += [_q8_group(_floats(rng, r * k), gs) for _ in range(L)]
@@ -802,6 +799,31 @@ MUTATIONS = [(m_bitflip, 14), (m_byteset, 10), (m_truncate, 8), (m_append, 4), (
 _MUT_FUNCS, _MUT_WEIGHTS = zip(*MUTATIONS)
 
 
+def random_bin(rng):
+    """A VALID llama2.c file of a random small and odd shape (hidden_dim 1, vocab 1, one head,
+    seq_len 1, group_size 1 ...): reaches the C core with shapes the seeds do not have."""
+    heads = rng.choice((1, 1, 2, 3, 4))
+    kv = rng.choice([k for k in range(1, heads + 1) if heads % k == 0])
+    dim = heads * rng.choice((2, 2, 4, 6, 8, 16))
+    c = dict(dim=dim, hidden=rng.choice((1, 2, 3, 5, 8, 16, 33, 64)), layers=rng.choice((1, 2, 3)),
+             heads=heads, kv_heads=kv, vocab=rng.choice((1, 2, 3, 7, 259, 299, 300, 301)),
+             seq=rng.choice((1, 2, 3, 4, 16)))
+    shared = rng.random() < 0.5
+    nrng = np.random.default_rng(rng.getrandbits(64))
+    version = rng.choice((0, 1, 2))
+    name = f"random-v{version}-" + "-".join(f"{k}{v}" for k, v in c.items())
+    if version == 0:
+        s = legacy_seed(shared, nrng, c)
+    elif version == 1:
+        s = v1_seed(shared, nrng, c)
+    else:
+        gs = rng.choice([g for g in range(1, dim + 1) if dim % g == 0 and c["hidden"] % g == 0])
+        s = v2_seed(shared, nrng, gs, c)
+        name += f"-gs{gs}"
+    s.name = name + ".bin"
+    return s
+
+
 def make_case(seeds, seed, i):
     """(Seed, mutated bytes, description) of case i: a pure function of (seed, i)."""
     rng = random.Random(f"pyllama-fuzz:{seed}:{i}")
@@ -811,7 +833,12 @@ def make_case(seeds, seed, i):
     buf = bytearray(base.data)
     steps = []
     n = rng.choice((1, 1, 1, 2, 2, 3, 4))
-    if base.layout is not None and rng.random() < 0.35:
+    if base.kind == "model" and base.ext == ".bin" and rng.random() < 0.2:
+        base = random_bin(rng)
+        buf = bytearray(base.data)
+        steps.append(f"random[{base.name}]")
+        n = rng.choice((0, 0, 0, 1))
+    elif base.layout is not None and rng.random() < 0.35:
         buf, what = m_gguf(rng, base)
         steps.append(f"gguf[{what}]")
         n = rng.choice((0, 0, 0, 1, 2))

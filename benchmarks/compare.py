@@ -1,0 +1,105 @@
+"""`make bench-compare`: pyllama and llama-cpp-python on the same GGUF files, side by side.
+
+For each file: load time, prompt processing (128 tokens) and streaming generation through each
+project's public Python API (pyllama `Llama.generate`, llama-cpp-python
+`create_completion(stream=True)`), greedy, 2 threads, interleaved runs, medians. llama-cpp-python
+runs in a child process of the Python given by --llama-python (default: this one; install it with
+`pip install -e '.[bench]'`, which builds llama.cpp from source and takes minutes).
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("PYLLAMA_SHARED") or ROOT.parent / "shared")
+MODELS = ROOT / "build" / "bench-models"
+PROMPT = "Once upon a time"
+
+CHILD = r'''
+import json, sys, time
+import numpy as np
+from llama_cpp import Llama
+path, n_gen, n_prompt, threads, repeat = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+t0 = time.perf_counter()
+llm = Llama(model_path=path, n_ctx=512, n_threads=threads, n_threads_batch=threads, n_batch=512, verbose=False)
+load = time.perf_counter() - t0
+res = {"load_s": load, "gen": [], "prompt": []}
+rng = np.random.default_rng(0)
+ids = [1] + rng.integers(3, llm.n_vocab(), size=n_prompt - 1).tolist()
+for _ in range(repeat):
+    llm.reset()
+    t0 = time.perf_counter()
+    llm.eval(ids)
+    res["prompt"].append(n_prompt / (time.perf_counter() - t0))
+    llm.reset()
+    n = 0
+    t0 = time.perf_counter()
+    for chunk in llm.create_completion(PROMPT, max_tokens=n_gen, temperature=0.0, stream=True):
+        n += 1
+    res["gen"].append(n / (time.perf_counter() - t0))
+    res["gen_tokens"] = n
+print(json.dumps(res))
+'''.replace("PROMPT", repr(PROMPT))
+
+
+def pyllama_run(path, n_gen, n_prompt, threads, repeat):
+    import numpy as np
+    import pyllama
+    t0 = time.perf_counter()
+    m = pyllama.Llama(path, threads=threads, n_ctx=512)
+    res = {"load_s": time.perf_counter() - t0, "gen": [], "prompt": []}
+    rng = np.random.default_rng(0)
+    ids = [1] + rng.integers(3, m.vocab_size, size=n_prompt - 1).tolist()
+    n_ids = len(m.tokenize(PROMPT))
+    for _ in range(repeat):
+        with m._model._lock:
+            t0 = time.perf_counter()
+            m._model.prefill(ids, 0)
+            res["prompt"].append(n_prompt / (time.perf_counter() - t0))
+        t0 = time.perf_counter()
+        pieces = sum(1 for _ in m.generate(PROMPT, steps=n_ids - 1 + n_gen, temperature=0))
+        res["gen"].append(n_gen / (time.perf_counter() - t0))
+        assert pieces <= n_gen
+    return res
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--llama-python", default=sys.executable)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--gen", type=int, default=128)
+    ap.add_argument("--prompt", type=int, default=128)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--quick", action="store_true", help="skip the stories110M files")
+    args = ap.parse_args()
+    files = [SHARED / "models" / "stories260K-f32.gguf"]
+    for name in ["stories15M"] + ([] if args.quick else ["stories110M"]):
+        files += [MODELS / f"{name}-{t}.gguf" for t in ("f32", "q8_0", "q4_0", "q4_k_m")]
+    missing = [str(f) for f in files if not f.exists()]
+    if missing:
+        sys.exit(f"missing {missing}: run `make bench` first (it makes and converts the models)")
+    print(f"{'file':26} {'':10} {'load ms':>8} {'prompt tok/s':>13} {'stream tok/s':>13}")
+    for f in files:
+        rows = {}
+        proc = subprocess.run([args.llama_python, "-c", CHILD, str(f), str(args.gen), str(args.prompt),
+                               str(args.threads), str(args.repeat)], capture_output=True, text=True)
+        if proc.returncode:
+            sys.exit(f"llama-cpp-python failed on {f}:\n{proc.stderr[-2000:]}")
+        rows["llama-cpp"] = json.loads(proc.stdout.strip().splitlines()[-1])
+        rows["pyllama"] = pyllama_run(f, args.gen, args.prompt, args.threads, args.repeat)
+        for who, r in rows.items():
+            print(f"{f.name:26} {who:10} {r['load_s'] * 1000:8.1f} {statistics.median(r['prompt']):13.1f} "
+                  f"{statistics.median(r['gen']):13.1f}")
+        a, b = rows["pyllama"], rows["llama-cpp"]
+        print(f"{'':26} {'ratio':10} {b['load_s'] / a['load_s']:7.1f}x "
+              f"{statistics.median(a['prompt']) / statistics.median(b['prompt']):12.2f}x "
+              f"{statistics.median(a['gen']) / statistics.median(b['gen']):12.2f}x", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -122,3 +122,29 @@ def test_broken_pipe_is_quiet(s260k):
                        shell=True, capture_output=True, timeout=120)
     assert p.stdout == b"Once "[:5] or len(p.stdout) == 5
     assert b"Traceback" not in p.stderr
+
+
+def test_bench_json(s260k):
+    model, _ = s260k
+    code, out, err = cli("bench", model, "--threads", "1,2", "--repeat", "1", "--gen", "8",
+                         "--prompt", "4", "--json")
+    assert code == 0, err
+    rows = json.loads(out)
+    assert [r["threads"] for r in rows] == [1, 2]
+    for r in rows:
+        assert r["gen_tok_s"]["min"] > 0 and r["prompt_tok_s"]["median"] > 0
+        assert r["bytes_per_token"] > 1_000_000 and 0 < r["bandwidth_fraction"]
+    code, out, err = cli("bench", model, "--repeat", "0")
+    assert code == 1 and "--repeat" in err
+
+
+def test_convert_then_run(tmp_path, s260k):
+    model, tok = s260k
+    out = tmp_path / "m.gguf"
+    code, _, err = cli("convert", model, out, "--type", "f32", "-z", tok)
+    assert code == 0, err
+    a = cli("run", out, "-t", "0", "-n", "40", "-i", "One day")
+    b = cli("run", model, "-z", tok, "-t", "0", "-n", "40", "-i", "One day")
+    assert a[0] == 0 and a[1] == b[1]
+    code, _, err = cli("convert", model, tmp_path / "x.gguf", "--type", "q3_xs", "-z", tok)
+    assert code == 1 and err.startswith("pyllama: error:")

@@ -57,6 +57,7 @@ _SPM_SPACE = "\u2581"                  # SentencePiece's visible space "▁"
 _UNK_SURFACE = " \u2047 "              # what SentencePiece's decode prints for <unk>
 _WORD = re.compile(r"[^ ]+| +[^ ]*")   # words: cut before a space that follows a non-space
 _CROSSES_WORD = re.compile(r"[^ ] ")   # a piece containing this could span a cut
+_CROSSES_WORD_JOINED = re.compile(r"[^ \0] ")
 _PRINTABLE = frozenset(range(0x20, 0x7F)) | frozenset(b"\t\n\v\f\r")  # C isprint || isspace
 _ESCAPED_TO_FFFD = {c: 0xFFFD for c in range(0xDC80, 0xDD00)}  # surrogateescape'd bytes
 _CACHE_MAX, _CACHED_WORD_MAX = 1 << 16, 64
@@ -125,7 +126,7 @@ class Tokenizer:
                         self._user_defined.setdefault(text[0], []).append(text)
         for group in self._user_defined.values():
             group.sort(key=len, reverse=True)
-        self._split_words = not any(_CROSSES_WORD.search(s) for s in self._ids)
+        self._split_words = not _any_crosses_word(self._ids)
         self.max_piece_chars = max((len(s) for s in self._ids), default=1)
         self._cache: dict = {}
 
@@ -148,23 +149,26 @@ class Tokenizer:
             raise FormatError(f"{path}: truncated header: expected 4 bytes (u32 max_token_length), "
                               f"found {size}")
         (max_len,) = _HEADER.unpack_from(data, 0)
-        pieces, scores, off = [], np.empty(vocab_size, np.float32), _HEADER.size
+        pieces, scores, off = [], [], _HEADER.size
+        unpack, rec = _RECORD.unpack_from, _RECORD.size
         for i in range(vocab_size):
-            if off + _RECORD.size > size:
+            if off + rec > size:
                 what = (f"the file ends after {i} tokens" if off == size else
                         f"token {i} is truncated at offset {off}: expected 8 bytes of score and "
                         f"length, found {size - off}")
                 raise FormatError(f"{path}: {what}, but the model's vocab_size is {vocab_size}")
-            scores[i], n = _RECORD.unpack_from(data, off)
-            off += _RECORD.size
-            if n > size - off:
-                raise FormatError(f"{path}: token {i}: length field {n} (at offset {off - 4}) "
-                                  f"exceeds the {size - off} bytes left in the file")
-            if n > max_len:
+            score, n = unpack(data, off)
+            off += rec
+            if n > max_len or n > size - off:
+                if n > size - off:
+                    raise FormatError(f"{path}: token {i}: length field {n} (at offset {off - 4}) "
+                                      f"exceeds the {size - off} bytes left in the file")
                 raise FormatError(f"{path}: token {i} (offset {off}) is {n} bytes long, expected "
                                   f"at most the header's max_token_length {max_len}")
+            scores.append(score)
             pieces.append(data[off:off + n])
             off += n
+        scores = np.array(scores, np.float32)
         return cls(pieces, scores, source=path)
 
     @classmethod
@@ -392,6 +396,14 @@ class Tokenizer:
 
 
 # ---------------------------------------------------------------------- helpers
+def _any_crosses_word(pieces) -> bool:
+    """True if some piece has a non-space character followed by a space (one regex scan over
+    all pieces joined by NUL, which the pattern excludes; pieces holding a NUL are checked alone)."""
+    if _CROSSES_WORD_JOINED.search("\0".join(pieces)):
+        return True
+    return any(_CROSSES_WORD.search(p) for p in pieces if "\0" in p)
+
+
 def _as_text(text) -> str:
     """``text`` as a str that has a UTF-8 encoding, else TokenizerError."""
     if isinstance(text, (bytes, bytearray, memoryview)):

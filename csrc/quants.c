@@ -15,9 +15,12 @@
  * Q8_G rounds x/scale half away from zero like runq.c's round().
  *
  * Every weight block is read through the byte layout documented beside its struct (ggml's,
- * little-endian, fp16 scales). Scalar code is the reference; AVX2+FMA paths (x86-64-v3) replace
- * the dot products when the compiler targets them. The products avoid int16 saturation: the
- * weight operand of maddubs is unsigned (≤ 128) and the activations stay in [-127, 127].
+ * little-endian, fp16 scales). Scalar code is the reference and the portable build; when the
+ * compiler targets AVX2+FMA+F16C (x86-64-v3, e.g. -march=native on Haswell/Zen and later) every
+ * type's dot product and the activation quantizers have an AVX2 path instead. Dequantization is
+ * scalar only (one row per call: embeddings, tests) and bit-identical to gguf-py's numpy code.
+ * The AVX2 products cannot saturate int16: the weight operand of maddubs is unsigned (≤ 128:
+ * offsets are subtracted afterwards through Σq8) and the activations stay in [-127, 127].
  */
 #include <math.h>
 #include <string.h>
@@ -184,7 +187,7 @@ int pli_is_quant(int type)
     }
 }
 
-/* Values per block and bytes per block of a ggml type (Q8_G: values per group, 0 bytes). */
+/* Values per block (Q8_G: per scale group) and bytes per block (Q8_G: none, it is not blocked). */
 static int block_values(const pl_tensor *w)
 {
     switch (w->type) {
@@ -362,11 +365,6 @@ static inline int hsum_epi32_128(__m128i s)
     s = _mm_add_epi32(s, _mm_unpackhi_epi64(s, s));
     s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
     return _mm_cvtsi128_si32(s);
-}
-
-static inline int hsum_epi32(__m256i v)
-{
-    return hsum_epi32_128(_mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1)));
 }
 
 /* 16 bytes of nibbles → 32 bytes: low nibbles (values 0-15), then high nibbles (16-31). */

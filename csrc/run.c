@@ -90,6 +90,56 @@ static void rope_rows(float *vec, const float *rope, long long r0, long long r1,
     }
 }
 
+/* Attention softmax in place: exp(x - max) / sum. The AVX2 path uses a polynomial exp (within
+ * 2 ulp of expf); the sampler keeps llama2.c's exact softmax (pli_softmax). */
+static void softmax_att(float *x, int n)
+{
+#if defined(__AVX2__) && defined(__FMA__)
+    if (n >= 8) {
+        float max_val = x[0];
+        for (int i = 1; i < n; i++) max_val = x[i] > max_val ? x[i] : max_val;
+        const __m256 mx = _mm256_set1_ps(max_val), lo = _mm256_set1_ps(-87.0f);
+        const __m256 log2e = _mm256_set1_ps(1.44269504088896341f);
+        const __m256 ln2hi = _mm256_set1_ps(0.693359375f), ln2lo = _mm256_set1_ps(-2.12194440e-4f);
+        const __m256 c1 = _mm256_set1_ps(1.9875691500e-4f), c2 = _mm256_set1_ps(1.3981999507e-3f);
+        const __m256 c3 = _mm256_set1_ps(8.3334519073e-3f), c4 = _mm256_set1_ps(4.1665795894e-2f);
+        const __m256 c5 = _mm256_set1_ps(1.6666665459e-1f), c6 = _mm256_set1_ps(5.0000001201e-1f);
+        const __m256 one = _mm256_set1_ps(1.0f);
+        __m256 vsum = _mm256_setzero_ps();
+        int i = 0;
+        for (; i + 8 <= n; i += 8) {
+            __m256 v = _mm256_max_ps(_mm256_sub_ps(_mm256_loadu_ps(x + i), mx), lo);
+            __m256 k = _mm256_round_ps(_mm256_mul_ps(v, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+            __m256 r = _mm256_fnmadd_ps(k, ln2hi, v);
+            r = _mm256_fnmadd_ps(k, ln2lo, r);
+            __m256 p = _mm256_fmadd_ps(c1, r, c2);
+            p = _mm256_fmadd_ps(p, r, c3);
+            p = _mm256_fmadd_ps(p, r, c4);
+            p = _mm256_fmadd_ps(p, r, c5);
+            p = _mm256_fmadd_ps(p, r, c6);
+            p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, one));
+            __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(k), _mm256_set1_epi32(127)), 23);
+            __m256 y = _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+            _mm256_storeu_ps(x + i, y);
+            vsum = _mm256_add_ps(vsum, y);
+        }
+        __m128 h = _mm_add_ps(_mm256_castps256_ps128(vsum), _mm256_extractf128_ps(vsum, 1));
+        h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+        h = _mm_add_ss(h, _mm_movehdup_ps(h));
+        float sum = _mm_cvtss_f32(h);
+        for (; i < n; i++) {
+            x[i] = expf(x[i] - max_val);
+            sum += x[i];
+        }
+        const __m256 inv = _mm256_set1_ps(1.0f / sum);
+        for (i = 0; i + 8 <= n; i += 8) _mm256_storeu_ps(x + i, _mm256_mul_ps(_mm256_loadu_ps(x + i), inv));
+        for (; i < n; i++) x[i] /= sum;
+        return;
+    }
+#endif
+    pli_softmax(x, n);
+}
+
 static inline float dot(const float *a, const float *b, int n)
 {
     int i = 0;
@@ -174,7 +224,7 @@ void pl_forward(const pl_weights *w, pl_state *s, const int *tokens, int n, int 
                     const float *vh = s->value_cache + loff + (h / kv_mul) * head_size;
                     for (int i = 0; i <= last; i++)
                         att[i] = dot(q, kh + (long long)i * kv_dim, head_size) * att_scale;
-                    pli_softmax(att, last + 1);
+                    softmax_att(att, last + 1);
                     float *xb = s->xb + (long long)t * dim + h * head_size;
                     memset(xb, 0, head_size * sizeof(float));
                     for (int i = 0; i <= last; i++) {

@@ -112,6 +112,10 @@ class Transformer:
 
     # -- binding ---------------------------------------------------------------------------------
     def _ptr(self, array, ctype="void *"):
+        if array.ctypes.data % 4:
+            # a legal but odd file (GGUF alignment 1 or 2, a V2 matrix of rows*cols % 4 != 0) puts
+            # data at an unaligned address; C reads floats and fp16 scales: give it an aligned copy
+            array = array.copy()
         buf = ffi.from_buffer(array)  # read-only buffers are fine: C only reads weights
         self._keep.append(buf)
         return ffi.cast(ctype, buf)

@@ -183,6 +183,14 @@ class Tokenizer:
         if not isinstance(model, str) or model != "llama":
             raise FormatError(f"{source}: unsupported tokenizer model {model!r} (tokenizer.ggml."
                               f"model): only 'llama' (SentencePiece BPE) is supported")
+        for key in ("tokens", "scores", "token_type"):
+            if not isinstance(v["tokenizer.ggml." + key], (list, tuple, np.ndarray)):
+                raise FormatError(f"{source}: tokenizer.ggml.{key}: expected an array, found "
+                                  f"{type(v['tokenizer.ggml.' + key]).__name__}")
+        for key in ("add_bos_token", "add_space_prefix"):
+            if not isinstance(v["tokenizer.ggml." + key], (bool, np.bool_)):
+                raise FormatError(f"{source}: tokenizer.ggml.{key}: expected a bool, found "
+                                  f"{type(v['tokenizer.ggml.' + key]).__name__}")
         pieces = []
         for i, t in enumerate(v["tokenizer.ggml.tokens"]):
             if isinstance(t, str):

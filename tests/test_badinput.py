@@ -231,7 +231,7 @@ def test_bad_threads_and_context(small):
 
 def test_kv_cache_larger_than_memory_is_refused_before_allocating(tmp_path):
     model = write_legacy(tmp_path / "wide.bin", dim=64, hidden=16, layers=64, heads=2, kv_heads=2)
-    with pytest.raises(MemoryError, match=r"needs \d+ bytes; only \d+ bytes"):
+    with pytest.raises(MemoryError, match=r"need \d+ bytes; only \d+ bytes"):
         pyllama.Llama(model, n_ctx=1 << 22)  # 137 GB of KV cache
     assert_cli_error(["run", model, "--context", str(1 << 22), "-z",
                       write_tokenizer_bin(tmp_path / "t.bin", byte_vocab(16))], "out of memory")

@@ -1,6 +1,6 @@
 /* pyllama's C API: the whole boundary between Python and C.
  *
- * build_ffi.py reads this file verbatim as the cffi cdef, and every csrc/*.c file includes it, so
+ * build_ffi.py reads this file verbatim as the cffi cdef, and every C file of csrc includes it, so
  * the two cannot drift apart. Keep it cdef-clean: no #include, no #ifdef, only integer #defines.
  * Bump PL_ABI_VERSION whenever a struct or signature here changes: pyllama/__init__.py refuses a
  * compiled core whose version differs (a stale build).

@@ -13,15 +13,16 @@ from .generate import generate_tokens, make_sampler
 
 
 def read_bandwidth(threads, nbytes=1 << 30, repeat=5):
-    """Best-of-`repeat` bytes/s of summing an f32 array far larger than the caches."""
+    """Median bytes/s of summing an f32 array far larger than the caches."""
     x = np.ones(nbytes // 4, np.float32)
     ptr = ffi.cast("float *", ffi.from_buffer(x))
-    best = 0.0
+    lib.pl_sum_f32(ptr, x.size, threads)  # warm: pages mapped, threads started
+    rates = []
     for _ in range(repeat):
         t0 = time.perf_counter()
         lib.pl_sum_f32(ptr, x.size, threads)
-        best = max(best, x.nbytes / (time.perf_counter() - t0))
-    return best
+        rates.append(x.nbytes / (time.perf_counter() - t0))
+    return statistics.median(rates)
 
 
 def bytes_per_token(model_file):

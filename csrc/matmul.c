@@ -132,47 +132,52 @@ FLOAT_ROWS(rows_bf16, uint16_t, LOAD_BF16, bf16_to_f32)
 
 /* ------------------------------------------------------------------------------------------------
  * float rows x a batch of tokens: out[t*ldo + r] = dot(W[r, :], x[t, :]) for r in [r0, r1), t < n.
- * A register tile of 2 rows x 4 tokens: each weight vector loaded is used for 4 tokens and each
- * activation vector for 2 rows, so prompt processing is bound by FMAs, not by loads. */
+ * A register tile of 3 rows x 4 tokens (12 accumulators, all 16 AVX2 registers): each weight
+ * vector loaded serves 4 tokens and each activation vector 3 rows. */
 
 #ifdef PL_AVX2
+#define FMA3(xv) \
+    a##xv = _mm256_fmadd_ps(u, x##xv##v, a##xv); b##xv = _mm256_fmadd_ps(v, x##xv##v, b##xv); \
+    c##xv = _mm256_fmadd_ps(w, x##xv##v, c##xv);
 #define FLOAT_TILE(NAME, ELEM, LOAD, ROWS)                                                         \
 static void NAME(const void *data, const float *x, float *out, long long r0, long long r1,       \
                  long long n, int ntok, long long ldo)                                           \
 {                                                                                                \
     const ELEM *base = (const ELEM *)data;                                                       \
-    long long r = r0;                                                                            \
-    for (; r + 1 < r1; r += 2) {                                                                 \
-        const ELEM *w0 = base + r * n, *w1 = w0 + n;                                             \
-        int t = 0;                                                                               \
-        for (; t + 4 <= ntok; t += 4) {                                                          \
-            const float *x0 = x + t * n, *x1 = x0 + n, *x2 = x1 + n, *x3 = x2 + n;               \
+    /* tokens outer (4 activation rows, 4*n floats, stay in L1), rows inner (the chunk of weight
+     * rows streams from L2) */                                                                  \
+    int t = 0;                                                                                   \
+    for (; t + 4 <= ntok; t += 4) {                                                              \
+        const float *x0 = x + t * n, *x1 = x0 + n, *x2 = x1 + n, *x3 = x2 + n;                   \
+        long long r = r0;                                                                        \
+        for (; r + 2 < r1; r += 3) {                                                             \
+            const ELEM *w0 = base + r * n, *w1 = w0 + n, *w2 = w1 + n;                           \
             __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;                          \
-            __m256 b0 = a0, b1 = a0, b2 = a0, b3 = a0;                                           \
+            __m256 b0 = a0, b1 = a0, b2 = a0, b3 = a0, c0 = a0, c1 = a0, c2 = a0, c3 = a0;       \
             long long j = 0;                                                                     \
             for (; j + 8 <= n; j += 8) {                                                         \
-                __m256 u = LOAD(w0, j), v = LOAD(w1, j), xv;                                     \
-                xv = _mm256_loadu_ps(x0 + j); a0 = _mm256_fmadd_ps(u, xv, a0); b0 = _mm256_fmadd_ps(v, xv, b0); \
-                xv = _mm256_loadu_ps(x1 + j); a1 = _mm256_fmadd_ps(u, xv, a1); b1 = _mm256_fmadd_ps(v, xv, b1); \
-                xv = _mm256_loadu_ps(x2 + j); a2 = _mm256_fmadd_ps(u, xv, a2); b2 = _mm256_fmadd_ps(v, xv, b2); \
-                xv = _mm256_loadu_ps(x3 + j); a3 = _mm256_fmadd_ps(u, xv, a3); b3 = _mm256_fmadd_ps(v, xv, b3); \
+                __m256 u = LOAD(w0, j), v = LOAD(w1, j), w = LOAD(w2, j);                        \
+                __m256 x0v = _mm256_loadu_ps(x0 + j); FMA3(0)                                    \
+                __m256 x1v = _mm256_loadu_ps(x1 + j); FMA3(1)                                    \
+                __m256 x2v = _mm256_loadu_ps(x2 + j); FMA3(2)                                    \
+                __m256 x3v = _mm256_loadu_ps(x3 + j); FMA3(3)                                    \
             }                                                                                    \
-            float sa[4] = {hsum256(a0), hsum256(a1), hsum256(a2), hsum256(a3)};                  \
-            float sb[4] = {hsum256(b0), hsum256(b1), hsum256(b2), hsum256(b3)};                  \
-            for (; j < n; j++) {                                                                 \
-                float p = ROWS(w0[j]), q = ROWS(w1[j]);                                          \
-                sa[0] += p * x0[j]; sa[1] += p * x1[j]; sa[2] += p * x2[j]; sa[3] += p * x3[j];  \
-                sb[0] += q * x0[j]; sb[1] += q * x1[j]; sb[2] += q * x2[j]; sb[3] += q * x3[j];  \
-            }                                                                                    \
-            for (int k = 0; k < 4; k++) {                                                        \
-                out[(t + k) * ldo + r] = sa[k];                                                  \
-                out[(t + k) * ldo + r + 1] = sb[k];                                              \
-            }                                                                                    \
+            float s[3][4] = {{hsum256(a0), hsum256(a1), hsum256(a2), hsum256(a3)},               \
+                             {hsum256(b0), hsum256(b1), hsum256(b2), hsum256(b3)},               \
+                             {hsum256(c0), hsum256(c1), hsum256(c2), hsum256(c3)}};              \
+            const float *xs[4] = {x0, x1, x2, x3};                                               \
+            for (; j < n; j++)                                                                   \
+                for (int k = 0; k < 4; k++) {                                                    \
+                    s[0][k] += ROWS(w0[j]) * xs[k][j];                                           \
+                    s[1][k] += ROWS(w1[j]) * xs[k][j];                                           \
+                    s[2][k] += ROWS(w2[j]) * xs[k][j];                                           \
+                }                                                                                \
+            for (int k = 0; k < 4; k++)                                                          \
+                for (int i = 0; i < 3; i++) out[(t + k) * ldo + r + i] = s[i][k];                \
         }                                                                                        \
-        for (; t < ntok; t++) NAME##_one(data, x + t * n, out + t * ldo, r, r + 2, n);          \
+        for (int k = 0; k < 4; k++) NAME##_one(data, x + (t + k) * n, out + (t + k) * ldo, r, r1, n); \
     }                                                                                            \
-    for (; r < r1; r++)                                                                          \
-        for (int t = 0; t < ntok; t++) NAME##_one(data, x + t * n, out + t * ldo, r, r + 1, n);  \
+    for (; t < ntok; t++) NAME##_one(data, x + t * n, out + t * ldo, r0, r1, n);                 \
 }
 #define rows_f32_tile_one rows_f32
 #define rows_f16_tile_one rows_f16

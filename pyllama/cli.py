@@ -101,18 +101,21 @@ def cmd_run(args, out, err):
     from .generate import encode_prompt, generate_tokens, make_sampler, resolve_steps
     from .llama import Llama
     from .errors import TokenizerError
+    from .formats import load
     _check_args(args)
-    model = Llama(args.checkpoint, tokenizer=args.tokenizer, threads=args.threads,
-                  n_ctx=args.context)
+    mf = load(args.checkpoint)
+    # the KV cache holds the positions this run can reach (steps), not always the model's seq_len
+    limit = args.context or mf.config.get("seq_len", 1)
+    steps = resolve_steps(args.steps, limit)
+    model = Llama(mf, tokenizer=args.tokenizer, threads=args.threads, n_ctx=args.context or steps)
     if model.tokenizer is None:
         raise TokenizerError(f"no tokenizer: {args.checkpoint} has none and no tokenizer.bin was "
                              f"found beside it or in the working directory (use -z PATH)")
-    steps = resolve_steps(args.steps, model.n_ctx)
     sampler = make_sampler(model._model, args.temperature, args.topp, args.seed)
     if args.mode == "chat" or args.command == "chat":
         return _chat(model, sampler, args.prompt, args.system, steps, out)
     tok = model.tokenizer
-    ids = encode_prompt(tok, args.prompt or "", model.n_ctx)
+    ids = encode_prompt(tok, args.prompt or "", limit)
     start, n = None, 0
     for prev, token in generate_tokens(model._model, ids, steps, sampler, bos_id=tok.bos_id):
         out.write(tok.safe_piece(prev, token))

@@ -41,9 +41,9 @@ def generate_tokens(transformer, prompt_ids, steps, sampler, bos_id=BOS):
     model as one batch (prefill) instead of one token at a time."""
     if not prompt_ids:
         raise ParameterError("the prompt must hold at least one token (BOS)")
-    check_prompt_length(len(prompt_ids), transformer.n_ctx)
     n_prompt = len(prompt_ids)
     k = min(n_prompt, steps)  # prompt positions that run
+    check_prompt_length(k, transformer.n_ctx)
     forward, sample, logits_ptr = transformer.forward, sampler.sample, transformer.logits_ptr
     with transformer._lock:
         if k == 0:

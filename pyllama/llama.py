@@ -4,7 +4,7 @@ import os
 import numpy as np
 
 from .errors import FormatError, ParameterError, TokenizerError
-from .formats import GGUF_MAGIC, load, open_map
+from .formats import GGUF_MAGIC, ModelFile, load, open_map
 from .generate import encode_prompt, generate_tokens, make_sampler, resolve_steps, stream_text
 from .model import Transformer
 from .tokenizer import Tokenizer
@@ -41,7 +41,7 @@ def load_tokenizer(path, vocab_size=None):
 class Llama:
     """A loaded model: forward pass, tokenizer and sampler.
 
-    path       a llama2.c .bin (legacy, V1, V2) or a GGUF file
+    path       a llama2.c .bin (legacy, V1, V2) or a GGUF file (or what pyllama.load returned)
     tokenizer  a tokenizer.bin or GGUF path, a Tokenizer, or None: the file's own tokenizer
                (GGUF), else tokenizer.bin beside the model or in the working directory, else none
                (logits-only use; tokenize() then raises TokenizerError)
@@ -55,8 +55,11 @@ class Llama:
     """
 
     def __init__(self, path, tokenizer=None, threads=None, n_ctx=None, mmap=True):
-        self.path = os.fspath(path)
-        self.file = load(self.path, mmap=mmap)
+        if isinstance(path, ModelFile):  # already loaded (pyllama.load)
+            self.path, self.file = path.path, path
+        else:
+            self.path = os.fspath(path)
+            self.file = load(self.path, mmap=mmap)
         if not self.file.has_weights:
             raise FormatError(f"{self.path}: a vocab-only GGUF holds no weights to run; load its "
                               f"tokenizer with pyllama.load_tokenizer(path)")

@@ -14,7 +14,7 @@ from .errors import ParameterError, PyllamaError
 from .formats.common import F32, MAX_SEQ, Q8_G
 
 MAX_THREADS = 1024
-MAX_BATCH = 32            # prompt tokens per forward call (each weight row is read once per batch)
+MAX_BATCH = 64            # prompt tokens per forward call (each weight row is read once per batch)
 ATT_BYTES = 64 << 20      # cap on a batch's attention scores
 
 # GNU OpenMP's thread pool does not survive fork(): a child that opens a parallel region after its

@@ -1,8 +1,8 @@
 """`make bench`: pyllama's speed on llama2.c's published shapes, as the issue's table.
 
 Models: stories260K (real, ../shared), stories15M and stories110M shapes with synthetic weights
-(../shared/tools/make_model.py --shared), as llama2.c .bin and converted to GGUF F32, Q8_0, Q4_0
-and Q4_K_M by `pyllama convert` (all cached in build/bench-models/). For each: generation tok/s
+(../shared/tools/make_model.py --shared), as llama2.c .bin, as llama2.c V2 int8 and as GGUF F32,
+Q8_0, Q4_0 and Q4_K_M, the last five made by `pyllama convert` (all cached in build/bench-models/). For each: generation tok/s
 (256 tokens, temperature 0) at 1 and 2 threads, prompt tok/s (128 tokens, batched), min/median/max
 over --repeat runs, bytes read per token and the fraction of the read bandwidth measured in the
 same run. The reference columns are the figures the issue gives for llama2.c and llama.cpp on this
@@ -31,6 +31,7 @@ REFERENCE = {
     ("stories15M", "f32"): ("llama.cpp", 211), ("stories110M", "f32"): ("llama.cpp", 37.6),
     ("stories15M", "q8_0"): ("llama.cpp", 478), ("stories110M", "q8_0"): ("llama.cpp", 88),
     ("stories15M", "q4_0"): ("llama.cpp", 660), ("stories110M", "q4_0"): ("llama.cpp", 135),
+    ("stories15M", "v2"): ("llama2.c runq", 292), ("stories110M", "v2"): ("llama2.c runq", 51),
     ("stories260K", "bin"): ("llama2.c runomp, 1 thread", 9000),
 }
 PROMPT_REFERENCE = {("stories15M", "f32"): 4445, ("stories110M", "f32"): 486,
@@ -50,7 +51,7 @@ def model_file(name, fmt):
         tmp.replace(src)
     if fmt == "bin":
         return src
-    out = MODELS / f"{name}-{fmt}.gguf"
+    out = MODELS / (f"{name}-v2.bin" if fmt == "v2" else f"{name}-{fmt}.gguf")
     if not out.exists():
         print(f"converting {src.name} to {out.name}", file=sys.stderr)
         from pyllama.convert import convert
@@ -65,7 +66,7 @@ def main():
     ap.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
     args = ap.parse_args()
     shapes = ["stories260K", "stories15M"] + ([] if args.quick else ["stories110M"])
-    formats = ["bin", "f32", "q8_0", "q4_0", "q4_k_m"]
+    formats = ["bin", "v2", "f32", "q8_0", "q4_0", "q4_k_m"]
     print(f"pyllama {pyllama.__version__} ({pyllama.build_info()}), {os.cpu_count()} CPUs")
     bw = {t: read_bandwidth(t) for t in (1, 2)}
     print(f"read bandwidth (1 GiB sum): 1 thread {bw[1] / 1e9:.1f} GB/s, 2 threads {bw[2] / 1e9:.1f} GB/s\n")

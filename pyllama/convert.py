@@ -542,6 +542,8 @@ def convert(src_path, dst_path, type="f32", tokenizer=None, pure=False, progress
     from .formats import load
 
     t0 = time.perf_counter()
+    if isinstance(type, str) and type.lower() == "v2":
+        return _convert_v2(src_path, dst_path, t0)
     ftype, base = _check_type(type)
     type = type.lower()
     src_path, dst_path = os.fspath(src_path), os.fspath(dst_path)
@@ -643,13 +645,33 @@ def _remove(path):
 
 
 # ====================================================================== command line
+def _convert_v2(src_path, dst_path, t0):
+    """llama2.c's V2 int8 checkpoint (runq.c's format) instead of a GGUF file."""
+    from .formats import load
+    from .formats.llama2c import write_v2
+    model = load(src_path)
+    if not model.has_weights:
+        raise FormatError(f"{src_path}: has no tensors (a vocab-only GGUF); nothing to convert")
+    tmp = os.fspath(dst_path) + ".tmp"
+    try:
+        gs = write_v2(model, tmp, _source_rows)
+        os.replace(tmp, dst_path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    n = len(model.tensors)
+    return {"path": os.fspath(dst_path), "type": f"v2 (int8, group {gs})", "bytes": os.path.getsize(dst_path),
+            "seconds": time.perf_counter() - t0, "tensors": {}, "counts": {"Q8_G": n}}
+
+
 def add_arguments(parser):
     """`pyllama convert IN OUT [--type T] [-z tokenizer.bin] [--pure]`."""
     parser.add_argument("input", help="model to convert: llama2.c .bin (legacy, V1, V2) or GGUF")
     parser.add_argument("output", help="GGUF file to write (replaced if it exists)")
     parser.add_argument("--type", dest="type", default="f32", metavar="TYPE",
                         help="output type: " + ", ".join(TYPES) + " (default f32); q4_k_m is "
-                             "llama.cpp's Q4_K_M mix")
+                             "llama.cpp's Q4_K_M mix; v2 writes a llama2.c V2 int8 .bin "
+                             "(runq.c's format) instead of GGUF")
     parser.add_argument("-z", "--tokenizer", default=None, metavar="PATH",
                         help="llama2.c tokenizer.bin (required for a .bin model: GGUF files "
                              "carry their vocabulary)")

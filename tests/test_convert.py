@@ -569,3 +569,16 @@ def test_module_command_line(tmp_path):
         "models/stories260K.bin")), str(tmp_path / "o.gguf")], capture_output=True, text=True,
         env=env)
     assert r.returncode == 1 and r.stderr.startswith("pyllama: error:") and "-z" in r.stderr
+
+
+def test_v2_export_matches_llama2c_export_py(tmp_path):
+    """`--type v2` writes what llama2.c's export.py --version 2 wrote for quant-base (the GGUF
+    source says context 128 where the original checkpoint said 256: the only difference)."""
+    out = tmp_path / "v2.bin"
+    C.convert(shared_path("models/quant-base-f32.gguf"), out, type="v2")
+    ours = np.fromfile(out, np.uint8)
+    ref = np.fromfile(shared_path("models/quant-base-v2.bin"), np.uint8)
+    assert ours.shape == ref.shape
+    diff = np.flatnonzero(ours != ref)
+    assert diff.tolist() == [32, 33]  # seq_len 128 vs 256, little-endian low bytes
+    assert pyllama.load(out).format == "llama2c-v2"

@@ -241,7 +241,7 @@ static long long chunk_rows(const pl_tensor *w, int n)
 
 /* For each matmul mm[i] of a group sharing one input: out_i[t*rows_i + r] = W_i[r] . x[t*cols]
  * for the n tokens t of the batch. All threads of the team call it together.
- * x is quantized once per distinct weight type (by one thread; `single`'s implicit barrier
+ * x is quantized once per distinct weight type (the implicit barrier of the `single` or `for`
  * publishes it), then each thread computes its share of the rows:
  *   same_rows = 0: the rows of all the group's weights form one range, split evenly in row pairs;
  *   same_rows = 1: all weights have the same rows and a thread gets the same range in each.
@@ -271,11 +271,18 @@ void pl__team_matmuls(const float *x, int n, const pl__mm *mm, int nmm, void *sc
             if (mm[j].w->type == mm[i].w->type) { xin[i] = xin[j]; break; }
     }
     if (any_quant) {
+        if (n == 1) {
 #pragma omp single
-        for (int i = 0; i < nmm; i++)
-            if (pli_is_quant(mm[i].w->type) && xin[i] == (const char *)scratch + (long long)i * n * slot)
-                for (int t = 0; t < n; t++)
-                    pli_quantize_act(mm[i].w, x + t * cols, (char *)xin[i] + t * slot);
+            for (int i = 0; i < nmm; i++)
+                if (pli_is_quant(mm[i].w->type) && xin[i] == (const char *)scratch + (long long)i * slot)
+                    pli_quantize_act(mm[i].w, x, (char *)xin[i]);
+        } else { /* a batch: the tokens' activations are quantized in parallel */
+#pragma omp for schedule(static)
+            for (int t = 0; t < n; t++)
+                for (int i = 0; i < nmm; i++)
+                    if (pli_is_quant(mm[i].w->type) && xin[i] == (const char *)scratch + (long long)i * n * slot)
+                        pli_quantize_act(mm[i].w, x + t * cols, (char *)xin[i] + t * slot);
+        }
     }
     int tid = 0, nth = 1;
 #ifdef _OPENMP

@@ -61,6 +61,9 @@ def build_flags():
         else:
             print("pyllama: WARNING: the C compiler has no OpenMP (-fopenmp failed); "
                   "building a single-threaded core", file=sys.stderr)
+            cflags.append("-Wno-unknown-pragmas")
+    else:
+        cflags.append("-Wno-unknown-pragmas")
     cflags += shlex.split(os.environ.get("PYLLAMA_CFLAGS", ""))
     ldflags += shlex.split(os.environ.get("PYLLAMA_LDFLAGS", ""))
     return cflags, ldflags

@@ -20,8 +20,6 @@ void pl__team_matmuls(const float *x, int n, const pl__mm *mm, int nmm, void *sc
 /* Activation scratch bytes one matmul with w needs. */
 long long pl__act_bytes(const pl_tensor *w);
 
-float pli_f16_to_f32(uint16_t h);
-
 /* In place: x[i] = exp(x[i] - max) / sum (llama2.c's arithmetic; the sampler relies on it). */
 void pli_softmax(float *x, int size);
 

@@ -8,7 +8,37 @@
 #define PYLLAMA_KERNELS_H
 #include <stddef.h>
 #include <stdint.h>
+#include <string.h>
 #include "pyllama.h"
+#if defined(__F16C__)
+#include <immintrin.h>
+#endif
+
+/* IEEE half -> float (F16C when the compiler targets it, else exact bit manipulation). */
+static inline float pli_fp16(uint16_t h)
+{
+#if defined(__F16C__)
+    return _cvtsh_ss(h);
+#else
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, mant = h & 0x3ff, bits;
+    if (exp == 0) {
+        if (mant == 0) {
+            bits = sign;
+        } else { /* subnormal: shift the mantissa up to the implicit bit */
+            int e = -1;
+            do { mant <<= 1; e++; } while (!(mant & 0x400));
+            bits = sign | (uint32_t)(127 - 15 - e) << 23 | (mant & 0x3ff) << 13;
+        }
+    } else if (exp == 31) { /* inf / nan */
+        bits = sign | 0x7f800000u | mant << 13;
+    } else {
+        bits = sign | (exp + 127 - 15) << 23 | mant << 13;
+    }
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+#endif
+}
 
 /* 1 for the types quants.c handles, else 0. */
 int pli_is_quant(int type);

@@ -19,31 +19,6 @@
 /* ------------------------------------------------------------------------------------------------
  * scalar conversions */
 
-float pli_f16_to_f32(uint16_t h)
-{
-#if defined(__F16C__)
-    return _cvtsh_ss(h);
-#else
-    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, mant = h & 0x3ff, bits;
-    if (exp == 0) {
-        if (mant == 0) {
-            bits = sign;
-        } else { /* subnormal: normalise */
-            int e = -1;
-            do { mant <<= 1; e++; } while (!(mant & 0x400));
-            bits = sign | (uint32_t)(127 - 15 - e) << 23 | (mant & 0x3ff) << 13;
-        }
-    } else if (exp == 31) {
-        bits = sign | 0x7f800000u | mant << 13;
-    } else {
-        bits = sign | (exp + 127 - 15) << 23 | mant << 13;
-    }
-    float f;
-    memcpy(&f, &bits, 4);
-    return f;
-#endif
-}
-
 static inline float bf16_to_f32(uint16_t h)
 {
     uint32_t bits = (uint32_t)h << 16;
@@ -127,7 +102,7 @@ static void NAME(const void *data, const float *x, float *out, long long r0, lon
 
 #define AS_F32(v) (v)
 FLOAT_ROWS(rows_f32, float, LOAD_F32, AS_F32)
-FLOAT_ROWS(rows_f16, uint16_t, LOAD_F16, pli_f16_to_f32)
+FLOAT_ROWS(rows_f16, uint16_t, LOAD_F16, pli_fp16)
 FLOAT_ROWS(rows_bf16, uint16_t, LOAD_BF16, bf16_to_f32)
 
 /* ------------------------------------------------------------------------------------------------
@@ -183,7 +158,7 @@ static void NAME(const void *data, const float *x, float *out, long long r0, lon
 #define rows_f16_tile_one rows_f16
 #define rows_bf16_tile_one rows_bf16
 FLOAT_TILE(rows_f32_tile, float, LOAD_F32, AS_F32)
-FLOAT_TILE(rows_f16_tile, uint16_t, LOAD_F16, pli_f16_to_f32)
+FLOAT_TILE(rows_f16_tile, uint16_t, LOAD_F16, pli_fp16)
 FLOAT_TILE(rows_bf16_tile, uint16_t, LOAD_BF16, bf16_to_f32)
 #endif
 
@@ -339,7 +314,7 @@ void pl_dequantize_row(const pl_tensor *w, long long row, float *out)
         break;
     case PL_F16: {
         const uint16_t *src = (const uint16_t *)w->data + row * n;
-        for (long long j = 0; j < n; j++) out[j] = pli_f16_to_f32(src[j]);
+        for (long long j = 0; j < n; j++) out[j] = pli_fp16(src[j]);
         break;
     }
     case PL_BF16: {

@@ -37,34 +37,6 @@
 #define QK_K 256  /* values per super-block of the K-quants */
 
 /* ------------------------------------------------------------------------------------------------
- * fp16 */
-
-static inline float fp16(uint16_t h)
-{
-#if defined(__F16C__)
-    return _cvtsh_ss(h);
-#else
-    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, mant = h & 0x3ff, bits;
-    if (exp == 0) {
-        if (mant == 0) {
-            bits = sign;
-        } else { /* subnormal: shift the mantissa up to the implicit bit */
-            int e = -1;
-            do { mant <<= 1; e++; } while (!(mant & 0x400));
-            bits = sign | (uint32_t)(127 - 15 - e) << 23 | (mant & 0x3ff) << 13;
-        }
-    } else if (exp == 31) { /* inf / nan */
-        bits = sign | 0x7f800000u | mant << 13;
-    } else {
-        bits = sign | (exp + 127 - 15) << 23 | mant << 13;
-    }
-    float f;
-    memcpy(&f, &bits, 4);
-    return f;
-#endif
-}
-
-/* ------------------------------------------------------------------------------------------------
  * block layouts (ggml). Blocks are read in place from the mmap: every field is 1 or 2 bytes, so
  * the 2-byte alignment GGUF guarantees (32) is enough. */
 
@@ -490,7 +462,7 @@ static void deq_q4_0(const void *row, int nb, float *y)
 {
     const blk_q4_0 *b = (const blk_q4_0 *)row;
     for (int i = 0; i < nb; i++, y += QK) {
-        float d = fp16(b[i].d);
+        float d = pli_fp16(b[i].d);
         for (int j = 0; j < QK / 2; j++) {
             y[j] = d * (float)((b[i].qs[j] & 15) - 8);
             y[j + QK / 2] = d * (float)((b[i].qs[j] >> 4) - 8);
@@ -518,7 +490,7 @@ static float dot_q4_0(const void *row, const act_view *a, int nb)
         int s = 0;
         for (int j = 0; j < QK / 2; j++)
             s += ((b[i].qs[j] & 15) - 8) * q8[j] + ((b[i].qs[j] >> 4) - 8) * q8[j + QK / 2];
-        sum += fp16(b[i].d) * a->ds[2 * i] * (float)s;
+        sum += pli_fp16(b[i].d) * a->ds[2 * i] * (float)s;
     }
     return sum;
 #endif
@@ -531,7 +503,7 @@ static void deq_q4_1(const void *row, int nb, float *y)
 {
     const blk_q4_1 *b = (const blk_q4_1 *)row;
     for (int i = 0; i < nb; i++, y += QK) {
-        float d = fp16(b[i].d), m = fp16(b[i].m);
+        float d = pli_fp16(b[i].d), m = pli_fp16(b[i].m);
         for (int j = 0; j < QK / 2; j++) {
             y[j] = d * (float)(b[i].qs[j] & 15) + m;
             y[j + QK / 2] = d * (float)(b[i].qs[j] >> 4) + m;
@@ -558,7 +530,7 @@ static float dot_q4_1(const void *row, const act_view *a, int nb)
         const int8_t *q8 = a->q + QK * i;
         int s = 0;
         for (int j = 0; j < QK / 2; j++) s += (b[i].qs[j] & 15) * q8[j] + (b[i].qs[j] >> 4) * q8[j + QK / 2];
-        sum += fp16(b[i].d) * a->ds[2 * i] * (float)s + fp16(b[i].m) * a->ds[2 * i + 1];
+        sum += pli_fp16(b[i].d) * a->ds[2 * i] * (float)s + pli_fp16(b[i].m) * a->ds[2 * i + 1];
     }
     return sum;
 #endif
@@ -571,7 +543,7 @@ static void deq_q5_0(const void *row, int nb, float *y)
 {
     const blk_q5_0 *b = (const blk_q5_0 *)row;
     for (int i = 0; i < nb; i++, y += QK) {
-        float d = fp16(b[i].d);
+        float d = pli_fp16(b[i].d);
         uint32_t qh;
         memcpy(&qh, b[i].qh, 4);
         for (int j = 0; j < QK / 2; j++) {
@@ -607,7 +579,7 @@ static float dot_q5_0(const void *row, const act_view *a, int nb)
             int h0 = (qh >> j) & 1, h1 = (qh >> (j + 16)) & 1;
             s += (((b[i].qs[j] & 15) | h0 << 4) - 16) * q8[j] + (((b[i].qs[j] >> 4) | h1 << 4) - 16) * q8[j + QK / 2];
         }
-        sum += fp16(b[i].d) * a->ds[2 * i] * (float)s;
+        sum += pli_fp16(b[i].d) * a->ds[2 * i] * (float)s;
     }
     return sum;
 #endif
@@ -620,7 +592,7 @@ static void deq_q5_1(const void *row, int nb, float *y)
 {
     const blk_q5_1 *b = (const blk_q5_1 *)row;
     for (int i = 0; i < nb; i++, y += QK) {
-        float d = fp16(b[i].d), m = fp16(b[i].m);
+        float d = pli_fp16(b[i].d), m = pli_fp16(b[i].m);
         uint32_t qh;
         memcpy(&qh, b[i].qh, 4);
         for (int j = 0; j < QK / 2; j++) {
@@ -656,7 +628,7 @@ static float dot_q5_1(const void *row, const act_view *a, int nb)
             int h0 = (qh >> j) & 1, h1 = (qh >> (j + 16)) & 1;
             s += ((b[i].qs[j] & 15) | h0 << 4) * q8[j] + ((b[i].qs[j] >> 4) | h1 << 4) * q8[j + QK / 2];
         }
-        sum += fp16(b[i].d) * a->ds[2 * i] * (float)s + fp16(b[i].m) * a->ds[2 * i + 1];
+        sum += pli_fp16(b[i].d) * a->ds[2 * i] * (float)s + pli_fp16(b[i].m) * a->ds[2 * i + 1];
     }
     return sum;
 #endif
@@ -669,7 +641,7 @@ static void deq_q8_0(const void *row, int nb, float *y)
 {
     const blk_q8_0 *b = (const blk_q8_0 *)row;
     for (int i = 0; i < nb; i++, y += QK) {
-        float d = fp16(b[i].d);
+        float d = pli_fp16(b[i].d);
         for (int j = 0; j < QK; j++) y[j] = (float)b[i].qs[j] * d;
     }
 }
@@ -680,7 +652,7 @@ static inline void step_q8_0(const void *row, const act_view *a, int i, __m256 *
     (void)side; /* no side term: a scalar scale is cheaper than scale_d here */
     const blk_q8_0 *b = (const blk_q8_0 *)row + i;
     __m256i p = dot_i8(_mm256_loadu_si256((const __m256i *)b->qs), load_q8(a, i));
-    *acc = _mm256_fmadd_ps(_mm256_set1_ps(fp16(b->d) * a->ds[2 * i]), _mm256_cvtepi32_ps(p), *acc);
+    *acc = _mm256_fmadd_ps(_mm256_set1_ps(pli_fp16(b->d) * a->ds[2 * i]), _mm256_cvtepi32_ps(p), *acc);
 }
 #endif
 
@@ -695,7 +667,7 @@ static float dot_q8_0(const void *row, const act_view *a, int nb)
         const int8_t *q8 = a->q + QK * i;
         int s = 0;
         for (int j = 0; j < QK; j++) s += b[i].qs[j] * q8[j];
-        sum += fp16(b[i].d) * a->ds[2 * i] * (float)s;
+        sum += pli_fp16(b[i].d) * a->ds[2 * i] * (float)s;
     }
     return sum;
 #endif
@@ -708,7 +680,7 @@ static void deq_q2_K(const void *row, int nb, float *y)
 {
     const blk_q2_K *b = (const blk_q2_K *)row;
     for (int i = 0; i < nb; i++, y += QK_K) {
-        float d = fp16(b[i].d), dmin = fp16(b[i].dmin);
+        float d = pli_fp16(b[i].d), dmin = pli_fp16(b[i].dmin);
         for (int k = 0; k < 16; k++) { /* sub-block k: h = k/8, j = (k/2)%4, l = 16(k%2) + t */
             float dl = d * (float)(b[i].scales[k] & 15), ml = dmin * (float)(b[i].scales[k] >> 4);
             const uint8_t *qs = b[i].qs + 32 * (k / 8) + 16 * (k % 2);
@@ -741,8 +713,8 @@ static float dot_q2_K(const void *row, const act_view *a, int nb)
             }
         }
         float d8 = a->d[i];
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(d8 * fp16(b[i].d)), _mm256_cvtepi32_ps(sumi), acc);
-        accm = _mm256_fmadd_ps(_mm256_set1_ps(d8 * fp16(b[i].dmin)), _mm256_cvtepi32_ps(m), accm);
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(d8 * pli_fp16(b[i].d)), _mm256_cvtepi32_ps(sumi), acc);
+        accm = _mm256_fmadd_ps(_mm256_set1_ps(d8 * pli_fp16(b[i].dmin)), _mm256_cvtepi32_ps(m), accm);
     }
     return hsum_ps(_mm256_sub_ps(acc, accm));
 #else
@@ -758,7 +730,7 @@ static float dot_q2_K(const void *row, const act_view *a, int nb)
             isum += (b[i].scales[k] & 15) * s;
             msum += (b[i].scales[k] >> 4) * bs[k];
         }
-        sum += a->d[i] * (fp16(b[i].d) * (float)isum - fp16(b[i].dmin) * (float)msum);
+        sum += a->d[i] * (pli_fp16(b[i].d) * (float)isum - pli_fp16(b[i].dmin) * (float)msum);
     }
     return sum;
 #endif
@@ -771,7 +743,7 @@ static void deq_q3_K(const void *row, int nb, float *y)
 {
     const blk_q3_K *b = (const blk_q3_K *)row;
     for (int i = 0; i < nb; i++, y += QK_K) {
-        float d = fp16(b[i].d);
+        float d = pli_fp16(b[i].d);
         int8_t sc[16];
         k3_scales(b[i].scales, sc);
         for (int k = 0; k < 16; k++) { /* value v = 16k + t = 128h + 32j + l */
@@ -809,7 +781,7 @@ static float dot_q3_K(const void *row, const act_view *a, int nb)
             }
         }
         sumi = _mm256_sub_epi32(sumi, corr);
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(a->d[i] * fp16(b[i].d)), _mm256_cvtepi32_ps(sumi), acc);
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(a->d[i] * pli_fp16(b[i].d)), _mm256_cvtepi32_ps(sumi), acc);
     }
     return hsum_ps(acc);
 #else
@@ -828,7 +800,7 @@ static float dot_q3_K(const void *row, const act_view *a, int nb)
             }
             isum += sc[k] * s;
         }
-        sum += a->d[i] * fp16(b[i].d) * (float)isum;
+        sum += a->d[i] * pli_fp16(b[i].d) * (float)isum;
     }
     return sum;
 #endif
@@ -841,7 +813,7 @@ static void deq_q4_K(const void *row, int nb, float *y)
 {
     const blk_q4_K *b = (const blk_q4_K *)row;
     for (int i = 0; i < nb; i++, y += QK_K) {
-        float d = fp16(b[i].d), dmin = fp16(b[i].dmin);
+        float d = pli_fp16(b[i].d), dmin = pli_fp16(b[i].dmin);
         uint8_t sm[16];
         k4_scales(b[i].scales, sm);
         for (int s = 0; s < 8; s++) {
@@ -868,7 +840,7 @@ static float dot_q4_K(const void *row, const act_view *a, int nb)
         __m128i bs32 = _mm_hadd_epi16(_mm256_castsi256_si128(bs), _mm256_extracti128_si256(bs, 1));
         __m128i pm = _mm_madd_epi16(_mm256_extracti128_si256(sm16, 1), bs32);
         float d8 = a->d[i];
-        accm = _mm_fmadd_ps(_mm_set1_ps(d8 * fp16(b[i].dmin)), _mm_cvtepi32_ps(pm), accm);
+        accm = _mm_fmadd_ps(_mm_set1_ps(d8 * pli_fp16(b[i].dmin)), _mm_cvtepi32_ps(pm), accm);
         __m256i scales = _mm256_broadcastsi128_si256(_mm256_castsi256_si128(sm16));
         __m256i sumi = _mm256_setzero_si256();
         for (int k = 0; k < 4; k++) {
@@ -880,7 +852,7 @@ static float dot_q4_K(const void *row, const act_view *a, int nb)
                                               _mm256_loadu_si256((const __m256i *)(q8 + 64 * k + 32)));
             sumi = _mm256_add_epi32(sumi, _mm256_add_epi32(_mm256_madd_epi16(sl, pl), _mm256_madd_epi16(sh, ph)));
         }
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(d8 * fp16(b[i].d)), _mm256_cvtepi32_ps(sumi), acc);
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(d8 * pli_fp16(b[i].d)), _mm256_cvtepi32_ps(sumi), acc);
     }
     accm = _mm_add_ps(accm, _mm_movehl_ps(accm, accm));
     accm = _mm_add_ss(accm, _mm_movehdup_ps(accm));
@@ -900,7 +872,7 @@ static float dot_q4_K(const void *row, const act_view *a, int nb)
             isum += sm[s] * t;
             msum += sm[8 + s] * (bs[2 * s] + bs[2 * s + 1]);
         }
-        sum += a->d[i] * (fp16(b[i].d) * (float)isum - fp16(b[i].dmin) * (float)msum);
+        sum += a->d[i] * (pli_fp16(b[i].d) * (float)isum - pli_fp16(b[i].dmin) * (float)msum);
     }
     return sum;
 #endif
@@ -913,7 +885,7 @@ static void deq_q5_K(const void *row, int nb, float *y)
 {
     const blk_q5_K *b = (const blk_q5_K *)row;
     for (int i = 0; i < nb; i++, y += QK_K) {
-        float d = fp16(b[i].d), dmin = fp16(b[i].dmin);
+        float d = pli_fp16(b[i].d), dmin = pli_fp16(b[i].dmin);
         uint8_t sm[16];
         k4_scales(b[i].scales, sm);
         for (int s = 0; s < 8; s++) {
@@ -942,7 +914,7 @@ static float dot_q5_K(const void *row, const act_view *a, int nb)
         __m128i bs32 = _mm_hadd_epi16(_mm256_castsi256_si128(bs), _mm256_extracti128_si256(bs, 1));
         __m128i pm = _mm_madd_epi16(_mm256_extracti128_si256(sm16, 1), bs32);
         float d8 = a->d[i];
-        accm = _mm_fmadd_ps(_mm_set1_ps(d8 * fp16(b[i].dmin)), _mm_cvtepi32_ps(pm), accm);
+        accm = _mm_fmadd_ps(_mm_set1_ps(d8 * pli_fp16(b[i].dmin)), _mm_cvtepi32_ps(pm), accm);
         __m256i scales = _mm256_broadcastsi128_si256(_mm256_castsi256_si128(sm16));
         __m256i hb = _mm256_loadu_si256((const __m256i *)b[i].qh);
         __m256i sumi = _mm256_setzero_si256();
@@ -958,7 +930,7 @@ static float dot_q5_K(const void *row, const act_view *a, int nb)
             __m256i ph = _mm256_maddubs_epi16(qh, _mm256_loadu_si256((const __m256i *)(q8 + 64 * k + 32)));
             sumi = _mm256_add_epi32(sumi, _mm256_add_epi32(_mm256_madd_epi16(sl, pl), _mm256_madd_epi16(sh, ph)));
         }
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(d8 * fp16(b[i].d)), _mm256_cvtepi32_ps(sumi), acc);
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(d8 * pli_fp16(b[i].d)), _mm256_cvtepi32_ps(sumi), acc);
     }
     accm = _mm_add_ps(accm, _mm_movehl_ps(accm, accm));
     accm = _mm_add_ss(accm, _mm_movehdup_ps(accm));
@@ -979,7 +951,7 @@ static float dot_q5_K(const void *row, const act_view *a, int nb)
             isum += sm[s] * t;
             msum += sm[8 + s] * (bs[2 * s] + bs[2 * s + 1]);
         }
-        sum += a->d[i] * (fp16(b[i].d) * (float)isum - fp16(b[i].dmin) * (float)msum);
+        sum += a->d[i] * (pli_fp16(b[i].d) * (float)isum - pli_fp16(b[i].dmin) * (float)msum);
     }
     return sum;
 #endif
@@ -999,7 +971,7 @@ static void deq_q6_K(const void *row, int nb, float *y)
 {
     const blk_q6_K *b = (const blk_q6_K *)row;
     for (int i = 0; i < nb; i++, y += QK_K) {
-        float d = fp16(b[i].d);
+        float d = pli_fp16(b[i].d);
         for (int k = 0; k < 16; k++) {
             float dl = d * (float)b[i].scales[k];
             for (int t = 0; t < 16; t++) y[16 * k + t] = dl * (float)(q6_value(&b[i], 16 * k + t) - 32);
@@ -1034,7 +1006,7 @@ static float dot_q6_K(const void *row, const act_view *a, int nb)
                 sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(scale_pair(sc, 4 * h + j), p));
             }
         }
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(a->d[i] * fp16(b[i].d)), _mm256_cvtepi32_ps(sumi), acc);
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(a->d[i] * pli_fp16(b[i].d)), _mm256_cvtepi32_ps(sumi), acc);
     }
     return hsum_ps(acc);
 #else
@@ -1047,7 +1019,7 @@ static float dot_q6_K(const void *row, const act_view *a, int nb)
             for (int t = 0; t < 16; t++) s += (q6_value(&b[i], 16 * k + t) - 32) * q8[16 * k + t];
             isum += b[i].scales[k] * s;
         }
-        sum += a->d[i] * fp16(b[i].d) * (float)isum;
+        sum += a->d[i] * pli_fp16(b[i].d) * (float)isum;
     }
     return sum;
 #endif

@@ -314,23 +314,29 @@ void pl_dequantize_row(const pl_tensor *w, long long row, float *out)
 
 double pl_sum_f32(const float *x, long long n, int n_threads)
 {
+    /* each thread streams one contiguous part with four vector accumulators: the access pattern
+     * of a matvec (one sequential stream per thread), without the multiplies */
     double total = 0.0;
-#pragma omp parallel for num_threads(n_threads) if (n_threads > 1) reduction(+ : total) schedule(static)
-    for (long long c = 0; c < n / 64; c++) { /* 64 floats = one cache line pair per chunk */
-        const float *p = x + c * 64;
-#ifdef PL_AVX2
-        __m256 a = _mm256_loadu_ps(p), b = _mm256_loadu_ps(p + 8);
-        for (int j = 16; j < 64; j += 16) {
-            a = _mm256_add_ps(a, _mm256_loadu_ps(p + j));
-            b = _mm256_add_ps(b, _mm256_loadu_ps(p + j + 8));
-        }
-        total += hsum256(_mm256_add_ps(a, b));
-#else
-        float sum = 0.0f;
-        for (int j = 0; j < 64; j++) sum += p[j];
-        total += sum;
+#pragma omp parallel num_threads(n_threads) if (n_threads > 1) reduction(+ : total)
+    {
+        int tid = 0, nth = 1;
+#ifdef _OPENMP
+        tid = omp_get_thread_num();
+        nth = omp_get_num_threads();
 #endif
+        long long per = n / nth / 32 * 32;
+        long long i = tid * per, end = tid == nth - 1 ? n : i + per;
+#ifdef PL_AVX2
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        for (; i + 32 <= end; i += 32) {
+            a0 = _mm256_add_ps(a0, _mm256_loadu_ps(x + i));
+            a1 = _mm256_add_ps(a1, _mm256_loadu_ps(x + i + 8));
+            a2 = _mm256_add_ps(a2, _mm256_loadu_ps(x + i + 16));
+            a3 = _mm256_add_ps(a3, _mm256_loadu_ps(x + i + 24));
+        }
+        total += hsum256(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+#endif
+        for (; i < end; i++) total += x[i];
     }
-    for (long long i = n / 64 * 64; i < n; i++) total += x[i];
     return total;
 }

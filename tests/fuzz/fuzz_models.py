@@ -1080,7 +1080,7 @@ def supervise(args):
             cmd += ["--selftest", args.selftest]
         with open(log, "wb") as err:
             proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, bufsize=0)
-            current, next_start, done = None, end, False
+            current, done = None, False
             reader = _LineReader(proc.stdout)
             while True:
                 line = reader.readline(args.hang_seconds + args.grace)

@@ -140,6 +140,13 @@ static void softmax_att(float *x, int n)
     pli_softmax(x, n);
 }
 
+/* x[t, i] += y[t, i] for the n tokens' rows of dim values, columns [i0, i1) (this thread's). */
+static void residual(float *x, const float *y, int n, int dim, long long i0, long long i1)
+{
+    for (int t = 0; t < n; t++)
+        for (long long i = i0; i < i1; i++) x[t * (long long)dim + i] += y[t * (long long)dim + i];
+}
+
 static inline float dot(const float *a, const float *b, int n)
 {
     int i = 0;
@@ -238,9 +245,7 @@ void pl_forward(const pl_weights *w, pl_state *s, const int *tokens, int n, int 
             /* output projection, residual */
             pl__mm wo = {&L->wo, s->xb2};
             pl__team_matmuls(s->xb, n, &wo, 1, s->scratch, 0, r0, r1);
-            for (int t = 0; t < n; t++)
-                for (long long i = r0[0]; i < r1[0]; i++)
-                    x[t * (long long)dim + i] += s->xb2[t * (long long)dim + i];
+            residual(x, s->xb2, n, dim, r0[0], r1[0]);
 #pragma omp barrier
 
             /* SwiGLU FFN: w2(silu(w1 x) * w3 x), residual */
@@ -260,9 +265,7 @@ void pl_forward(const pl_weights *w, pl_state *s, const int *tokens, int n, int 
 #pragma omp barrier
             pl__mm down = {&L->w2, s->xb};
             pl__team_matmuls(s->hb, n, &down, 1, s->scratch, 0, r0, r1);
-            for (int t = 0; t < n; t++)
-                for (long long i = r0[0]; i < r1[0]; i++)
-                    x[t * (long long)dim + i] += s->xb[t * (long long)dim + i];
+            residual(x, s->xb, n, dim, r0[0], r1[0]);
 #pragma omp barrier
         }
 

@@ -53,6 +53,11 @@ void pli_quantize_act(const pl_tensor *w, const float *x, void *xq);
  * Called from inside an OpenMP region (one call per thread chunk): no OpenMP inside. */
 void pli_matvec_rows(const pl_tensor *w, const void *xq, float *out, long long r0, long long r1);
 
+/* The same for a batch: out[t*ldo + r] for tokens t < ntok, token t's quantized activations at
+ * xq + t*stride (tiles of rows x tokens where a type has one). No OpenMP inside. */
+void pli_matmul_batch(const pl_tensor *w, const void *xq, long long stride, int ntok, float *out,
+                      long long ldo, long long r0, long long r1);
+
 /* out[w->cols] = row `row` of w, dequantized. */
 void pli_dequantize_row(const pl_tensor *w, long long row, float *out);
 

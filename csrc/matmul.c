@@ -282,8 +282,11 @@ void pl__team_matmuls(const float *x, int n, const pl__mm *mm, int nmm, void *sc
                 tile(w->data, x, mm[i].out, c0, c1, w->cols, n, w->rows);
                 continue;
             }
-            for (int t = 0; t < n; t++)
-                matvec_rows(w, xin[i] + t * stride[i], mm[i].out + t * w->rows, c0, c1);
+            if (pli_is_quant(w->type) && n > 1)
+                pli_matmul_batch(w, xin[i], stride[i], n, mm[i].out, w->rows, c0, c1);
+            else
+                for (int t = 0; t < n; t++)
+                    matvec_rows(w, xin[i] + t * stride[i], mm[i].out + t * w->rows, c0, c1);
         }
     }
 }

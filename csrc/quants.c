@@ -1101,6 +1101,73 @@ static deq_fn deq_of(int type)
     }
 }
 
+#ifdef PL_AVX2
+/* Q8_0 rows [r0, r1) x 4 tokens (activations a[0..3]): a tile of 2 rows x 4 tokens, so each
+ * weight block is loaded once for 4 tokens and each activation block once for 2 rows. The sums
+ * run in dot_q8_0's order (even and odd blocks in two accumulators), so a token's result is bit
+ * for bit the single-token one: batched prefill and token-by-token decoding agree exactly even
+ * where re-quantizing the next activations would amplify a last-bit difference. */
+static inline void q8_0_block(const blk_q8_0 *b0, const blk_q8_0 *b1, const act_view *a, int i,
+                              __m256 acc[2][4])
+{
+    __m256i w0 = _mm256_loadu_si256((const __m256i *)b0[i].qs);
+    __m256i w1 = _mm256_loadu_si256((const __m256i *)b1[i].qs);
+    __m256i u0 = _mm256_sign_epi8(w0, w0), u1 = _mm256_sign_epi8(w1, w1);
+    float d0 = pli_fp16(b0[i].d), d1 = pli_fp16(b1[i].d);
+    for (int k = 0; k < 4; k++) {
+        __m256i xk = load_q8(&a[k], i);
+        float xd = a[k].ds[2 * i];
+        __m256 p0 = _mm256_cvtepi32_ps(dot_u8(u0, _mm256_sign_epi8(xk, w0)));
+        __m256 p1 = _mm256_cvtepi32_ps(dot_u8(u1, _mm256_sign_epi8(xk, w1)));
+        acc[0][k] = _mm256_fmadd_ps(_mm256_set1_ps(d0 * xd), p0, acc[0][k]);
+        acc[1][k] = _mm256_fmadd_ps(_mm256_set1_ps(d1 * xd), p1, acc[1][k]);
+    }
+}
+
+static void tile_q8_0(const pl_tensor *w, const act_view *a, float *out, long long ldo,
+                      long long r0, long long r1)
+{
+    const int nb = (int)(w->cols / QK);
+    const blk_q8_0 *base = (const blk_q8_0 *)w->data;
+    long long r = r0;
+    for (; r + 1 < r1; r += 2) {
+        const blk_q8_0 *b0 = base + r * nb, *b1 = b0 + nb;
+        __m256 even[2][4], odd[2][4];
+        for (int k = 0; k < 4; k++)
+            even[0][k] = even[1][k] = odd[0][k] = odd[1][k] = _mm256_setzero_ps();
+        int i = 0;
+        for (; i + 1 < nb; i += 2) {
+            q8_0_block(b0, b1, a, i, even);
+            q8_0_block(b0, b1, a, i + 1, odd);
+        }
+        if (i < nb) q8_0_block(b0, b1, a, i, even);
+        for (int k = 0; k < 4; k++) {
+            out[k * ldo + r] = hsum_ps(_mm256_add_ps(even[0][k], odd[0][k])) + 0.0f;
+            out[k * ldo + r + 1] = hsum_ps(_mm256_add_ps(even[1][k], odd[1][k])) + 0.0f;
+        }
+    }
+    for (; r < r1; r++)
+        for (int k = 0; k < 4; k++) out[k * ldo + r] = dot_q8_0(base + r * nb, &a[k], nb);
+}
+#endif
+
+void pli_matmul_batch(const pl_tensor *w, const void *xq, long long stride, int ntok, float *out,
+                      long long ldo, long long r0, long long r1)
+{
+    int t = 0;
+#ifdef PL_AVX2
+    if (w->type == PL_Q8_0) {
+        for (; t + 4 <= ntok; t += 4) {
+            act_view a[4];
+            for (int k = 0; k < 4; k++) a[k] = act_layout(w, (const char *)xq + (t + k) * stride);
+            tile_q8_0(w, a, out + t * ldo, ldo, r0, r1);
+        }
+    }
+#endif
+    for (; t < ntok; t++)
+        pli_matvec_rows(w, (const char *)xq + t * stride, out + t * ldo, r0, r1);
+}
+
 void pli_matvec_rows(const pl_tensor *w, const void *xq, float *out, long long r0, long long r1)
 {
     act_view a = act_layout(w, xq);

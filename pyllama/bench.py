@@ -76,7 +76,7 @@ def run(args, out, err):
     """The `pyllama bench` command."""
     import json
     from .llama import Llama
-    threads = [int(t) for t in str(args.threads).split(",")] if args.threads else [lib.pl_max_threads()]
+    threads = args.threads or [lib.pl_max_threads()]
     m = Llama(args.model, tokenizer=None if not args.tokenizer else args.tokenizer)
     ttft = time_to_first_token(args.model, args.tokenizer)
     rows = []

@@ -47,6 +47,13 @@ def _add_run_args(p):
                    help="KV cache positions (default: the model's seq_len)")
 
 
+def _thread_list(text):
+    try:
+        return [int(t) for t in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected thread counts like 1,2, found {text!r}") from None
+
+
 def get_parser():
     """The argparse parser (also used by `make man`)."""
     parser = _Parser(prog="pyllama", description="Llama-2-family inference: llama2.c checkpoints "
@@ -68,7 +75,8 @@ def get_parser():
                            "memory read bandwidth that it reaches.")
     bench.add_argument("model", help="model file")
     bench.add_argument("-z", "--tokenizer", default=None, metavar="PATH", help="tokenizer (unused by the timing)")
-    bench.add_argument("--threads", default=None, metavar="N[,N…]", help="thread counts (default: all cores)")
+    bench.add_argument("--threads", type=_thread_list, default=None, metavar="N[,N…]",
+                       help="thread counts (default: all cores)")
     bench.add_argument("--prompt", type=int, default=128, metavar="N", help="prompt tokens (default 128)")
     bench.add_argument("--gen", type=int, default=256, metavar="N", help="generated tokens (default 256)")
     bench.add_argument("--repeat", type=int, default=3, metavar="N", help="runs per figure (default 3)")
@@ -95,6 +103,21 @@ def _check_args(args):
         raise ParameterError(f"--threads: expected a number >= 1, found {args.threads}")
     if args.steps < 0:
         raise ParameterError(f"--steps: expected a number >= 0, found {args.steps}")
+    if args.context is not None and args.context < 1:
+        raise ParameterError(f"--context: expected a number >= 1, found {args.context}")
+
+
+def _argv_text(text, what="--prompt"):
+    """A command-line string checked to be UTF-8 (argv that is not reaches Python as surrogate
+    escapes, which no tokenizer can encode)."""
+    if text is None:
+        return None
+    from .errors import TokenizerError
+    raw = os.fsencode(text)
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise TokenizerError(f"{what} is not valid UTF-8: byte {e.start} is 0x{raw[e.start]:02x}") from None
 
 
 def cmd_run(args, out, err):
@@ -113,9 +136,10 @@ def cmd_run(args, out, err):
                              f"found beside it or in the working directory (use -z PATH)")
     sampler = make_sampler(model._model, args.temperature, args.topp, args.seed)
     if args.mode == "chat" or args.command == "chat":
-        return _chat(model, sampler, args.prompt, args.system, steps, out)
+        return _chat(model, sampler, _argv_text(args.prompt), _argv_text(args.system, "--system"), steps,
+                     out)
     tok = model.tokenizer
-    ids = encode_prompt(tok, args.prompt or "", limit)
+    ids = encode_prompt(tok, _argv_text(args.prompt) or "", limit)
     start, n = None, 0
     for prev, token in generate_tokens(model._model, ids, steps, sampler, bos_id=tok.bos_id):
         out.write(tok.safe_piece(prev, token))

@@ -78,9 +78,10 @@ class Llama:
         else:
             found = find_tokenizer(self.path)
             tok = load_tokenizer(found, self.file.config["vocab_size"]) if found else None
-        if tok is not None and tok.vocab_size < self.file.config["vocab_size"]:
-            raise TokenizerError(f"the tokenizer has {tok.vocab_size} tokens, fewer than the "
-                                 f"model's vocabulary of {self.file.config['vocab_size']}")
+        if tok is not None and tok.vocab_size != self.file.config["vocab_size"]:
+            raise TokenizerError(f"the tokenizer has {tok.vocab_size} tokens, the model's "
+                                 f"vocabulary {self.file.config['vocab_size']}: they do not belong "
+                                 f"together")
         return tok
 
     # -- properties ------------------------------------------------------------------------------

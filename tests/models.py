@@ -44,3 +44,18 @@ def byte_vocab(vocab):
     pieces = [b"<unk>", b"\n<s>\n", b"\n</s>\n"] + [b"<0x%02X>" % b for b in range(256)]
     pieces += [b"w%d" % i for i in range(max(0, vocab - len(pieces)))]
     return pieces[:vocab] if vocab >= 3 else pieces[:3]
+
+
+def gguf_llama_writer(path, cfg, rms_eps=1e-5):
+    """A gguf.GGUFWriter for a llama GGUF with the hyper-parameters of cfg (pyllama's config keys)
+    already added; the caller adds its tokenizer, tensors and extra keys, then writes."""
+    import gguf
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_context_length(cfg["seq_len"])
+    w.add_embedding_length(cfg["dim"])
+    w.add_block_count(cfg["n_layers"])
+    w.add_feed_forward_length(cfg["hidden_dim"])
+    w.add_head_count(cfg["n_heads"])
+    w.add_head_count_kv(cfg["n_kv_heads"])
+    w.add_layer_norm_rms_eps(rms_eps)
+    return w

@@ -200,6 +200,7 @@ def test_bad_sampling_arguments(small, kwargs, fragment):
     (["--threads", "0"], "threads"),
     (["-m", "dance"], "invalid choice"),
     (["--bogus"], "unrecognized arguments"),
+    (["--context", "0"], "--context: expected a number >= 1"),
 ])
 def test_bad_cli_arguments(small, args, fragment):
     assert_cli_error(["run", small[0], "-z", small[1], *args], fragment)
@@ -245,3 +246,22 @@ def test_out_of_range_ids(small):
         m.logits([-1])
     with pytest.raises(ParameterError, match="do not fit the context"):
         m.logits([1] * 17)
+
+
+def test_invalid_utf8_on_the_command_line(small):
+    # argv bytes that are not UTF-8 reach Python as surrogate escapes
+    assert_cli_error(["run", small[0], "-z", small[1], "-i", "ab\udcff"], "--prompt is not valid UTF-8: byte 2 is 0xff")
+
+
+def test_tokenizer_of_another_model(small, tmp_path):
+    bigger = write_tokenizer_bin(tmp_path / "big.bin", byte_vocab(300))
+    other = write_legacy(tmp_path / "other.bin", vocab=280)
+    with pytest.raises(TokenizerError, match="do not belong together"):
+        pyllama.Llama(other, tokenizer=pyllama.load_tokenizer(bigger, 300))
+    assert_cli_error(["run", small[0], "-z", shared_path("models/llama2-vocab.gguf")],
+                     "the tokenizer has 32000 tokens, the model's vocabulary 300")
+
+
+def test_bench_bad_thread_list(small):
+    assert_cli_error(["bench", small[0], "--threads", "x"], "expected thread counts like 1,2")
+    assert_cli_error(["bench", small[0], "--threads", "0"], "threads: expected 1..")

@@ -14,6 +14,7 @@ import time
 import numpy as np
 import pytest
 from conftest import SHARED, shared_path
+from models import gguf_llama_writer
 
 gguf = pytest.importorskip("gguf")  # test oracle only: the reader under test is our own
 
@@ -185,14 +186,7 @@ def write_llama(path, cfg=TINY, wtype=GT.F32, tied=False, alignment=None, extra=
                 tokens=True):
     """A tiny llama GGUF; returns {name: (ggml type, numpy shape, raw bytes written)}."""
     rng = np.random.default_rng(seed)
-    w = gguf.GGUFWriter(str(path), "llama")
-    w.add_context_length(cfg["seq_len"])
-    w.add_embedding_length(cfg["dim"])
-    w.add_block_count(cfg["n_layers"])
-    w.add_feed_forward_length(cfg["hidden_dim"])
-    w.add_head_count(cfg["n_heads"])
-    w.add_head_count_kv(cfg["n_kv_heads"])
-    w.add_layer_norm_rms_eps(1e-6)
+    w = gguf_llama_writer(path, cfg, rms_eps=1e-6)
     w.add_rope_freq_base(500000.0)
     if alignment:
         w.add_custom_alignment(alignment)

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import as_list, cases, manifest, shared_path
+from models import gguf_llama_writer
 from reference import forward_all
 
 import pyllama
@@ -201,14 +202,7 @@ def write_model_gguf(path, src, qname):
     quantized by gguf's quantizer where it has one, else random valid blocks (K-quants)."""
     from test_quants import TYPES
     cfg, meta = src.config, src.metadata
-    w = gguf.GGUFWriter(str(path), "llama")
-    w.add_context_length(cfg["seq_len"])
-    w.add_embedding_length(cfg["dim"])
-    w.add_block_count(cfg["n_layers"])
-    w.add_feed_forward_length(cfg["hidden_dim"])
-    w.add_head_count(cfg["n_heads"])
-    w.add_head_count_kv(cfg["n_kv_heads"])
-    w.add_layer_norm_rms_eps(cfg["rms_eps"])
+    w = gguf_llama_writer(path, cfg, rms_eps=cfg["rms_eps"])
     w.add_rope_dimension_count(cfg["dim"] // cfg["n_heads"])
     w.add_tokenizer_model("llama")
     w.add_token_list(meta["tokenizer.ggml.tokens"])

@@ -125,27 +125,28 @@ def _q8_0(x):
     return out
 
 
-def _q4_0(x):
-    n = x.shape[0]
-    x = x.reshape(n, 32)
-    d = _signed_max(x) / np.float32(-8)
+def _signed_levels(x, half):
+    """Q4_0/Q5_0's shared step: blocks of 32 scaled by d = signed max / -half and rounded to the
+    unsigned levels 0..2*half-1 as ggml's reference does. Returns (d, q uint8 (n, 32))."""
+    x = x.reshape(x.shape[0], 32)
+    d = _signed_max(x) / np.float32(-half)
     with np.errstate(divide="ignore"):
         inv = np.where(d == 0, np.float32(0), np.float32(1) / d)
-    q = np.minimum(np.trunc(x * inv + np.float32(8.5)), 15).astype(np.uint8)
-    out = np.empty((n, 18), np.uint8)
+    q = np.minimum(np.trunc(x * inv + np.float32(half + 0.5)), 2 * half - 1).astype(np.uint8)
+    return d, q
+
+
+def _q4_0(x):
+    d, q = _signed_levels(x, 8)
+    out = np.empty((q.shape[0], 18), np.uint8)
     out[:, :2] = _f16_bytes(d)
     out[:, 2:] = q[:, :16] | (q[:, 16:] << 4)
     return out
 
 
 def _q5_0(x):
-    n = x.shape[0]
-    x = x.reshape(n, 32)
-    d = _signed_max(x) / np.float32(-16)
-    with np.errstate(divide="ignore"):
-        inv = np.where(d == 0, np.float32(0), np.float32(1) / d)
-    q = np.minimum(np.trunc(x * inv + np.float32(16.5)), 31).astype(np.uint8)
-    out = np.empty((n, 22), np.uint8)
+    d, q = _signed_levels(x, 16)
+    out = np.empty((q.shape[0], 22), np.uint8)
     out[:, :2] = _f16_bytes(d)
     out[:, 2:6] = np.packbits(q >> 4, axis=1, bitorder="little")   # bit j = 5th bit of q[j]
     out[:, 6:] = (q[:, :16] & 15) | (q[:, 16:] << 4)

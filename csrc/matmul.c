@@ -291,19 +291,24 @@ void pl__team_matmuls(const float *x, int n, const pl__mm *mm, int nmm, void *sc
     }
 }
 
-void pl_matmul(float *xout, const float *x, const pl_tensor *w, void *scratch, int n_threads)
+void pl_matmul(float *xout, const float *x, int n, const pl_tensor *w, void *scratch, int n_threads)
 {
     pl__mm mm = {w, xout};
 #pragma omp parallel num_threads(n_threads) if (n_threads > 1)
     {
         long long r0, r1;
-        pl__team_matmuls(x, 1, &mm, 1, scratch, 0, &r0, &r1);
+        pl__team_matmuls(x, n, &mm, 1, scratch, 0, &r0, &r1);
     }
 }
 
 long long pl__act_bytes(const pl_tensor *w)
 {
     return pli_is_quant(w->type) ? pli_act_bytes(w) : 0;
+}
+
+long long pl_matmul_scratch_bytes(const pl_tensor *w, int n)
+{
+    return (long long)n * ((pl__act_bytes(w) + 63) & ~63LL);
 }
 
 void pl_dequantize_row(const pl_tensor *w, long long row, float *out)

@@ -9,7 +9,7 @@
  * owns every buffer (numpy arrays kept alive by the Python objects that hold these structs).
  */
 
-#define PL_ABI_VERSION 4
+#define PL_ABI_VERSION 5
 
 /* Tensor types: ggml's type numbers, plus one of our own for llama2.c V2 checkpoints. */
 #define PL_F32 0
@@ -109,8 +109,11 @@ long long pl_scratch_bytes(const pl_weights *w, int max_batch);
  * each weight row is read once for all n tokens. */
 void pl_forward(const pl_weights *w, pl_state *s, const int *tokens, int n, int pos, int all_logits);
 
-/* xout(rows) = W @ x(cols); scratch as for pl_forward; W.cols must be a multiple of the block. */
-void pl_matmul(float *xout, const float *x, const pl_tensor *w, void *scratch, int n_threads);
+/* xout(n, rows) = x(n, cols) @ W^T for n >= 1 tokens, through the kernels
+ * pl_forward uses (prefill tiles for n > 1); scratch of pl_matmul_scratch_bytes(w, n) bytes;
+ * W.cols must be a multiple of the block. */
+void pl_matmul(float *xout, const float *x, int n, const pl_tensor *w, void *scratch, int n_threads);
+long long pl_matmul_scratch_bytes(const pl_tensor *w, int n);
 
 /* out(cols) = row `row` of W, dequantized to f32. */
 void pl_dequantize_row(const pl_tensor *w, long long row, float *out);

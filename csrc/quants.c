@@ -370,7 +370,11 @@ static inline float lane1(__m128 v) { return _mm_cvtss_f32(_mm_movehdup_ps(v)); 
 /* Σ over pairs: 8 int32 of u[4i..4i+3]·s[4i..4i+3], u unsigned bytes, s signed bytes. */
 static inline __m256i dot_u8(__m256i u, __m256i s)
 {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__) /* one instruction, the same exact sums */
+    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s);
+#else
     return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+#endif
 }
 
 /* The same for signed w (any int8) and x in [-127, 127]: |w| as the unsigned side. */
@@ -825,39 +829,72 @@ static void deq_q4_K(const void *row, int nb, float *y)
     }
 }
 
-static float dot_q4_K(const void *row, const act_view *a, int nb)
-{
-    const blk_q4_K *b = (const blk_q4_K *)row;
 #ifdef PL_AVX2
-    __m256 acc = _mm256_setzero_ps();
-    __m128 accm = _mm_setzero_ps();
-    const __m256i m4 = _mm256_set1_epi8(15);
+/* Q4_K (five = 0) and Q5_K (five = 1, the 5th bits shifted down 2 per 64 values) rows · NT token
+ * activations, out[t·ldo] for token t. Decoding calls it with NT = 1 and the prefill tile with
+ * NT = 4: one code path, so a token's batched sum is bit for bit its single-token sum, and each
+ * weight block is unpacked once for all NT tokens. Per token: unsigned q · q8 scaled by sc[s] in
+ * integers, one f32 multiply-add per super-block, minus dmin·Σ m[s]·bsums. */
+static inline __attribute__((always_inline)) void
+k45_dots(const void *row, const act_view *a, int nb, int NT, int five, float *out, long long ldo)
+{
+    __m256 acc[4];
+    __m128 accm[4];
+    for (int t = 0; t < NT; t++) acc[t] = _mm256_setzero_ps(), accm[t] = _mm_setzero_ps();
+    const __m256i m4 = _mm256_set1_epi8(15), b4 = _mm256_set1_epi8(16);
+    const size_t bb = five ? sizeof(blk_q5_K) : sizeof(blk_q4_K);
     for (int i = 0; i < nb; i++) {
-        const int8_t *q8 = a->q + QK_K * i;
-        __m256i sm16 = _mm256_cvtepu8_epi16(k4_scales_avx2(b[i].scales)); /* sc 0-7, m 0-7 */
-        /* mins: Σ_s m[s]·(bsum[2s] + bsum[2s+1]) */
-        __m256i bs = _mm256_loadu_si256((const __m256i *)(a->bsums + 16 * i));
-        __m128i bs32 = _mm_hadd_epi16(_mm256_castsi256_si128(bs), _mm256_extracti128_si256(bs, 1));
-        __m128i pm = _mm_madd_epi16(_mm256_extracti128_si256(sm16, 1), bs32);
-        float d8 = a->d[i];
-        accm = _mm_fmadd_ps(_mm_set1_ps(d8 * pli_fp16(b[i].dmin)), _mm_cvtepi32_ps(pm), accm);
+        const blk_q4_K *b = (const blk_q4_K *)((const char *)row + i * bb); /* d, dmin, scales */
+        const uint8_t *qs = five ? ((const blk_q5_K *)b)->qs : b->qs;
+        __m256i sm16 = _mm256_cvtepu8_epi16(k4_scales_avx2(b->scales)); /* sc 0-7, m 0-7 */
+        __m128i mins = _mm256_extracti128_si256(sm16, 1);
         __m256i scales = _mm256_broadcastsi128_si256(_mm256_castsi256_si128(sm16));
-        __m256i sumi = _mm256_setzero_si256();
+        float d = pli_fp16(b->d), dmin = pli_fp16(b->dmin);
+        __m256i sumi[4];
+        for (int t = 0; t < NT; t++) { /* mins: Σ_s m[s]·(bsum[2s] + bsum[2s+1]) */
+            __m256i bs = _mm256_loadu_si256((const __m256i *)(a[t].bsums + 16 * i));
+            __m128i bs32 = _mm_hadd_epi16(_mm256_castsi256_si128(bs), _mm256_extracti128_si256(bs, 1));
+            __m128i pm = _mm_madd_epi16(mins, bs32);
+            accm[t] = _mm_fmadd_ps(_mm_set1_ps(a[t].d[i] * dmin), _mm_cvtepi32_ps(pm), accm[t]);
+            sumi[t] = _mm256_setzero_si256();
+        }
+        __m256i hb = five ? _mm256_loadu_si256((const __m256i *)((const blk_q5_K *)b)->qh) : m4;
         for (int k = 0; k < 4; k++) {
-            __m256i qs = _mm256_loadu_si256((const __m256i *)(b[i].qs + 32 * k));
+            __m256i q = _mm256_loadu_si256((const __m256i *)(qs + 32 * k));
+            __m256i ql = _mm256_and_si256(q, m4), qh = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
+            if (five) {
+                ql = _mm256_or_si256(ql, _mm256_and_si256(_mm256_slli_epi16(hb, 4), b4));
+                qh = _mm256_or_si256(qh, _mm256_and_si256(_mm256_slli_epi16(hb, 3), b4));
+                hb = _mm256_srli_epi16(hb, 2);
+            }
             __m256i sl = _mm256_shuffle_epi8(scales, _mm256_set1_epi16((short)((4 * k + 1) << 8 | 4 * k)));
             __m256i sh = _mm256_shuffle_epi8(scales, _mm256_set1_epi16((short)((4 * k + 3) << 8 | (4 * k + 2))));
-            __m256i pl = _mm256_maddubs_epi16(_mm256_and_si256(qs, m4), _mm256_loadu_si256((const __m256i *)(q8 + 64 * k)));
-            __m256i ph = _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(qs, 4), m4),
-                                              _mm256_loadu_si256((const __m256i *)(q8 + 64 * k + 32)));
-            sumi = _mm256_add_epi32(sumi, _mm256_add_epi32(_mm256_madd_epi16(sl, pl), _mm256_madd_epi16(sh, ph)));
+            for (int t = 0; t < NT; t++) {
+                const int8_t *q8 = a[t].q + QK_K * i + 64 * k;
+                __m256i pl = _mm256_maddubs_epi16(ql, _mm256_loadu_si256((const __m256i *)q8));
+                __m256i ph = _mm256_maddubs_epi16(qh, _mm256_loadu_si256((const __m256i *)(q8 + 32)));
+                sumi[t] = _mm256_add_epi32(sumi[t], _mm256_add_epi32(_mm256_madd_epi16(sl, pl), _mm256_madd_epi16(sh, ph)));
+            }
         }
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(d8 * pli_fp16(b[i].d)), _mm256_cvtepi32_ps(sumi), acc);
+        for (int t = 0; t < NT; t++)
+            acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(a[t].d[i] * d), _mm256_cvtepi32_ps(sumi[t]), acc[t]);
     }
-    accm = _mm_add_ps(accm, _mm_movehl_ps(accm, accm));
-    accm = _mm_add_ss(accm, _mm_movehdup_ps(accm));
-    return hsum_ps(acc) - _mm_cvtss_f32(accm);
+    for (int t = 0; t < NT; t++) {
+        __m128 m = _mm_add_ps(accm[t], _mm_movehl_ps(accm[t], accm[t]));
+        m = _mm_add_ss(m, _mm_movehdup_ps(m));
+        out[t * ldo] = hsum_ps(acc[t]) - _mm_cvtss_f32(m);
+    }
+}
+#endif
+
+static float dot_q4_K(const void *row, const act_view *a, int nb)
+{
+#ifdef PL_AVX2
+    float r;
+    k45_dots(row, a, nb, 1, 0, &r, 0);
+    return r;
 #else
+    const blk_q4_K *b = (const blk_q4_K *)row;
     float sum = 0.0f;
     for (int i = 0; i < nb; i++) {
         const int8_t *q8 = a->q + QK_K * i;
@@ -902,40 +939,12 @@ static void deq_q5_K(const void *row, int nb, float *y)
 
 static float dot_q5_K(const void *row, const act_view *a, int nb)
 {
-    const blk_q5_K *b = (const blk_q5_K *)row;
-#ifdef PL_AVX2 /* Q4_K plus the 5th bits, shifted down 2 per 64 values */
-    __m256 acc = _mm256_setzero_ps();
-    __m128 accm = _mm_setzero_ps();
-    const __m256i m4 = _mm256_set1_epi8(15), b4 = _mm256_set1_epi8(16);
-    for (int i = 0; i < nb; i++) {
-        const int8_t *q8 = a->q + QK_K * i;
-        __m256i sm16 = _mm256_cvtepu8_epi16(k4_scales_avx2(b[i].scales)); /* sc 0-7, m 0-7 */
-        __m256i bs = _mm256_loadu_si256((const __m256i *)(a->bsums + 16 * i));
-        __m128i bs32 = _mm_hadd_epi16(_mm256_castsi256_si128(bs), _mm256_extracti128_si256(bs, 1));
-        __m128i pm = _mm_madd_epi16(_mm256_extracti128_si256(sm16, 1), bs32);
-        float d8 = a->d[i];
-        accm = _mm_fmadd_ps(_mm_set1_ps(d8 * pli_fp16(b[i].dmin)), _mm_cvtepi32_ps(pm), accm);
-        __m256i scales = _mm256_broadcastsi128_si256(_mm256_castsi256_si128(sm16));
-        __m256i hb = _mm256_loadu_si256((const __m256i *)b[i].qh);
-        __m256i sumi = _mm256_setzero_si256();
-        for (int k = 0; k < 4; k++) {
-            __m256i qs = _mm256_loadu_si256((const __m256i *)(b[i].qs + 32 * k));
-            __m256i ql = _mm256_or_si256(_mm256_and_si256(qs, m4), _mm256_and_si256(_mm256_slli_epi16(hb, 4), b4));
-            __m256i qh = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(qs, 4), m4),
-                                         _mm256_and_si256(_mm256_slli_epi16(hb, 3), b4));
-            hb = _mm256_srli_epi16(hb, 2);
-            __m256i sl = _mm256_shuffle_epi8(scales, _mm256_set1_epi16((short)((4 * k + 1) << 8 | 4 * k)));
-            __m256i sh = _mm256_shuffle_epi8(scales, _mm256_set1_epi16((short)((4 * k + 3) << 8 | (4 * k + 2))));
-            __m256i pl = _mm256_maddubs_epi16(ql, _mm256_loadu_si256((const __m256i *)(q8 + 64 * k)));
-            __m256i ph = _mm256_maddubs_epi16(qh, _mm256_loadu_si256((const __m256i *)(q8 + 64 * k + 32)));
-            sumi = _mm256_add_epi32(sumi, _mm256_add_epi32(_mm256_madd_epi16(sl, pl), _mm256_madd_epi16(sh, ph)));
-        }
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(d8 * pli_fp16(b[i].d)), _mm256_cvtepi32_ps(sumi), acc);
-    }
-    accm = _mm_add_ps(accm, _mm_movehl_ps(accm, accm));
-    accm = _mm_add_ss(accm, _mm_movehdup_ps(accm));
-    return hsum_ps(acc) - _mm_cvtss_f32(accm);
+#ifdef PL_AVX2
+    float r;
+    k45_dots(row, a, nb, 1, 1, &r, 0);
+    return r;
 #else
+    const blk_q5_K *b = (const blk_q5_K *)row;
     float sum = 0.0f;
     for (int i = 0; i < nb; i++) {
         const int8_t *q8 = a->q + QK_K * i;
@@ -979,18 +988,24 @@ static void deq_q6_K(const void *row, int nb, float *y)
     }
 }
 
-static float dot_q6_K(const void *row, const act_view *a, int nb)
+#ifdef PL_AVX2
+/* Q6_K rows · NT token activations, as k45_dots: unsigned q in [0, 63] · q8 scaled per 16 values,
+ * minus 32·Σ scale·bsums, one f32 multiply-add per super-block. */
+static inline __attribute__((always_inline)) void
+q6_dots(const void *row, const act_view *a, int nb, int NT, float *out, long long ldo)
 {
     const blk_q6_K *b = (const blk_q6_K *)row;
-#ifdef PL_AVX2 /* unsigned q in [0, 63] · q8, minus 32·Σ scale·bsum */
-    __m256 acc = _mm256_setzero_ps();
+    __m256 acc[4];
+    for (int t = 0; t < NT; t++) acc[t] = _mm256_setzero_ps();
     const __m256i m4 = _mm256_set1_epi8(15), m30 = _mm256_set1_epi8(0x30);
     for (int i = 0; i < nb; i++) {
-        const int8_t *q8 = a->q + QK_K * i;
         __m128i sc = _mm_loadu_si128((const __m128i *)b[i].scales);
-        __m256i bs = _mm256_loadu_si256((const __m256i *)(a->bsums + 16 * i));
-        __m256i sumi = _mm256_slli_epi32(_mm256_madd_epi16(_mm256_cvtepi8_epi16(sc), bs), 5);
-        sumi = _mm256_sub_epi32(_mm256_setzero_si256(), sumi);
+        __m256i sc16 = _mm256_cvtepi8_epi16(sc);
+        __m256i sumi[4];
+        for (int t = 0; t < NT; t++) {
+            __m256i bs = _mm256_loadu_si256((const __m256i *)(a[t].bsums + 16 * i));
+            sumi[t] = _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_slli_epi32(_mm256_madd_epi16(sc16, bs), 5));
+        }
         for (int h = 0; h < 2; h++) {
             __m256i la = _mm256_loadu_si256((const __m256i *)(b[i].ql + 64 * h));
             __m256i lb = _mm256_loadu_si256((const __m256i *)(b[i].ql + 64 * h + 32));
@@ -1002,14 +1017,30 @@ static float dot_q6_K(const void *row, const act_view *a, int nb)
             q[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(lb, 4), m4),
                                    _mm256_and_si256(_mm256_srli_epi16(hq, 2), m30));
             for (int j = 0; j < 4; j++) {
-                __m256i p = _mm256_maddubs_epi16(q[j], _mm256_loadu_si256((const __m256i *)(q8 + 128 * h + 32 * j)));
-                sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(scale_pair(sc, 4 * h + j), p));
+                __m256i s16 = scale_pair(sc, 4 * h + j);
+                for (int t = 0; t < NT; t++) {
+                    const int8_t *q8 = a[t].q + QK_K * i + 128 * h + 32 * j;
+                    __m256i p = _mm256_maddubs_epi16(q[j], _mm256_loadu_si256((const __m256i *)q8));
+                    sumi[t] = _mm256_add_epi32(sumi[t], _mm256_madd_epi16(s16, p));
+                }
             }
         }
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(a->d[i] * pli_fp16(b[i].d)), _mm256_cvtepi32_ps(sumi), acc);
+        float d = pli_fp16(b[i].d);
+        for (int t = 0; t < NT; t++)
+            acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(a[t].d[i] * d), _mm256_cvtepi32_ps(sumi[t]), acc[t]);
     }
-    return hsum_ps(acc);
+    for (int t = 0; t < NT; t++) out[t * ldo] = hsum_ps(acc[t]);
+}
+#endif
+
+static float dot_q6_K(const void *row, const act_view *a, int nb)
+{
+#ifdef PL_AVX2
+    float r;
+    q6_dots(row, a, nb, 1, &r, 0);
+    return r;
 #else
+    const blk_q6_K *b = (const blk_q6_K *)row;
     float sum = 0.0f;
     for (int i = 0; i < nb; i++) {
         const int8_t *q8 = a->q + QK_K * i;
@@ -1102,52 +1133,98 @@ static deq_fn deq_of(int type)
 }
 
 #ifdef PL_AVX2
-/* Q8_0 rows [r0, r1) x 4 tokens (activations a[0..3]): a tile of 2 rows x 4 tokens, so each
- * weight block is loaded once for 4 tokens and each activation block once for 2 rows. The sums
- * run in dot_q8_0's order (even and odd blocks in two accumulators), so a token's result is bit
- * for bit the single-token one: batched prefill and token-by-token decoding agree exactly even
- * where re-quantizing the next activations would amplify a last-bit difference. */
-static inline void q8_0_block(const blk_q8_0 *b0, const blk_q8_0 *b1, const act_view *a, int i,
-                              __m256 acc[2][4])
-{
-    __m256i w0 = _mm256_loadu_si256((const __m256i *)b0[i].qs);
-    __m256i w1 = _mm256_loadu_si256((const __m256i *)b1[i].qs);
-    __m256i u0 = _mm256_sign_epi8(w0, w0), u1 = _mm256_sign_epi8(w1, w1);
-    float d0 = pli_fp16(b0[i].d), d1 = pli_fp16(b1[i].d);
-    for (int k = 0; k < 4; k++) {
-        __m256i xk = load_q8(&a[k], i);
-        float xd = a[k].ds[2 * i];
-        __m256 p0 = _mm256_cvtepi32_ps(dot_u8(u0, _mm256_sign_epi8(xk, w0)));
-        __m256 p1 = _mm256_cvtepi32_ps(dot_u8(u1, _mm256_sign_epi8(xk, w1)));
-        acc[0][k] = _mm256_fmadd_ps(_mm256_set1_ps(d0 * xd), p0, acc[0][k]);
-        acc[1][k] = _mm256_fmadd_ps(_mm256_set1_ps(d1 * xd), p1, acc[1][k]);
-    }
-}
-
-static void tile_q8_0(const pl_tensor *w, const act_view *a, float *out, long long ldo,
-                      long long r0, long long r1)
+/* The 32-value types in tiles of TR rows x 4 tokens: the same step per block as dot32, with the
+ * same even/odd accumulators, so each token's sum is bit for bit the single-token one (after
+ * inlining, the compiler unpacks each weight block once for the 4 tokens). */
+#define TR 2
+static inline __attribute__((always_inline)) void
+tile32(const pl_tensor *w, const act_view *a, float *out, long long ldo, long long r0, long long r1,
+       step32_fn step, float side_k, dot_fn dot)
 {
     const int nb = (int)(w->cols / QK);
-    const blk_q8_0 *base = (const blk_q8_0 *)w->data;
+    const size_t rb = (size_t)nb * block_bytes(w->type);
+    const char *base = (const char *)w->data;
     long long r = r0;
-    for (; r + 1 < r1; r += 2) {
-        const blk_q8_0 *b0 = base + r * nb, *b1 = b0 + nb;
-        __m256 even[2][4], odd[2][4];
-        for (int k = 0; k < 4; k++)
-            even[0][k] = even[1][k] = odd[0][k] = odd[1][k] = _mm256_setzero_ps();
+    for (; r + TR <= r1; r += TR) {
+        __m256 acc[2][TR][4];
+        __m128 side[2][TR][4];
+        for (int e = 0; e < 2; e++)
+            for (int q = 0; q < TR; q++)
+                for (int k = 0; k < 4; k++) acc[e][q][k] = _mm256_setzero_ps(), side[e][q][k] = _mm_setzero_ps();
         int i = 0;
-        for (; i + 1 < nb; i += 2) {
-            q8_0_block(b0, b1, a, i, even);
-            q8_0_block(b0, b1, a, i + 1, odd);
-        }
-        if (i < nb) q8_0_block(b0, b1, a, i, even);
-        for (int k = 0; k < 4; k++) {
-            out[k * ldo + r] = hsum_ps(_mm256_add_ps(even[0][k], odd[0][k])) + 0.0f;
-            out[k * ldo + r + 1] = hsum_ps(_mm256_add_ps(even[1][k], odd[1][k])) + 0.0f;
-        }
+        for (; i + 1 < nb; i += 2)
+            for (int e = 0; e < 2; e++)
+                for (int q = 0; q < TR; q++)
+                    for (int k = 0; k < 4; k++)
+                        step(base + (r + q) * rb, &a[k], i + e, &acc[e][q][k], &side[e][q][k]);
+        if (i < nb)
+            for (int q = 0; q < TR; q++)
+                for (int k = 0; k < 4; k++) step(base + (r + q) * rb, &a[k], i, &acc[0][q][k], &side[0][q][k]);
+        for (int q = 0; q < TR; q++)
+            for (int k = 0; k < 4; k++)
+                out[k * ldo + r + q] = hsum_ps(_mm256_add_ps(acc[0][q][k], acc[1][q][k])) +
+                                       side_k * lane1(_mm_add_ps(side[0][q][k], side[1][q][k]));
     }
     for (; r < r1; r++)
-        for (int k = 0; k < 4; k++) out[k * ldo + r] = dot_q8_0(base + r * nb, &a[k], nb);
+        for (int k = 0; k < 4; k++) out[k * ldo + r] = dot(base + r * rb, &a[k], nb);
+}
+
+static void tile_q4_0(const pl_tensor *w, const act_view *a, float *out, long long ldo, long long r0, long long r1)
+{
+    tile32(w, a, out, ldo, r0, r1, step_q4_0, -8.0f, dot_q4_0);
+}
+static void tile_q8_0(const pl_tensor *w, const act_view *a, float *out, long long ldo, long long r0, long long r1)
+{
+    tile32(w, a, out, ldo, r0, r1, step_q8_0, 0.0f, dot_q8_0);
+}
+static void tile_q4_1(const pl_tensor *w, const act_view *a, float *out, long long ldo, long long r0, long long r1)
+{
+    tile32(w, a, out, ldo, r0, r1, step_q4_1, 1.0f, dot_q4_1);
+}
+static void tile_q5_0(const pl_tensor *w, const act_view *a, float *out, long long ldo, long long r0, long long r1)
+{
+    tile32(w, a, out, ldo, r0, r1, step_q5_0, -16.0f, dot_q5_0);
+}
+static void tile_q5_1(const pl_tensor *w, const act_view *a, float *out, long long ldo, long long r0, long long r1)
+{
+    tile32(w, a, out, ldo, r0, r1, step_q5_1, 1.0f, dot_q5_1);
+}
+
+/* The K-quants in tiles of 1 row x 4 tokens, through the single-token kernels with NT = 4. */
+static void tile_q4_K(const pl_tensor *w, const act_view *a, float *out, long long ldo, long long r0, long long r1)
+{
+    const int nb = (int)(w->cols / QK_K);
+    for (long long r = r0; r < r1; r++)
+        k45_dots((const blk_q4_K *)w->data + r * nb, a, nb, 4, 0, out + r, ldo);
+}
+static void tile_q5_K(const pl_tensor *w, const act_view *a, float *out, long long ldo, long long r0, long long r1)
+{
+    const int nb = (int)(w->cols / QK_K);
+    for (long long r = r0; r < r1; r++)
+        k45_dots((const blk_q5_K *)w->data + r * nb, a, nb, 4, 1, out + r, ldo);
+}
+static void tile_q6_K(const pl_tensor *w, const act_view *a, float *out, long long ldo, long long r0, long long r1)
+{
+    const int nb = (int)(w->cols / QK_K);
+    for (long long r = r0; r < r1; r++) q6_dots((const blk_q6_K *)w->data + r * nb, a, nb, 4, out + r, ldo);
+}
+
+typedef void (*tile_fn)(const pl_tensor *w, const act_view *a, float *out, long long ldo, long long r0,
+                        long long r1);
+
+static tile_fn tile_of(int type)
+{
+    switch (type) {
+    case PL_Q4_0: return tile_q4_0;
+    case PL_Q4_1: return tile_q4_1;
+    case PL_Q5_0: return tile_q5_0;
+    case PL_Q5_1: return tile_q5_1;
+    case PL_Q8_0: return tile_q8_0;
+    case PL_Q4_K: return tile_q4_K;
+    case PL_Q5_K: return tile_q5_K;
+    case PL_Q6_K: return tile_q6_K;
+    default: return 0; /* Q2_K, Q3_K, Q8_G: token by token */
+    }
 }
 #endif
 
@@ -1156,11 +1233,12 @@ void pli_matmul_batch(const pl_tensor *w, const void *xq, long long stride, int 
 {
     int t = 0;
 #ifdef PL_AVX2
-    if (w->type == PL_Q8_0) {
+    tile_fn tile = tile_of(w->type);
+    if (tile) {
         for (; t + 4 <= ntok; t += 4) {
             act_view a[4];
             for (int k = 0; k < 4; k++) a[k] = act_layout(w, (const char *)xq + (t + k) * stride);
-            tile_q8_0(w, a, out + t * ldo, ldo, r0, r1);
+            tile(w, a, out + t * ldo, ldo, r0, r1);
         }
     }
 #endif

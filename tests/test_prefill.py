@@ -7,7 +7,8 @@ from conftest import shared_path
 import pyllama
 
 
-@pytest.mark.parametrize("model", ["stories260K.bin", "quant-base-v2.bin", "quant-base-q4_k_m.gguf",
+@pytest.mark.parametrize("model", ["stories260K.bin", "quant-base-v2.bin", "quant-base-q4_0.gguf",
+                                   "quant-base-q4_k_m.gguf", "quant-base-q6_k.gguf",
                                    "quant-base-q8_0.gguf", "quant-base-f16.gguf"])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_batched_equals_stepwise(model, threads):

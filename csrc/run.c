@@ -147,6 +147,43 @@ static void residual(float *x, const float *y, int n, int dim, long long i0, lon
         for (long long i = i0; i < i1; i++) x[t * (long long)dim + i] += y[t * (long long)dim + i];
 }
 
+/* xb[j] = Σ_i att[i]·v_i[j] over positions i <= last (v_i = vh + i·kv_dim), summed in position
+ * order with a rounded product and a rounded add per term, as llama2.c does; each run of output
+ * values stays in registers across all positions. */
+static void att_values(float *xb, const float *att, const float *vh, int last, int kv_dim, int head_size)
+{
+    int j = 0;
+#if defined(__AVX2__)
+    for (; j + 32 <= head_size; j += 32) {
+        __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+        for (int i = 0; i <= last; i++) {
+            const float *v = vh + (long long)i * kv_dim + j;
+            __m256 a = _mm256_broadcast_ss(att + i);
+            s0 = _mm256_add_ps(s0, _mm256_mul_ps(a, _mm256_loadu_ps(v)));
+            s1 = _mm256_add_ps(s1, _mm256_mul_ps(a, _mm256_loadu_ps(v + 8)));
+            s2 = _mm256_add_ps(s2, _mm256_mul_ps(a, _mm256_loadu_ps(v + 16)));
+            s3 = _mm256_add_ps(s3, _mm256_mul_ps(a, _mm256_loadu_ps(v + 24)));
+        }
+        _mm256_storeu_ps(xb + j, s0);
+        _mm256_storeu_ps(xb + j + 8, s1);
+        _mm256_storeu_ps(xb + j + 16, s2);
+        _mm256_storeu_ps(xb + j + 24, s3);
+    }
+    for (; j + 8 <= head_size; j += 8) {
+        __m256 s0 = _mm256_setzero_ps();
+        for (int i = 0; i <= last; i++)
+            s0 = _mm256_add_ps(s0, _mm256_mul_ps(_mm256_broadcast_ss(att + i),
+                                                 _mm256_loadu_ps(vh + (long long)i * kv_dim + j)));
+        _mm256_storeu_ps(xb + j, s0);
+    }
+#endif
+    for (; j < head_size; j++) {
+        float sum = 0.0f;
+        for (int i = 0; i <= last; i++) sum += att[i] * vh[(long long)i * kv_dim + j];
+        xb[j] = sum;
+    }
+}
+
 static inline float dot(const float *a, const float *b, int n)
 {
     int i = 0;
@@ -232,13 +269,7 @@ void pl_forward(const pl_weights *w, pl_state *s, const int *tokens, int n, int 
                     for (int i = 0; i <= last; i++)
                         att[i] = dot(q, kh + (long long)i * kv_dim, head_size) * att_scale;
                     softmax_att(att, last + 1);
-                    float *xb = s->xb + (long long)t * dim + h * head_size;
-                    memset(xb, 0, head_size * sizeof(float));
-                    for (int i = 0; i <= last; i++) {
-                        const float *v = vh + (long long)i * kv_dim;
-                        float a = att[i];
-                        for (int j = 0; j < head_size; j++) xb[j] += a * v[j];
-                    }
+                    att_values(s->xb + (long long)t * dim + h * head_size, att, vh, last, kv_dim, head_size);
                 }
             }
 

@@ -294,9 +294,11 @@ void pl__team_matmuls(const float *x, int n, const pl__mm *mm, int nmm, void *sc
 void pl_matmul(float *xout, const float *x, int n, const pl_tensor *w, void *scratch, int n_threads)
 {
     pl__mm mm = {w, xout};
-#pragma omp parallel num_threads(n_threads) if (n_threads > 1)
-    {
-        long long r0, r1;
+    long long r0, r1;
+    if (n_threads > 1) { /* one thread: no parallel region (see pl_forward) */
+#pragma omp parallel num_threads(n_threads) private(r0, r1)
+        pl__team_matmuls(x, n, &mm, 1, scratch, 0, &r0, &r1);
+    } else {
         pl__team_matmuls(x, n, &mm, 1, scratch, 0, &r0, &r1);
     }
 }

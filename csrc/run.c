@@ -217,7 +217,10 @@ long long pl_scratch_bytes(const pl_weights *w, int max_batch)
 /* ------------------------------------------------------------------------------------------------
  * the forward pass */
 
-void pl_forward(const pl_weights *w, pl_state *s, const int *tokens, int n, int pos, int all_logits)
+/* The layers and the classifier for the batch already embedded in s->x: run by every thread of
+ * the team, or by the caller alone. Each step ends with a barrier (explicit, or implied by
+ * `single`/`for`) before the next one reads what it wrote. */
+static void forward_team(const pl_weights *w, pl_state *s, int n, int pos, int all_logits)
 {
     const pl_config *p = &w->cfg;
     const int dim = p->dim, hidden_dim = p->hidden_dim, n_heads = p->n_heads;
@@ -227,85 +230,96 @@ void pl_forward(const pl_weights *w, pl_state *s, const int *tokens, int n, int 
     const int n_ctx = s->n_ctx;
     const float att_scale = 1.0f / sqrtf((float)head_size);
     float *x = s->x;
+    long long r0[PL_MAX_GROUP], r1[PL_MAX_GROUP];
+    for (int l = 0; l < p->n_layers; l++) {
+        const pl_layer *L = &w->layers[l];
+        long long loff = (long long)l * n_ctx * kv_dim; /* layer offset into the KV cache */
+        float *kc = s->key_cache + loff + (long long)pos * kv_dim;   /* (n, kv_dim) */
+        float *vc = s->value_cache + loff + (long long)pos * kv_dim; /* (n, kv_dim) */
+
+        /* attention rmsnorm; q, k, v (k and v straight into the cache) with RoPE */
+#pragma omp for schedule(static)
+        for (int t = 0; t < n; t++)
+            rmsnorm(s->xb + (long long)t * dim, x + (long long)t * dim, L->rms_att, dim, p->rms_eps);
+        pl__mm qkv[3] = {{&L->wq, s->q}, {&L->wk, kc}, {&L->wv, vc}};
+        pl__team_matmuls(s->xb, n, qkv, 3, s->scratch, 0, r0, r1);
+        for (int t = 0; t < n; t++) {
+            const float *rope = s->rope + (long long)t * head_size;
+            rope_rows(s->q + (long long)t * dim, rope, r0[0], r1[0], head_size);
+            rope_rows(kc + (long long)t * kv_dim, rope, r0[1], r1[1], head_size);
+        }
+#pragma omp barrier
+
+        /* causal multi-head attention: token t (at pos + t) over positions 0..pos+t */
+#pragma omp for collapse(2) schedule(static)
+        for (int t = 0; t < n; t++) {
+            for (int h = 0; h < n_heads; h++) {
+                const int last = pos + t;
+                const float *q = s->q + (long long)t * dim + h * head_size;
+                float *att = s->att + ((long long)t * n_heads + h) * n_ctx;
+                const float *kh = s->key_cache + loff + (h / kv_mul) * head_size;
+                const float *vh = s->value_cache + loff + (h / kv_mul) * head_size;
+                for (int i = 0; i <= last; i++)
+                    att[i] = dot(q, kh + (long long)i * kv_dim, head_size) * att_scale;
+                softmax_att(att, last + 1);
+                att_values(s->xb + (long long)t * dim + h * head_size, att, vh, last, kv_dim, head_size);
+            }
+        }
+
+        /* output projection, residual */
+        pl__mm wo = {&L->wo, s->xb2};
+        pl__team_matmuls(s->xb, n, &wo, 1, s->scratch, 0, r0, r1);
+        residual(x, s->xb2, n, dim, r0[0], r1[0]);
+#pragma omp barrier
+
+        /* SwiGLU FFN: w2(silu(w1 x) * w3 x), residual */
+#pragma omp for schedule(static)
+        for (int t = 0; t < n; t++)
+            rmsnorm(s->xb + (long long)t * dim, x + (long long)t * dim, L->rms_ffn, dim, p->rms_eps);
+        pl__mm up[2] = {{&L->w1, s->hb}, {&L->w3, s->hb2}};
+        pl__team_matmuls(s->xb, n, up, 2, s->scratch, 1, r0, r1);
+        for (int t = 0; t < n; t++) {
+            float *hb = s->hb + (long long)t * hidden_dim, *hb2 = s->hb2 + (long long)t * hidden_dim;
+            for (long long i = r0[0]; i < r1[0]; i++) {
+                float val = hb[i];
+                val *= 1.0f / (1.0f + expf(-val));
+                hb[i] = val * hb2[i];
+            }
+        }
+#pragma omp barrier
+        pl__mm down = {&L->w2, s->xb};
+        pl__team_matmuls(s->hb, n, &down, 1, s->scratch, 0, r0, r1);
+        residual(x, s->xb, n, dim, r0[0], r1[0]);
+#pragma omp barrier
+    }
+
+    /* final rmsnorm and classifier, for the last token only unless all are wanted */
+    const int first = all_logits ? 0 : n - 1;
+#pragma omp for schedule(static)
+    for (int t = first; t < n; t++)
+        rmsnorm(x + (long long)t * dim, x + (long long)t * dim, w->rms_final, dim, p->rms_eps);
+    pl__mm cls = {&w->wcls, s->logits};
+    pl__team_matmuls(x + (long long)first * dim, n - first, &cls, 1, s->scratch, 0, r0, r1);
+}
+
+void pl_forward(const pl_weights *w, pl_state *s, const int *tokens, int n, int pos, int all_logits)
+{
+    const pl_config *p = &w->cfg;
+    const int dim = p->dim, head_size = dim / p->n_heads;
+    float *x = s->x;
 
     for (int t = 0; t < n; t++) {
         pl_dequantize_row(&w->token_embedding, tokens[t], x + (long long)t * dim);
         rope_table(s->rope + (long long)t * head_size, pos + t, head_size, p->rope_theta);
     }
 
-    /* One team for the whole call. Each step ends with a barrier (explicit, or implied by
-     * `single`/`for`) before the next one reads what it wrote. */
-#pragma omp parallel num_threads(s->n_threads) if (s->n_threads > 1)
-    {
-        long long r0[PL_MAX_GROUP], r1[PL_MAX_GROUP];
-        for (int l = 0; l < p->n_layers; l++) {
-            const pl_layer *L = &w->layers[l];
-            long long loff = (long long)l * n_ctx * kv_dim; /* layer offset into the KV cache */
-            float *kc = s->key_cache + loff + (long long)pos * kv_dim;   /* (n, kv_dim) */
-            float *vc = s->value_cache + loff + (long long)pos * kv_dim; /* (n, kv_dim) */
-
-            /* attention rmsnorm; q, k, v (k and v straight into the cache) with RoPE */
-#pragma omp for schedule(static)
-            for (int t = 0; t < n; t++)
-                rmsnorm(s->xb + (long long)t * dim, x + (long long)t * dim, L->rms_att, dim, p->rms_eps);
-            pl__mm qkv[3] = {{&L->wq, s->q}, {&L->wk, kc}, {&L->wv, vc}};
-            pl__team_matmuls(s->xb, n, qkv, 3, s->scratch, 0, r0, r1);
-            for (int t = 0; t < n; t++) {
-                const float *rope = s->rope + (long long)t * head_size;
-                rope_rows(s->q + (long long)t * dim, rope, r0[0], r1[0], head_size);
-                rope_rows(kc + (long long)t * kv_dim, rope, r0[1], r1[1], head_size);
-            }
-#pragma omp barrier
-
-            /* causal multi-head attention: token t (at pos + t) over positions 0..pos+t */
-#pragma omp for collapse(2) schedule(static)
-            for (int t = 0; t < n; t++) {
-                for (int h = 0; h < n_heads; h++) {
-                    const int last = pos + t;
-                    const float *q = s->q + (long long)t * dim + h * head_size;
-                    float *att = s->att + ((long long)t * n_heads + h) * n_ctx;
-                    const float *kh = s->key_cache + loff + (h / kv_mul) * head_size;
-                    const float *vh = s->value_cache + loff + (h / kv_mul) * head_size;
-                    for (int i = 0; i <= last; i++)
-                        att[i] = dot(q, kh + (long long)i * kv_dim, head_size) * att_scale;
-                    softmax_att(att, last + 1);
-                    att_values(s->xb + (long long)t * dim + h * head_size, att, vh, last, kv_dim, head_size);
-                }
-            }
-
-            /* output projection, residual */
-            pl__mm wo = {&L->wo, s->xb2};
-            pl__team_matmuls(s->xb, n, &wo, 1, s->scratch, 0, r0, r1);
-            residual(x, s->xb2, n, dim, r0[0], r1[0]);
-#pragma omp barrier
-
-            /* SwiGLU FFN: w2(silu(w1 x) * w3 x), residual */
-#pragma omp for schedule(static)
-            for (int t = 0; t < n; t++)
-                rmsnorm(s->xb + (long long)t * dim, x + (long long)t * dim, L->rms_ffn, dim, p->rms_eps);
-            pl__mm up[2] = {{&L->w1, s->hb}, {&L->w3, s->hb2}};
-            pl__team_matmuls(s->xb, n, up, 2, s->scratch, 1, r0, r1);
-            for (int t = 0; t < n; t++) {
-                float *hb = s->hb + (long long)t * hidden_dim, *hb2 = s->hb2 + (long long)t * hidden_dim;
-                for (long long i = r0[0]; i < r1[0]; i++) {
-                    float val = hb[i];
-                    val *= 1.0f / (1.0f + expf(-val));
-                    hb[i] = val * hb2[i];
-                }
-            }
-#pragma omp barrier
-            pl__mm down = {&L->w2, s->xb};
-            pl__team_matmuls(s->hb, n, &down, 1, s->scratch, 0, r0, r1);
-            residual(x, s->xb, n, dim, r0[0], r1[0]);
-#pragma omp barrier
-        }
-
-        /* final rmsnorm and classifier, for the last token only unless all are wanted */
-        const int first = all_logits ? 0 : n - 1;
-#pragma omp for schedule(static)
-        for (int t = first; t < n; t++)
-            rmsnorm(x + (long long)t * dim, x + (long long)t * dim, w->rms_final, dim, p->rms_eps);
-        pl__mm cls = {&w->wcls, s->logits};
-        pl__team_matmuls(x + (long long)first * dim, n - first, &cls, 1, s->scratch, 0, r0, r1);
+    /* One team for the whole call. With one thread, no parallel region at all: the worksharing
+     * constructs then bind to the caller alone and their barriers are free (in a team of one,
+     * libgomp's barrier still makes a futex system call: without them stories260K runs 1.22x). */
+    if (s->n_threads > 1) {
+#pragma omp parallel num_threads(s->n_threads)
+        forward_team(w, s, n, pos, all_logits);
+    } else {
+        forward_team(w, s, n, pos, all_logits);
     }
 }

@@ -96,8 +96,13 @@ static void softmax_att(float *x, int n)
 {
 #if defined(__AVX2__) && defined(__FMA__)
     if (n >= 8) {
-        float max_val = x[0];
-        for (int i = 1; i < n; i++) max_val = x[i] > max_val ? x[i] : max_val;
+        __m256 m8 = _mm256_loadu_ps(x);
+        int i = 8;
+        for (; i + 8 <= n; i += 8) m8 = _mm256_max_ps(m8, _mm256_loadu_ps(x + i));
+        __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(m8), _mm256_extractf128_ps(m8, 1));
+        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        float max_val = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
+        for (; i < n; i++) max_val = x[i] > max_val ? x[i] : max_val;
         const __m256 mx = _mm256_set1_ps(max_val), lo = _mm256_set1_ps(-87.0f);
         const __m256 log2e = _mm256_set1_ps(1.44269504088896341f);
         const __m256 ln2hi = _mm256_set1_ps(0.693359375f), ln2lo = _mm256_set1_ps(-2.12194440e-4f);
@@ -106,8 +111,7 @@ static void softmax_att(float *x, int n)
         const __m256 c5 = _mm256_set1_ps(1.6666665459e-1f), c6 = _mm256_set1_ps(5.0000001201e-1f);
         const __m256 one = _mm256_set1_ps(1.0f);
         __m256 vsum = _mm256_setzero_ps();
-        int i = 0;
-        for (; i + 8 <= n; i += 8) {
+        for (i = 0; i + 8 <= n; i += 8) {
             __m256 v = _mm256_max_ps(_mm256_sub_ps(_mm256_loadu_ps(x + i), mx), lo);
             __m256 k = _mm256_round_ps(_mm256_mul_ps(v, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
             __m256 r = _mm256_fnmadd_ps(k, ln2hi, v);

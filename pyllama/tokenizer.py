@@ -74,11 +74,11 @@ class Tokenizer:
         self.source = source
         if n == 0:
             raise FormatError(f"{source}: empty vocabulary")
-        for i, p in enumerate(pieces):
-            if not isinstance(p, bytes):
-                raise FormatError(f"{source}: token {i}: piece must be bytes, "
-                                  f"found {type(p).__name__}")
         self._pieces = list(pieces)
+        if set(map(type, self._pieces)) != {bytes}:
+            i = next(i for i, p in enumerate(self._pieces) if type(p) is not bytes)
+            raise FormatError(f"{source}: token {i}: piece must be bytes, "
+                              f"found {type(self._pieces[i]).__name__}")
         self.scores = _vector(scores, n, np.float32, "scores", source)
         for name, v in (("bos_id", bos_id), ("eos_id", eos_id), ("unk_id", unk_id)):
             if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or not 0 <= v < n:
@@ -88,7 +88,9 @@ class Tokenizer:
         # llama2.c prints control pieces as text ("\n</s>\n"); GGUF runners print nothing
         self.prints_control = token_types is None
         if token_types is None:  # llama2.c's tokenizer.bin: infer what SentencePiece stored
-            types = [BYTE if _BYTE_PIECE.match(p) else NORMAL for p in self._pieces]
+            types = np.full(n, NORMAL, np.int32)
+            six = np.flatnonzero(np.fromiter(map(len, self._pieces), np.int64, n) == 6)  # <0xXX>
+            types[[i for i in six.tolist() if _BYTE_PIECE.match(self._pieces[i])]] = BYTE
             types[self.unk_id] = UNKNOWN
             types[self.bos_id] = types[self.eos_id] = CONTROL
             token_types = types
@@ -98,36 +100,36 @@ class Tokenizer:
             raise FormatError(f"{source}: token {bad[0]}: token type must be 0..6, "
                               f"found {self.token_types[bad[0]]}")
         self._types = self.token_types.tolist()
-        self._merge_scores = [-s for s in self.scores.tolist()]  # heap order: max score first
-        self._ids: dict = {}            # piece text -> id, for every piece BPE may produce
-        self._unused = set()
-        self._user_defined: dict = {}   # first char -> user-defined pieces, longest first
+        self._merge_scores = (-self.scores).tolist()  # heap order: max score first
         self._byte_value: dict = {}     # byte token id -> its byte
         self._byte_ids = [None] * 256   # byte -> its byte token id
-        for i, (p, t) in enumerate(zip(self._pieces, self._types)):
-            if t == BYTE:
-                m = _BYTE_PIECE.match(p)
-                if not m:
-                    raise FormatError(f"{source}: token {i} is a byte token but its piece is "
-                                      f"{p!r}, expected <0xXX>")
-                b = int(m.group(1), 16)
-                self._byte_value[i] = b
-                if self._byte_ids[b] is None:
-                    self._byte_ids[b] = i
-            elif t in _MERGEABLE and p:
-                try:
-                    text = p.decode("utf-8")
-                except UnicodeDecodeError:
-                    continue  # can never match valid text
-                if self._ids.setdefault(text, i) == i:
-                    if t == UNUSED:
-                        self._unused.add(i)
-                    elif t == USER_DEFINED:
-                        self._user_defined.setdefault(text[0], []).append(text)
+        for i in np.flatnonzero(self.token_types == BYTE).tolist():
+            m = _BYTE_PIECE.match(self._pieces[i])
+            if not m:
+                raise FormatError(f"{source}: token {i} is a byte token but its piece is "
+                                  f"{self._pieces[i]!r}, expected <0xXX>")
+            b = int(m.group(1), 16)
+            self._byte_value[i] = b
+            if self._byte_ids[b] is None:
+                self._byte_ids[b] = i
+        # piece text -> id for every piece BPE may produce (non-empty valid UTF-8 of a mergeable
+        # type; the first id wins for a repeated text)
+        cand = np.flatnonzero(np.isin(self.token_types, _MERGEABLE)).tolist()
+        texts = _decode_each([self._pieces[i] for i in cand])
+        self._ids: dict = dict(zip(reversed(texts), reversed(cand)))  # (no tuples: no GC runs)
+        self._ids.pop(None, None)  # invalid UTF-8: can never match text
+        self._ids.pop("", None)
+        winners = np.fromiter(self._ids.values(), np.int64, len(self._ids))
+        winner_types = self.token_types[winners]
+        self._unused = set(winners[winner_types == UNUSED].tolist())
+        self._user_defined: dict = {}   # first char -> user-defined pieces, longest first
+        for i in np.sort(winners[winner_types == USER_DEFINED]).tolist():
+            text = self._pieces[i].decode("utf-8")
+            self._user_defined.setdefault(text[0], []).append(text)
         for group in self._user_defined.values():
             group.sort(key=len, reverse=True)
         self._split_words = not _any_crosses_word(self._ids)
-        self.max_piece_chars = max((len(s) for s in self._ids), default=1)
+        self.max_piece_chars = max(map(len, self._ids), default=1)
         self._cache: dict = {}
 
     # ------------------------------------------------------------------ constructors
@@ -149,27 +151,11 @@ class Tokenizer:
             raise FormatError(f"{path}: truncated header: expected 4 bytes (u32 max_token_length), "
                               f"found {size}")
         (max_len,) = _HEADER.unpack_from(data, 0)
-        pieces, scores, off = [], [], _HEADER.size
-        unpack, rec = _RECORD.unpack_from, _RECORD.size
-        for i in range(vocab_size):
-            if off + rec > size:
-                what = (f"the file ends after {i} tokens" if off == size else
-                        f"token {i} is truncated at offset {off}: expected 8 bytes of score and "
-                        f"length, found {size - off}")
-                raise FormatError(f"{path}: {what}, but the model's vocab_size is {vocab_size}")
-            score, n = unpack(data, off)
-            off += rec
-            if n > max_len or n > size - off:
-                if n > size - off:
-                    raise FormatError(f"{path}: token {i}: length field {n} (at offset {off - 4}) "
-                                      f"exceeds the {size - off} bytes left in the file")
-                raise FormatError(f"{path}: token {i} (offset {off}) is {n} bytes long, expected "
-                                  f"at most the header's max_token_length {max_len}")
-            scores.append(score)
-            pieces.append(data[off:off + n])
-            off += n
-        scores = np.array(scores, np.float32)
-        return cls(pieces, scores, source=path)
+        pieces, scores = _records(data, vocab_size)
+        if pieces is None or max(map(len, pieces), default=0) > max_len:
+            _check_records(path, data, vocab_size, max_len)  # raises, naming the bad token
+        return cls(pieces, np.array(scores, np.float32), source=path)
+
 
     @classmethod
     def from_gguf_metadata(cls, meta: dict, source: str = "<gguf>") -> "Tokenizer":
@@ -191,14 +177,19 @@ class Tokenizer:
             if not isinstance(v["tokenizer.ggml." + key], (bool, np.bool_)):
                 raise FormatError(f"{source}: tokenizer.ggml.{key}: expected a bool, found "
                                   f"{type(v['tokenizer.ggml.' + key]).__name__}")
-        pieces = []
-        for i, t in enumerate(v["tokenizer.ggml.tokens"]):
-            if isinstance(t, str):
-                t = t.encode("utf-8", "surrogatepass")
-            elif not isinstance(t, (bytes, bytearray)):
-                raise FormatError(f"{source}: tokenizer.ggml.tokens[{i}]: expected a string, "
-                                  f"found {type(t).__name__}")
-            pieces.append(bytes(t).replace(_SPM_SPACE.encode(), b" "))
+        tokens = list(v["tokenizer.ggml.tokens"])
+        joined = "\0".join(tokens) if tokens and set(map(type, tokens)) == {str} else None
+        if joined is not None and joined.count("\0") == len(tokens) - 1:  # no piece holds a NUL
+            pieces = joined.replace(_SPM_SPACE, " ").encode("utf-8", "surrogatepass").split(b"\0")
+        else:
+            pieces = []
+            for i, t in enumerate(tokens):
+                if isinstance(t, str):
+                    t = t.encode("utf-8", "surrogatepass")
+                elif not isinstance(t, (bytes, bytearray)):
+                    raise FormatError(f"{source}: tokenizer.ggml.tokens[{i}]: expected a string, "
+                                      f"found {type(t).__name__}")
+                pieces.append(bytes(t).replace(_SPM_SPACE.encode(), b" "))
         types = v["tokenizer.ggml.token_type"]
         ids = []
         for key in ("bos_token_id", "eos_token_id", "unknown_token_id"):
@@ -404,12 +395,70 @@ class Tokenizer:
 
 
 # ---------------------------------------------------------------------- helpers
+def _records(data, vocab_size):
+    """tokenizer.bin's (f32 score, u32 length, piece) records: the tight loop, without checks;
+    (None, None) if the file ends early."""
+    pieces, scores, off = [None] * vocab_size, [None] * vocab_size, _HEADER.size
+    unpack, rec = _RECORD.unpack_from, _RECORD.size
+    try:
+        for i in range(vocab_size):
+            scores[i], n = unpack(data, off)
+            off += rec + n
+            pieces[i] = data[off - n:off]
+    except struct.error:
+        return None, None
+    return (pieces, scores) if off <= len(data) else (None, None)
+
+
+def _check_records(path, data, vocab_size, max_len):
+    """The checked reading of tokenizer.bin's records: raises FormatError at the first bad one."""
+    size, off = len(data), _HEADER.size
+    unpack, rec = _RECORD.unpack_from, _RECORD.size
+    for i in range(vocab_size):
+        if off + rec > size:
+            what = (f"the file ends after {i} tokens" if off == size else
+                    f"token {i} is truncated at offset {off}: expected 8 bytes of score and "
+                    f"length, found {size - off}")
+            raise FormatError(f"{path}: {what}, but the model's vocab_size is {vocab_size}")
+        _, n = unpack(data, off)
+        off += rec
+        if n > size - off:
+            raise FormatError(f"{path}: token {i}: length field {n} (at offset {off - 4}) "
+                              f"exceeds the {size - off} bytes left in the file")
+        if n > max_len:
+            raise FormatError(f"{path}: token {i} (offset {off}) is {n} bytes long, expected "
+                              f"at most the header's max_token_length {max_len}")
+        off += n
+    raise AssertionError("unreachable: the fast reading found a bad record")
+
+
 def _any_crosses_word(pieces) -> bool:
     """True if some piece has a non-space character followed by a space (one regex scan over
     all pieces joined by NUL, which the pattern excludes; pieces holding a NUL are checked alone)."""
-    if _CROSSES_WORD_JOINED.search("\0".join(pieces)):
+    joined = "\0".join(pieces)
+    if _CROSSES_WORD_JOINED.search(joined):
         return True
+    if joined.count("\0") == max(len(pieces) - 1, 0):
+        return False
     return any(_CROSSES_WORD.search(p) for p in pieces if "\0" in p)
+
+
+def _decode_each(pieces) -> list:
+    """Each piece decoded as UTF-8, or None where it is not valid UTF-8: one decode of all the
+    pieces joined by NUL when that is exact (no piece holds a NUL, all are valid), else one each."""
+    joined = b"\0".join(pieces)
+    if pieces and joined.count(b"\0") == len(pieces) - 1:
+        try:
+            return joined.decode("utf-8").split("\0")
+        except UnicodeDecodeError:
+            pass
+    out = []
+    for p in pieces:
+        try:
+            out.append(p.decode("utf-8"))
+        except UnicodeDecodeError:
+            out.append(None)
+    return out
 
 
 def _as_text(text) -> str:

@@ -95,6 +95,14 @@ FLOAT_ROWS(rows_bf16, uint16_t, LOAD_BF16, bf16_to_f32)
  * vector loaded serves 4 tokens and each activation vector 3 rows. */
 
 #ifdef PL_AVX2
+/* Keeps a loaded vector in a register: without it GCC (with AVX-512 enabled) folds a load into
+ * each FMA that uses it (14 loads for 12 FMAs instead of 7), and the tile waits on loads: with
+ * it, the F32 tile runs 2.1x faster on one core (23 -> 49 GMAC/s, 2048x768 weights, 64 tokens). */
+#if defined(__GNUC__)
+#define IN_REG(v) __asm__("" : "+x"(v))
+#else
+#define IN_REG(v) (void)0
+#endif
 #define FMA3(xv) \
     a##xv = _mm256_fmadd_ps(u, x##xv##v, a##xv); b##xv = _mm256_fmadd_ps(v, x##xv##v, b##xv); \
     c##xv = _mm256_fmadd_ps(w, x##xv##v, c##xv);
@@ -116,10 +124,11 @@ static void NAME(const void *data, const float *x, float *out, long long r0, lon
             long long j = 0;                                                                     \
             for (; j + 8 <= n; j += 8) {                                                         \
                 __m256 u = LOAD(w0, j), v = LOAD(w1, j), w = LOAD(w2, j);                        \
-                __m256 x0v = _mm256_loadu_ps(x0 + j); FMA3(0)                                    \
-                __m256 x1v = _mm256_loadu_ps(x1 + j); FMA3(1)                                    \
-                __m256 x2v = _mm256_loadu_ps(x2 + j); FMA3(2)                                    \
-                __m256 x3v = _mm256_loadu_ps(x3 + j); FMA3(3)                                    \
+                IN_REG(u); IN_REG(v); IN_REG(w);                                                 \
+                __m256 x0v = _mm256_loadu_ps(x0 + j); IN_REG(x0v); FMA3(0)                                    \
+                __m256 x1v = _mm256_loadu_ps(x1 + j); IN_REG(x1v); FMA3(1)                                    \
+                __m256 x2v = _mm256_loadu_ps(x2 + j); IN_REG(x2v); FMA3(2)                                    \
+                __m256 x3v = _mm256_loadu_ps(x3 + j); IN_REG(x3v); FMA3(3)                                    \
             }                                                                                    \
             float s[3][4] = {{hsum256(a0), hsum256(a1), hsum256(a2), hsum256(a3)},               \
                              {hsum256(b0), hsum256(b1), hsum256(b2), hsum256(b3)},               \

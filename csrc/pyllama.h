@@ -103,11 +103,16 @@ const char *pl_build_info(void);
 /* Bytes of state->scratch that pl_forward needs for these weights and batch size. */
 long long pl_scratch_bytes(const pl_weights *w, int max_batch);
 
+/* Which logits pl_forward computes into s->logits. */
+#define PL_LOGITS_LAST 0 /* the last token's (row 0) */
+#define PL_LOGITS_ALL 1  /* every token's (row t) */
+#define PL_LOGITS_NONE 2 /* none: a batch of a prompt that more batches follow */
+
 /* Runs tokens[0..n) at positions pos..pos+n-1 (1 <= n <= s->max_batch, pos + n <= s->n_ctx,
- * 0 <= token < vocab), appending them to the KV cache. s->logits gets the last token's logits
- * (row 0), or with all_logits every token's (row t). The prompt goes through as one batch:
- * each weight row is read once for all n tokens. */
-void pl_forward(const pl_weights *w, pl_state *s, const int *tokens, int n, int pos, int all_logits);
+ * 0 <= token < vocab), appending them to the KV cache, and computes the logits `logits` says
+ * (PL_LOGITS_*). The prompt goes through as one batch: each weight row is read once for all n
+ * tokens. */
+void pl_forward(const pl_weights *w, pl_state *s, const int *tokens, int n, int pos, int logits);
 
 /* xout(n, rows) = x(n, cols) @ W^T for n >= 1 tokens, through the kernels
  * pl_forward uses (prefill tiles for n > 1); scratch of pl_matmul_scratch_bytes(w, n) bytes;

@@ -224,7 +224,7 @@ long long pl_scratch_bytes(const pl_weights *w, int max_batch)
 /* The layers and the classifier for the batch already embedded in s->x: run by every thread of
  * the team, or by the caller alone. Each step ends with a barrier (explicit, or implied by
  * `single`/`for`) before the next one reads what it wrote. */
-static void forward_team(const pl_weights *w, pl_state *s, int n, int pos, int all_logits)
+static void forward_team(const pl_weights *w, pl_state *s, int n, int pos, int logits)
 {
     const pl_config *p = &w->cfg;
     const int dim = p->dim, hidden_dim = p->hidden_dim, n_heads = p->n_heads;
@@ -297,8 +297,10 @@ static void forward_team(const pl_weights *w, pl_state *s, int n, int pos, int a
 #pragma omp barrier
     }
 
-    /* final rmsnorm and classifier, for the last token only unless all are wanted */
-    const int first = all_logits ? 0 : n - 1;
+    /* final rmsnorm and classifier, for the last token only unless all or none are wanted */
+    if (logits == PL_LOGITS_NONE)
+        return;
+    const int first = logits == PL_LOGITS_ALL ? 0 : n - 1;
 #pragma omp for schedule(static)
     for (int t = first; t < n; t++)
         rmsnorm(x + (long long)t * dim, x + (long long)t * dim, w->rms_final, dim, p->rms_eps);
@@ -306,7 +308,7 @@ static void forward_team(const pl_weights *w, pl_state *s, int n, int pos, int a
     pl__team_matmuls(x + (long long)first * dim, n - first, &cls, 1, s->scratch, 0, r0, r1);
 }
 
-void pl_forward(const pl_weights *w, pl_state *s, const int *tokens, int n, int pos, int all_logits)
+void pl_forward(const pl_weights *w, pl_state *s, const int *tokens, int n, int pos, int logits)
 {
     const pl_config *p = &w->cfg;
     const int dim = p->dim, head_size = dim / p->n_heads;
@@ -322,8 +324,8 @@ void pl_forward(const pl_weights *w, pl_state *s, const int *tokens, int n, int 
      * libgomp's barrier still makes a futex system call: without them stories260K runs 1.22x). */
     if (s->n_threads > 1) {
 #pragma omp parallel num_threads(s->n_threads)
-        forward_team(w, s, n, pos, all_logits);
+        forward_team(w, s, n, pos, logits);
     } else {
-        forward_team(w, s, n, pos, all_logits);
+        forward_team(w, s, n, pos, logits);
     }
 }

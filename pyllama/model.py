@@ -14,7 +14,7 @@ from .errors import ParameterError, PyllamaError
 from .formats.common import F32, MAX_SEQ, Q8_G
 
 MAX_THREADS = 1024
-MAX_BATCH = 64            # prompt tokens per forward call (each weight row is read once per batch)
+MAX_BATCH = 128            # prompt tokens per forward call (each weight row is read once per batch)
 ATT_BYTES = 64 << 20      # cap on a batch's attention scores
 
 # GNU OpenMP's thread pool does not survive fork(): a child that opens a parallel region after its
@@ -225,7 +225,7 @@ class Transformer:
         if not 0 <= pos < self.n_ctx:
             raise ParameterError(f"position {pos} is outside the context (0..{self.n_ctx - 1})")
         self._tokens[0] = token
-        lib.pl_forward(self._weights, self._state, self._tokens, 1, pos, 0)
+        lib.pl_forward(self._weights, self._state, self._tokens, 1, pos, lib.PL_LOGITS_LAST)
         return self.logits_buffer[0]
 
     def prefill(self, ids, pos=0, all_logits=False):
@@ -243,8 +243,10 @@ class Transformer:
         for start in range(0, n, self.max_batch):
             chunk = ids[start:start + self.max_batch]
             self._tokens[0:len(chunk)] = chunk
+            last = start + len(chunk) == n
             lib.pl_forward(self._weights, self._state, self._tokens, len(chunk), pos + start,
-                           1 if all_logits else 0)
+                           lib.PL_LOGITS_ALL if all_logits else
+                           lib.PL_LOGITS_LAST if last else lib.PL_LOGITS_NONE)
             if all_logits:
                 out[start:start + len(chunk)] = self.logits_buffer[:len(chunk)]
         return out

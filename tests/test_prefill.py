@@ -12,7 +12,7 @@ import pyllama
                                    "quant-base-q8_0.gguf", "quant-base-f16.gguf"])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_batched_equals_stepwise(model, threads):
-    m = pyllama.Llama(shared_path("models/" + model), threads=threads, n_ctx=256)
+    m = pyllama.Llama(shared_path("models/" + model), threads=threads, n_ctx=512)
     rng = np.random.default_rng(len(model))
     ids = [1] + rng.integers(3, m.vocab_size, size=m._model.max_batch * 2 + 5).tolist()  # 3 batches
     batched = m.logits(ids)

@@ -27,6 +27,46 @@ def test_build_info_and_openmp():
     assert pyllama._core.lib.pl_max_threads() >= 1
 
 
+def _build_copy(tmp_path, **env):
+    """A copy of the source tree with its core built in place under `env`: (tree, build process)."""
+    tree = tmp_path / "tree"
+    shutil.copytree(ROOT, tree, ignore=shutil.ignore_patterns(
+        "*.so", "build", ".venv", ".git", "__pycache__", "*.egg-info", ".pytest_cache", ".hypothesis"))
+    proc = subprocess.run([sys.executable, "-c", "import build_ffi; build_ffi.ffibuilder.compile(tmpdir='.')"],
+                          cwd=tree, env=dict(os.environ, **env), capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return tree, proc
+
+
+def _cpu_flags():
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return []
+
+
+def test_avx2_build_without_avx512(tmp_path):
+    """The x86-64-v3 target the project is specified for (AVX2, FMA, F16C, no AVX-512/VNNI), built
+    on whatever CPU runs the tests: its kernel, prefill and parity tests pass (this machine's
+    -march=native build takes the VNNI and 32-register paths instead)."""
+    if not {"avx2", "fma", "f16c"} <= set(_cpu_flags()):
+        pytest.skip("this CPU cannot run AVX2 code")
+    tree, _ = _build_copy(tmp_path, PYLLAMA_NATIVE="0", PYLLAMA_CFLAGS="-mavx2 -mfma -mf16c")
+    env = dict(os.environ, PYTHONPATH=str(tree), PYLLAMA_SHARED=str(shared_path()))
+    info = subprocess.run([sys.executable, "-c", "import pyllama; print(pyllama._core.__file__); "
+                           "print(pyllama.build_info())"], cwd=tree, env=env, capture_output=True,
+                          text=True, timeout=60)
+    where, flags = (info.stdout.splitlines() + ["", ""])[:2]
+    assert where.startswith(str(tree)) and "avx2" in flags and "avx512" not in flags, \
+        info.stdout + info.stderr
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
+                          "tests/test_quants.py", "tests/test_prefill.py", "tests/test_parity.py"],
+                         cwd=tree, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+
+
 def test_portable_build_without_openmp(tmp_path):
     """PYLLAMA_NATIVE=0 with a compiler that rejects -fopenmp: the build warns, succeeds, runs
     single-threaded with the scalar (non-AVX2) kernels, and still matches llama2.c's logits."""
@@ -38,13 +78,7 @@ def test_portable_build_without_openmp(tmp_path):
         exec {shutil.which('gcc') or 'cc'} "$@"
         """))
     fake_cc.chmod(0o755)
-    tree = tmp_path / "tree"
-    shutil.copytree(ROOT, tree, ignore=shutil.ignore_patterns(
-        "*.so", "build", ".venv", ".git", "__pycache__", "*.egg-info", ".pytest_cache", ".hypothesis"))
-    env = dict(os.environ, CC=str(fake_cc), PYLLAMA_NATIVE="0", LDSHARED=f"{fake_cc} -shared")
-    proc = subprocess.run([sys.executable, "-c", "import build_ffi; build_ffi.ffibuilder.compile(tmpdir='.')"],
-                          cwd=tree, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    tree, proc = _build_copy(tmp_path, CC=str(fake_cc), PYLLAMA_NATIVE="0", LDSHARED=f"{fake_cc} -shared")
     assert "WARNING: the C compiler has no OpenMP" in proc.stderr
     check = textwrap.dedent(f"""\
         import numpy as np, pyllama

@@ -15,12 +15,13 @@ import random
 import struct
 import time
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
+from conftest import SHARED, shared_path
 
 from pyllama.errors import FormatError, TokenizerError
 from pyllama.tokenizer import Tokenizer
@@ -30,26 +31,16 @@ HYPOTHESIS = settings(max_examples=300, deadline=None, database=None,
 
 
 # ---------------------------------------------------------------------- shared data
-def shared_dir() -> Optional[Path]:
-    """The shared/ folder: $PYLLAMA_SHARED, else the one beside this repository."""
-    env = os.environ.get("PYLLAMA_SHARED")
-    path = Path(env) if env else Path(__file__).resolve().parents[1].parent / "shared"
-    return path if path.is_dir() else None
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    return shared_path()  # skips, or fails under CI=true, when ../shared is missing
 
 
 def _missing(what: str):
     """Fail under CI (CI=true), skip elsewhere."""
-    if os.environ.get("CI") == "true":
+    if os.environ.get("CI", "").lower() == "true":
         pytest.fail(f"{what} (required when CI=true)")
     pytest.skip(what)
-
-
-@pytest.fixture(scope="session")
-def shared_data() -> Path:
-    path = shared_dir()
-    if path is None:
-        _missing("shared test data not found: set PYLLAMA_SHARED or put shared/ beside the repo")
-    return path
 
 
 def _import(name: str):
@@ -111,15 +102,14 @@ def gguf_tok(shared_data) -> Tokenizer:
 
 
 def _manifest_cases(kind: str) -> list:
-    path = shared_dir()
-    if path is None:
+    if not (SHARED / "golden/manifest.json").is_file():
         return [None]  # one case that skips (or fails under CI) through the shared_data fixture
-    return json.loads((path / "golden/manifest.json").read_text(encoding="utf-8"))[kind]
+    return json.loads((SHARED / "golden/manifest.json").read_text(encoding="utf-8"))[kind]
 
 
 def _llamacpp_vectors() -> list:
-    path = shared_dir()
-    if path is None:
+    path = SHARED
+    if not (path / "golden/llama2-vocab.gguf.inp").is_file():
         return [None]
     inp = (path / "golden/llama2-vocab.gguf.inp").read_text(encoding="utf-8")
     out = (path / "golden/llama2-vocab.gguf.out").read_text(encoding="utf-8").split("\n")

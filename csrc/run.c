@@ -235,6 +235,11 @@ static void forward_team(const pl_weights *w, pl_state *s, int n, int pos, int l
     const float att_scale = 1.0f / sqrtf((float)head_size);
     float *x = s->x;
     long long r0[PL_MAX_GROUP], r1[PL_MAX_GROUP];
+    int nth = 1;
+#ifdef _OPENMP
+    nth = omp_get_num_threads();
+#endif
+    const int att_chunk = n > 1 ? n_heads : (n_heads + nth - 1) / nth;
     for (int l = 0; l < p->n_layers; l++) {
         const pl_layer *L = &w->layers[l];
         long long loff = (long long)l * n_ctx * kv_dim; /* layer offset into the KV cache */
@@ -254,8 +259,10 @@ static void forward_team(const pl_weights *w, pl_state *s, int n, int pos, int l
         }
 #pragma omp barrier
 
-        /* causal multi-head attention: token t (at pos + t) over positions 0..pos+t */
-#pragma omp for collapse(2) schedule(static)
+        /* causal multi-head attention: token t (at pos + t) over positions 0..pos+t. A batch is
+         * dealt out a token at a time, round robin (token t's work grows with t: contiguous
+         * halves would give the last thread most of it); one token's heads are split evenly. */
+#pragma omp for collapse(2) schedule(static, att_chunk)
         for (int t = 0; t < n; t++) {
             for (int h = 0; h < n_heads; h++) {
                 const int last = pos + t;

@@ -1060,36 +1060,48 @@ static float dot_q6_K(const void *row, const act_view *a, int nb)
  * PL_Q8_G (llama2.c V2): row r = int8 data[r·cols …], its scales from scales[r·cols/gs]. The dot
  * is runq.c's matmul: an int32 sum per group, then val += (float)ival · ws · xs in group order. */
 
-static float dot_q8_g(const int8_t *w, const float *ws, const act_view *a, int cols, int gs)
+/* Rows · NT token activations, out[t·ldo] for token t (NT = 1 when decoding, 4 in the prefill
+ * tile): each weight group is loaded once for the NT tokens, and each token's sums run in the
+ * single-token order, so the results are bit-identical. */
+static inline __attribute__((always_inline)) void
+q8g_dots(const int8_t *w, const float *ws, const act_view *a, int NT, int cols, int gs, float *out,
+         long long ldo)
 {
-    float val = 0.0f;
+    float val[4] = {0.0f, 0.0f, 0.0f, 0.0f};
     int g = 0, j = 0;
 #ifdef PL_AVX2
     if (gs % 16 == 0) {
         for (; j < cols; j += gs, g++) {
-            __m256i acc = _mm256_setzero_si256();
+            __m256i acc[4];
+            __m128i s[4];
+            for (int t = 0; t < NT; t++) acc[t] = _mm256_setzero_si256();
             int k = 0;
-            for (; k + 32 <= gs; k += 32)
-                acc = _mm256_add_epi32(acc, dot_i8(_mm256_loadu_si256((const __m256i *)(w + j + k)),
-                                                   _mm256_loadu_si256((const __m256i *)(a->q + j + k))));
-            __m128i s = _mm_add_epi32(_mm256_castsi256_si128(acc), _mm256_extracti128_si256(acc, 1));
+            for (; k + 32 <= gs; k += 32) {
+                __m256i wv = _mm256_loadu_si256((const __m256i *)(w + j + k));
+                for (int t = 0; t < NT; t++)
+                    acc[t] = _mm256_add_epi32(acc[t], dot_i8(wv, _mm256_loadu_si256((const __m256i *)(a[t].q + j + k))));
+            }
+            for (int t = 0; t < NT; t++)
+                s[t] = _mm_add_epi32(_mm256_castsi256_si128(acc[t]), _mm256_extracti128_si256(acc[t], 1));
             if (k < gs) { /* a last 16 */
                 __m128i wv = _mm_loadu_si128((const __m128i *)(w + j + k));
-                __m128i xv = _mm_loadu_si128((const __m128i *)(a->q + j + k));
-                __m128i p = _mm_maddubs_epi16(_mm_sign_epi8(wv, wv), _mm_sign_epi8(xv, wv));
-                s = _mm_add_epi32(s, _mm_madd_epi16(p, _mm_set1_epi16(1)));
+                for (int t = 0; t < NT; t++) {
+                    __m128i xv = _mm_loadu_si128((const __m128i *)(a[t].q + j + k));
+                    __m128i p = _mm_maddubs_epi16(_mm_sign_epi8(wv, wv), _mm_sign_epi8(xv, wv));
+                    s[t] = _mm_add_epi32(s[t], _mm_madd_epi16(p, _mm_set1_epi16(1)));
+                }
             }
-            int ival = hsum_epi32_128(s);
-            val += (float)ival * ws[g] * a->d[g];
+            for (int t = 0; t < NT; t++) val[t] += (float)hsum_epi32_128(s[t]) * ws[g] * a[t].d[g];
         }
     }
 #endif
-    for (; j < cols; j += gs, g++) {
-        int32_t ival = 0;
-        for (int k = 0; k < gs; k++) ival += (int32_t)a->q[j + k] * (int32_t)w[j + k];
-        val += (float)ival * ws[g] * a->d[g];
-    }
-    return val;
+    for (; j < cols; j += gs, g++)
+        for (int t = 0; t < NT; t++) {
+            int32_t ival = 0;
+            for (int k = 0; k < gs; k++) ival += (int32_t)a[t].q[j + k] * (int32_t)w[j + k];
+            val[t] += (float)ival * ws[g] * a[t].d[g];
+        }
+    for (int t = 0; t < NT; t++) out[t * ldo] = val[t];
 }
 
 /* ------------------------------------------------------------------------------------------------
@@ -1208,6 +1220,13 @@ static void tile_q6_K(const pl_tensor *w, const act_view *a, float *out, long lo
     const int nb = (int)(w->cols / QK_K);
     for (long long r = r0; r < r1; r++) q6_dots((const blk_q6_K *)w->data + r * nb, a, nb, 4, out + r, ldo);
 }
+static void tile_q8_g(const pl_tensor *w, const act_view *a, float *out, long long ldo, long long r0, long long r1)
+{
+    const int8_t *q = (const int8_t *)w->data;
+    long long gpr = w->cols / w->group_size; /* groups per row */
+    for (long long r = r0; r < r1; r++)
+        q8g_dots(q + r * w->cols, w->scales + r * gpr, a, 4, (int)w->cols, w->group_size, out + r, ldo);
+}
 
 typedef void (*tile_fn)(const pl_tensor *w, const act_view *a, float *out, long long ldo, long long r0,
                         long long r1);
@@ -1223,7 +1242,8 @@ static tile_fn tile_of(int type)
     case PL_Q4_K: return tile_q4_K;
     case PL_Q5_K: return tile_q5_K;
     case PL_Q6_K: return tile_q6_K;
-    default: return 0; /* Q2_K, Q3_K, Q8_G: token by token */
+    case PL_Q8_G: return tile_q8_g;
+    default: return 0; /* Q2_K, Q3_K: token by token */
     }
 }
 #endif
@@ -1253,7 +1273,7 @@ void pli_matvec_rows(const pl_tensor *w, const void *xq, float *out, long long r
         const int8_t *q = (const int8_t *)w->data;
         long long gpr = w->cols / w->group_size; /* groups per row */
         for (long long r = r0; r < r1; r++)
-            out[r] = dot_q8_g(q + r * w->cols, w->scales + r * gpr, &a, (int)w->cols, w->group_size);
+            q8g_dots(q + r * w->cols, w->scales + r * gpr, &a, 1, (int)w->cols, w->group_size, out + r, 0);
         return;
     }
     dot_fn dot = dot_of(w->type);

@@ -255,6 +255,19 @@ def test_q8_g_matches_runq(gs, cols, rows, n_threads):
     np.testing.assert_array_equal(deq, wq.astype(np.float32) * np.repeat(ws, gs).reshape(rows, cols))
 
 
+@pytest.mark.parametrize("n_threads", THREADS)
+@pytest.mark.parametrize("gs,cols", [(32, 96), (48, 768), (64, 768), (8, 288)])
+def test_q8_g_batched_is_bit_identical_to_single(gs, cols, n_threads):
+    rng = _rng("Q8_G batch", gs, cols)
+    rows = 33
+    wq, ws = _runq_quantize(rng.standard_normal(rows * cols).astype(np.float32), gs)
+    t = Tensor(lib.PL_Q8_G, wq.reshape(rows, cols), rows, cols, scales=ws, group_size=gs)
+    for n in (4, 6):
+        x = np.stack([_activations(rng, cols, gs) for _ in range(n)])
+        single = np.stack([t.matmul(x[i], n_threads) for i in range(n)])
+        np.testing.assert_array_equal(t.matmul(x, n_threads), single)
+
+
 def test_zero_input():
     """x = 0 quantizes to all-zero blocks (scale 0, no division by zero): output exactly 0."""
     for name, (ptype, gt, block, _, _) in TYPES.items():

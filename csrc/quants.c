@@ -694,34 +694,56 @@ static void deq_q2_K(const void *row, int nb, float *y)
     }
 }
 
-static float dot_q2_K(const void *row, const act_view *a, int nb)
+#ifdef PL_AVX2
+/* Q2_K rows · NT token activations (see k45_dots): 2-bit q · q8 scaled per 16 values, minus
+ * dmin·Σ min·bsums. */
+static inline __attribute__((always_inline)) void
+q2_dots(const void *row, const act_view *a, int nb, int NT, float *out, long long ldo)
 {
     const blk_q2_K *b = (const blk_q2_K *)row;
-#ifdef PL_AVX2
-    __m256 acc = _mm256_setzero_ps(), accm = _mm256_setzero_ps();
+    __m256 acc[4], accm[4];
+    for (int t = 0; t < NT; t++) acc[t] = accm[t] = _mm256_setzero_ps();
     const __m256i m3 = _mm256_set1_epi8(3);
     for (int i = 0; i < nb; i++) {
-        const int8_t *q8 = a->q + QK_K * i;
         __m128i sc = _mm_loadu_si128((const __m128i *)b[i].scales);
         __m128i lo = _mm_and_si128(sc, _mm_set1_epi8(15));
-        __m128i hi = _mm_and_si128(_mm_srli_epi16(sc, 4), _mm_set1_epi8(15));
-        __m256i bs = _mm256_loadu_si256((const __m256i *)(a->bsums + 16 * i));
-        __m256i m = _mm256_madd_epi16(_mm256_cvtepu8_epi16(hi), bs); /* Σ min·bsum, 8 lanes */
-        __m256i sumi = _mm256_setzero_si256();
+        __m256i hi16 = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(sc, 4), _mm_set1_epi8(15)));
+        __m256i m[4], sumi[4];
+        for (int t = 0; t < NT; t++) { /* Σ min·bsum, 8 lanes */
+            m[t] = _mm256_madd_epi16(hi16, _mm256_loadu_si256((const __m256i *)(a[t].bsums + 16 * i)));
+            sumi[t] = _mm256_setzero_si256();
+        }
         for (int h = 0; h < 2; h++) {
             __m256i qs = _mm256_loadu_si256((const __m256i *)(b[i].qs + 32 * h));
             for (int j = 0; j < 4; j++) {
                 __m256i q = _mm256_and_si256(_mm256_srli_epi16(qs, 2 * j), m3);
-                __m256i p = _mm256_maddubs_epi16(q, _mm256_loadu_si256((const __m256i *)(q8 + 128 * h + 32 * j)));
-                sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(scale_pair(lo, 4 * h + j), p));
+                __m256i s16 = scale_pair(lo, 4 * h + j);
+                for (int t = 0; t < NT; t++) {
+                    const int8_t *q8 = a[t].q + QK_K * i + 128 * h + 32 * j;
+                    __m256i p = _mm256_maddubs_epi16(q, _mm256_loadu_si256((const __m256i *)q8));
+                    sumi[t] = _mm256_add_epi32(sumi[t], _mm256_madd_epi16(s16, p));
+                }
             }
         }
-        float d8 = a->d[i];
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(d8 * pli_fp16(b[i].d)), _mm256_cvtepi32_ps(sumi), acc);
-        accm = _mm256_fmadd_ps(_mm256_set1_ps(d8 * pli_fp16(b[i].dmin)), _mm256_cvtepi32_ps(m), accm);
+        float d = pli_fp16(b[i].d), dmin = pli_fp16(b[i].dmin);
+        for (int t = 0; t < NT; t++) {
+            float d8 = a[t].d[i];
+            acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(d8 * d), _mm256_cvtepi32_ps(sumi[t]), acc[t]);
+            accm[t] = _mm256_fmadd_ps(_mm256_set1_ps(d8 * dmin), _mm256_cvtepi32_ps(m[t]), accm[t]);
+        }
     }
-    return hsum_ps(_mm256_sub_ps(acc, accm));
+    for (int t = 0; t < NT; t++) out[t * ldo] = hsum_ps(_mm256_sub_ps(acc[t], accm[t]));
+}
+#endif
+
+static float dot_q2_K(const void *row, const act_view *a, int nb)
+{
+#ifdef PL_AVX2
+    float r;
+    q2_dots(row, a, nb, 1, &r, 0);
+    return r;
 #else
+    const blk_q2_K *b = (const blk_q2_K *)row;
     float sum = 0.0f;
     for (int i = 0; i < nb; i++) {
         const int8_t *q8 = a->q + QK_K * i;
@@ -761,34 +783,55 @@ static void deq_q3_K(const void *row, int nb, float *y)
     }
 }
 
-static float dot_q3_K(const void *row, const act_view *a, int nb)
+#ifdef PL_AVX2
+/* Q3_K rows · NT token activations (see k45_dots): unsigned q + 4 in [0, 7] · q8 scaled per 16
+ * values, minus 4·Σ scale·bsums. */
+static inline __attribute__((always_inline)) void
+q3_dots(const void *row, const act_view *a, int nb, int NT, float *out, long long ldo)
 {
     const blk_q3_K *b = (const blk_q3_K *)row;
-#ifdef PL_AVX2 /* unsigned q + 4 in [0, 7] · q8, minus 4·Σ scale·bsum */
-    __m256 acc = _mm256_setzero_ps();
+    __m256 acc[4];
+    for (int t = 0; t < NT; t++) acc[t] = _mm256_setzero_ps();
     const __m256i m3 = _mm256_set1_epi8(3), m4 = _mm256_set1_epi8(4);
     for (int i = 0; i < nb; i++) {
-        const int8_t *q8 = a->q + QK_K * i;
         __m128i sc = k3_scales_avx2(b[i].scales);
-        __m256i bs = _mm256_loadu_si256((const __m256i *)(a->bsums + 16 * i));
-        __m256i corr = _mm256_slli_epi32(_mm256_madd_epi16(_mm256_cvtepi8_epi16(sc), bs), 2);
+        __m256i sc16 = _mm256_cvtepi8_epi16(sc);
         __m256i hm = _mm256_loadu_si256((const __m256i *)b[i].hmask);
-        __m256i sumi = _mm256_setzero_si256();
+        __m256i sumi[4];
+        for (int t = 0; t < NT; t++) sumi[t] = _mm256_setzero_si256();
         for (int h = 0; h < 2; h++) {
             __m256i qs = _mm256_loadu_si256((const __m256i *)(b[i].qs + 32 * h));
             for (int j = 0; j < 4; j++) { /* hm's bit (4h + j) sits at bit 0 of every byte */
                 __m256i q = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(qs, 2 * j), m3),
                                             _mm256_and_si256(_mm256_slli_epi16(hm, 2), m4));
                 hm = _mm256_srli_epi16(hm, 1);
-                __m256i p = _mm256_maddubs_epi16(q, _mm256_loadu_si256((const __m256i *)(q8 + 128 * h + 32 * j)));
-                sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(scale_pair(sc, 4 * h + j), p));
+                __m256i s16 = scale_pair(sc, 4 * h + j);
+                for (int t = 0; t < NT; t++) {
+                    const int8_t *q8 = a[t].q + QK_K * i + 128 * h + 32 * j;
+                    __m256i p = _mm256_maddubs_epi16(q, _mm256_loadu_si256((const __m256i *)q8));
+                    sumi[t] = _mm256_add_epi32(sumi[t], _mm256_madd_epi16(s16, p));
+                }
             }
         }
-        sumi = _mm256_sub_epi32(sumi, corr);
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(a->d[i] * pli_fp16(b[i].d)), _mm256_cvtepi32_ps(sumi), acc);
+        float d = pli_fp16(b[i].d);
+        for (int t = 0; t < NT; t++) {
+            __m256i bs = _mm256_loadu_si256((const __m256i *)(a[t].bsums + 16 * i));
+            __m256i s = _mm256_sub_epi32(sumi[t], _mm256_slli_epi32(_mm256_madd_epi16(sc16, bs), 2));
+            acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(a[t].d[i] * d), _mm256_cvtepi32_ps(s), acc[t]);
+        }
     }
-    return hsum_ps(acc);
+    for (int t = 0; t < NT; t++) out[t * ldo] = hsum_ps(acc[t]);
+}
+#endif
+
+static float dot_q3_K(const void *row, const act_view *a, int nb)
+{
+#ifdef PL_AVX2
+    float r;
+    q3_dots(row, a, nb, 1, &r, 0);
+    return r;
 #else
+    const blk_q3_K *b = (const blk_q3_K *)row;
     float sum = 0.0f;
     for (int i = 0; i < nb; i++) {
         const int8_t *q8 = a->q + QK_K * i;
@@ -1202,7 +1245,7 @@ static void tile_q5_1(const pl_tensor *w, const act_view *a, float *out, long lo
     tile32(w, a, out, ldo, r0, r1, step_q5_1, 1.0f, dot_q5_1);
 }
 
-/* The K-quants in tiles of 1 row x 4 tokens, through the single-token kernels with NT = 4. */
+/* The K-quants and Q8_G in tiles of 1 row x 4 tokens: the single-token kernels with NT = 4. */
 static void tile_q4_K(const pl_tensor *w, const act_view *a, float *out, long long ldo, long long r0, long long r1)
 {
     const int nb = (int)(w->cols / QK_K);
@@ -1214,6 +1257,16 @@ static void tile_q5_K(const pl_tensor *w, const act_view *a, float *out, long lo
     const int nb = (int)(w->cols / QK_K);
     for (long long r = r0; r < r1; r++)
         k45_dots((const blk_q5_K *)w->data + r * nb, a, nb, 4, 1, out + r, ldo);
+}
+static void tile_q2_K(const pl_tensor *w, const act_view *a, float *out, long long ldo, long long r0, long long r1)
+{
+    const int nb = (int)(w->cols / QK_K);
+    for (long long r = r0; r < r1; r++) q2_dots((const blk_q2_K *)w->data + r * nb, a, nb, 4, out + r, ldo);
+}
+static void tile_q3_K(const pl_tensor *w, const act_view *a, float *out, long long ldo, long long r0, long long r1)
+{
+    const int nb = (int)(w->cols / QK_K);
+    for (long long r = r0; r < r1; r++) q3_dots((const blk_q3_K *)w->data + r * nb, a, nb, 4, out + r, ldo);
 }
 static void tile_q6_K(const pl_tensor *w, const act_view *a, float *out, long long ldo, long long r0, long long r1)
 {
@@ -1239,11 +1292,13 @@ static tile_fn tile_of(int type)
     case PL_Q5_0: return tile_q5_0;
     case PL_Q5_1: return tile_q5_1;
     case PL_Q8_0: return tile_q8_0;
+    case PL_Q2_K: return tile_q2_K;
+    case PL_Q3_K: return tile_q3_K;
     case PL_Q4_K: return tile_q4_K;
     case PL_Q5_K: return tile_q5_K;
     case PL_Q6_K: return tile_q6_K;
     case PL_Q8_G: return tile_q8_g;
-    default: return 0; /* Q2_K, Q3_K: token by token */
+    default: return 0;
     }
 }
 #endif

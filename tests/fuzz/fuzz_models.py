@@ -17,8 +17,8 @@ consistent), or write a VALID .bin of a random odd shape (hidden_dim 1, vocab 1,
 
 Each mutated model is opened with `pyllama.Llama(path, tokenizer=..., threads=1)` (odd cases with
 mmap=False: the file in a malloc'd buffer, so ASan sees reads past its end); when it loads,
-2 tokens of `logits` and 2 tokens of `generate(temperature=0.8)` run. A mutated tokenizer.bin goes
-through `Tokenizer.from_llama2c(path, vocab)`, encode/decode, and generation with a valid model.
+5 tokens of `logits` (one batch) and 2 tokens of `generate(temperature=0.8)` run. A mutated
+tokenizer.bin goes through `Tokenizer.from_llama2c(path, vocab)`, encode/decode, and generation with a valid model.
 Accepted outcomes: success, a pyllama.PyllamaError, or a MemoryError whose message names bytes
 (pyllama's documented refusal of an absurd KV cache). Failures:
   unexpected  any other exception (file + traceback saved under --out)
@@ -879,12 +879,13 @@ def _on_alarm(signum, frame):
 
 
 def exercise_model(pyllama, path, tok_path, gen_seed, **load_kwargs):
-    """Load, 2 teacher-forced logits, 2 generated tokens. Returns 'loaded' or raises."""
+    """Load, 5 teacher-forced logits (one batch: the prefill tiles), 2 generated tokens. Returns
+    'loaded' or raises."""
     tok = tok_path if not path.endswith(".gguf") else None
     m = pyllama.Llama(path, tokenizer=tok, threads=1, **load_kwargs)
     try:
         v = m.vocab_size
-        ids = [1 % v, 3 % v][:max(1, min(2, m.n_ctx))]
+        ids = [(1 + 2 * i) % v for i in range(5)][:max(1, min(5, m.n_ctx))]
         out = m.logits(ids)
         assert out.shape == (len(ids), v), out.shape
         n_prompt = len(m.tokenize("Once"))

@@ -151,35 +151,42 @@ static void residual(float *x, const float *y, int n, int dim, long long i0, lon
         for (long long i = i0; i < i1; i++) x[t * (long long)dim + i] += y[t * (long long)dim + i];
 }
 
+#if defined(__AVX2__)
+static inline float hsum8(__m256 v)
+{
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_add_ss(h, _mm_movehdup_ps(h));
+    return _mm_cvtss_f32(h);
+}
+#endif
+
+/* xb[j..j+8·NV) = Σ_i att[i]·v_i[j..] over positions i <= last, NV vectors of 8 in registers. */
+#if defined(__AVX2__)
+static inline __attribute__((always_inline)) void
+att_values_run(float *xb, const float *att, const float *vh, int last, int kv_dim, int NV)
+{
+    __m256 acc[8];
+    for (int k = 0; k < NV; k++) acc[k] = _mm256_setzero_ps();
+    for (int i = 0; i <= last; i++) {
+        const float *v = vh + (long long)i * kv_dim;
+        __m256 a = _mm256_broadcast_ss(att + i);
+        for (int k = 0; k < NV; k++) acc[k] = _mm256_add_ps(acc[k], _mm256_mul_ps(a, _mm256_loadu_ps(v + 8 * k)));
+    }
+    for (int k = 0; k < NV; k++) _mm256_storeu_ps(xb + 8 * k, acc[k]);
+}
+#endif
+
 /* xb[j] = Σ_i att[i]·v_i[j] over positions i <= last (v_i = vh + i·kv_dim), summed in position
- * order with a rounded product and a rounded add per term, as llama2.c does; each run of output
- * values stays in registers across all positions. */
+ * order with a rounded product and a rounded add per term, as llama2.c does; runs of up to 64
+ * output values stay in registers across all positions (8 independent add chains). */
 static void att_values(float *xb, const float *att, const float *vh, int last, int kv_dim, int head_size)
 {
     int j = 0;
 #if defined(__AVX2__)
-    for (; j + 32 <= head_size; j += 32) {
-        __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
-        for (int i = 0; i <= last; i++) {
-            const float *v = vh + (long long)i * kv_dim + j;
-            __m256 a = _mm256_broadcast_ss(att + i);
-            s0 = _mm256_add_ps(s0, _mm256_mul_ps(a, _mm256_loadu_ps(v)));
-            s1 = _mm256_add_ps(s1, _mm256_mul_ps(a, _mm256_loadu_ps(v + 8)));
-            s2 = _mm256_add_ps(s2, _mm256_mul_ps(a, _mm256_loadu_ps(v + 16)));
-            s3 = _mm256_add_ps(s3, _mm256_mul_ps(a, _mm256_loadu_ps(v + 24)));
-        }
-        _mm256_storeu_ps(xb + j, s0);
-        _mm256_storeu_ps(xb + j + 8, s1);
-        _mm256_storeu_ps(xb + j + 16, s2);
-        _mm256_storeu_ps(xb + j + 24, s3);
-    }
-    for (; j + 8 <= head_size; j += 8) {
-        __m256 s0 = _mm256_setzero_ps();
-        for (int i = 0; i <= last; i++)
-            s0 = _mm256_add_ps(s0, _mm256_mul_ps(_mm256_broadcast_ss(att + i),
-                                                 _mm256_loadu_ps(vh + (long long)i * kv_dim + j)));
-        _mm256_storeu_ps(xb + j, s0);
-    }
+    for (; j + 64 <= head_size; j += 64) att_values_run(xb + j, att, vh + j, last, kv_dim, 8);
+    for (; j + 32 <= head_size; j += 32) att_values_run(xb + j, att, vh + j, last, kv_dim, 4);
+    for (; j + 8 <= head_size; j += 8) att_values_run(xb + j, att, vh + j, last, kv_dim, 1);
 #endif
     for (; j < head_size; j++) {
         float sum = 0.0f;
@@ -195,13 +202,37 @@ static inline float dot(const float *a, const float *b, int n)
 #if defined(__AVX2__) && defined(__FMA__)
     __m256 acc = _mm256_setzero_ps();
     for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
-    __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-    h = _mm_add_ss(h, _mm_movehdup_ps(h));
-    s = _mm_cvtss_f32(h);
+    s = hsum8(acc);
 #endif
     for (; i < n; i++) s += a[i] * b[i];
     return s;
+}
+
+/* att[i] = scale·(q · k_i) for positions i <= last (k_i = kh + i·kv_dim): each score exactly as
+ * dot() computes it, four positions at a time so that their FMA chains overlap. */
+static void att_scores(float *att, const float *q, const float *kh, int last, int kv_dim,
+                       int head_size, float scale)
+{
+    int i = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+    if (head_size % 8 == 0)
+        for (; i + 4 <= last + 1; i += 4) {
+            const float *k0 = kh + (long long)i * kv_dim;
+            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+            for (int j = 0; j < head_size; j += 8) {
+                __m256 qv = _mm256_loadu_ps(q + j);
+                a0 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + j), a0);
+                a1 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + kv_dim + j), a1);
+                a2 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + 2 * kv_dim + j), a2);
+                a3 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + 3 * kv_dim + j), a3);
+            }
+            att[i] = hsum8(a0) * scale;
+            att[i + 1] = hsum8(a1) * scale;
+            att[i + 2] = hsum8(a2) * scale;
+            att[i + 3] = hsum8(a3) * scale;
+        }
+#endif
+    for (; i <= last; i++) att[i] = dot(q, kh + (long long)i * kv_dim, head_size) * scale;
 }
 
 long long pl_scratch_bytes(const pl_weights *w, int max_batch)
@@ -240,6 +271,7 @@ static void forward_team(const pl_weights *w, pl_state *s, int n, int pos, int l
     nth = omp_get_num_threads();
 #endif
     const int att_chunk = n > 1 ? n_heads : (n_heads + nth - 1) / nth;
+    (void)att_chunk; /* (only read by OpenMP) */
     for (int l = 0; l < p->n_layers; l++) {
         const pl_layer *L = &w->layers[l];
         long long loff = (long long)l * n_ctx * kv_dim; /* layer offset into the KV cache */
@@ -270,8 +302,7 @@ static void forward_team(const pl_weights *w, pl_state *s, int n, int pos, int l
                 float *att = s->att + ((long long)t * n_heads + h) * n_ctx;
                 const float *kh = s->key_cache + loff + (h / kv_mul) * head_size;
                 const float *vh = s->value_cache + loff + (h / kv_mul) * head_size;
-                for (int i = 0; i <= last; i++)
-                    att[i] = dot(q, kh + (long long)i * kv_dim, head_size) * att_scale;
+                att_scores(att, q, kh, last, kv_dim, head_size, att_scale);
                 softmax_att(att, last + 1);
                 att_values(s->xb + (long long)t * dim + h * head_size, att, vh, last, kv_dim, head_size);
             }

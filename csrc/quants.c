@@ -1114,6 +1114,7 @@ q8g_dots(const int8_t *w, const float *ws, const act_view *a, int NT, int cols, 
     int g = 0, j = 0;
 #ifdef PL_AVX2
     if (gs % 16 == 0) {
+        __m128 vals = _mm_setzero_ps();
         for (; j < cols; j += gs, g++) {
             __m256i acc[4];
             __m128i s[4];
@@ -1134,8 +1135,15 @@ q8g_dots(const int8_t *w, const float *ws, const act_view *a, int NT, int cols, 
                     s[t] = _mm_add_epi32(s[t], _mm_madd_epi16(p, _mm_set1_epi16(1)));
                 }
             }
-            for (int t = 0; t < NT; t++) val[t] += (float)hsum_epi32_128(s[t]) * ws[g] * a[t].d[g];
+            if (NT == 4) { /* the 4 groups' sums side by side, then the same f32 ops per lane */
+                __m128i h = _mm_hadd_epi32(_mm_hadd_epi32(s[0], s[1]), _mm_hadd_epi32(s[2], s[3]));
+                __m128 xd = _mm_setr_ps(a[0].d[g], a[1].d[g], a[2].d[g], a[3].d[g]);
+                vals = _mm_add_ps(vals, _mm_mul_ps(_mm_mul_ps(_mm_cvtepi32_ps(h), _mm_set1_ps(ws[g])), xd));
+            } else {
+                for (int t = 0; t < NT; t++) val[t] += (float)hsum_epi32_128(s[t]) * ws[g] * a[t].d[g];
+            }
         }
+        if (NT == 4) _mm_storeu_ps(val, vals);
     }
 #endif
     for (; j < cols; j += gs, g++)

@@ -4,8 +4,8 @@ Models: stories260K (real, ../shared), stories15M and stories110M shapes with sy
 (../shared/tools/make_model.py --shared), as llama2.c .bin, as llama2.c V2 int8 and as GGUF F32,
 Q8_0, Q4_0 and Q4_K_M, the last five made by `pyllama convert` (all cached in build/bench-models/). For each: generation tok/s
 (256 tokens, temperature 0) at 1 and 2 threads, prompt tok/s (128 tokens, batched), min/median/max
-over --repeat runs, bytes read per token and the fraction of the read bandwidth measured in the
-same run. The reference columns are the figures the issue gives for llama2.c and llama.cpp on this
+over --repeat runs, bytes read per token, the fraction of the read bandwidth measured in the
+same run, and the time to first token (a fresh Llama each time, median of 5). The reference columns are the figures the issue gives for llama2.c and llama.cpp on this
 machine (not re-measured here; `make bench-compare` runs llama-cpp-python side by side).
 
     python benchmarks/bench.py [--quick] [--repeat 3] [--json FILE]
@@ -13,6 +13,7 @@ machine (not re-measured here; `make bench-compare` runs llama-cpp-python side b
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -80,7 +81,7 @@ def main():
             m = pyllama.Llama(path)
             r1 = bench(m, 1, 128, 256, args.repeat)
             r2 = bench(m, 2, 128, 256, args.repeat)
-            ttft = min(time_to_first_token(path) for _ in range(3))
+            ttft = statistics.median(time_to_first_token(path) for _ in range(5))
             g1, g2 = r1["gen_tok_s"]["median"], r2["gen_tok_s"]["median"]
             frac = g2 * r2["bytes_per_token"] / bw[2]
             ref = REFERENCE.get((name, fmt))

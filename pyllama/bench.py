@@ -78,20 +78,21 @@ def run(args, out, err):
     from .llama import Llama
     threads = args.threads or [lib.pl_max_threads()]
     m = Llama(args.model, tokenizer=None if not args.tokenizer else args.tokenizer)
-    ttft = time_to_first_token(args.model, args.tokenizer)
+    ttft = _stats([time_to_first_token(args.model, args.tokenizer) * 1000 for _ in range(args.repeat)])
     rows = []
     for th in threads:
         r = bench(m, th, args.prompt, args.gen, args.repeat)
         r["read_bandwidth"] = read_bandwidth(th)
         r["bandwidth_fraction"] = r["gen_tok_s"]["median"] * r["bytes_per_token"] / r["read_bandwidth"]
-        r["time_to_first_token_ms"] = ttft * 1000
+        r["time_to_first_token_ms"] = ttft
         r["model"] = args.model
         rows.append(r)
     if args.json:
         out.write((json.dumps(rows, indent=2) + "\n").encode())
         return 0
     out.write(f"{args.model}: {m.file.format}, {rows[0]['bytes_per_token'] / 1e6:.1f} MB read per "
-              f"token, time to first token {ttft * 1000:.1f} ms\n".encode())
+              f"token, time to first token {ttft['median']:.1f} ms [{ttft['min']:.1f}..{ttft['max']:.1f}]"
+              f"\n".encode())
     for r in rows:
         pp, tg = r["prompt_tok_s"], r["gen_tok_s"]
         out.write((f"  threads {r['threads']}: prompt ({r['prompt_tokens']} tokens) "

@@ -21,7 +21,7 @@ gguf = pytest.importorskip("gguf")  # test oracle only: the reader under test is
 from pyllama.errors import FormatError  # noqa: E402
 from pyllama.formats import common  # noqa: E402
 from pyllama.formats.gguf import (  # noqa: E402
-    CONFIG_KEYS, GGML_TYPES, MAX_ARRAY_DEPTH, read_gguf, read_metadata)
+    CONFIG_KEYS, GGML_TYPES, MAX_ARRAY_DEPTH, _Cursor, read_gguf, read_metadata)
 
 GT = gguf.GGMLQuantizationType
 VT = gguf.GGUFValueType
@@ -790,3 +790,32 @@ def test_mutations(tmp_path):
             outcomes["error"] += 1
         assert time.perf_counter() - t < 1.0, f"mutation {i} took too long"
     assert outcomes["error"] > 100 and outcomes["ok"] > 0, outcomes
+
+
+def _string_array(strings, tail=b""):
+    return b"".join(struct.pack("<Q", len(s)) + s for s in strings) + tail
+
+
+@pytest.mark.parametrize("strings", [
+    [b"a", b"", "\u2581the".encode(), "\u4e2d\u00e9".encode(), b"<0x0A>"],  # empty, multi-byte
+    [b""] * 5,
+    [b"x\x00y", b"z"],                      # a NUL inside: the checked loop handles it
+    [b"\xf0\x9f\x98\x80", b"\xc3\xa9" * 40],  # 4-byte and repeated 2-byte characters
+])
+def test_string_array_fast_path_equals_checked_loop(strings):
+    data = memoryview(_string_array(strings, tail=b"rest"))
+    fast, checked = _Cursor("t.gguf", data), _Cursor("t.gguf", data)
+    got = fast._strings("k", len(strings))
+    assert got == checked._strings_checked("k", len(strings)) == [s.decode() for s in strings]
+    assert fast.pos == checked.pos == len(data) - 4
+
+
+@pytest.mark.parametrize("data,count,message", [
+    (_string_array([b"ok", b"\xff\xfe"]), 2, r"'k'\[1\] at offset 18: invalid UTF-8"),
+    (_string_array([b"ok", b"abc"])[:-1], 2, r"'k'\[1\] at offset 10: string of 3 bytes, only 2"),
+    (_string_array([b"ok"]) + struct.pack("<Q", 2**63), 2, r"'k'\[1\] at offset 10: string of 92233"),
+    (_string_array([b"ok"]) + b"\x01\x00", 2, r"'k'\[1\] at offset 10: string length is past"),
+])
+def test_string_array_errors_name_the_element(data, count, message):
+    with pytest.raises(FormatError, match=message):
+        _Cursor("t.gguf", memoryview(data))._strings("k", count)

@@ -17,10 +17,17 @@
  * Every weight block is read through the byte layout documented beside its struct (ggml's,
  * little-endian, fp16 scales). Scalar code is the reference and the portable build; when the
  * compiler targets AVX2+FMA+F16C (x86-64-v3, e.g. -march=native on Haswell/Zen and later) every
- * type's dot product and the activation quantizers have an AVX2 path instead. Dequantization is
- * scalar only (one row per call: embeddings, tests) and bit-identical to gguf-py's numpy code.
+ * type's dot product and the activation quantizers have an AVX2 path instead (AVX-512 VNNI's
+ * vpdpbusd for the byte dot where the compiler targets it: the same integer sums). Dequantization
+ * is scalar only (one row per call: embeddings, tests) and bit-identical to gguf-py's numpy code.
  * The AVX2 products cannot saturate int16: the weight operand of maddubs is unsigned (≤ 128:
  * offsets are subtracted afterwards through Σq8) and the activations stay in [-127, 127].
+ *
+ * Prompts (pli_matmul_batch): every type's AVX2 kernel also runs as a tile of rows x 4 tokens
+ * that unpacks each weight block once for the 4 tokens and keeps each token's arithmetic exactly
+ * that of the single-token kernel (the K-quants and Q8_G: the same function with NT = 4; the
+ * 32-value types: the same step with the same even/odd accumulators), so batched and
+ * token-by-token results are bit-identical.
  */
 #include <math.h>
 #include <string.h>

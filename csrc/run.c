@@ -1,8 +1,9 @@
 /* The Llama-2 forward pass (llama2.c's run.c, generalised to typed weight tensors).
  *
- * One OpenMP parallel region per call: every step below is either a work-shared loop or a matmul
- * split over the team (pl__team_matmuls), so the team is not forked and joined once per matmul.
- * A call takes a batch of tokens (the prompt), so each weight row is read once per batch.
+ * One OpenMP parallel region per call (none with one thread): every step below is either a
+ * work-shared loop or a matmul split over the team (pl__team_matmuls), so the team is not forked
+ * and joined once per matmul. A call takes a batch of tokens (the prompt), so each weight row is
+ * read once per batch.
  */
 #include <math.h>
 #include <stdint.h>

@@ -151,7 +151,9 @@ class Tokenizer:
             raise FormatError(f"{path}: truncated header: expected 4 bytes (u32 max_token_length), "
                               f"found {size}")
         (max_len,) = _HEADER.unpack_from(data, 0)
-        pieces, scores = _records(data, vocab_size)
+        # each record takes at least 8 bytes: more tokens than that cannot be in the file
+        fits = vocab_size <= (size - _HEADER.size) // _RECORD.size
+        pieces, scores = _records(data, vocab_size) if fits else (None, None)
         if pieces is None or max(map(len, pieces), default=0) > max_len:
             _check_records(path, data, vocab_size, max_len)  # raises, naming the bad token
         return cls(pieces, np.array(scores, np.float32), source=path)

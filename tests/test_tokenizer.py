@@ -398,6 +398,7 @@ def test_small_bin_file(tmp_path):
     (_bin(GOOD[:3]) + struct.pack("<fI", 0.0, 0xFFFFFFFF) + b"xx", 8,
      "token 3: length field 4294967295 .*exceeds the 2 bytes left"),
     (_bin(GOOD), 9, "ends after 8 tokens, but the model's vocab_size is 9"),
+    (_bin(GOOD), 10**12, "ends after 8 tokens, but the model's vocab_size is 1000000000000"),
     (_bin(GOOD, max_len=3), 8, "token 0 .* is 5 bytes long, expected at most .* 3"),
     (_bin(GOOD[:2]), 2, "eos_id must be a token id in \\[0, 2\\)"),
     (_bin([(0.0, b"<unk>"), (0.0, b"<s>"), (0.0, b"</s>"), (0.0, b"<0xZZ>")]), 4, None),

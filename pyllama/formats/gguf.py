@@ -189,8 +189,9 @@ class _Cursor:
         region = np.frombuffer(mv, np.uint8, count=p - self.pos, offset=self.pos).copy()
         at = np.asarray(starts, np.int64) - self.pos
         keep = np.ones(len(region), bool)
-        keep[(at[:, None] + np.arange(7)).ravel()] = False  # 7 of each field's 8 bytes go,
-        region[at + 7] = 0                                   # the 8th becomes the separator
+        for k in range(7):  # 7 of each length field's 8 bytes go, the 8th becomes the separator
+            keep[at + k] = False
+        region[at + 7] = 0
         joined = region[keep]
         if np.count_nonzero(joined == 0) != count:  # a string holds a NUL
             return self._strings_checked(key, count)

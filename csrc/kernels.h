@@ -10,8 +10,20 @@
 #include <stdint.h>
 #include <string.h>
 #include "pyllama.h"
-#if defined(__F16C__)
+#if defined(__F16C__) || defined(__AVX__)
 #include <immintrin.h>
+#endif
+
+#if defined(__AVX__)
+/* Sum of the 8 lanes, in the one order every kernel uses: lanes j + j+4, then pairs, then the two
+ * halves (results that must agree bit for bit, e.g. batched and single-token, rely on it). */
+static inline float pli_hsum8(__m256 v)
+{
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
 #endif
 
 /* IEEE half -> float (F16C when the compiler targets it, else exact bit manipulation). */

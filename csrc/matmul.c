@@ -31,13 +31,6 @@ static inline float bf16_to_f32(uint16_t h)
  * float rows: out[r] = dot(W[r, :], x) for r in [r0, r1) */
 
 #ifdef PL_AVX2
-static inline float hsum256(__m256 v)
-{
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
 
 /* Loads 8 weights of row w at element j as f32. */
 #define LOAD_F32(w, j) _mm256_loadu_ps((const float *)(w) + (j))
@@ -62,7 +55,7 @@ static void NAME(const void *data, const float *x, float *out, long long r0, lon
             a3 = _mm256_fmadd_ps(LOAD(w0, j + 24), _mm256_loadu_ps(x + j + 24), a3);            \
         }                                                                                       \
         for (; j + 8 <= n; j += 8) a0 = _mm256_fmadd_ps(LOAD(w0, j), _mm256_loadu_ps(x + j), a0); \
-        float s0 = hsum256(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));       \
+        float s0 = pli_hsum8(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));       \
         for (; j < n; j++) s0 += SCALAR(w0[j]) * x[j];                                          \
         out[r] = s0;                                                                            \
     }                                                                                           \
@@ -130,9 +123,9 @@ static void NAME(const void *data, const float *x, float *out, long long r0, lon
                 __m256 x2v = _mm256_loadu_ps(x2 + j); IN_REG(x2v); FMA3(2)                                    \
                 __m256 x3v = _mm256_loadu_ps(x3 + j); IN_REG(x3v); FMA3(3)                                    \
             }                                                                                    \
-            float s[3][4] = {{hsum256(a0), hsum256(a1), hsum256(a2), hsum256(a3)},               \
-                             {hsum256(b0), hsum256(b1), hsum256(b2), hsum256(b3)},               \
-                             {hsum256(c0), hsum256(c1), hsum256(c2), hsum256(c3)}};              \
+            float s[3][4] = {{pli_hsum8(a0), pli_hsum8(a1), pli_hsum8(a2), pli_hsum8(a3)},               \
+                             {pli_hsum8(b0), pli_hsum8(b1), pli_hsum8(b2), pli_hsum8(b3)},               \
+                             {pli_hsum8(c0), pli_hsum8(c1), pli_hsum8(c2), pli_hsum8(c3)}};              \
             const float *xs[4] = {x0, x1, x2, x3};                                               \
             for (; j < n; j++)                                                                   \
                 for (int k = 0; k < 4; k++) {                                                    \
@@ -367,7 +360,7 @@ double pl_sum_f32(const float *x, long long n, int n_threads)
             a2 = _mm256_add_ps(a2, _mm256_loadu_ps(x + i + 16));
             a3 = _mm256_add_ps(a3, _mm256_loadu_ps(x + i + 24));
         }
-        total += hsum256(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+        total += pli_hsum8(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
 #endif
         for (; i < end; i++) total += x[i];
     }

@@ -331,13 +331,6 @@ void pli_quantize_act(const pl_tensor *w, const float *x, void *xq)
  * AVX2 helpers */
 
 #ifdef PL_AVX2
-static inline float hsum_ps(__m256 v)
-{
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
 
 static inline int hsum_epi32_128(__m128i s)
 {
@@ -406,7 +399,7 @@ dot32(const void *row, const act_view *a, int nb, step32_fn step, float side_k)
         step(row, a, i + 1, &acc1, &side1);
     }
     if (i < nb) step(row, a, i, &acc0, &side0);
-    return hsum_ps(_mm256_add_ps(acc0, acc1)) + side_k * lane1(_mm_add_ps(side0, side1));
+    return pli_hsum8(_mm256_add_ps(acc0, acc1)) + side_k * lane1(_mm_add_ps(side0, side1));
 }
 
 /* (d·xd, d·xs) for a block with one fp16 scale d; (d·xd, m·xs) for adjacent fp16 d, m. */
@@ -739,7 +732,7 @@ q2_dots(const void *row, const act_view *a, int nb, int NT, float *out, long lon
             accm[t] = _mm256_fmadd_ps(_mm256_set1_ps(d8 * dmin), _mm256_cvtepi32_ps(m[t]), accm[t]);
         }
     }
-    for (int t = 0; t < NT; t++) out[t * ldo] = hsum_ps(_mm256_sub_ps(acc[t], accm[t]));
+    for (int t = 0; t < NT; t++) out[t * ldo] = pli_hsum8(_mm256_sub_ps(acc[t], accm[t]));
 }
 #endif
 
@@ -827,7 +820,7 @@ q3_dots(const void *row, const act_view *a, int nb, int NT, float *out, long lon
             acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(a[t].d[i] * d), _mm256_cvtepi32_ps(s), acc[t]);
         }
     }
-    for (int t = 0; t < NT; t++) out[t * ldo] = hsum_ps(acc[t]);
+    for (int t = 0; t < NT; t++) out[t * ldo] = pli_hsum8(acc[t]);
 }
 #endif
 
@@ -932,7 +925,7 @@ k45_dots(const void *row, const act_view *a, int nb, int NT, int five, float *ou
     for (int t = 0; t < NT; t++) {
         __m128 m = _mm_add_ps(accm[t], _mm_movehl_ps(accm[t], accm[t]));
         m = _mm_add_ss(m, _mm_movehdup_ps(m));
-        out[t * ldo] = hsum_ps(acc[t]) - _mm_cvtss_f32(m);
+        out[t * ldo] = pli_hsum8(acc[t]) - _mm_cvtss_f32(m);
     }
 }
 #endif
@@ -1079,7 +1072,7 @@ q6_dots(const void *row, const act_view *a, int nb, int NT, float *out, long lon
         for (int t = 0; t < NT; t++)
             acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(a[t].d[i] * d), _mm256_cvtepi32_ps(sumi[t]), acc[t]);
     }
-    for (int t = 0; t < NT; t++) out[t * ldo] = hsum_ps(acc[t]);
+    for (int t = 0; t < NT; t++) out[t * ldo] = pli_hsum8(acc[t]);
 }
 #endif
 
@@ -1232,7 +1225,7 @@ tile32(const pl_tensor *w, const act_view *a, float *out, long long ldo, long lo
                 for (int k = 0; k < 4; k++) step(base + (r + q) * rb, &a[k], i, &acc[0][q][k], &side[0][q][k]);
         for (int q = 0; q < TR; q++)
             for (int k = 0; k < 4; k++)
-                out[k * ldo + r + q] = hsum_ps(_mm256_add_ps(acc[0][q][k], acc[1][q][k])) +
+                out[k * ldo + r + q] = pli_hsum8(_mm256_add_ps(acc[0][q][k], acc[1][q][k])) +
                                        side_k * lane1(_mm_add_ps(side[0][q][k], side[1][q][k]));
     }
     for (; r < r1; r++)

@@ -128,10 +128,7 @@ static void softmax_att(float *x, int n)
             _mm256_storeu_ps(x + i, y);
             vsum = _mm256_add_ps(vsum, y);
         }
-        __m128 h = _mm_add_ps(_mm256_castps256_ps128(vsum), _mm256_extractf128_ps(vsum, 1));
-        h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-        h = _mm_add_ss(h, _mm_movehdup_ps(h));
-        float sum = _mm_cvtss_f32(h);
+        float sum = pli_hsum8(vsum);
         for (; i < n; i++) {
             x[i] = expf(x[i] - max_val);
             sum += x[i];
@@ -151,16 +148,6 @@ static void residual(float *x, const float *y, int n, int dim, long long i0, lon
     for (int t = 0; t < n; t++)
         for (long long i = i0; i < i1; i++) x[t * (long long)dim + i] += y[t * (long long)dim + i];
 }
-
-#if defined(__AVX2__)
-static inline float hsum8(__m256 v)
-{
-    __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-    h = _mm_add_ss(h, _mm_movehdup_ps(h));
-    return _mm_cvtss_f32(h);
-}
-#endif
 
 /* xb[j..j+8·NV) = Σ_i att[i]·v_i[j..] over positions i <= last, NV vectors of 8 in registers. */
 #if defined(__AVX2__)
@@ -203,7 +190,7 @@ static inline float dot(const float *a, const float *b, int n)
 #if defined(__AVX2__) && defined(__FMA__)
     __m256 acc = _mm256_setzero_ps();
     for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
-    s = hsum8(acc);
+    s = pli_hsum8(acc);
 #endif
     for (; i < n; i++) s += a[i] * b[i];
     return s;
@@ -227,10 +214,10 @@ static void att_scores(float *att, const float *q, const float *kh, int last, in
                 a2 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + 2 * kv_dim + j), a2);
                 a3 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + 3 * kv_dim + j), a3);
             }
-            att[i] = hsum8(a0) * scale;
-            att[i + 1] = hsum8(a1) * scale;
-            att[i + 2] = hsum8(a2) * scale;
-            att[i + 3] = hsum8(a3) * scale;
+            att[i] = pli_hsum8(a0) * scale;
+            att[i + 1] = pli_hsum8(a1) * scale;
+            att[i + 2] = pli_hsum8(a2) * scale;
+            att[i + 3] = pli_hsum8(a3) * scale;
         }
 #endif
     for (; i <= last; i++) att[i] = dot(q, kh + (long long)i * kv_dim, head_size) * scale;

@@ -241,8 +241,8 @@ long long pl_scratch_bytes(const pl_weights *w, int max_batch)
  * the forward pass */
 
 /* The layers and the classifier for the batch already embedded in s->x: run by every thread of
- * the team, or by the caller alone. Each step ends with a barrier (explicit, or implied by
- * `single`/`for`) before the next one reads what it wrote. */
+ * the team, or by the caller alone. Each step ends with a barrier (pl__team_sync: the worksharing
+ * constructs are `nowait`) before the next one reads what it wrote. */
 static void forward_team(const pl_weights *w, pl_state *s, int n, int pos, int logits)
 {
     const pl_config *p = &w->cfg;
@@ -267,9 +267,10 @@ static void forward_team(const pl_weights *w, pl_state *s, int n, int pos, int l
         float *vc = s->value_cache + loff + (long long)pos * kv_dim; /* (n, kv_dim) */
 
         /* attention rmsnorm; q, k, v (k and v straight into the cache) with RoPE */
-#pragma omp for schedule(static)
+#pragma omp for schedule(static) nowait
         for (int t = 0; t < n; t++)
             rmsnorm(s->xb + (long long)t * dim, x + (long long)t * dim, L->rms_att, dim, p->rms_eps);
+        pl__team_sync();
         pl__mm qkv[3] = {{&L->wq, s->q}, {&L->wk, kc}, {&L->wv, vc}};
         pl__team_matmuls(s->xb, n, qkv, 3, s->scratch, 0, r0, r1);
         for (int t = 0; t < n; t++) {
@@ -277,12 +278,12 @@ static void forward_team(const pl_weights *w, pl_state *s, int n, int pos, int l
             rope_rows(s->q + (long long)t * dim, rope, r0[0], r1[0], head_size);
             rope_rows(kc + (long long)t * kv_dim, rope, r0[1], r1[1], head_size);
         }
-#pragma omp barrier
+        pl__team_sync();
 
         /* causal multi-head attention: token t (at pos + t) over positions 0..pos+t. A batch is
          * dealt out a token at a time, round robin (token t's work grows with t: contiguous
          * halves would give the last thread most of it); one token's heads are split evenly. */
-#pragma omp for collapse(2) schedule(static, att_chunk)
+#pragma omp for collapse(2) schedule(static, att_chunk) nowait
         for (int t = 0; t < n; t++) {
             for (int h = 0; h < n_heads; h++) {
                 const int last = pos + t;
@@ -295,17 +296,19 @@ static void forward_team(const pl_weights *w, pl_state *s, int n, int pos, int l
                 att_values(s->xb + (long long)t * dim + h * head_size, att, vh, last, kv_dim, head_size);
             }
         }
+        pl__team_sync();
 
         /* output projection, residual */
         pl__mm wo = {&L->wo, s->xb2};
         pl__team_matmuls(s->xb, n, &wo, 1, s->scratch, 0, r0, r1);
         residual(x, s->xb2, n, dim, r0[0], r1[0]);
-#pragma omp barrier
+        pl__team_sync();
 
         /* SwiGLU FFN: w2(silu(w1 x) * w3 x), residual */
-#pragma omp for schedule(static)
+#pragma omp for schedule(static) nowait
         for (int t = 0; t < n; t++)
             rmsnorm(s->xb + (long long)t * dim, x + (long long)t * dim, L->rms_ffn, dim, p->rms_eps);
+        pl__team_sync();
         pl__mm up[2] = {{&L->w1, s->hb}, {&L->w3, s->hb2}};
         pl__team_matmuls(s->xb, n, up, 2, s->scratch, 1, r0, r1);
         for (int t = 0; t < n; t++) {
@@ -316,20 +319,21 @@ static void forward_team(const pl_weights *w, pl_state *s, int n, int pos, int l
                 hb[i] = val * hb2[i];
             }
         }
-#pragma omp barrier
+        pl__team_sync();
         pl__mm down = {&L->w2, s->xb};
         pl__team_matmuls(s->hb, n, &down, 1, s->scratch, 0, r0, r1);
         residual(x, s->xb, n, dim, r0[0], r1[0]);
-#pragma omp barrier
+        pl__team_sync();
     }
 
     /* final rmsnorm and classifier, for the last token only unless all or none are wanted */
     if (logits == PL_LOGITS_NONE)
         return;
     const int first = logits == PL_LOGITS_ALL ? 0 : n - 1;
-#pragma omp for schedule(static)
+#pragma omp for schedule(static) nowait
     for (int t = first; t < n; t++)
         rmsnorm(x + (long long)t * dim, x + (long long)t * dim, w->rms_final, dim, p->rms_eps);
+    pl__team_sync();
     pl__mm cls = {&w->wcls, s->logits};
     pl__team_matmuls(x + (long long)first * dim, n - first, &cls, 1, s->scratch, 0, r0, r1);
 }
@@ -345,13 +349,21 @@ void pl_forward(const pl_weights *w, pl_state *s, const int *tokens, int n, int 
         rope_table(s->rope + (long long)t * head_size, pos + t, head_size, p->rope_theta);
     }
 
-    /* One team for the whole call. With one thread, no parallel region at all: the worksharing
-     * constructs then bind to the caller alone and their barriers are free (in a team of one,
-     * libgomp's barrier still makes a futex system call: without them stories260K runs 1.22x). */
+    /* One team for the whole call, its barriers our own (threads.c: spin briefly, then sleep).
+     * With one thread, no parallel region at all: the worksharing constructs then bind to the
+     * caller alone (in a team of one, libgomp's fork and join still make a futex system call:
+     * without them stories260K runs 1.22x). */
     if (s->n_threads > 1) {
+        pl__barrier team;
+        pl__team_init(&team);
 #pragma omp parallel num_threads(s->n_threads)
-        forward_team(w, s, n, pos, logits);
+        {
+            pl__team_enter(&team);
+            forward_team(w, s, n, pos, logits);
+            pl__team_enter(NULL);
+        }
     } else {
+        pl__team_enter(NULL);
         forward_team(w, s, n, pos, logits);
     }
 }

@@ -18,6 +18,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("PYLLAMA_SHARED") or ROOT.parent / "shared")
 MODELS = ROOT / "build" / "bench-models"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import cpu_line  # noqa: E402
 PROMPT = "Once upon a time"
 
 CHILD = r'''
@@ -83,6 +85,8 @@ def main():
     missing = [str(f) for f in files if not f.exists()]
     if missing:
         sys.exit(f"missing {missing}: run `make bench` first (it makes and converts the models)")
+    print(cpu_line())
+    print(f"same run, interleaved per file, {args.threads} threads each, medians of {args.repeat}")
     print(f"{'file':26} {'':10} {'load ms':>8} {'prompt tok/s':>13} {'stream tok/s':>13}")
     for f in files:
         rows = {}

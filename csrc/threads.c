@@ -29,8 +29,12 @@
 #endif
 #include "internal.h"
 
+#ifndef PL_SPIN_MIN_NS
 #define PL_SPIN_MIN_NS 2000LL    /* never give up sooner than this */
+#endif
+#ifndef PL_SPIN_MAX_NS
 #define PL_SPIN_MAX_NS 50000LL   /* nor later */
+#endif
 
 static _Thread_local pl__barrier *team; /* the barrier of the calling thread's team, or NULL */
 

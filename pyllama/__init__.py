@@ -7,8 +7,19 @@
         ids = m.tokenize("Hello")                          # [1, 15043]
         logits = m.logits(ids)                             # numpy [len(ids), vocab]
 """
+import os
+
 from ._version import __version__
 from .errors import FormatError, ParameterError, PyllamaError, TokenizerError
+
+# GNU OpenMP reads its spin budget once, when the core loads it. Its default lets an idle thread
+# of the team spin for about 300,000 pauses (~15 ms here) before it sleeps: between two tokens
+# that holds a core another process needs, and two processes that each use all cores slow each
+# other down 3-20x. 2000 pauses (~0.1 ms, about the Python work between two forward calls) keeps
+# one process's team awake from token to token and lets a crowded machine have the cores back.
+# The barriers inside a forward pass are pyllama's own (csrc/threads.c). A user's setting wins.
+if "GOMP_SPINCOUNT" not in os.environ and "OMP_WAIT_POLICY" not in os.environ:
+    os.environ["GOMP_SPINCOUNT"] = "2000"
 
 try:
     from . import _core

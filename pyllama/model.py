@@ -35,7 +35,24 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-def default_threads():
+# A team of threads meets at about seven barriers per layer; below this many multiply-adds per
+# token and layer (the matmuls' weights), a second thread saves less time than those meetings cost
+# and one thread is the default: stories260K (45,312) runs as fast or faster on one thread,
+# stories15M (995,000) 1.6-1.8x faster on two (README, "Speed"; benchmarks/threads.py measures it).
+MIN_LAYER_WORK = 200_000
+
+
+def layer_work(config):
+    """Multiply-adds of one token's matmuls in one layer: q, k, v, o and the three FFN matrices."""
+    dim, hidden = config["dim"], config["hidden_dim"]
+    kv_dim = dim // config["n_heads"] * config["n_kv_heads"]
+    return 2 * dim * (dim + kv_dim) + 3 * dim * hidden
+
+
+def default_threads(config=None):
+    """All cores available to this process, or 1 for a model too small to gain from more."""
+    if config is not None and layer_work(config) < MIN_LAYER_WORK:
+        return 1
     try:
         return max(1, len(os.sched_getaffinity(0)))
     except (AttributeError, OSError):
@@ -214,6 +231,8 @@ class Transformer:
 
     @threads.setter
     def threads(self, value):
+        if value is None and not _forked:
+            value = default_threads(self.config)
         self._state.n_threads = 1 if _forked else check_threads(value)
 
     # -- running ---------------------------------------------------------------------------------

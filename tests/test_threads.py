@@ -1,0 +1,88 @@
+"""Threads: the default count, the OpenMP spin budget, processes that share the cores.
+
+Expected texts are llama2.c's (../shared/golden/manifest.json, "generate" cases). Speed is never
+asserted here: `make bench` measures it (its contention rows)."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import manifest, shared_path
+
+import pyllama
+from pyllama import model as model_mod
+
+
+def _spin_setting(env):
+    """GOMP_SPINCOUNT as libgomp reports it after `import pyllama` (OMP_DISPLAY_ENV=verbose)."""
+    env = dict(env, OMP_DISPLAY_ENV="verbose")
+    proc = subprocess.run([sys.executable, "-c", "import pyllama"], capture_output=True, text=True,
+                          env=env, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if "GOMP_SPINCOUNT" in ln or "OMP_WAIT_POLICY" in ln]
+    return "\n".join(lines)
+
+
+@pytest.fixture
+def clean_env():
+    return {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+
+
+def test_spin_budget_reaches_libgomp(clean_env):
+    """pyllama sets GOMP_SPINCOUNT before the core (and libgomp) loads, and libgomp uses it."""
+    if not pyllama._core.lib.pl_has_openmp():
+        pytest.fail("this test needs the OpenMP build (the default)")
+    assert "GOMP_SPINCOUNT = '2000'" in _spin_setting(clean_env)
+
+
+@pytest.mark.parametrize("var, value, expect", [
+    ("GOMP_SPINCOUNT", "123", "GOMP_SPINCOUNT = '123'"),
+    ("OMP_WAIT_POLICY", "active", "OMP_WAIT_POLICY = 'ACTIVE'"),
+])
+def test_users_wait_setting_wins(clean_env, var, value, expect):
+    clean_env[var] = value
+    shown = _spin_setting(clean_env)
+    assert expect in shown
+    if var == "OMP_WAIT_POLICY":
+        assert "GOMP_SPINCOUNT = '2000'" not in shown
+
+
+def test_default_threads_by_model_size():
+    """stories260K (45,312 multiply-adds per layer and token) defaults to one thread; the
+    stories15M shape (dim 288, hidden 768: 995,328) to every available core."""
+    s260k = dict(dim=64, hidden_dim=172, n_heads=8, n_kv_heads=4)
+    s15m = dict(dim=288, hidden_dim=768, n_heads=6, n_kv_heads=6)
+    assert model_mod.layer_work(s260k) == 2 * 64 * (64 + 32) + 3 * 64 * 172 == 45312
+    assert model_mod.layer_work(s15m) == 2 * 288 * 576 + 3 * 288 * 768 == 995328
+    assert model_mod.default_threads(s260k) == 1
+    assert model_mod.default_threads(s15m) == model_mod.default_threads() >= 1
+    m = pyllama.Llama(shared_path("models/stories260K.bin"), tokenizer=shared_path("models/tok512.bin"))
+    assert m.threads == 1
+    m.threads = 2       # an explicit count is kept
+    assert m.threads == 2
+    m.threads = None    # and None means the default again
+    assert m.threads == 1
+    m.close()
+
+
+def test_two_processes_at_once_both_correct():
+    """Two `pyllama run` processes of 2 threads each on the same cores, started together: both
+    finish (bounded time, not a speed test) with llama2.c's exact text."""
+    case = next(c for c in manifest()["generate"] if c["model"] == "models/stories260K.bin"
+                and c["temperature"] > 0 and c["seed"] == 42)
+    cmd = [sys.executable, "-m", "pyllama", "run", str(shared_path(case["model"])),
+           "-z", str(shared_path(case["tokenizer"])), "-t", str(case["temperature"]),
+           "-p", str(case["topp"]), "-s", str(case["seed"]), "-n", str(case["steps"]),
+           "-i", case["prompt"], "--threads", "2"]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
+    try:
+        outs = [p.communicate(timeout=120) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err.decode()
+        assert out == case["stdout"].encode("utf-8")

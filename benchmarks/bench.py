@@ -109,7 +109,7 @@ def contention_rows(rounds, procs=(1, 2, 4), seconds=3.0):
     for name, path, tok in [("stories260K", model_file("stories260K", "bin"), SHARED / "models" / "tok512.bin"),
                             ("stories15M f32 .bin", model_file("stories15M", "bin"), SHARED / "models" / "tokenizer.bin")]:
         res, threads = contention(path, tok, procs, rounds, seconds)
-        agg, rat = res[""], ratios(res[""], procs)
+        agg, rat, threads = res[""], ratios(res[""], procs), threads[""]
         cells = " ".join(f"{statistics.median(agg[n]):14.1f} {'%.2fx [%.2f..%.2f]' % (rat[n][1], rat[n][0], rat[n][2]):>17}"
                          for n in procs)
         print(f"{name:22} {threads:7} {cells}", flush=True)

@@ -69,14 +69,14 @@ def contention(model, tokenizer, procs=(1, 2, 4), rounds=3, seconds=3.0, threads
     """Interleaved rounds: in each round every variant runs 1, 2, 4... processes, in turn.
 
     variants: {name: environment} (default: one variant, this environment). Returns
-    {name: {n: [aggregate tok/s per round]}} and the thread count the workers chose."""
+    {name: {n: [aggregate tok/s per round]}} and {name: the thread count the workers chose}."""
     variants = variants or {"": None}
     res = {v: {n: [] for n in procs} for v in variants}
-    chosen = None
+    chosen = {}
     for _ in range(rounds):
         for v, env in variants.items():
             for n in procs:
-                agg, _, chosen = run_at_once(model, tokenizer, n, threads, seconds, steps, env)
+                agg, _, chosen[v] = run_at_once(model, tokenizer, n, threads, seconds, steps, env)
                 res[v][n].append(agg)
     return res, chosen
 
@@ -105,6 +105,9 @@ def main():
     args = ap.parse_args()
     if args.worker:
         return worker(args.model, args.tokenizer, args.threads, args.seconds, args.steps)
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from machine import cpu_line
+    print(cpu_line())
     procs = [int(x) for x in args.procs.split(",")]
     variants = {}
     for spec in args.variant or ["default="]:
@@ -116,13 +119,13 @@ def main():
         variants[name] = env
     res, chosen = contention(args.model, args.tokenizer, procs, args.rounds, args.seconds,
                              args.threads, args.steps, variants)
-    print(f"{os.path.basename(args.model)}, {chosen} thread(s) per process, {args.rounds} rounds "
-          f"of {args.seconds:g} s")
+    print(f"{os.path.basename(args.model)}, {args.rounds} interleaved rounds of {args.seconds:g} s; "
+          f"aggregate tok/s (ratio to one process alone in the same round: median [min..max])")
     for v, r in res.items():
         rat = ratios(r, procs)
         cells = "  ".join(f"{n}p {statistics.median(r[n]):9.1f} tok/s ({rat[n][1]:.2f}x "
                           f"[{rat[n][0]:.2f}..{rat[n][2]:.2f}])" for n in procs)
-        print(f"{v:12} {cells}", flush=True)
+        print(f"{v:12} {chosen[v]} thread(s)  {cells}", flush=True)
 
 
 if __name__ == "__main__":

@@ -86,3 +86,19 @@ def test_two_processes_at_once_both_correct():
     for p, (out, err) in zip(procs, outs):
         assert p.returncode == 0, err.decode()
         assert out == case["stdout"].encode("utf-8")
+
+
+def test_fewer_threads_than_asked_do_not_hang():
+    """OpenMP may give a team fewer threads than asked (here OMP_THREAD_LIMIT=1): the barrier
+    counts the team it got, so the pass finishes, with the one-thread logits."""
+    code = ("import numpy as np, pyllama, sys\n"
+            "p, ids = sys.argv[1], [1, 5, 9, 13, 17]\n"
+            "a = pyllama.Llama(p, threads=2).logits(ids)\n"
+            "b = pyllama.Llama(p, threads=1).logits(ids)\n"
+            "assert np.array_equal(a, b)\n"
+            "print('ok')\n")
+    env = dict(os.environ, OMP_THREAD_LIMIT="1")
+    proc = subprocess.run([sys.executable, "-c", code, str(shared_path("models/quant-base-q8_0.gguf"))],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "ok"

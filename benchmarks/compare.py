@@ -2,7 +2,8 @@
 
 For each file: load time, prompt processing (128 tokens) and streaming generation through each
 project's public Python API (pyllama `Llama.generate`, llama-cpp-python
-`create_completion(stream=True)`), greedy, 2 threads, interleaved runs, medians. llama-cpp-python
+`create_completion(stream=True)`), greedy, 2 threads, medians; the first line of the output names
+the CPU. llama-cpp-python
 runs in a child process of the Python given by --llama-python (default: this one; install it with
 `pip install -e '.[bench]'`, which builds llama.cpp from source and takes minutes).
 """
@@ -86,7 +87,8 @@ def main():
     if missing:
         sys.exit(f"missing {missing}: run `make bench` first (it makes and converts the models)")
     print(cpu_line())
-    print(f"same run, interleaved per file, {args.threads} threads each, medians of {args.repeat}")
+    print(f"side by side in this run (each file: llama-cpp-python, then pyllama), {args.threads} threads, "
+          f"medians of {args.repeat}")
     print(f"{'file':26} {'':10} {'load ms':>8} {'prompt tok/s':>13} {'stream tok/s':>13}")
     for f in files:
         rows = {}

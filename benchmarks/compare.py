@@ -3,9 +3,9 @@
 For each file: load time, prompt processing (128 tokens) and streaming generation through each
 project's public Python API (pyllama `Llama.generate`, llama-cpp-python
 `create_completion(stream=True)`), greedy, 2 threads, medians; the first line of the output names
-the CPU. llama-cpp-python
-runs in a child process of the Python given by --llama-python (default: this one; install it with
-`pip install -e '.[bench]'`, which builds llama.cpp from source and takes minutes).
+the CPU. llama-cpp-python runs in a child process of the Python given by --llama-python (default:
+this one; install it with `pip install -e '.[bench]'`, which builds llama.cpp from source and
+takes minutes).
 """
 import argparse
 import json

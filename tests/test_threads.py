@@ -15,13 +15,14 @@ from pyllama import model as model_mod
 
 
 def _spin_setting(env):
-    """GOMP_SPINCOUNT as libgomp reports it after `import pyllama` (OMP_DISPLAY_ENV=verbose)."""
+    """GOMP_SPINCOUNT as libgomp reports it after `import pyllama` (OMP_DISPLAY_ENV=verbose),
+    and the value os.environ holds afterwards (what a child process would inherit)."""
     env = dict(env, OMP_DISPLAY_ENV="verbose")
-    proc = subprocess.run([sys.executable, "-c", "import pyllama"], capture_output=True, text=True,
-                          env=env, timeout=60)
+    code = "import os, pyllama; print(os.environ.get('GOMP_SPINCOUNT'))"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
     assert proc.returncode == 0, proc.stderr
     lines = [ln for ln in proc.stderr.splitlines() if "GOMP_SPINCOUNT" in ln or "OMP_WAIT_POLICY" in ln]
-    return "\n".join(lines)
+    return "\n".join(lines), proc.stdout.strip()
 
 
 @pytest.fixture
@@ -33,7 +34,9 @@ def test_spin_budget_reaches_libgomp(clean_env):
     """pyllama sets GOMP_SPINCOUNT before the core (and libgomp) loads, and libgomp uses it."""
     if not pyllama._core.lib.pl_has_openmp():
         pytest.fail("this test needs the OpenMP build (the default)")
-    assert "GOMP_SPINCOUNT = '2000'" in _spin_setting(clean_env)
+    shown, inherited = _spin_setting(clean_env)
+    assert "GOMP_SPINCOUNT = '2000'" in shown
+    assert inherited == "None"  # removed again: child processes start with the user's environment
 
 
 @pytest.mark.parametrize("var, value, expect", [
@@ -42,8 +45,9 @@ def test_spin_budget_reaches_libgomp(clean_env):
 ])
 def test_users_wait_setting_wins(clean_env, var, value, expect):
     clean_env[var] = value
-    shown = _spin_setting(clean_env)
+    shown, inherited = _spin_setting(clean_env)
     assert expect in shown
+    assert inherited == (value if var == "GOMP_SPINCOUNT" else "None")
     if var == "OMP_WAIT_POLICY":
         assert "GOMP_SPINCOUNT = '2000'" not in shown
 

@@ -35,13 +35,13 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-# A team of threads meets at about seven barriers per layer; below this many multiply-adds per
-# token and layer (the matmuls' weights), a second thread saves less time than those meetings cost
-# and one thread is the default. Measured by benchmarks/threads.py (2 cores, machine shared with
-# other jobs, 2 threads / 1 thread): 45,312 (stories260K) 0.07x, 110,592 0.22x, 197,632 0.24x,
-# 442,368 0.95x, 995,328 (stories15M) 1.98x; alone stories260K gains nothing from 2 threads
-# either (README, "Speed"). The threshold sits between the last shape that lost and the first
-# that broke even.
+# A team of threads meets at 6 (float weights) to 10 (quantized) barriers per layer; below this
+# many multiply-adds per token and layer (the matmuls' weights), a second thread saves less time
+# than those meetings cost and one thread is the default. Measured by benchmarks/threads.py
+# (2-core AMD EPYC shared with other jobs; 2 threads / 1 thread): 45,312 (stories260K) 0.07x,
+# 110,592 0.22x, 197,632 0.24x, 442,368 0.95x, 995,328 (stories15M) 1.98x; alone, stories260K
+# gains nothing from 2 threads either (README, "Speed"). The threshold sits between the last
+# shape that lost and the first that broke even.
 MIN_LAYER_WORK = 300_000
 
 

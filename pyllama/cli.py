@@ -210,14 +210,8 @@ def _chat(model, sampler, user_prompt, system_prompt, steps, out):
 
 
 def cmd_info(args, out, err):
-    from .info import describe, render_text
-    import json
-    info = describe(args.file)
-    if args.json:
-        out.write((json.dumps(info, indent=2) + "\n").encode())
-    else:
-        out.write(render_text(info).encode())
-    return 0
+    from .info import run
+    return run(args, out, err)
 
 
 def cmd_bench(args, out, err):

@@ -83,8 +83,15 @@ _U64 = struct.Struct("<Q")
 class _Cursor:
     """Bounded reads from the map: every read checks the remaining bytes first."""
 
-    def __init__(self, path, mv):
+    def __init__(self, path, mv, problems=None):
         self.path, self.mv, self.size, self.pos = path, mv, len(mv), 0
+        self.problems = problems  # a list: invalid UTF-8 is escaped and described there
+
+    def _invalid(self, raw, what, e):
+        if self.problems is None:
+            fail(self.path, f"{what}: invalid UTF-8 ({e.reason} at byte {e.start})")
+        self.problems.append(f"{what}: invalid UTF-8 ({e.reason} at byte {e.start})")
+        return str(raw, "utf-8", "backslashreplace")
 
     def need(self, n, what):
         if n > self.size - self.pos:
@@ -106,8 +113,7 @@ class _Cursor:
         try:
             return str(raw, "utf-8")
         except UnicodeDecodeError as e:
-            fail(self.path, f"{what} at offset {start}: invalid UTF-8 ({e.reason} at byte "
-                            f"{e.start})")
+            return self._invalid(raw, f"{what} at offset {start}", e)
 
     def value(self, vtype, key, depth=0):
         if vtype not in VALUE_TYPES:
@@ -189,35 +195,35 @@ class _Cursor:
     def _strings_checked(self, key, count):
         mv, size, unpack = self.mv, self.size, _U64.unpack_from
         out = [None] * count
-        p, i = self.pos, 0
-        try:
-            for i in range(count):
-                if size - p < 8:
-                    fail(self.path, f"metadata '{key}'[{i}] at offset {p}: string length is past "
-                                    f"the end of the file ({size} bytes)")
-                n = unpack(mv, p)[0]
-                p += 8
-                if n > size - p:
-                    fail(self.path, f"metadata '{key}'[{i}] at offset {p - 8}: string of {n} "
-                                    f"bytes, only {size - p} remain")
+        p = self.pos
+        for i in range(count):
+            if size - p < 8:
+                fail(self.path, f"metadata '{key}'[{i}] at offset {p}: string length is past "
+                                f"the end of the file ({size} bytes)")
+            n = unpack(mv, p)[0]
+            p += 8
+            if n > size - p:
+                fail(self.path, f"metadata '{key}'[{i}] at offset {p - 8}: string of {n} "
+                                f"bytes, only {size - p} remain")
+            try:
                 out[i] = str(mv[p:p + n], "utf-8")
-                p += n
-        except UnicodeDecodeError as e:
-            fail(self.path, f"metadata '{key}'[{i}] at offset {p}: invalid UTF-8 ({e.reason})")
+            except UnicodeDecodeError as e:
+                out[i] = self._invalid(mv[p:p + n], f"metadata '{key}'[{i}] at offset {p}", e)
+            p += n
         self.pos = p
         return out
 
 
 def _map(path):
-    size = os.path.getsize(path)
-    if size == 0:
+    from . import open_map  # the one place files are opened (regular files only)
+    if os.path.isfile(path) and os.path.getsize(path) == 0:
         fail(path, "empty file (0 bytes), expected a GGUF header")
-    return np.memmap(path, dtype=np.uint8, mode="r")
+    return open_map(path)
 
 
-def _parse(path, mm):
-    """Header, metadata and tensor infos; returns (version, metadata, infos, data_start)."""
-    c = _Cursor(path, memoryview(mm))
+def _parse(path, mm, problems=None):
+    """Header, metadata and tensor infos; returns (version, metadata, infos)."""
+    c = _Cursor(path, memoryview(mm), problems)
     c.need(4, "magic")
     magic = bytes(c.mv[0:4])
     if magic != MAGIC:
@@ -306,10 +312,12 @@ def _parse(path, mm):
     return version, meta, out
 
 
-def read_metadata(path, mm=None):
-    """(version, metadata dict, list of TensorInfo) — the structural checks, no llama semantics."""
+def read_metadata(path, mm=None, problems=None):
+    """(version, metadata dict, list of TensorInfo) — the structural checks, no llama semantics.
+    With a list as `problems`, strings that are not UTF-8 are read with backslash escapes and
+    described in it instead of failing (what `pyllama info` shows of any file)."""
     path = os.fspath(path)
-    return _parse(path, _map(path) if mm is None else mm)
+    return _parse(path, _map(path) if mm is None else mm, problems)
 
 
 def _number(path, key, v, kind):

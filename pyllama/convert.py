@@ -438,10 +438,14 @@ def _convert_v2(src_path, dst_path, t0):
 
 def _summary(dst_path, type, t0):
     """What convert wrote, as the file reads back (so the summary cannot disagree with `info`)."""
-    from .formats import load
-    written = load(dst_path)
-    names = {name: t.type_name for name, t in written.tensors.items()}
-    written.close()
+    from .formats import GGUF_MAGIC, load, open_map
+    if bytes(open_map(dst_path)[:4]) == GGUF_MAGIC:
+        from .formats.gguf import read_metadata
+        names = {t.name: type_name(t.type) for t in read_metadata(dst_path)[2]}
+    else:
+        written = load(dst_path)
+        names = {name: t.type_name for name, t in written.tensors.items()}
+        written.close()
     counts = {}
     for v in names.values():
         counts[v] = counts.get(v, 0) + 1
@@ -451,12 +455,14 @@ def _summary(dst_path, type, t0):
 
 def add_arguments(parser):
     """`pyllama convert IN OUT [--type T] [-z tokenizer.bin] [--pure]`."""
-    parser.add_argument("input", help="model to convert: llama2.c .bin (legacy, V1, V2) or GGUF")
-    parser.add_argument("output", help="GGUF file to write (replaced if it exists)")
+    parser.add_argument("input", help="model to convert: llama2.c .bin (legacy, V1, V2) or GGUF "
+                                      "of any type `pyllama run` reads")
+    parser.add_argument("output", help="GGUF file to write (a regular file there is replaced; "
+                                       "a link, FIFO, device or directory is refused)")
     parser.add_argument("--type", dest="type", default="f32", metavar="TYPE",
-                        help="output type: " + ", ".join(OUTPUT_TYPES) + " (default f32); q4_k_m is "
-                             "llama.cpp's Q4_K_M mix; v2 writes a llama2.c V2 int8 .bin "
-                             "(runq.c's format) instead of GGUF")
+                        help="output type: " + ", ".join(OUTPUT_TYPES) + " (default f32); "
+                             "q4_k_m is llama.cpp's Q4_K_M mix; v2 writes a llama2.c V2 int8 "
+                             ".bin (runq.c's format) instead of GGUF")
     parser.add_argument("-z", "--tokenizer", default=None, metavar="PATH",
                         help="llama2.c tokenizer.bin (required for a .bin model: GGUF files "
                              "carry their vocabulary)")

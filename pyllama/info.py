@@ -77,10 +77,13 @@ def _runnable(mf):
     tok = mf.tokenizer
     return _finish({
         "file": mf.path, "format": mf.format, "version": mf.version, "file_bytes": mf.file_size,
-        "architecture": "llama", "runnable": True, "cannot_run": None, "problems": [],
+        "architecture": "llama", "runnable": mf.has_weights,
+        "cannot_run": None if mf.has_weights else "no tensors: a vocab-only file (its tokenizer "
+                                                  "is usable: pyllama.load_tokenizer)",
+        "problems": [],
         "config": {k: (float(v) if isinstance(v, float) else int(v))
                    for k, v in mf.config.items()},
-        "shared_classifier": mf.shared_classifier,
+        "shared_classifier": mf.shared_classifier if mf.has_weights else None,
         "tokenizer": None if tok is None else {
             "source": "embedded", "tokens": tok.vocab_size, "bos_id": tok.bos_id,
             "eos_id": tok.eos_id},

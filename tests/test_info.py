@@ -130,3 +130,10 @@ def test_text_escapes_control_characters_and_ansi(tmp_path):
     assert "t\\x1b[2J.weight" in text
     assert info["metadata"]["general.name"] == "\x1b[31mred\x1b[0m\x07"   # JSON keeps the text
     assert len(text.splitlines()) == len(text.split("\n")) - 1
+
+
+def test_vocab_only_file_is_not_called_runnable():
+    text, info = _info(shared_path("models/llama2-vocab.gguf"))
+    assert info["runnable"] is False and "vocab-only" in info["cannot_run"]
+    assert info["tokenizer"]["tokens"] == 32000 and info["tensors"] == []
+    assert "classifier" not in text

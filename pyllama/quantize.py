@@ -19,8 +19,9 @@ The K-quants search their scales, minimising the squared error of the reconstruc
         relative to d = signed max step / -128, then alternating refits of d and the steps.
 Measured on ../shared quant-base-f32 (llama.cpp's own q4_k_m / q6_k files as the reference):
 RMS error 0.997-1.001x llama.cpp's for Q4_K, 0.95-0.96x for Q6_K (tests/test_convert.py checks
-<= 1.02x; the min/max quantizer this replaced: 1.14x / 1.10x). Speed: about 2-3x the min/max
-quantizer's time (numpy over every block of a chunk at once, one pass per candidate).
+<= 1.02x; the min/max quantizer this replaced: 1.14x / 1.10x). Speed, in convert's chunks of
+1M values: 75 ns per value for Q4_K, 45 for Q6_K (about 3x and 1.5x the min/max quantizer's;
+numpy over every block of the chunk at once, a few passes per candidate).
 """
 import numpy as np
 

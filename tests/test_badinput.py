@@ -177,7 +177,7 @@ def small(tmp_path):
 
 
 @pytest.mark.parametrize("kwargs,fragment", [
-    (dict(steps=-1), "steps: expected a number >= 0"),
+    (dict(steps=-1), "steps: expected an integer >= 0"),
     (dict(temperature=-0.5), "temperature"),
     (dict(temperature=math.nan), "temperature"),
     (dict(temperature=math.inf), "temperature"),
@@ -200,7 +200,7 @@ def test_bad_sampling_arguments(small, kwargs, fragment):
     (["--threads", "0"], "threads"),
     (["-m", "dance"], "invalid choice"),
     (["--bogus"], "unrecognized arguments"),
-    (["--context", "0"], "--context: expected a number >= 1"),
+    (["--context", "0"], "--context: expected an integer >= 1"),
 ])
 def test_bad_cli_arguments(small, args, fragment):
     assert_cli_error(["run", small[0], "-z", small[1], *args], fragment)
@@ -264,4 +264,4 @@ def test_tokenizer_of_another_model(small, tmp_path):
 
 def test_bench_bad_thread_list(small):
     assert_cli_error(["bench", small[0], "--threads", "x"], "expected thread counts like 1,2")
-    assert_cli_error(["bench", small[0], "--threads", "0"], "threads: expected 1..")
+    assert_cli_error(["bench", small[0], "--threads", "0"], "threads: expected an integer in 1..")

@@ -15,8 +15,13 @@ from .errors import PyllamaError
 COMMANDS = ("run", "chat", "info", "bench", "convert")
 
 
+# a value "--" after a flag, hidden from argparse (which drops "--" even from FLAG=--)
+_DASHES = "\0--"
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message):
+        message = message.replace(repr(_DASHES)[1:-1], "--").replace(_DASHES, "--")
         raise _UsageError(f"{message} (see '{self.prog} --help')")
 
 
@@ -272,12 +277,15 @@ def _value_after_flag(argv):
     takes_value = {s for a in parser._actions if a.nargs != 0 for s in a.option_strings}
     out, i = [], 0
     while i < len(argv):
+        flag, eq, value = argv[i].partition("=")
         if argv[i] in takes_value and i + 1 < len(argv):
-            out.append(f"{argv[i]}={argv[i + 1]}")
-            i += 2
+            flag, eq, value = argv[i], "=", argv[i + 1]
+            i += 1
+        if flag in takes_value and eq:
+            out.append(f"{flag}={_DASHES if value == '--' else value}")
         else:
             out.append(argv[i])
-            i += 1
+        i += 1
     return out
 
 
@@ -323,6 +331,9 @@ def main(argv=None):
     out, err = _standard_streams()
     try:
         args = get_parser().parse_args(argv)
+        for key, value in vars(args).items():
+            if value == _DASHES:
+                setattr(args, key, "--")
         if args.command is None:
             get_parser().print_help()
             return 1

@@ -20,8 +20,8 @@ def check_sampling(temperature, topp):
     temperature = validate.number(temperature, "temperature", lo=0)
     topp = validate.number(topp, "top-p", lo=0, hi=1)
     if temperature:
-        t32 = np.float32(temperature)
         with np.errstate(over="ignore", divide="ignore"):
+            t32 = np.float32(temperature)
             inv = np.float32(1) / t32
         if not (np.isfinite(t32) and t32 > 0 and np.isfinite(inv)):
             raise ParameterError(f"temperature: expected 0 (greedy) or a number in "

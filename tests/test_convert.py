@@ -26,7 +26,7 @@ import pytest
 from conftest import shared_path
 from models import byte_vocab, write_legacy, write_tokenizer_bin
 
-gguf = pytest.importorskip("gguf")
+import gguf  # noqa: E402  (a test dependency: missing, the tests fail rather than skip)
 from gguf import GGMLQuantizationType as GT  # noqa: E402
 from gguf.quants import dequantize as gguf_dequantize  # noqa: E402
 from gguf.quants import quantize as gguf_quantize  # noqa: E402

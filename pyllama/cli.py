@@ -147,7 +147,8 @@ def _argv_text(text, what="--prompt"):
 
 
 def cmd_run(args, out, err):
-    from .generate import encode_prompt, make_sampler, resolve_steps
+    from .generate import encode_prompt, resolve_steps
+    from .sampler import Sampler
     from .llama import Llama
     from .errors import TokenizerError
     from .formats import load
@@ -162,7 +163,7 @@ def cmd_run(args, out, err):
         raise TokenizerError(f"no tokenizer: {args.checkpoint} has none and no tokenizer.bin was "
                              f"found beside it or in the working directory (use -z PATH)")
     if args.mode == "chat" or args.command == "chat":
-        sampler = make_sampler(model._model, args.temperature, args.topp, seed)
+        sampler = Sampler(model.vocab_size, args.temperature, args.topp, seed)
         return _chat(model, sampler, _argv_text(args.prompt), _argv_text(args.system, "--system"), steps,
                      out)
     tok = model.tokenizer

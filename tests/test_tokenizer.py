@@ -327,35 +327,33 @@ def _pb_varint(n):
             return bytes(out)
 
 
+def _pb_read_varint(buf, i):
+    """(value, next offset) of the varint at buf[i]."""
+    value, shift = 0, 0
+    while True:
+        value |= (buf[i] & 0x7F) << shift
+        shift += 7
+        i += 1
+        if buf[i - 1] < 0x80:
+            return value, i
+
+
 def _pb_fields(buf):
-    """(field number, raw bytes of the whole field) of a protobuf message, in order."""
+    """(field number, payload of a length-delimited field or None, raw bytes of the whole field)
+    of a protobuf message, in order."""
     i = 0
     while i < len(buf):
-        start, key = i, 0
-        shift = 0
-        while True:
-            key |= (buf[i] & 0x7F) << shift
-            shift += 7
-            i += 1
-            if buf[i - 1] < 0x80:
-                break
-        wire = key & 7
+        start = i
+        key, i = _pb_read_varint(buf, i)
+        wire, payload = key & 7, None
         if wire == 0:
-            while buf[i] >= 0x80:
-                i += 1
-            i += 1
+            _, i = _pb_read_varint(buf, i)
         elif wire in (1, 5):
             i += 8 if wire == 1 else 4
         else:
-            n, shift = 0, 0
-            while True:
-                n |= (buf[i] & 0x7F) << shift
-                shift += 7
-                i += 1
-                if buf[i - 1] < 0x80:
-                    break
-            i += n
-        yield key >> 3, buf[start:i]
+            n, i = _pb_read_varint(buf, i)
+            payload, i = buf[i:i + n], i + n
+        yield key >> 3, payload, buf[start:i]
 
 
 def _pb_len(num, payload):
@@ -372,25 +370,14 @@ def _sentencepiece_model(base, pieces, scores, types):
         text = p.decode().replace(" ", "\u2581")
         out += _pb_len(1, _pb_len(1, text.encode()) + bytes([2 << 3 | 5]) + struct.pack("<f", s)
                        + _pb_varint(3 << 3) + _pb_varint(t))
-    for num, raw in _pb_fields(base):
+    for num, payload, raw in _pb_fields(base):
         if num == 2:  # TrainerSpec: byte_fallback = false
-            out += _pb_len(2, _pb_payload(raw) + _pb_varint(35 << 3) + _pb_varint(0))
+            out += _pb_len(2, payload + _pb_varint(35 << 3) + _pb_varint(0))
         elif num == 3:  # NormalizerSpec: add_dummy_prefix = false
-            out += _pb_len(3, _pb_payload(raw) + _pb_varint(3 << 3) + _pb_varint(0))
+            out += _pb_len(3, payload + _pb_varint(3 << 3) + _pb_varint(0))
         elif num != 1:
             out += raw
     return bytes(out)
-
-
-def _pb_payload(raw):
-    """The payload of one length-delimited field's raw bytes."""
-    i = 0
-    while raw[i] >= 0x80:
-        i += 1
-    i += 1
-    while raw[i] >= 0x80:
-        i += 1
-    return raw[i + 1:]
 
 
 def test_user_defined_and_unused_pieces(shared_data):

@@ -256,10 +256,9 @@ def cmd_info(args, out, err):
 
 def cmd_bench(args, out, err):
     from .bench import run
-    from .errors import ParameterError
+    from . import validate
     for name in ("prompt", "gen", "repeat"):
-        if getattr(args, name) < 1:
-            raise ParameterError(f"--{name}: expected a number >= 1, found {getattr(args, name)}")
+        validate.integer(getattr(args, name), f"--{name}", lo=1)
     return run(args, out, err)
 
 

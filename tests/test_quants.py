@@ -17,7 +17,6 @@ import zlib
 import numpy as np
 import pytest
 
-import gguf  # noqa: E402  (a test dependency: missing, the tests fail rather than skip)
 from gguf import GGMLQuantizationType as GT  # noqa: E402
 from gguf.quants import dequantize, quantize  # noqa: E402
 

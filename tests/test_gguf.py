@@ -16,7 +16,7 @@ import pytest
 from conftest import SHARED, shared_path
 from models import gguf_llama_writer
 
-gguf = pytest.importorskip("gguf")  # test oracle only: the reader under test is our own
+import gguf  # noqa: E402  (test oracle only: the reader under test is our own; required)
 
 from pyllama.errors import FormatError  # noqa: E402
 from pyllama.formats import common  # noqa: E402
@@ -34,14 +34,6 @@ MODELS = sorted((SHARED / "models").glob("*.gguf")) if (SHARED / "models").is_di
 @pytest.fixture
 def shared():
     return shared_path()
-
-
-def _has_tokenizer_module():
-    try:
-        from pyllama.tokenizer import Tokenizer
-    except ImportError:
-        return False
-    return hasattr(Tokenizer, "from_gguf_metadata")
 
 
 def _reaches(arr, base):
@@ -82,7 +74,7 @@ def test_shared_file_matches_gguf_reader(shared, path):
         assert ours.offset == theirs.data_offset
         assert ours.nbytes == theirs.n_bytes
 
-    mf = read_gguf(path, tokenizer=_has_tokenizer_module())
+    mf = read_gguf(path)
     assert mf.format == "gguf" and mf.version == version and mf.file_size == path.stat().st_size
     f = ref.fields
     if not ref.tensors:  # the vocab-only file
@@ -118,8 +110,7 @@ def test_shared_file_matches_gguf_reader(shared, path):
     if ref.tensors:
         assert cfg["vocab_size"] == int(by_name["token_embd.weight"].shape[1])
         common.check_config(str(path), cfg)
-    if _has_tokenizer_module():
-        assert mf.tokenizer is not None
+    assert mf.tokenizer is not None
 
 
 def test_vocab_only_file(shared):
@@ -139,7 +130,6 @@ def test_vocab_parses_fast(shared):
     assert best < 0.1, f"read_metadata(llama2-vocab.gguf) took {best * 1e3:.1f} ms"
 
 
-@pytest.mark.skipif(not _has_tokenizer_module(), reason="pyllama.tokenizer not available yet")
 def test_tokenizer_built_from_metadata(shared):
     mf = read_gguf(shared / "models" / "stories260K-f32.gguf")
     assert mf.tokenizer is not None
@@ -758,7 +748,6 @@ def test_mutations(tmp_path):
     rng = random.Random(1234)
     smash = [0, 1, 2**31 - 1, 2**31, 2**32 - 1, 2**63 - 1, 2**63, 2**64 - 1]
     outcomes = {"ok": 0, "error": 0}
-    with_tokenizer = _has_tokenizer_module()  # the tokenizer must also answer with FormatError
     for i in range(300):
         raw = bytearray(base)
         kind = i % 4
@@ -779,7 +768,7 @@ def test_mutations(tmp_path):
         path.write_bytes(bytes(raw))
         t = time.perf_counter()
         try:
-            read_gguf(path, tokenizer=with_tokenizer)
+            read_gguf(path)  # with the tokenizer: it must also answer with FormatError
             read_metadata(path)
             outcomes["ok"] += 1
         except FormatError as e:

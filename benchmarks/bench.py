@@ -68,7 +68,7 @@ def main():
     formats = ["bin", "v2", "f32", "q8_0", "q4_0", "q4_k_m"]
     print(cpu_line())
     print(f"pyllama {pyllama.__version__} ({pyllama.build_info()})")
-    bw = {t: read_bandwidth(t) for t in (1, 2)}
+    bw = {t: read_bandwidth(t, 1 << 30) for t in (1, 2)}
     print(f"read bandwidth (1 GiB sum): 1 thread {bw[1] / 1e9:.1f} GB/s, 2 threads {bw[2] / 1e9:.1f} GB/s\n")
     head = (f"{'model':12} {'format':7} {'MB/tok':>7} {'gen 1t':>8} {'gen 2t':>8} {'[min..max 2t]':>17} "
             f"{'%bw':>4} {'prompt 2t':>9} {'ttft ms':>7}")

@@ -9,9 +9,12 @@
  * owns every buffer (numpy arrays kept alive by the Python objects that hold these structs).
  */
 
-#define PL_ABI_VERSION 5
+#define PL_ABI_VERSION 6
 
-/* Tensor types: ggml's type numbers, plus one of our own for llama2.c V2 checkpoints. */
+/* Tensor types: ggml's type numbers, plus one of our own for llama2.c V2 checkpoints. The types
+ * the core computes with are exactly these; Python reads their numbers from the compiled core
+ * (pyllama/formats/common.py, whose GGML_TYPES table holds names and block sizes of every ggml
+ * type; tests/test_types.py checks that the two agree). */
 #define PL_F32 0
 #define PL_F16 1
 #define PL_Q4_0 2
@@ -47,18 +50,27 @@ typedef struct {
     int seq_len;      /* the model's maximum context */
     float rms_eps;    /* rmsnorm epsilon (1e-5 for llama2.c files) */
     float rope_theta; /* RoPE frequency base (10000 for llama2.c files) */
+    int head_dim;     /* values per attention head (dim / n_heads unless the file says otherwise) */
+    int rope_style;   /* PL_ROPE_NORM or PL_ROPE_NEOX */
 } pl_config;
+
+/* RoPE pair layouts within a head of head_dim values (pl_config.rope_style). */
+#define PL_ROPE_NORM 0 /* rotates (2i, 2i+1): llama2.c, Meta's Llama */
+#define PL_ROPE_NEOX 1 /* rotates (i, i + head_dim/2): GPT-NeoX, Qwen2 */
 
 typedef struct {
     const float *rms_att; /* (dim,) */
     const float *rms_ffn; /* (dim,) */
-    pl_tensor wq;         /* (n_heads*head_size, dim) */
-    pl_tensor wk;         /* (n_kv_heads*head_size, dim) */
-    pl_tensor wv;         /* (n_kv_heads*head_size, dim) */
-    pl_tensor wo;         /* (dim, n_heads*head_size) */
+    pl_tensor wq;         /* (n_heads*head_dim, dim) */
+    pl_tensor wk;         /* (n_kv_heads*head_dim, dim) */
+    pl_tensor wv;         /* (n_kv_heads*head_dim, dim) */
+    pl_tensor wo;         /* (dim, n_heads*head_dim) */
     pl_tensor w1;         /* (hidden_dim, dim)  gate */
     pl_tensor w2;         /* (dim, hidden_dim)  down */
     pl_tensor w3;         /* (hidden_dim, dim)  up */
+    const float *bq;      /* (n_heads*head_dim,) added after wq; NULL when absent */
+    const float *bk;      /* (n_kv_heads*head_dim,) added after wk; NULL when absent */
+    const float *bv;      /* (n_kv_heads*head_dim,) added after wv; NULL when absent */
 } pl_layer;
 
 typedef struct {
@@ -67,20 +79,22 @@ typedef struct {
     const float *rms_final;    /* (dim,) */
     pl_tensor wcls;            /* (vocab_size, dim); may alias token_embedding */
     pl_layer *layers;          /* [n_layers] */
+    const float *rope_freqs;   /* (head_dim/2,) divisors of the pairs' RoPE frequencies (Llama 3.1
+                                  rope scaling), or NULL */
 } pl_weights;
 
 /* Run state of one sequence. All buffers are allocated by Python. Activations hold up to
  * max_batch tokens (row t belongs to the t-th token of a pl_forward call). */
 typedef struct {
     float *x;           /* (max_batch, dim) activation */
-    float *xb;          /* (max_batch, dim) */
+    float *xb;          /* (max_batch, max(dim, n_heads*head_dim)) */
     float *xb2;         /* (max_batch, dim) */
     float *hb;          /* (max_batch, hidden_dim) */
     float *hb2;         /* (max_batch, hidden_dim) */
-    float *q;           /* (max_batch, dim) */
+    float *q;           /* (max_batch, n_heads*head_dim) */
     float *att;         /* (max_batch, n_heads, n_ctx) attention scores */
     float *logits;      /* (max_batch, vocab_size) */
-    float *rope;        /* (max_batch, head_size) RoPE cos/sin pairs of each token's position */
+    float *rope;        /* (max_batch, head_dim) RoPE cos/sin pairs of each token's position */
     float *key_cache;   /* (n_layers, n_ctx, kv_dim) */
     float *value_cache; /* (n_layers, n_ctx, kv_dim) */
     void *scratch;      /* pl_scratch_bytes(weights, max_batch) bytes: quantized activations */
@@ -129,6 +143,7 @@ double pl_sum_f32(const float *x, long long n, int n_threads);
 /* llama2.c's sampler: argmax at temperature 0, else softmax(logits/temperature) (logits is
  * overwritten with the probabilities) and one xorshift* draw from *rng_state: multinomial, or
  * top-p when 0 < topp < 1. probindex holds n entries. Returns -1, touching nothing, when a logit
- * is NaN or infinite. */
+ * is NaN or infinite. Argmax, without a draw, when n == 1 or when the largest logit divided by
+ * the temperature overflows; top-p takes the most probable token when none reaches its cutoff. */
 int pl_sample(float *logits, int n, float temperature, float topp,
               unsigned long long *rng_state, pl_probindex *probindex);

@@ -9,6 +9,8 @@ import weakref
 
 import numpy as np
 
+from . import validate
+from . import arch as archs
 from ._core import ffi, lib
 from .errors import ParameterError, PyllamaError
 from .formats.common import F32, MAX_SEQ, Q8_G
@@ -48,8 +50,9 @@ MIN_LAYER_WORK = 300_000
 def layer_work(config):
     """Multiply-adds of one token's matmuls in one layer: q, k, v, o and the three FFN matrices."""
     dim, hidden = config["dim"], config["hidden_dim"]
-    kv_dim = dim // config["n_heads"] * config["n_kv_heads"]
-    return 2 * dim * (dim + kv_dim) + 3 * dim * hidden
+    head_dim = config.get("head_dim") or dim // config["n_heads"]
+    q_dim, kv_dim = head_dim * config["n_heads"], head_dim * config["n_kv_heads"]
+    return 2 * dim * (q_dim + kv_dim) + 3 * dim * hidden
 
 
 def default_threads(config=None):
@@ -65,11 +68,7 @@ def default_threads(config=None):
 def check_threads(threads):
     if threads is None:
         return default_threads()
-    if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)):
-        raise ParameterError(f"threads: expected an integer, found {threads!r}")
-    if not 1 <= threads <= MAX_THREADS:
-        raise ParameterError(f"threads: expected 1..{MAX_THREADS}, found {threads}")
-    return int(threads)
+    return validate.integer(threads, "threads", lo=1, hi=MAX_THREADS)
 
 
 def available_memory():
@@ -120,10 +119,8 @@ class Transformer:
             n_ctx = seq_len
         # beyond the trained seq_len is allowed when asked for (as llama.cpp's -c): RoPE extends,
         # quality may not
-        if isinstance(n_ctx, bool) or not isinstance(n_ctx, (int, np.integer)) or not 1 <= n_ctx <= MAX_SEQ:
-            raise ParameterError(f"context: expected 1..{MAX_SEQ} positions (the model's seq_len is "
-                                 f"{seq_len}), found {n_ctx!r}")
-        self.n_ctx = int(n_ctx)
+        self.n_ctx = validate.integer(n_ctx, f"n_ctx (context positions; the model's seq_len is "
+                                             f"{seq_len})", lo=1, hi=MAX_SEQ)
         self._keep = []
         self._lock = ModelLock()
         self._weights = self._bind_weights(model_file)
@@ -151,38 +148,46 @@ class Transformer:
             dst.scales = ffi.NULL
             dst.group_size = 0
 
-    def _norm(self, t):
+    def _vector(self, t):
+        """A float vector (norm, bias, rope_freqs) or NULL for an absent optional tensor."""
+        if t is None:
+            return ffi.NULL
         if t.type != F32:
-            raise ParameterError(f"{t.name}: norm weights must be F32")  # readers guarantee it
+            raise ParameterError(f"{t.name}: vector weights must be F32")  # readers guarantee it
         return self._ptr(t.data, "float *")
 
     def _bind_weights(self, mf):
         cfg, T = mf.config, mf.tensors
+        arch = archs.get(mf.arch, mf.path)
         w = ffi.new("pl_weights *")
         layers = ffi.new("pl_layer[]", cfg["n_layers"])
         self._keep += [w, layers]
         c = w.cfg
-        for key in ("dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "seq_len"):
+        for key in ("dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size",
+                    "seq_len", "head_dim"):
             setattr(c, key, cfg[key])
         c.rms_eps = cfg["rms_eps"]
         c.rope_theta = cfg["rope_theta"]
+        c.rope_style = {"norm": lib.PL_ROPE_NORM, "neox": lib.PL_ROPE_NEOX}[arch.rope_style]
         self._tensor(w.token_embedding, T["token_embd.weight"])
-        w.rms_final = self._norm(T["output_norm.weight"])
+        w.rms_final = self._vector(T["output_norm.weight"])
         self._tensor(w.wcls, T.get("output.weight", T["token_embd.weight"]))
-        names = (("wq", "attn_q"), ("wk", "attn_k"), ("wv", "attn_v"), ("wo", "attn_output"),
-                 ("w1", "ffn_gate"), ("w2", "ffn_down"), ("w3", "ffn_up"))
+        w.rope_freqs = self._vector(T.get("rope_freqs.weight"))
+        fields = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
         for l in range(cfg["n_layers"]):
-            L = layers[l]
-            L.rms_att = self._norm(T[f"blk.{l}.attn_norm.weight"])
-            L.rms_ffn = self._norm(T[f"blk.{l}.ffn_norm.weight"])
-            for field, name in names:
-                self._tensor(getattr(L, field), T[f"blk.{l}.{name}.weight"])
+            L, blk = layers[l], f"blk.{l}."
+            L.rms_att = self._vector(T[blk + "attn_norm.weight"])
+            L.rms_ffn = self._vector(T[blk + "ffn_norm.weight"])
+            for field, name in zip(fields, archs.LAYER_MATRICES):
+                self._tensor(getattr(L, field), T[f"{blk}{name}.weight"])
+            for field, name in zip(("bq", "bk", "bv"), archs.BIASES):
+                setattr(L, field, self._vector(T.get(blk + name)))
         w.layers = layers
         return w
 
     def kv_cache_bytes(self, n_ctx=None):
         cfg = self.config
-        kv_dim = cfg["dim"] // cfg["n_heads"] * cfg["n_kv_heads"]
+        kv_dim = cfg["head_dim"] * cfg["n_kv_heads"]
         return 2 * 4 * cfg["n_layers"] * (n_ctx or self.n_ctx) * kv_dim
 
     def _batch_size(self):
@@ -194,11 +199,13 @@ class Transformer:
     def _alloc_state(self, threads):
         cfg = self.config
         dim, hidden, n_ctx, vocab = cfg["dim"], cfg["hidden_dim"], self.n_ctx, cfg["vocab_size"]
+        head_dim = cfg["head_dim"]
+        q_dim = cfg["n_heads"] * head_dim
         nb = self._batch_size()
-        kv_shape = (cfg["n_layers"], n_ctx, dim // cfg["n_heads"] * cfg["n_kv_heads"])
+        kv_shape = (cfg["n_layers"], n_ctx, head_dim * cfg["n_kv_heads"])
         scratch_bytes = int(lib.pl_scratch_bytes(self._weights, nb)) + 64
-        need = (self.kv_cache_bytes() + 4 * nb * (cfg["n_heads"] * n_ctx + 4 * dim + 2 * hidden + vocab)
-                + scratch_bytes)
+        need = (self.kv_cache_bytes() + scratch_bytes + 4 * nb * (
+            cfg["n_heads"] * n_ctx + 3 * dim + max(dim, q_dim) + q_dim + 2 * hidden + vocab))
         avail = available_memory()
         if avail is not None and need > avail:
             raise MemoryError(f"the KV cache and buffers for a context of {n_ctx} positions need "
@@ -206,10 +213,11 @@ class Transformer:
                               f"smaller context)")
         f32 = np.float32
         bufs = dict(
-            x=np.zeros((nb, dim), f32), xb=np.zeros((nb, dim), f32), xb2=np.zeros((nb, dim), f32),
-            hb=np.zeros((nb, hidden), f32), hb2=np.zeros((nb, hidden), f32),
-            q=np.zeros((nb, dim), f32), att=np.zeros((nb, cfg["n_heads"], n_ctx), f32),
-            logits=np.zeros((nb, vocab), f32), rope=np.zeros((nb, dim // cfg["n_heads"]), f32),
+            x=np.zeros((nb, dim), f32), xb=np.zeros((nb, max(dim, q_dim)), f32),
+            xb2=np.zeros((nb, dim), f32), hb=np.zeros((nb, hidden), f32),
+            hb2=np.zeros((nb, hidden), f32), q=np.zeros((nb, q_dim), f32),
+            att=np.zeros((nb, cfg["n_heads"], n_ctx), f32),
+            logits=np.zeros((nb, vocab), f32), rope=np.zeros((nb, head_dim), f32),
             key_cache=np.zeros(kv_shape, f32), value_cache=np.zeros(kv_shape, f32))
         s = ffi.new("pl_state *")
         self._keep.append(s)

@@ -3,7 +3,7 @@ import os
 
 import numpy as np
 
-from .errors import FormatError, ParameterError, TokenizerError
+from .errors import FormatError, ParameterError, PyllamaError, TokenizerError
 from .formats import GGUF_MAGIC, ModelFile, load, open_map
 from .generate import encode_prompt, generate_tokens, make_sampler, resolve_steps, stream_text
 from .model import Transformer
@@ -144,6 +144,53 @@ class Llama:
         ids = encode_prompt(tok, prompt, self.n_ctx)
         pairs = generate_tokens(self._model, ids, steps, sampler, bos_id=tok.bos_id)
         return stream_text(tok, pairs, skip=0 if echo else len(ids) - 1)
+
+    # -- completions, chat, state (pyllama/completion.py, chat.py, kvcache.py) ----------------------
+    def create_completion(self, prompt, max_tokens=16, temperature=0.8, top_p=0.95, top_k=40,
+                          min_p=0.05, typical_p=1.0, repeat_penalty=1.0, repeat_last_n=64,
+                          frequency_penalty=0.0, presence_penalty=0.0, logit_bias=None, stop=None,
+                          stop_token_ids=None, seed=None, logprobs=None, echo=False, stream=False,
+                          context_shift=False, n_keep=1):
+        """An OpenAI/llama-cpp-python-shaped text completion of `prompt` (str or token ids).
+
+        Sampling runs llama.cpp's chain: repeat/frequency/presence penalties over the last
+        repeat_last_n tokens (-1: all), logit_bias {id: bias}, top_k (0: off), typical_p, top_p,
+        min_p, temperature (0 = greedy); seed None draws a fresh seed. Generation ends at
+        max_tokens (None: the context's end; finish_reason "length"), at the tokenizer's stop ids
+        or stop_token_ids, or before a `stop` string (finish_reason "stop"). logprobs=N adds the
+        log-probabilities (log-softmax of the raw logits) of each token and its N best
+        alternatives. echo=True puts the prompt in front. stream=True returns an iterator of
+        chunks. The KV cache is reused for the longest shared prefix with the previous call.
+        prompt + max_tokens beyond n_ctx is an error, unless context_shift=True: then the oldest
+        positions after the first n_keep are dropped as the context fills.
+        """
+        kw = dict(locals())
+        del kw["self"]
+        from .completion import create_completion
+        return create_completion(self, **kw)
+
+    __call__ = create_completion
+
+    def reset(self):
+        """Forget what the KV cache holds (the next call evaluates its whole prompt)."""
+        self._live().tokens.clear()
+
+    def save_state(self):
+        """The KV cache's used positions and their token ids, as bytes (for load_state)."""
+        from .kvcache import save
+        return save(self._live())
+
+    def load_state(self, state):
+        """Restore a save_state() of this same model (another model's or a too large state is a
+        PyllamaError)."""
+        from .kvcache import load
+        with self._live()._lock:
+            load(self._model, state)
+
+    def _live(self):
+        if getattr(self, "_model", None) is None:
+            raise PyllamaError("model is closed")
+        return self._model
 
     # -- lifetime --------------------------------------------------------------------------------
     def close(self):

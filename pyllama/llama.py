@@ -49,12 +49,17 @@ class Llama:
     n_ctx      positions the KV cache holds (default: the model's seq_len; more on request)
     mmap       map the file (default: loads in milliseconds, pages shared between processes);
                False reads it into memory (safe if the file may change on disk while in use)
+    chat_format / chat_template   the chat template to use instead of the file's: a format name
+               ("llama-2", "chatml") or a Jinja template text
 
     One Llama is used by one thread at a time (calls from another thread wait for it); separate
     Llama objects run in parallel (the GIL is released while C runs).
     """
 
-    def __init__(self, path, tokenizer=None, threads=None, n_ctx=None, mmap=True):
+    def __init__(self, path, tokenizer=None, threads=None, n_ctx=None, mmap=True, chat_format=None,
+                 chat_template=None):
+        from .chat import resolve_template
+        self.chat_template = resolve_template(chat_format, chat_template)
         if isinstance(path, ModelFile):  # already loaded (pyllama.load)
             self.path, self.file = path.path, path
         else:
@@ -170,6 +175,30 @@ class Llama:
         return create_completion(self, **kw)
 
     __call__ = create_completion
+
+    def create_chat_completion(self, messages, max_tokens=None, temperature=0.8, top_p=0.95, top_k=40,
+                               min_p=0.05, typical_p=1.0, repeat_penalty=1.0, repeat_last_n=64,
+                               frequency_penalty=0.0, presence_penalty=0.0, logit_bias=None,
+                               stop=None, stop_token_ids=None, seed=None, logprobs=None,
+                               stream=False, context_shift=False, n_keep=1, chat_template=None,
+                               tools=None):
+        """An OpenAI-shaped chat completion ("chat.completion"; with stream=True an iterator of
+        "chat.completion.chunk" whose deltas bring the role, then the content). The messages
+        are rendered with the chat template (see apply_chat_template); the other arguments are
+        create_completion's (max_tokens None: up to the end of the context)."""
+        kw = dict(locals())
+        del kw["self"]
+        from .chat import create_chat_completion
+        return create_chat_completion(self, **kw)
+
+    def apply_chat_template(self, messages, add_generation_prompt=True, chat_template=None, **variables):
+        """The prompt text for `messages` ([{"role": ..., "content": ...}, ...]): the given
+        template, else the Llama's chat_format/chat_template, else the file's
+        tokenizer.chat_template, else Llama 2's [INST] format (llama2.c's chat). Rendered as
+        Hugging Face does (a Jinja2 sandbox); extra keywords become template variables."""
+        from .chat import apply_chat_template
+        self._live()
+        return apply_chat_template(self, messages, add_generation_prompt, chat_template, **variables)
 
     def reset(self):
         """Forget what the KV cache holds (the next call evaluates its whole prompt)."""

@@ -207,3 +207,67 @@ def create_chat_completion(llama, messages, stream=False, chat_template=None, to
             "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(texts)},
                          "logprobs": lp(records), "finish_reason": finish}],
             "usage": {"prompt_tokens": n_in, "completion_tokens": n_out, "total_tokens": n_in + n_out}}
+
+
+class Conversation:
+    """A chat kept as messages and as the exact token ids the model has seen (the sampled reply
+    tokens, not a re-tokenization of their text), so each turn evaluates only its new part.
+    Used by the CLI's chat mode; llama2.c's chat is this with the Llama 2 format."""
+
+    def __init__(self, llama, system=None):
+        self.llama = llama
+        self.messages = [{"role": "system", "content": V.text(system, "system")}] if system else []
+        self.ids, self.text = [], ""  # what the model has seen, and its rendered text
+
+    def prompt(self, user):
+        """Add a user message; the ids of the whole conversation with the generation prompt."""
+        self.messages.append({"role": "user", "content": V.text(user, "user")})
+        text = apply_chat_template(self.llama, self.messages, True)
+        if self.text and text.startswith(self.text):
+            ids = self.ids + encode_chat(self.llama, text[len(self.text):])
+        else:
+            ids = encode_chat(self.llama, text)
+        self.ids, self.text = ids, text
+        return ids
+
+    def reply(self, max_tokens, sampler=None, **kw):
+        """Stream the assistant's reply as (text, finish_reason) pieces and remember it."""
+        stats, parts = {}, []
+        for piece, _, finish in completion_stream(self.llama, self.ids, max_tokens=max_tokens,
+                                                  stats=stats, sampler=sampler, **kw):
+            parts.append(piece)
+            yield piece, finish
+        content = "".join(parts)
+        self.messages.append({"role": "assistant", "content": content})
+        done = apply_chat_template(self.llama, self.messages, False)
+        if done.startswith(self.text + content):  # the template's end of turn (e.g. EOS) follows
+            self.ids = self.ids + stats["tokens"] + encode_chat(self.llama, done[len(self.text + content):])
+        else:
+            self.ids = encode_chat(self.llama, done)
+        self.text = done
+
+
+class Llama2cChatSampler:
+    """llama2.c's sampler as llama2.c's chat() uses it: chat() samples after every position,
+    prompt tokens included, and throws those draws away. So before a turn's first reply token
+    the random state advances once per prompt token evaluated but the last (at temperature 0
+    nothing is drawn), and the same seed gives llama2.c's same reply."""
+
+    def __init__(self, sampler, llama):
+        from ._core import ffi
+        self.sampler, self.tf, self.mark = sampler, llama._model, None
+        self._dummy = ffi.new("float[]", 2)
+        self._scratch = ffi.new("pl_probindex[]", 2)
+
+    def turn(self):
+        self.mark = self.tf.n_evaluated
+        return self
+
+    def sample(self, logits_ptr, history=()):
+        if self.mark is not None:
+            from ._core import lib
+            s = self.sampler
+            for _ in range(self.tf.n_evaluated - self.mark - 1 if s.temperature != 0 else 0):
+                lib.pl_sample(self._dummy, 2, s.temperature, s.topp, s._rng, self._scratch)
+            self.mark = None
+        return self.sampler.sample(logits_ptr)

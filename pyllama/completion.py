@@ -143,16 +143,19 @@ def _held_back(text, stops):
 
 
 def completion_stream(llama, prompt, max_tokens=16, stop=None, stop_token_ids=None, logprobs=None,
-                      echo=False, context_shift=False, n_keep=1, special=False, stats=None, **sampling):
+                      echo=False, context_shift=False, n_keep=1, special=False, stats=None, sampler=None,
+                      **sampling):
     """Yield (text, logprob records, finish_reason) pieces; finish_reason is None until the last.
     Arguments are checked here, before the first piece is asked for. stats (a dict) receives
-    prompt_tokens and completion_tokens."""
+    prompt_tokens, completion_tokens and the generated ids (tokens). sampler: an object with
+    sample(logits_ptr, history) used instead of the chain (the CLI's llama2.c sampler)."""
     _transformer(llama)
     tok = llama._tok()
     unknown = set(sampling) - set(DEFAULTS)
     if unknown:
         raise ParameterError(f"unknown argument(s): {', '.join(sorted(unknown))}")
-    sampler = ChainSampler(llama.vocab_size, **{**DEFAULTS, **sampling})
+    if sampler is None:
+        sampler = ChainSampler(llama.vocab_size, **{**DEFAULTS, **sampling})
     ids = prompt_ids(llama, prompt, V.boolean(special, "special"))
     max_tokens = V.optional(V.integer, max_tokens, "max_tokens", lo=0)
     context_shift = V.boolean(context_shift, "context_shift")
@@ -170,7 +173,7 @@ def completion_stream(llama, prompt, max_tokens=16, stop=None, stop_token_ids=No
                              f"positions, the context holds {llama.n_ctx} (lower max_tokens, or pass "
                              f"context_shift=True)")
     stats = {} if stats is None else stats
-    stats.update(prompt_tokens=len(ids), completion_tokens=0)
+    stats.update(prompt_tokens=len(ids), completion_tokens=0, tokens=[])
     gen = _tokens(llama, ids, max_tokens, sampler, stop_ids, n_top, context_shift, n_keep)
     return _pieces(llama, tok, ids, gen, stops, n_top, echo, stats)
 
@@ -190,6 +193,7 @@ def _pieces(llama, tok, ids, gen, stops, n_top, echo, stats):
             finish, piece = e.value, dec.flush()
         else:
             stats["completion_tokens"] += 1
+            stats["tokens"].append(token)
             piece = dec.feed(token)
             if entry is not None:
                 lp, top = entry

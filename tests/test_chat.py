@@ -186,3 +186,29 @@ def test_closed_model(shared):
         c.apply_chat_template(CASES["user"][0])
     with pytest.raises(PyllamaError, match="closed"):
         c.create_chat_completion(CASES["user"][0])
+
+
+# The CLI's chat mode runs through chat.Conversation. Expected bytes: what pyllama's port of
+# llama2.c's chat() (run.c, token by token, the sampler after every position) printed before
+# chat mode moved onto chat.py — two turns, the first ended by a sampled EOS.
+CLI_CHAT = {
+    9: b'Enter system prompt (optional): User: Assistant: ppu<\xea\xaf\xae\x11B99\xef\xbf\xbd happy'
+       b'\xef\xbf\xbdO B\xef\xbf\xbd\x04\xef\xbf\xbd8t\x1fs acec2\xef\xbf\xbdy\xef\xbf\xbd mom\x1ai"'
+       b'\xef\xbf\xbdig\xc3\xa2k\xef\xbf\xbdangsR2 If\xef\xbf\xbd g-k day\xef\xbf\xbdingp\nUser: '
+       b'Assistant: reqVce\xef\xbf\xbd3?\x1cveryet\n',
+    10: b'Enter system prompt (optional): User: Assistant:  of r1\x1aZ yer\x08se>\xef\xbf\xbdig ne '
+        b'theld saw&P friend for ynt k to\xef\xbf\xbdJg\xef\xbf\xbdun fri shez said\x0c[9d\xef\xbf'
+        b'\xbdowd\\ lie\xef\xbf\xbdilyK LilydJ\xef\xbf\xbd7on\nUser: Assistant: q\xef\xbf\xbd\x12'
+        b'\xc3\xa2X\xe2\x80\x9d his aE\xef\xbf\xbd Lily\n',
+}
+
+
+@pytest.mark.parametrize("seed", sorted(CLI_CHAT))
+def test_cli_chat_keeps_llama2c_turns_and_sampling(seed):
+    import subprocess
+    import sys
+    p = subprocess.run([sys.executable, "-m", "pyllama", "run", str(shared_path("models/quant-base-f32.gguf")),
+                        "-m", "chat", "-t", "1.0", "-s", str(seed), "-n", "128"], capture_output=True,
+                       input=b"x\nHello there\nAnd again\nOne more time\n", timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout == CLI_CHAT[seed]

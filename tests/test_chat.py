@@ -212,3 +212,15 @@ def test_cli_chat_keeps_llama2c_turns_and_sampling(seed):
                        input=b"x\nHello there\nAnd again\nOne more time\n", timeout=300)
     assert p.returncode == 0, p.stderr
     assert p.stdout == CLI_CHAT[seed]
+
+
+def test_prefix_cache_benchmark_evaluates_only_the_new_turn():
+    """benchmarks/prefix_cache.py (the `make bench` row): the second turn after the history
+    evaluates only its new tokens (the timing itself is the benchmark's business)."""
+    import sys
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from prefix_cache import prefix_cache_speedup
+    r = prefix_cache_speedup(shared_path("models/stories260K.bin"), shared_path("models/tok512.bin"),
+                             history_tokens=300, repeat=1, threads=1)
+    assert r["history_tokens"] >= 300 and 5 < r["new_tokens"] < 50
+    assert r["cold_s"] > 0 and r["warm_s"] > 0

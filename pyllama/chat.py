@@ -133,19 +133,16 @@ def resolve_template(chat_format=None, chat_template=None):
     return V.optional(V.text, chat_template, "chat_template")
 
 
-def _special_text(tok, tid):
-    return tok.decode_piece(None, tid).decode("utf-8", "replace") if hasattr(tok, "decode_piece") \
-        else tok.token_bytes(tid).decode("utf-8", "replace")
-
-
 def token_texts(llama):
-    """bos_token, eos_token texts for the template."""
+    """bos_token, eos_token texts for the template ("" when the tokenizer has none)."""
     tok = llama._tok()
-    names = getattr(tok, "pieces", None)
-    if names is not None:
-        # a llama2.c tokenizer.bin spells them "\n<s>\n", "\n</s>\n": the text is what is inside
-        return tuple(names[i].decode("utf-8", "replace").strip() for i in (tok.bos_id, tok.eos_id))
-    return tuple(_special_text(tok, i) for i in (tok.bos_id, tok.eos_id))
+    ids = (getattr(tok, "bos_id", None), getattr(tok, "eos_id", None))
+    if hasattr(tok, "token_text"):  # the byte-level BPE tokenizer: "<|begin_of_text|>"
+        return tuple(tok.token_text(i) if i is not None and i >= 0 else "" for i in ids)
+    # SentencePiece: a llama2.c tokenizer.bin spells them "\n<s>\n", "\n</s>\n"
+    names = tok.pieces
+    return tuple(names[i].decode("utf-8", "replace").strip() if i is not None and i >= 0 else ""
+                 for i in ids)
 
 
 def apply_chat_template(llama, messages, add_generation_prompt=True, chat_template=None, **extra):

@@ -202,12 +202,14 @@ class Llama:
 
     def reset(self):
         """Forget what the KV cache holds (the next call evaluates its whole prompt)."""
-        self._live().tokens.clear()
+        with self._live()._lock:
+            self._model.tokens.clear()
 
     def save_state(self):
         """The KV cache's used positions and their token ids, as bytes (for load_state)."""
         from .kvcache import save
-        return save(self._live())
+        with self._live()._lock:
+            return save(self._model)
 
     def load_state(self, state):
         """Restore a save_state() of this same model (another model's or a too large state is a

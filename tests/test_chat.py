@@ -24,10 +24,8 @@ REFERENCE = json.loads((Path(__file__).parent / "data" / "chat_reference.json").
 
 
 @pytest.fixture(scope="module")
-def m():
-    with pyllama.Llama(shared_path("models/stories260K.bin"),
-                       tokenizer=shared_path("models/tok512.bin")) as model:
-        yield model
+def m(stories260k):
+    return stories260k
 
 
 def template(stem):

@@ -17,10 +17,8 @@ PROMPT = "Once upon a time"
 
 
 @pytest.fixture(scope="module")
-def m():
-    with pyllama.Llama(shared_path("models/stories260K.bin"),
-                       tokenizer=shared_path("models/tok512.bin")) as model:
-        yield model
+def m(stories260k):
+    return stories260k
 
 
 def text_of(r):

@@ -160,8 +160,10 @@ void pl_logit_bias(pl_probindex *cand, const int *ids, const float *bias, int n_
 int pl_top_k(pl_probindex *cand, int n, int k);
 int pl_typical(pl_probindex *cand, int n, float typical_p, double *p, pl_probindex *tmp);
 int pl_top_p(pl_probindex *cand, int n, float top_p, double *p);
+/* min-p and the draw take the candidates in any order (min-p keeps their order). */
 int pl_min_p(pl_probindex *cand, int n, float min_p);
-/* A token drawn from softmax(logit/temperature) of the n candidates (temperature <= 0: cand[0]). */
+/* A token drawn from softmax(logit/temperature) of the n candidates (temperature <= 0: the
+ * largest logit, the lower id on a tie). */
 int pl_draw(const pl_probindex *cand, int n, float temperature, double *p, unsigned long long *rng);
 double pl_uniform(unsigned long long *rng);
 /* The whole chain on a copy of logits: penalties over window, logit bias, top-k, typical, top-p,

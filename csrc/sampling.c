@@ -111,13 +111,36 @@ int pl_top_p(pl_probindex *cand, int n, float top_p, double *p)
     return n;
 }
 
+static float max_logit(const pl_probindex *cand, int n)
+{
+    float m = cand[0].prob;
+    for (int i = 1; i < n; i++) m = cand[i].prob > m ? cand[i].prob : m;
+    return m;
+}
+
+/* Keeps (in their order, sorted or not) the candidates with p >= min_p * p_max. */
 int pl_min_p(pl_probindex *cand, int n, float min_p)
 {
     if (min_p <= 0.0f || n <= 1) return n;
     /* p_i >= min_p * p_max  <=>  logit_i >= logit_max + log(min_p) */
-    double cut = (double)cand[0].prob + log((double)min_p);
-    int keep = 1;
-    while (keep < n && cand[keep].prob >= cut) keep++;
+    double cut = (double)max_logit(cand, n) + log((double)min_p);
+    int keep = 0;
+    for (int i = 0; i < n; i++)
+        if (cand[i].prob >= cut) cand[keep++] = cand[i];
+    return keep;
+}
+
+/* Before sorting a whole vocabulary for top-p: a token below (1 - top_p) / (n - 1) cannot be in
+ * the nucleus (all such tokens together weigh less than 1 - top_p), so only the others are kept
+ * (unsorted). llama2.c's trick. */
+static int top_p_candidates(pl_probindex *cand, int n, float top_p)
+{
+    double m = max_logit(cand, n), sum = 0.0;
+    for (int i = 0; i < n; i++) sum += exp(cand[i].prob - m);
+    double cut = m + log((1.0 - top_p) / (n - 1) * sum); /* p >= c  <=>  logit >= m + log(c * sum) */
+    int keep = 0;
+    for (int i = 0; i < n; i++)
+        if (cand[i].prob >= cut) cand[keep++] = cand[i];
     return keep;
 }
 
@@ -164,14 +187,17 @@ double pl_uniform(unsigned long long *rng)
     return (double)(next_u64(rng) >> 11) * (1.0 / 9007199254740992.0); /* [0, 1) */
 }
 
-/* One draw from softmax(logit / temperature) over the candidates (sorted); temperature <= 0:
- * the first (argmax). */
+/* One draw from softmax(logit / temperature) over the candidates (any order); temperature <= 0:
+ * the largest. */
 int pl_draw(const pl_probindex *cand, int n, float temperature, double *p, unsigned long long *rng)
 {
-    if (temperature <= 0.0f || n == 1) return cand[0].index;
-    double sum = 0.0, m = cand[0].prob, t = temperature;
+    int best = 0;
+    for (int i = 1; i < n; i++)
+        if (before(&cand[i], &cand[best])) best = i;
+    if (temperature <= 0.0f || n == 1) return cand[best].index;
+    double sum = 0.0, m = cand[best].prob, t = temperature;
     for (int i = 0; i < n; i++) sum += (p[i] = exp((cand[i].prob - m) / t));
-    /* the first term is exp(0) = 1, so sum >= 1 and finite for any temperature > 0 */
+    /* the largest term is exp(0) = 1, so sum >= 1 and finite for any temperature > 0 */
     double r = pl_uniform(rng) * sum, cdf = 0.0;
     for (int i = 0; i < n; i++) {
         cdf += p[i];
@@ -189,10 +215,25 @@ int pl_sample_chain(const float *logits, int n, const pl_sampling *sp, const int
         pl_penalize(cand, window, n_window, counts, sp->repeat_penalty, sp->frequency_penalty,
                     sp->presence_penalty);
     pl_logit_bias(cand, bias_ids, bias, n_bias);
-    int greedy = sp->temperature <= 0.0f || sp->top_k == 1;
-    n = pl_top_k(cand, n, greedy ? 1 : sp->top_k);
-    n = pl_typical(cand, n, sp->typical_p, p, tmp);
-    n = pl_top_p(cand, n, sp->top_p, p);
+    if (sp->temperature <= 0.0f || sp->top_k == 1) return pl_draw(cand, n, 0.0f, p, rng);
+    /* the stages that look at the order get sorted candidates; min-p and the draw need none */
+    int sorted = 0;
+    if (sp->top_k > 0 && sp->top_k < n) {
+        n = pl_top_k(cand, n, sp->top_k);
+        sorted = 1;
+    }
+    if (sp->typical_p < 1.0f && n > 1) {
+        if (!sorted) n = pl_top_k(cand, n, 0);
+        sorted = 1;
+        n = pl_typical(cand, n, sp->typical_p, p, tmp);
+    }
+    if (sp->top_p < 1.0f && n > 1) {
+        if (!sorted) {
+            int kept = top_p_candidates(cand, n, sp->top_p);
+            n = pl_top_k(cand, kept > 0 ? kept : n, 0);
+        }
+        n = pl_top_p(cand, n, sp->top_p, p);
+    }
     n = pl_min_p(cand, n, sp->min_p);
     return pl_draw(cand, n, sp->temperature, p, rng);
 }

@@ -176,6 +176,8 @@ def chain_reference(logits, history, top_k, typical_p, top_p, min_p, repeat_pena
     dict(top_k=0, typical_p=0.8, top_p=0.9, min_p=0.0, repeat_penalty=1.5, frequency_penalty=0.3,
          presence_penalty=0.2, bias={3: 5.0, 4: -50.0}),
     dict(top_k=10, typical_p=0.5, top_p=1.0, min_p=0.2, repeat_penalty=0.8, repeat_last_n=3),
+    dict(top_k=0, typical_p=1.0, top_p=0.7, min_p=0.0),  # top-p over the whole vocabulary
+    dict(top_k=0, typical_p=1.0, top_p=1.0, min_p=0.1),  # nothing sorted at all
 ])
 def test_chain_draws_only_what_the_reference_keeps(args):
     logits = rand_logits(256, 12)

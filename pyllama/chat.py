@@ -18,7 +18,7 @@ import uuid
 from datetime import datetime
 
 from . import validate as V
-from .completion import completion_stream, encode
+from .completion import completion_stream
 from .errors import ParameterError, PyllamaError
 
 # llama2.c's chat(): "[INST] <<SYS>>\n{system}\n<</SYS>>\n\n{user} [/INST]" on the first turn

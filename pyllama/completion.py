@@ -15,7 +15,7 @@ import uuid
 
 from . import kvcache
 from . import validate as V
-from .errors import ParameterError, PyllamaError
+from .errors import ParameterError
 from .sampling import DEFAULTS, ChainSampler, logprobs_of
 
 MAX_STOPS = 16
@@ -93,10 +93,7 @@ def prompt_ids(llama, prompt, special=False):
 
 
 def _transformer(llama):
-    tf = getattr(llama, "_model", None)
-    if tf is None:
-        raise PyllamaError("model is closed")
-    return tf
+    return llama._live()  # PyllamaError once the model is closed
 
 
 # -- the token loop ----------------------------------------------------------------------------------

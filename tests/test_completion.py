@@ -272,3 +272,35 @@ def test_gguf_model_completes(shared):
     with pyllama.Llama(shared / "models/stories260K-f32.gguf") as g:
         r = g(PROMPT, max_tokens=20, temperature=0)
         assert r["choices"][0]["finish_reason"] == "length" and len(text_of(r)) > 20
+
+
+@pytest.mark.parametrize("style", ["norm", "neox"])
+@pytest.mark.parametrize("factors", [None, "ramp"])
+def test_kv_shift_against_numpy_rotation(shared, style, factors):
+    """pl_kv_shift vs its definition: positions move down by d, each key pair (2j, 2j+1) — NeoX:
+    (j, j + head_size/2) — rotated by -d * theta^(-2j/head_size) / factor_j, values only moved."""
+    from pyllama._core import ffi, lib
+    with pyllama.Llama(shared / "models/stories260K.bin", tokenizer=shared / "models/tok512.bin",
+                       n_ctx=16) as s:
+        tf = s._model
+        kc, vc = tf._bufs["key_cache"], tf._bufs["value_cache"]
+        rng = np.random.default_rng(1)
+        kc[:] = rng.standard_normal(kc.shape)
+        vc[:] = rng.standard_normal(vc.shape)
+        k0, v0 = kc.copy(), vc.copy()
+        hs = s.dim // s.n_heads
+        f = np.linspace(1, 8, hs // 2).astype(np.float32) if factors else np.ones(hs // 2, np.float32)
+        src, dst, n = 9, 4, 6
+        lib.pl_kv_shift(ffi.addressof(tf._weights, "cfg"), tf._state, src, dst, n,
+                        lib.PL_ROPE_NEOX if style == "neox" else lib.PL_ROPE_NORM,
+                        ffi.from_buffer("float[]", f) if factors else ffi.NULL)
+        want = k0[:, src:src + n].reshape(s.n_layers, n, s.n_kv_heads, hs).astype(np.float64)
+        ang = (dst - src) * 10000.0 ** (-2 * np.arange(hs // 2) / hs) / f
+        a = np.arange(hs // 2) if style == "neox" else 2 * np.arange(hs // 2)
+        b = a + hs // 2 if style == "neox" else a + 1
+        x0, x1 = want[..., a].copy(), want[..., b].copy()
+        want[..., a] = x0 * np.cos(ang) - x1 * np.sin(ang)
+        want[..., b] = x0 * np.sin(ang) + x1 * np.cos(ang)
+        np.testing.assert_allclose(kc[:, dst:dst + n], want.reshape(s.n_layers, n, -1), atol=1e-5)
+        np.testing.assert_array_equal(vc[:, dst:dst + n], v0[:, src:src + n])
+        np.testing.assert_array_equal(kc[:, :dst], k0[:, :dst])  # what stays is untouched

@@ -304,3 +304,17 @@ def test_kv_shift_against_numpy_rotation(shared, style, factors):
         np.testing.assert_allclose(kc[:, dst:dst + n], want.reshape(s.n_layers, n, -1), atol=1e-5)
         np.testing.assert_array_equal(vc[:, dst:dst + n], v0[:, src:src + n])
         np.testing.assert_array_equal(kc[:, :dst], k0[:, :dst])  # what stays is untouched
+
+
+def test_stream_never_splits_a_character(m):
+    """Bias and a frequency penalty make the model alternate the byte tokens <0xC3> <0xA9> ("é"
+    in UTF-8, tok512's ids 3 + byte): no chunk holds half of it."""
+    c3, a9 = 3 + 0xC3, 3 + 0xA9
+    assert m.tokenizer.pieces[c3] == b"<0xC3>" and m.tokenizer.pieces[a9] == b"<0xA9>"
+    kw = dict(max_tokens=4, logit_bias={c3: 1000.0, a9: 999.0}, frequency_penalty=500.0, seed=1)
+    chunks = [text_of(c) for c in m(PROMPT, stream=True, **kw)]
+    assert "".join(chunks) == "éé" == text_of(m(PROMPT, **kw))
+    assert all(c in ("", "é") for c in chunks)
+    echoed = [text_of(c) for c in m(m.tokenize(PROMPT) + [c3], max_tokens=1, echo=True, stream=True,
+                                     logit_bias={a9: 100.0}, seed=1)]
+    assert "".join(echoed) == PROMPT + "é" and "\ufffd" not in "".join(echoed)

@@ -102,6 +102,10 @@ class Transformer:
                                              f"{seq_len})", lo=1, hi=MAX_SEQ)
         self._keep = []
         self._lock = ModelLock()
+        # the token ids the KV cache holds, by position (-1: unknown), and how many tokens were
+        # evaluated in all: the prefix cache of pyllama/kvcache.py reads them
+        self.tokens = []
+        self.n_evaluated = 0
         self._weights = self._bind_weights(model_file)
         self._alloc_state(threads)
         _live.add(self)
@@ -223,6 +227,12 @@ class Transformer:
     def threads(self, value):
         self._state.n_threads = 1 if _forked else check_threads(value)
 
+    def _track(self, pos, ids):
+        del self.tokens[pos:]
+        self.tokens.extend([-1] * (pos - len(self.tokens)))
+        self.tokens.extend(ids)
+        self.n_evaluated += len(ids)
+
     # -- running ---------------------------------------------------------------------------------
     def forward(self, token, pos):
         """Logits (a view of this Transformer's buffer, overwritten by the next call) for `token`
@@ -232,6 +242,7 @@ class Transformer:
         if not 0 <= pos < self.n_ctx:
             raise ParameterError(f"position {pos} is outside the context (0..{self.n_ctx - 1})")
         self._tokens[0] = token
+        self._track(pos, [token])
         lib.pl_forward(self._weights, self._state, self._tokens, 1, pos, lib.PL_LOGITS_LAST)
         return self.logits_buffer[0]
 
@@ -247,6 +258,7 @@ class Transformer:
             raise ParameterError(f"positions {pos}..{pos + n - 1} are outside the context "
                                  f"(0..{self.n_ctx - 1})")
         out = np.empty((n, self.vocab_size), np.float32) if all_logits else None
+        self._track(pos, ids)
         for start in range(0, n, self.max_batch):
             chunk = ids[start:start + self.max_batch]
             self._tokens[0:len(chunk)] = chunk

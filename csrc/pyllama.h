@@ -113,9 +113,9 @@ long long pl_scratch_bytes(const pl_weights *w, int max_batch);
 #define PL_LOGITS_NONE 2 /* none: a batch of a prompt that more batches follow */
 
 /* Runs tokens[0..n) at positions pos..pos+n-1 (1 <= n <= s->max_batch, pos + n <= s->n_ctx,
- * 0 <= token < vocab), appending them to the KV cache, and computes the logits `logits` says
- * (PL_LOGITS_*). The prompt goes through as one batch: each weight row is read once for all n
- * tokens. */
+ * 0 <= token < vocab), appending them to slot 0 of the KV cache, and computes the logits
+ * `logits` says (PL_LOGITS_*). The prompt goes through as one batch: each weight row is read once
+ * for all n tokens. */
 void pl_forward(const pl_weights *w, pl_state *s, const int *tokens, int n, int pos, int logits);
 
 /* Tokens of several sequences for one pl_forward_batch call: token t (0 <= t < n <= max_batch)

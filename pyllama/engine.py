@@ -23,6 +23,7 @@ import asyncio
 import collections
 import queue
 import threading
+import time
 
 from . import validate
 from ._core import ffi
@@ -47,7 +48,7 @@ class GreedyPolicy:
     def choose(self, logits):
         if self._sampler is None:
             self._sampler = Sampler(len(logits), *self._args)
-        return self._sampler.sample(ffi.cast("float *", logits.ctypes.data))
+        return self._sampler.sample(ffi.from_buffer("float[]", logits))
 
     def accept(self, token):
         self.n += 1
@@ -80,8 +81,11 @@ class Handle:
     def _deliver(self, event):  # engine thread
         if self._loop is None:
             self._events.put(event)
-        else:
+            return
+        try:
             self._loop.call_soon_threadsafe(self._events.put_nowait, event)
+        except RuntimeError:  # the client's loop is closed: nobody listens any more
+            self._cancelled = True
 
     def __iter__(self):
         if self._loop is not None:
@@ -102,16 +106,21 @@ class Handle:
             yield event
 
     def result(self, timeout=None):
-        """Block until the request ends; its generated ids. timeout (seconds) -> TimeoutError."""
-        while True:
+        """Block until the request ends; its generated ids (the policy's error, if it failed).
+        timeout (seconds): TimeoutError when it has not ended by then."""
+        if self._loop is not None:
+            raise PyllamaError("this request was submitted with an event loop: use `async for`")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.finish_reason is None:  # set before the end event is queued
             try:
-                event = self._events.get(timeout=timeout)
+                left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                if self._events.get(timeout=left) is _DONE:
+                    break
             except queue.Empty:
                 raise TimeoutError(f"the request did not finish within {timeout} s") from None
-            if event is _DONE:
-                if self.error is not None:
-                    raise self.error
-                return list(self.tokens)
+        if self.error is not None:
+            raise self.error
+        return list(self.tokens)
 
 
 class _Slot:

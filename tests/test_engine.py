@@ -354,3 +354,31 @@ def test_engine_arguments_are_checked():
     assert h.result(timeout=0) == [] and h.finish_reason == "cancelled"
     with pytest.raises(PyllamaError, match="closed"):
         e.submit([1])
+
+
+def test_result_after_iterating_and_a_timeout():
+    mf = load("quant-base-q8_0.gguf")
+    p = sequences(512, (6,), seed=2)[0]
+    with Engine(mf, slots=1, n_ctx=N_CTX, start=False) as e:
+        h = e.submit(p, GreedyPolicy(max_tokens=3))
+        with pytest.raises(TimeoutError, match="did not finish"):
+            h.result(timeout=0)  # no step has run
+        while e.step():
+            pass
+        assert list(h) == h.result(timeout=0) == greedy_alone(mf, p, 3)
+
+
+def test_a_closed_client_loop_cancels_its_request():
+    mf = load("quant-base-q8_0.gguf")
+    p = sequences(512, (6,), seed=2)[0]
+    with Engine(mf, slots=2, n_ctx=N_CTX, start=False) as e:
+        loop = asyncio.new_event_loop()
+        h = e.submit(p, GreedyPolicy(max_tokens=30), loop=loop)
+        other = e.submit(p, GreedyPolicy(max_tokens=3))
+        loop.close()
+        e.step()  # delivering to the closed loop fails: the request is cancelled, not the engine
+        assert h._cancelled
+        while e.step():
+            pass
+        assert h.finish_reason == "cancelled" and other.result(timeout=0) == greedy_alone(mf, p, 3)
+        assert e.stats()["slots_in_use"] == 0

@@ -382,3 +382,21 @@ def test_a_closed_client_loop_cancels_its_request():
             pass
         assert h.finish_reason == "cancelled" and other.result(timeout=0) == greedy_alone(mf, p, 3)
         assert e.stats()["slots_in_use"] == 0
+
+
+def test_clients_in_several_threads():
+    import threading
+    mf = load("quant-base-q8_0.gguf")
+    prompts = sequences(512, (4, 9, 17, 3, 12, 6), seed=12)
+    outs = [None] * len(prompts)
+    with Engine(mf, slots=3, n_ctx=N_CTX, threads=1) as e:
+        def client(i):
+            outs[i] = list(e.submit(prompts[i], GreedyPolicy(max_tokens=5)))
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(len(prompts))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert not any(t.is_alive() for t in threads)
+        assert e.stats()["slots_in_use"] == 0
+    assert outs == [greedy_alone(mf, p, 5) for p in prompts]

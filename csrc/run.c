@@ -265,7 +265,8 @@ static void kv_scatter(float *cache, const float *buf, const pl_state *s, const 
                        int n_layers, int kv_dim, long long r0, long long r1)
 {
     for (int t = 0; t < m->n; t++) {
-        float *dst = cache + kv_offset(s, tok_slot(m, t), l, n_layers, kv_dim) + (long long)tok_pos(m, t) * kv_dim;
+        float *dst = cache + kv_offset(s, tok_slot(m, t), l, n_layers, kv_dim)
+                     + (long long)tok_pos(m, t) * kv_dim;
         memcpy(dst + r0, buf + (long long)t * kv_dim + r0, (size_t)(r1 - r0) * sizeof(float));
     }
 }
@@ -294,11 +295,12 @@ static void forward_team(const pl_weights *w, pl_state *s, const seqmap *m)
     for (int l = 0; l < p->n_layers; l++) {
         const pl_layer *L = &w->layers[l];
         /* this batch's keys and values (n, kv_dim): a run's go straight into its cache rows */
-        long long roff = m->run ? kv_offset(s, m->slot0, l, p->n_layers, kv_dim) + (long long)m->pos0 * kv_dim : 0;
+        long long roff = m->run ? kv_offset(s, m->slot0, l, p->n_layers, kv_dim)
+                                      + (long long)m->pos0 * kv_dim : 0;
         float *kc = m->run ? s->key_cache + roff : s->k;
         float *vc = m->run ? s->value_cache + roff : s->v;
 
-        /* attention rmsnorm; q, k, v (k and v straight into the cache) with RoPE */
+        /* attention rmsnorm; q, k, v with RoPE (then k, v to their slots' cache rows) */
 #pragma omp for schedule(static)
         for (int t = 0; t < n; t++)
             rmsnorm(s->xb + (long long)t * dim, x + (long long)t * dim, L->rms_att, dim, p->rms_eps);

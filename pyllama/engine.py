@@ -146,6 +146,8 @@ class Engine:
         mf = model if isinstance(model, ModelFile) else getattr(model, "file", None)
         if mf is None:
             mf = load(model)
+        if not mf.has_weights or not mf.tensors:
+            raise ParameterError(f"model: {mf.path} holds no weights to run (vocab-only or closed)")
         if n_ctx is None and hasattr(model, "n_ctx"):
             n_ctx = model.n_ctx
         self.model = Transformer(mf, n_ctx=n_ctx, threads=threads, n_slots=slots)

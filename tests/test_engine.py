@@ -338,7 +338,13 @@ def test_engine_arguments_are_checked():
         Engine(mf, max_queue=-1, start=False)
     with pytest.raises(ParameterError, match="step_tokens"):
         Engine(mf, slots=4, step_tokens=2, start=False)
-    e = Engine(mf, slots=2, n_ctx=16, start=False)
+    llama = pyllama.Llama(shared_path("models/quant-base-q8_0.gguf"), n_ctx=16)
+    e = Engine(llama, slots=2, start=False)
+    assert e.n_ctx == 16
+    llama.close()
+    with pytest.raises(ParameterError, match="no weights"):
+        Engine(llama, start=False)
+    assert Engine(str(shared_path("models/stories260K.bin")), slots=1, start=False).n_ctx == 512
     with pytest.raises(ParameterError, match="prompt"):
         e.submit([])
     with pytest.raises(ParameterError, match="vocabulary"):

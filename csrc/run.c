@@ -311,11 +311,12 @@ static void forward_team(const pl_weights *w, pl_state *s, const seqmap *m)
             rope_rows(s->q + (long long)t * dim, rope, r0[0], r1[0], head_size);
             rope_rows(kc + (long long)t * kv_dim, rope, r0[1], r1[1], head_size);
         }
-        if (!m->run) {
+#pragma omp barrier
+        if (!m->run) { /* k, v (RoPE done) from s->k, s->v to their slots: this thread's rows */
             kv_scatter(s->key_cache, kc, s, m, l, p->n_layers, kv_dim, r0[1], r1[1]);
             kv_scatter(s->value_cache, vc, s, m, l, p->n_layers, kv_dim, r0[2], r1[2]);
-        }
 #pragma omp barrier
+        }
 
         /* causal multi-head attention: token t over positions 0..its own of its slot. A batch is
          * dealt out a token at a time, round robin (token t's work grows with t: contiguous

@@ -9,7 +9,7 @@
  * owns every buffer (numpy arrays kept alive by the Python objects that hold these structs).
  */
 
-#define PL_ABI_VERSION 7
+#define PL_ABI_VERSION 8
 
 /* Tensor types: ggml's type numbers, plus one of our own for llama2.c V2 checkpoints. The types
  * the core computes with are exactly these; Python reads their numbers from the compiled core
@@ -83,8 +83,9 @@ typedef struct {
                                   rope scaling), or NULL */
 } pl_weights;
 
-/* Run state of one sequence. All buffers are allocated by Python. Activations hold up to
- * max_batch tokens (row t belongs to the t-th token of a pl_forward call). */
+/* Run state: activations and a KV cache of n_slots sequences (slots). All buffers are allocated
+ * by Python. Activations hold up to max_batch tokens (row t belongs to the t-th token of a
+ * call); slot i's cache is key_cache[i] (one contiguous block per slot). */
 typedef struct {
     float *x;           /* (max_batch, dim) activation */
     float *xb;          /* (max_batch, max(dim, n_heads*head_dim)) */
@@ -95,10 +96,13 @@ typedef struct {
     float *att;         /* (max_batch, n_heads, n_ctx) attention scores */
     float *logits;      /* (max_batch, vocab_size) */
     float *rope;        /* (max_batch, head_dim) RoPE cos/sin pairs of each token's position */
-    float *key_cache;   /* (n_layers, n_ctx, kv_dim) */
-    float *value_cache; /* (n_layers, n_ctx, kv_dim) */
+    float *key_cache;   /* (n_slots, n_layers, n_ctx, kv_dim) */
+    float *value_cache; /* (n_slots, n_layers, n_ctx, kv_dim) */
+    float *k;           /* (max_batch, kv_dim) a batch's keys before they go to their slots */
+    float *v;           /* (max_batch, kv_dim) its values */
     void *scratch;      /* pl_scratch_bytes(weights, max_batch) bytes: quantized activations */
-    int n_ctx;          /* positions the KV cache holds */
+    int n_ctx;          /* positions each slot of the KV cache holds */
+    int n_slots;        /* sequences the KV cache holds (>= 1) */
     int max_batch;      /* tokens one pl_forward call may take (>= 1) */
     int n_threads;      /* OpenMP threads for this state's calls (>= 1) */
 } pl_state;
@@ -123,10 +127,28 @@ long long pl_scratch_bytes(const pl_weights *w, int max_batch);
 #define PL_LOGITS_NONE 2 /* none: a batch of a prompt that more batches follow */
 
 /* Runs tokens[0..n) at positions pos..pos+n-1 (1 <= n <= s->max_batch, pos + n <= s->n_ctx,
- * 0 <= token < vocab), appending them to the KV cache, and computes the logits `logits` says
- * (PL_LOGITS_*). The prompt goes through as one batch: each weight row is read once for all n
- * tokens. */
+ * 0 <= token < vocab), appending them to slot 0 of the KV cache, and computes the logits
+ * `logits` says (PL_LOGITS_*). The prompt goes through as one batch: each weight row is read once
+ * for all n tokens. */
 void pl_forward(const pl_weights *w, pl_state *s, const int *tokens, int n, int pos, int logits);
+
+/* Tokens of several sequences for one pl_forward_batch call: token t (0 <= t < n <= max_batch)
+ * is tokens[t] at position pos[t] of slot slot[t]. Python checks, per slot, that the positions
+ * of its tokens are, in batch order, exactly the next ones after those the slot holds (so every
+ * position a token attends to is written by an earlier call or earlier in this one). */
+typedef struct {
+    const int *tokens;      /* [n] 0 <= token < vocab_size */
+    const int *pos;         /* [n] 0 <= pos < n_ctx */
+    const int *slot;        /* [n] 0 <= slot < n_slots */
+    const int *want_logits; /* [n] nonzero: compute this token's logits */
+    int n;
+} pl_batch;
+
+/* Runs a batch of tokens from any slots in one pass (each weight row is read once for all of
+ * them): token t attends to positions 0..pos[t] of its own slot. The logits of the wanted tokens
+ * go to s->logits rows 0, 1, ... in batch order. pl_forward is the case of one slot (0) and
+ * consecutive positions; a batch of that shape takes the same path, bit for bit. */
+void pl_forward_batch(const pl_weights *w, pl_state *s, const pl_batch *b);
 
 /* xout(n, rows) = x(n, cols) @ W^T for n >= 1 tokens, through the kernels
  * pl_forward uses (prefill tiles for n > 1); scratch of pl_matmul_scratch_bytes(w, n) bytes;

@@ -81,7 +81,7 @@ def save(tf):
     n = len(tf.tokens)
     head = json.dumps(dict(model=model_identity(tf), n_layers=tf.config["n_layers"], kv_dim=_kv_dim(tf),
                            vocab_size=tf.vocab_size, n_ctx=tf.n_ctx, n_tokens=n)).encode()
-    kc, vc = tf._bufs["key_cache"], tf._bufs["value_cache"]
+    kc, vc = tf._bufs["key_cache"][0], tf._bufs["value_cache"][0]  # slot 0: the API's sequence
     return b"".join([HEAD.pack(MAGIC, VERSION, len(head)), head,
                      np.asarray(tf.tokens, "<i4").tobytes(),
                      np.ascontiguousarray(kc[:, :n]).tobytes(), np.ascontiguousarray(vc[:, :n]).tobytes()])
@@ -114,7 +114,7 @@ def load(tf, data):
     if any(not -1 <= t < tf.vocab_size for t in tokens):
         raise PyllamaError("state: a token id is outside the vocabulary")
     off += 4 * n
-    kc, vc = tf._bufs["key_cache"], tf._bufs["value_cache"]
+    kc, vc = tf._bufs["key_cache"][0], tf._bufs["value_cache"][0]  # slot 0: the API's sequence
     kc[:, :n] = np.frombuffer(data, np.float32, L * n * kv, off).reshape(L, n, kv)
     vc[:, :n] = np.frombuffer(data, np.float32, L * n * kv, off + L * n * kv * 4).reshape(L, n, kv)
     tf.tokens[:] = tokens

@@ -224,11 +224,11 @@ def test_kv_shift_rerotates_keys(shared):
         kvcache.shift(tf, 2, 5)
         kept = ids[:2] + ids[7:]
         assert tf.tokens == kept
-        k = tf._bufs["key_cache"][0, :len(kept)].copy()
-        v = tf._bufs["value_cache"][0, :len(kept)].copy()
+        k = tf._bufs["key_cache"][0, 0, :len(kept)].copy()
+        v = tf._bufs["value_cache"][0, 0, :len(kept)].copy()
         tf.prefill(kept, 0)
-        np.testing.assert_allclose(k, tf._bufs["key_cache"][0, :len(kept)], atol=2e-4)
-        np.testing.assert_allclose(v, tf._bufs["value_cache"][0, :len(kept)], atol=1e-6)
+        np.testing.assert_allclose(k, tf._bufs["key_cache"][0, 0, :len(kept)], atol=2e-4)
+        np.testing.assert_allclose(v, tf._bufs["value_cache"][0, 0, :len(kept)], atol=1e-6)
 
 
 @pytest.mark.parametrize("kw, match", [
@@ -283,7 +283,7 @@ def test_kv_shift_against_numpy_rotation(shared, style, factors):
     with pyllama.Llama(shared / "models/stories260K.bin", tokenizer=shared / "models/tok512.bin",
                        n_ctx=16) as s:
         tf = s._model
-        kc, vc = tf._bufs["key_cache"], tf._bufs["value_cache"]
+        kc, vc = tf._bufs["key_cache"][0], tf._bufs["value_cache"][0]  # slot 0
         rng = np.random.default_rng(1)
         kc[:] = rng.standard_normal(kc.shape)
         vc[:] = rng.standard_normal(vc.shape)

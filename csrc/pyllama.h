@@ -9,7 +9,7 @@
  * owns every buffer (numpy arrays kept alive by the Python objects that hold these structs).
  */
 
-#define PL_ABI_VERSION 6
+#define PL_ABI_VERSION 8
 
 /* Tensor types: ggml's type numbers, plus one of our own for llama2.c V2 checkpoints. The types
  * the core computes with are exactly these; Python reads their numbers from the compiled core
@@ -83,8 +83,9 @@ typedef struct {
                                   rope scaling), or NULL */
 } pl_weights;
 
-/* Run state of one sequence. All buffers are allocated by Python. Activations hold up to
- * max_batch tokens (row t belongs to the t-th token of a pl_forward call). */
+/* Run state: activations and a KV cache of n_slots sequences (slots). All buffers are allocated
+ * by Python. Activations hold up to max_batch tokens (row t belongs to the t-th token of a
+ * call); slot i's cache is key_cache[i] (one contiguous block per slot). */
 typedef struct {
     float *x;           /* (max_batch, dim) activation */
     float *xb;          /* (max_batch, max(dim, n_heads*head_dim)) */
@@ -95,10 +96,13 @@ typedef struct {
     float *att;         /* (max_batch, n_heads, n_ctx) attention scores */
     float *logits;      /* (max_batch, vocab_size) */
     float *rope;        /* (max_batch, head_dim) RoPE cos/sin pairs of each token's position */
-    float *key_cache;   /* (n_layers, n_ctx, kv_dim) */
-    float *value_cache; /* (n_layers, n_ctx, kv_dim) */
+    float *key_cache;   /* (n_slots, n_layers, n_ctx, kv_dim) */
+    float *value_cache; /* (n_slots, n_layers, n_ctx, kv_dim) */
+    float *k;           /* (max_batch, kv_dim) a batch's keys before they go to their slots */
+    float *v;           /* (max_batch, kv_dim) its values */
     void *scratch;      /* pl_scratch_bytes(weights, max_batch) bytes: quantized activations */
-    int n_ctx;          /* positions the KV cache holds */
+    int n_ctx;          /* positions each slot of the KV cache holds */
+    int n_slots;        /* sequences the KV cache holds (>= 1) */
     int max_batch;      /* tokens one pl_forward call may take (>= 1) */
     int n_threads;      /* OpenMP threads for this state's calls (>= 1) */
 } pl_state;
@@ -123,10 +127,28 @@ long long pl_scratch_bytes(const pl_weights *w, int max_batch);
 #define PL_LOGITS_NONE 2 /* none: a batch of a prompt that more batches follow */
 
 /* Runs tokens[0..n) at positions pos..pos+n-1 (1 <= n <= s->max_batch, pos + n <= s->n_ctx,
- * 0 <= token < vocab), appending them to the KV cache, and computes the logits `logits` says
- * (PL_LOGITS_*). The prompt goes through as one batch: each weight row is read once for all n
- * tokens. */
+ * 0 <= token < vocab), appending them to slot 0 of the KV cache, and computes the logits
+ * `logits` says (PL_LOGITS_*). The prompt goes through as one batch: each weight row is read once
+ * for all n tokens. */
 void pl_forward(const pl_weights *w, pl_state *s, const int *tokens, int n, int pos, int logits);
+
+/* Tokens of several sequences for one pl_forward_batch call: token t (0 <= t < n <= max_batch)
+ * is tokens[t] at position pos[t] of slot slot[t]. Python checks, per slot, that the positions
+ * of its tokens are, in batch order, exactly the next ones after those the slot holds (so every
+ * position a token attends to is written by an earlier call or earlier in this one). */
+typedef struct {
+    const int *tokens;      /* [n] 0 <= token < vocab_size */
+    const int *pos;         /* [n] 0 <= pos < n_ctx */
+    const int *slot;        /* [n] 0 <= slot < n_slots */
+    const int *want_logits; /* [n] nonzero: compute this token's logits */
+    int n;
+} pl_batch;
+
+/* Runs a batch of tokens from any slots in one pass (each weight row is read once for all of
+ * them): token t attends to positions 0..pos[t] of its own slot. The logits of the wanted tokens
+ * go to s->logits rows 0, 1, ... in batch order. pl_forward is the case of one slot (0) and
+ * consecutive positions; a batch of that shape takes the same path, bit for bit. */
+void pl_forward_batch(const pl_weights *w, pl_state *s, const pl_batch *b);
 
 /* xout(n, rows) = x(n, cols) @ W^T for n >= 1 tokens, through the kernels
  * pl_forward uses (prefill tiles for n > 1); scratch of pl_matmul_scratch_bytes(w, n) bytes;
@@ -147,3 +169,49 @@ double pl_sum_f32(const float *x, long long n, int n_threads);
  * the temperature overflows; top-p takes the most probable token when none reaches its cutoff. */
 int pl_sample(float *logits, int n, float temperature, float topp,
               unsigned long long *rng_state, pl_probindex *probindex);
+
+/* ------------------------------------------------------------------------------------------------
+ * The llama.cpp-order sampler chain (csrc/sampling.c, pyllama/sampling.py). Candidates are
+ * pl_probindex entries whose `prob` holds a logit; the stages after top-k take them sorted by
+ * logit descending (ties: lower id first) and return how many they keep. p: n doubles of scratch.
+ */
+typedef struct {
+    int top_k;               /* <= 0 or >= n: off; 1: argmax */
+    float top_p;             /* 1: off */
+    float min_p;             /* 0: off */
+    float typical_p;         /* 1: off */
+    float temperature;       /* <= 0: argmax */
+    float repeat_penalty;    /* 1: off */
+    float frequency_penalty; /* 0: off */
+    float presence_penalty;  /* 0: off */
+} pl_sampling;
+
+/* cand[i] = {logits[i], i}; returns n, or -1 (touching nothing) when a logit is NaN or infinite. */
+int pl_cand_init(const float *logits, int n, pl_probindex *cand);
+/* Penalties of the window's tokens on unsorted candidates (cand[t].index == t); counts: a
+ * vocabulary-sized int array of zeros, left zero. */
+void pl_penalize(pl_probindex *cand, const int *window, int n_window, int *counts,
+                 float repeat_penalty, float frequency_penalty, float presence_penalty);
+void pl_logit_bias(pl_probindex *cand, const int *ids, const float *bias, int n_bias);
+/* The k largest, sorted (k <= 0: all n, sorted). */
+int pl_top_k(pl_probindex *cand, int n, int k);
+int pl_typical(pl_probindex *cand, int n, float typical_p, double *p, pl_probindex *tmp);
+int pl_top_p(pl_probindex *cand, int n, float top_p, double *p);
+/* min-p and the draw take the candidates in any order (min-p keeps their order). */
+int pl_min_p(pl_probindex *cand, int n, float min_p);
+/* A token drawn from softmax(logit/temperature) of the n candidates (temperature <= 0: the
+ * largest logit, the lower id on a tie). */
+int pl_draw(const pl_probindex *cand, int n, float temperature, double *p, unsigned long long *rng);
+double pl_uniform(unsigned long long *rng);
+/* The whole chain on a copy of logits: penalties over window, logit bias, top-k, typical, top-p,
+ * min-p, temperature, draw. cand and tmp hold n entries, counts n zeros. -1: non-finite logits. */
+int pl_sample_chain(const float *logits, int n, const pl_sampling *sp, const int *window, int n_window,
+                    const int *bias_ids, const float *bias, int n_bias, pl_probindex *cand,
+                    pl_probindex *tmp, double *p, int *counts, unsigned long long *rng);
+/* log(sum(exp(x))) over x[0..n): the normalizer of log-probabilities. */
+double pl_logsumexp(const float *x, int n);
+
+/* Moves KV-cache positions [src, src+n) to [dst, dst+n) in every layer and rotates the moved keys
+ * by (dst - src) positions of the model's RoPE (w->cfg.rope_style, w->rope_freqs). Python checks
+ * the ranges. */
+void pl_kv_shift(const pl_weights *w, pl_state *s, int src, int dst, int n);

@@ -264,11 +264,43 @@ long long pl_scratch_bytes(const pl_weights *w, int max_batch)
 /* ------------------------------------------------------------------------------------------------
  * the forward pass */
 
+/* Where a call's tokens go: token t at position tok_pos(m, t) of slot tok_slot(m, t). A run (one
+ * slot, consecutive positions pos0..: every pl_forward call) has no arrays and computes k and v
+ * straight into the cache; otherwise they go through s->k, s->v and are scattered to their slots.
+ * Token t's logits are computed when wanted (want[t]; want NULL: t >= first) into s->logits row
+ * "number of wanted tokens before t". */
+typedef struct {
+    int n, run, pos0, slot0, first;
+    const int *pos, *slot, *want;
+} seqmap;
+
+static inline int tok_pos(const seqmap *m, int t) { return m->pos ? m->pos[t] : m->pos0 + t; }
+static inline int tok_slot(const seqmap *m, int t) { return m->slot ? m->slot[t] : m->slot0; }
+static inline int tok_wanted(const seqmap *m, int t) { return m->want ? m->want[t] != 0 : t >= m->first; }
+
+/* Layer l's part of a slot's cache: (n_ctx, kv_dim) at key_cache or value_cache + this offset. */
+static inline long long kv_offset(const pl_state *s, int slot, int l, int n_layers, int kv_dim)
+{
+    return ((long long)slot * n_layers + l) * s->n_ctx * kv_dim;
+}
+
+/* Copies this thread's rows [r0, r1) of each token's k (or v) row in buf to its slot's cache. */
+static void kv_scatter(float *cache, const float *buf, const pl_state *s, const seqmap *m, int l,
+                       int n_layers, int kv_dim, long long r0, long long r1)
+{
+    for (int t = 0; t < m->n; t++) {
+        float *dst = cache + kv_offset(s, tok_slot(m, t), l, n_layers, kv_dim)
+                     + (long long)tok_pos(m, t) * kv_dim;
+        memcpy(dst + r0, buf + (long long)t * kv_dim + r0, (size_t)(r1 - r0) * sizeof(float));
+    }
+}
+
 /* The layers and the classifier for the batch already embedded in s->x: run by every thread of
  * the team, or by the caller alone. Each step ends with a barrier (pl__team_sync: the worksharing
  * constructs are `nowait`) before the next one reads what it wrote. */
-static void forward_team(const pl_weights *w, pl_state *s, int n, int pos, int logits)
+static void forward_team(const pl_weights *w, pl_state *s, const seqmap *m)
 {
+    const int n = m->n;
     const pl_config *p = &w->cfg;
     const int dim = p->dim, hidden_dim = p->hidden_dim, n_heads = p->n_heads;
     const int head_size = p->head_dim;
@@ -288,12 +320,15 @@ static void forward_team(const pl_weights *w, pl_state *s, int n, int pos, int l
     (void)att_chunk; /* (only read by OpenMP) */
     for (int l = 0; l < p->n_layers; l++) {
         const pl_layer *L = &w->layers[l];
-        long long loff = (long long)l * n_ctx * kv_dim; /* layer offset into the KV cache */
-        float *kc = s->key_cache + loff + (long long)pos * kv_dim;   /* (n, kv_dim) */
-        float *vc = s->value_cache + loff + (long long)pos * kv_dim; /* (n, kv_dim) */
+        /* this batch's keys and values (n, kv_dim): a run's go straight into its cache rows */
+        long long roff = m->run ? kv_offset(s, m->slot0, l, p->n_layers, kv_dim)
+                                      + (long long)m->pos0 * kv_dim : 0;
+        float *kc = m->run ? s->key_cache + roff : s->k;
+        float *vc = m->run ? s->value_cache + roff : s->v;
 
-        /* attention rmsnorm; q, k, v (k and v straight into the cache) plus biases, with RoPE:
-         * NORM pairs lie within a thread's rows (split in pairs), NEOX pairs span a head */
+        /* attention rmsnorm; q, k, v plus biases, with RoPE (NORM pairs lie within a thread's
+         * rows, split in pairs; NEOX pairs span a head); then k, v to their slots' cache rows
+         * unless the batch is one run, whose k, v went straight into the cache */
 #pragma omp for schedule(static) nowait
         for (int t = 0; t < n; t++)
             rmsnorm(s->xb + (long long)t * dim, x + (long long)t * dim, L->rms_att, dim, p->rms_eps);
@@ -320,14 +355,20 @@ static void forward_team(const pl_weights *w, pl_state *s, int n, int pos, int l
             }
         }
         pl__team_sync();
+        if (!m->run) { /* k, v (RoPE done) from s->k, s->v to their slots: this thread's rows */
+            kv_scatter(s->key_cache, kc, s, m, l, p->n_layers, kv_dim, r0[1], r1[1]);
+            kv_scatter(s->value_cache, vc, s, m, l, p->n_layers, kv_dim, r0[2], r1[2]);
+            pl__team_sync();
+        }
 
-        /* causal multi-head attention: token t (at pos + t) over positions 0..pos+t. A batch is
+        /* causal multi-head attention: token t over positions 0..its own of its slot. A batch is
          * dealt out a token at a time, round robin (token t's work grows with t: contiguous
          * halves would give the last thread most of it); one token's heads are split evenly. */
 #pragma omp for collapse(2) schedule(static, att_chunk) nowait
         for (int t = 0; t < n; t++) {
             for (int h = 0; h < n_heads; h++) {
-                const int last = pos + t;
+                const int last = tok_pos(m, t);
+                const long long loff = kv_offset(s, tok_slot(m, t), l, p->n_layers, kv_dim);
                 const float *q = s->q + (long long)t * q_dim + h * head_size;
                 float *att = s->att + ((long long)t * n_heads + h) * n_ctx;
                 const float *kh = s->key_cache + loff + (h / kv_mul) * head_size;
@@ -367,27 +408,32 @@ static void forward_team(const pl_weights *w, pl_state *s, int n, int pos, int l
         pl__team_sync();
     }
 
-    /* final rmsnorm and classifier, for the last token only unless all or none are wanted */
-    if (logits == PL_LOGITS_NONE)
+    /* final rmsnorm of the wanted tokens (packed into xb rows 0, 1, ...) and the classifier */
+    int n_want = 0;
+    for (int t = 0; t < n; t++) n_want += tok_wanted(m, t);
+    if (n_want == 0)
         return;
-    const int first = logits == PL_LOGITS_ALL ? 0 : n - 1;
 #pragma omp for schedule(static) nowait
-    for (int t = first; t < n; t++)
-        rmsnorm(x + (long long)t * dim, x + (long long)t * dim, w->rms_final, dim, p->rms_eps);
+    for (int t = 0; t < n; t++) {
+        if (!tok_wanted(m, t)) continue;
+        int row = 0;
+        for (int u = 0; u < t; u++) row += tok_wanted(m, u);
+        rmsnorm(s->xb + (long long)row * dim, x + (long long)t * dim, w->rms_final, dim, p->rms_eps);
+    }
     pl__team_sync();
     pl__mm cls = {&w->wcls, s->logits};
-    pl__team_matmuls(x + (long long)first * dim, n - first, &cls, 1, s->scratch, 0, r0, r1);
+    pl__team_matmuls(s->xb, n_want, &cls, 1, s->scratch, 0, r0, r1);
 }
 
-void pl_forward(const pl_weights *w, pl_state *s, const int *tokens, int n, int pos, int logits)
+static void forward_seqs(const pl_weights *w, pl_state *s, const int *tokens, const seqmap *m)
 {
     const pl_config *p = &w->cfg;
     const int dim = p->dim, head_size = p->head_dim;
     float *x = s->x;
 
-    for (int t = 0; t < n; t++) {
+    for (int t = 0; t < m->n; t++) {
         pl_dequantize_row(&w->token_embedding, tokens[t], x + (long long)t * dim);
-        rope_table(s->rope + (long long)t * head_size, pos + t, head_size, p->rope_theta,
+        rope_table(s->rope + (long long)t * head_size, tok_pos(m, t), head_size, p->rope_theta,
                    w->rope_freqs);
     }
 
@@ -401,11 +447,27 @@ void pl_forward(const pl_weights *w, pl_state *s, const int *tokens, int n, int 
 #pragma omp parallel num_threads(s->n_threads)
         {
             pl__team_enter(&team);
-            forward_team(w, s, n, pos, logits);
+            forward_team(w, s, m);
             pl__team_enter(NULL);
         }
     } else {
         pl__team_enter(NULL);
-        forward_team(w, s, n, pos, logits);
+        forward_team(w, s, m);
     }
+}
+
+void pl_forward(const pl_weights *w, pl_state *s, const int *tokens, int n, int pos, int logits)
+{
+    seqmap m = {n, 1, pos, 0, logits == PL_LOGITS_ALL ? 0 : logits == PL_LOGITS_LAST ? n - 1 : n,
+                NULL, NULL, NULL};
+    forward_seqs(w, s, tokens, &m);
+}
+
+void pl_forward_batch(const pl_weights *w, pl_state *s, const pl_batch *b)
+{
+    int run = 1;
+    for (int t = 1; t < b->n; t++)
+        run &= b->slot[t] == b->slot[0] && b->pos[t] == b->pos[0] + t;
+    seqmap m = {b->n, run, b->pos[0], b->slot[0], 0, b->pos, b->slot, b->want_logits};
+    forward_seqs(w, s, b->tokens, &m);
 }

@@ -18,3 +18,7 @@ class TokenizerError(PyllamaError, ValueError):
 
 class ParameterError(PyllamaError, ValueError):
     """An argument is out of range (steps, temperature, top-p, threads, token ids, context ...)."""
+
+
+class BusyError(PyllamaError):
+    """Every slot is busy and the waiting queue is full: retry later (a server answers 503)."""

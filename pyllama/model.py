@@ -9,13 +9,14 @@ import weakref
 
 import numpy as np
 
-from . import validate
 from . import arch as archs
+from . import validate
 from ._core import ffi, lib
 from .errors import ParameterError, PyllamaError
 from .formats.common import F32, MAX_SEQ, Q8_G
 
 MAX_THREADS = 1024
+MAX_SLOTS = 256           # sequences one Transformer's KV cache may hold
 MAX_BATCH = 128            # prompt tokens per forward call (each weight row is read once per batch)
 ATT_BYTES = 64 << 20      # cap on a batch's attention scores
 
@@ -107,9 +108,11 @@ class ModelLock:
 
 
 class Transformer:
-    """The C forward pass over one ModelFile, with its own KV cache of n_ctx positions."""
+    """The C forward pass over one ModelFile, with its own KV cache of n_slots sequences (slots)
+    of n_ctx positions each. forward() and prefill() run slot 0; forward_batch() runs tokens of
+    any slots together. slot_len[i] is the number of positions slot i holds."""
 
-    def __init__(self, model_file, n_ctx=None, threads=None):
+    def __init__(self, model_file, n_ctx=None, threads=None, n_slots=1):
         cfg = model_file.config
         self.file = model_file
         self.config = cfg
@@ -121,8 +124,14 @@ class Transformer:
         # quality may not
         self.n_ctx = validate.integer(n_ctx, f"n_ctx (context positions; the model's seq_len is "
                                              f"{seq_len})", lo=1, hi=MAX_SEQ)
+        self.n_slots = validate.integer(n_slots, "slots", 1, MAX_SLOTS)
+        self.slot_len = [0] * self.n_slots
         self._keep = []
         self._lock = ModelLock()
+        # the token ids the KV cache holds, by position (-1: unknown), and how many tokens were
+        # evaluated in all: the prefix cache of pyllama/kvcache.py reads them
+        self.tokens = []
+        self.n_evaluated = 0
         self._weights = self._bind_weights(model_file)
         self._alloc_state(threads)
         _live.add(self)
@@ -188,7 +197,7 @@ class Transformer:
     def kv_cache_bytes(self, n_ctx=None):
         cfg = self.config
         kv_dim = cfg["head_dim"] * cfg["n_kv_heads"]
-        return 2 * 4 * cfg["n_layers"] * (n_ctx or self.n_ctx) * kv_dim
+        return 2 * 4 * cfg["n_layers"] * (n_ctx or self.n_ctx) * kv_dim * self.n_slots
 
     def _batch_size(self):
         """Tokens per pl_forward call: up to MAX_BATCH, fewer when the attention scores of a
@@ -202,10 +211,12 @@ class Transformer:
         head_dim = cfg["head_dim"]
         q_dim = cfg["n_heads"] * head_dim
         nb = self._batch_size()
-        kv_shape = (cfg["n_layers"], n_ctx, head_dim * cfg["n_kv_heads"])
+        kv_dim = head_dim * cfg["n_kv_heads"]
+        kv_shape = (self.n_slots, cfg["n_layers"], n_ctx, kv_dim)
         scratch_bytes = int(lib.pl_scratch_bytes(self._weights, nb)) + 64
         need = (self.kv_cache_bytes() + scratch_bytes + 4 * nb * (
-            cfg["n_heads"] * n_ctx + 3 * dim + max(dim, q_dim) + q_dim + 2 * hidden + vocab))
+            cfg["n_heads"] * n_ctx + 3 * dim + max(dim, q_dim) + q_dim + 2 * hidden + vocab
+            + 2 * kv_dim))
         avail = available_memory()
         if avail is not None and need > avail:
             raise MemoryError(f"the KV cache and buffers for a context of {n_ctx} positions need "
@@ -218,7 +229,8 @@ class Transformer:
             hb2=np.zeros((nb, hidden), f32), q=np.zeros((nb, q_dim), f32),
             att=np.zeros((nb, cfg["n_heads"], n_ctx), f32),
             logits=np.zeros((nb, vocab), f32), rope=np.zeros((nb, head_dim), f32),
-            key_cache=np.zeros(kv_shape, f32), value_cache=np.zeros(kv_shape, f32))
+            key_cache=np.zeros(kv_shape, f32), value_cache=np.zeros(kv_shape, f32),
+            k=np.zeros((nb, kv_dim), f32), v=np.zeros((nb, kv_dim), f32))
         s = ffi.new("pl_state *")
         self._keep.append(s)
         for name, arr in bufs.items():
@@ -226,9 +238,12 @@ class Transformer:
         scratch = np.zeros(scratch_bytes, np.uint8)
         s.scratch = self._ptr(scratch)
         s.n_ctx = n_ctx
+        s.n_slots = self.n_slots
         s.max_batch = nb
         self.max_batch = nb
         self._tokens = ffi.new("int[]", nb)
+        self._batch_arrays = [ffi.new("int[]", nb) for _ in range(3)]  # pos, slot, want_logits
+        self._batch = ffi.new("pl_batch *", [self._tokens, *self._batch_arrays, 0])
         self._bufs = bufs
         self._scratch = scratch
         self._state = s
@@ -246,6 +261,12 @@ class Transformer:
             value = default_threads(self.config)
         self._state.n_threads = 1 if _forked else check_threads(value)
 
+    def _track(self, pos, ids):
+        del self.tokens[pos:]
+        self.tokens.extend([-1] * (pos - len(self.tokens)))
+        self.tokens.extend(ids)
+        self.n_evaluated += len(ids)
+
     # -- running ---------------------------------------------------------------------------------
     def forward(self, token, pos):
         """Logits (a view of this Transformer's buffer, overwritten by the next call) for `token`
@@ -255,7 +276,9 @@ class Transformer:
         if not 0 <= pos < self.n_ctx:
             raise ParameterError(f"position {pos} is outside the context (0..{self.n_ctx - 1})")
         self._tokens[0] = token
+        self._track(pos, [token])
         lib.pl_forward(self._weights, self._state, self._tokens, 1, pos, lib.PL_LOGITS_LAST)
+        self.slot_len[0] = pos + 1
         return self.logits_buffer[0]
 
     def prefill(self, ids, pos=0, all_logits=False):
@@ -270,6 +293,7 @@ class Transformer:
             raise ParameterError(f"positions {pos}..{pos + n - 1} are outside the context "
                                  f"(0..{self.n_ctx - 1})")
         out = np.empty((n, self.vocab_size), np.float32) if all_logits else None
+        self._track(pos, ids)
         for start in range(0, n, self.max_batch):
             chunk = ids[start:start + self.max_batch]
             self._tokens[0:len(chunk)] = chunk
@@ -279,4 +303,38 @@ class Transformer:
                            lib.PL_LOGITS_LAST if last else lib.PL_LOGITS_NONE)
             if all_logits:
                 out[start:start + len(chunk)] = self.logits_buffer[:len(chunk)]
+        self.slot_len[0] = pos + n
         return out
+
+    # -- several sequences -----------------------------------------------------------------------
+    def truncate(self, slot, n=0):
+        """Keep only the first n positions of slot (0: empty it); later tokens overwrite the rest."""
+        slot = validate.integer(slot, "slot", 0, self.n_slots - 1)
+        self.slot_len[slot] = validate.integer(n, "positions", 0, self.slot_len[slot])
+
+    def forward_batch(self, tokens, slots, want_logits):
+        """Run one batch of tokens from any slots in one pass: tokens[i] goes into slot slots[i]
+        at its next position (a slot's tokens follow each other in batch order). Returns the
+        logits of the tokens with want_logits[i] true, one row each in batch order (a view of
+        this Transformer's buffer, overwritten by the next call)."""
+        n = len(tokens)
+        if not 1 <= n <= self.max_batch or len(slots) != n or len(want_logits) != n:
+            raise ParameterError(f"a batch holds 1..{self.max_batch} tokens with one slot and one "
+                                 f"logits flag each, found {n} tokens, {len(slots)} slots and "
+                                 f"{len(want_logits)} flags")
+        tokens = validate.token_ids(tokens, self.vocab_size, "tokens")
+        nxt = {}
+        pos_a, slot_a, want_a = self._batch_arrays
+        for i, slot in enumerate(slots):
+            slot = validate.integer(slot, f"slots[{i}]", 0, self.n_slots - 1)
+            pos = nxt.get(slot, self.slot_len[slot])
+            if pos >= self.n_ctx:
+                raise ParameterError(f"slot {slot} is full: its context holds {self.n_ctx} positions")
+            nxt[slot] = pos + 1
+            self._tokens[i], pos_a[i], slot_a[i] = tokens[i], pos, slot
+            want_a[i] = 1 if want_logits[i] else 0
+        self._batch.n = n
+        lib.pl_forward_batch(self._weights, self._state, self._batch)
+        for slot, length in nxt.items():
+            self.slot_len[slot] = length
+        return self.logits_buffer[:sum(1 for f in want_logits if f)]

@@ -139,9 +139,11 @@ def cmd_run(args, out, err):
         return _chat(model, sampler, _argv_text(args.prompt), _argv_text(args.system, "--system"), steps,
                      out)
     tok = model.tokenizer
-    ids = encode_prompt(tok, _argv_text(args.prompt) or "", limit)
+    stops = model.stop_ids  # None: llama2.c's rule for .bin files
+    ids = encode_prompt(tok, _argv_text(args.prompt) or "", limit, bos=True if stops is None else None)
     start, n = None, 0
-    for prev, token in generate_tokens(model._model, ids, steps, sampler, bos_id=tok.bos_id):
+    for prev, token in generate_tokens(model._model, ids, steps, sampler, bos_id=tok.bos_id,
+                                       stop_ids=stops):
         out.write(tok.safe_piece(prev, token))
         out.flush()
         n += 1

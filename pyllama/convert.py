@@ -395,7 +395,7 @@ def _canonical_order(n_layers):
 
 # ====================================================================== tokenizer metadata
 def _tokenizer_from_bin(path, vocab_size):
-    from .tokenizer import CONTROL, Tokenizer
+    from .tokenizers.spm import CONTROL, Tokenizer
     tok = Tokenizer.from_llama2c(path, vocab_size)
     tokens = []
     for i, (piece, t) in enumerate(zip(tok.pieces, tok.token_types.tolist())):

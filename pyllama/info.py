@@ -26,7 +26,6 @@ def describe(path):
                 "offset": t.offset} for t in mf.tensors.values()]
     total = sum(t["bytes"] for t in tensors)
     params = sum(int(np.prod(t["shape"])) for t in tensors)
-    tok = mf.tokenizer
     info = {
         "file": mf.path,
         "format": mf.format,
@@ -35,8 +34,7 @@ def describe(path):
         "architecture": "llama",
         "config": {k: (float(v) if isinstance(v, float) else int(v)) for k, v in mf.config.items()},
         "shared_classifier": mf.shared_classifier,
-        "tokenizer": None if tok is None else {
-            "source": "embedded", "tokens": tok.vocab_size, "bos_id": tok.bos_id, "eos_id": tok.eos_id},
+        "tokenizer": _tokenizer_info(mf),
         "tensors": tensors,
         "total_tensor_bytes": total,
         "parameters": params,
@@ -44,6 +42,36 @@ def describe(path):
         "metadata": {k: _summarise(v) for k, v in mf.metadata.items()},
     }
     return info
+
+
+def _tokenizer_info(mf):
+    """The embedded tokenizer: kind (spm, bpe), pre-tokenizer, special ids, add_bos, whether
+    a chat template is present; {"error": ...} when its vocabulary is refused."""
+    from .errors import FormatError
+    from .tokenizers import from_gguf_metadata
+    if "tokenizer.ggml.model" not in mf.metadata:
+        return None
+    try:
+        tok = from_gguf_metadata(mf.metadata, mf.path)
+    except FormatError as e:
+        return {"source": "embedded", "error": str(e)}
+    return {"source": "embedded", "kind": tok.kind, "pre": tok.pre, "tokens": tok.vocab_size,
+            "bos_id": tok.bos_id, "eos_id": tok.eos_id, "eot_id": tok.eot_id,
+            "eom_id": tok.eom_id, "stop_ids": sorted(tok.stop_ids), "add_bos": tok.add_bos,
+            "chat_template": isinstance(mf.metadata.get("tokenizer.chat_template"), str)}
+
+
+def _tokenizer_line(tok):
+    if tok is None:
+        return "none in the file"
+    if "error" in tok:
+        return f"refused: {tok['error']}"
+    kind = {"spm": "SentencePiece BPE", "bpe": "byte-level BPE"}[tok["kind"]]
+    pre = f", pre-tokenizer {tok['pre']}" if tok["pre"] else ""
+    return (f"{kind}{pre}, {tok['tokens']} tokens (bos {tok['bos_id']}, eos {tok['eos_id']}, "
+            f"stop at {', '.join(map(str, tok['stop_ids']))}; add_bos "
+            f"{'yes' if tok['add_bos'] else 'no'}; chat template "
+            f"{'present' if tok['chat_template'] else 'absent'})")
 
 
 def _type_counts(mf):
@@ -60,9 +88,7 @@ def render_text(info):
     for k, v in info["config"].items():
         lines.append(f"  {k:<12} {v}")
     lines.append(f"  {'classifier':<12} {'shared with token_embd' if info['shared_classifier'] else 'separate'}")
-    tok = info["tokenizer"]
-    lines.append("tokenizer:    " + ("none in the file" if tok is None else
-                                     f"{tok['tokens']} tokens (bos {tok['bos_id']}, eos {tok['eos_id']})"))
+    lines.append("tokenizer:    " + _tokenizer_line(info["tokenizer"]))
     if info["metadata"]:
         lines.append("metadata:")
         for k, v in info["metadata"].items():

@@ -5,9 +5,10 @@ import numpy as np
 
 from .errors import FormatError, ParameterError, TokenizerError
 from .formats import GGUF_MAGIC, ModelFile, load, open_map
-from .generate import encode_prompt, generate_tokens, make_sampler, resolve_steps, stream_text
+from .generate import (encode_prompt, generate_tokens, make_sampler, resolve_steps, stop_rule,
+                       stream_text)
 from .model import Transformer
-from .tokenizer import Tokenizer
+from .tokenizers import BaseTokenizer, Tokenizer, from_gguf_metadata
 
 CONFIG_ATTRS = ("dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "seq_len")
 
@@ -22,16 +23,14 @@ def find_tokenizer(model_path):
 
 
 def load_tokenizer(path, vocab_size=None):
-    """A Tokenizer from a GGUF file (its embedded vocabulary; vocab-only files too) or from a
-    llama2.c tokenizer.bin (which does not store its size: give the model's vocab_size)."""
+    """A tokenizer from a GGUF file (its embedded vocabulary, whatever the architecture; vocab-only
+    files too) or from a llama2.c tokenizer.bin (which does not store its size: give the model's
+    vocab_size)."""
     path = os.fspath(path)
     mm = open_map(path)
     if bytes(mm[:4]) == GGUF_MAGIC:
-        from .formats.gguf import read_gguf
-        tok = read_gguf(path, mm).tokenizer
-        if tok is None:
-            raise FormatError(f"{path}: this GGUF file has no tokenizer (tokenizer.ggml.model)")
-        return tok
+        from .formats.gguf import read_metadata
+        return from_gguf_metadata(read_metadata(path, mm)[1], source=path)
     if vocab_size is None:
         raise TokenizerError(f"{path}: a llama2.c tokenizer.bin does not store its size; "
                              f"pass the model's vocab_size")
@@ -69,12 +68,12 @@ class Llama:
             setattr(self, key, self.file.config[key])
 
     def _resolve_tokenizer(self, tokenizer):
-        if isinstance(tokenizer, Tokenizer):
+        if isinstance(tokenizer, BaseTokenizer):
             tok = tokenizer
         elif tokenizer is not None:
             tok = load_tokenizer(tokenizer, self.file.config["vocab_size"])
-        elif self.file.tokenizer is not None:
-            tok = self.file.tokenizer
+        elif "tokenizer.ggml.model" in self.file.metadata:
+            tok = from_gguf_metadata(self.file.metadata, source=self.path)
         else:
             found = find_tokenizer(self.path)
             tok = load_tokenizer(found, self.file.config["vocab_size"]) if found else None
@@ -108,9 +107,16 @@ class Llama:
         return self.tokenizer
 
     # -- text ------------------------------------------------------------------------------------
-    def tokenize(self, text, bos=True, eos=False):
-        """Token ids of `text` (str, or UTF-8 bytes)."""
-        return self._tok().encode(text, bos=bos, eos=eos)
+    def tokenize(self, text, bos=True, eos=False, special=False):
+        """Token ids of `text` (str, or UTF-8 bytes). bos=True adds BOS where the file says so
+        (Llama 2 and 3 yes, Qwen2 no; as llama.cpp's add_special); special=True turns control
+        token texts such as "<|eot_id|>" into their ids."""
+        return self._tok().encode(text, bos=None if bos else False, eos=eos, special=special)
+
+    @property
+    def stop_ids(self):
+        """Sampled ids that end generation (None: llama2.c's rule, BOS, for .bin files)."""
+        return stop_rule(self.file, self.tokenizer)
 
     def detokenize(self, ids):
         """Text of a sequence of token ids."""
@@ -135,14 +141,15 @@ class Llama:
         """Stream text as it is generated, as llama2.c's `run` does.
 
         steps counts positions including the prompt's tokens (0 = the model's context); generation
-        stops early when BOS is sampled. temperature 0 is greedy; seed None or 0 means a seed from
+        stops early when BOS is sampled (.bin files, as llama2.c) or at EOS/EOT/EOM (GGUF files). temperature 0 is greedy; seed None or 0 means a seed from
         the clock. Yields the continuation's text pieces (with echo=True, the prompt's first).
         """
         tok = self._tok()
         steps = resolve_steps(steps, self.n_ctx)
         sampler = make_sampler(self._model, temperature, topp, seed)
-        ids = encode_prompt(tok, prompt, self.n_ctx)
-        pairs = generate_tokens(self._model, ids, steps, sampler, bos_id=tok.bos_id)
+        ids = encode_prompt(tok, prompt, self.n_ctx, bos=True if self.stop_ids is None else None)
+        pairs = generate_tokens(self._model, ids, steps, sampler, bos_id=tok.bos_id,
+                                stop_ids=self.stop_ids)
         return stream_text(tok, pairs, skip=0 if echo else len(ids) - 1)
 
     # -- lifetime --------------------------------------------------------------------------------

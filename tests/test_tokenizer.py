@@ -1,4 +1,4 @@
-"""Tests of pyllama.tokenizer.
+"""Tests of pyllama.tokenizers.spm (the SentencePiece tokenizer).
 
 Expected values come from (see ../shared/golden/README.md):
   * golden/manifest.json "encode": llama2.c's encode() with models/tokenizer.bin;
@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from conftest import SHARED, shared_path
 
 from pyllama.errors import FormatError, TokenizerError
-from pyllama.tokenizer import Tokenizer
+from pyllama.tokenizers import Tokenizer
 
 HYPOTHESIS = settings(max_examples=300, deadline=None, database=None,
                       suppress_health_check=[HealthCheck.too_slow])

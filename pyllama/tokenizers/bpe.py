@@ -121,7 +121,7 @@ class BPETokenizer(BaseTokenizer):
             if not isinstance(v, list):
                 raise FormatError(f"{source}: tokenizer.ggml.{key}: expected an array of "
                                   f"strings, found {type(v).__name__}")
-        n = len(tokens)
+        n = _check_tokens(tokens, source, duplicates=False)  # (__init__ checks those)
         pre = meta.get("tokenizer.ggml.pre", "default")
         if not isinstance(pre, str):
             raise FormatError(f"{source}: tokenizer.ggml.pre: expected a string, found {pre!r:.40}")
@@ -298,7 +298,7 @@ def _compiled(pattern: str):
     return rx
 
 
-def _check_tokens(tokens, source: str) -> int:
+def _check_tokens(tokens, source: str, duplicates: bool = True) -> int:
     n = len(tokens) if isinstance(tokens, list) else 0
     if not isinstance(tokens, list) or not 0 < n <= MAX_VOCAB:
         what = f"{n} tokens" if isinstance(tokens, list) else type(tokens).__name__
@@ -308,7 +308,7 @@ def _check_tokens(tokens, source: str) -> int:
         i = next(i for i, t in enumerate(tokens) if type(t) is not str)
         raise FormatError(f"{source}: tokenizer.ggml.tokens[{i}]: expected a string, found "
                           f"{type(tokens[i]).__name__}")
-    if len(set(tokens)) != n:
+    if duplicates and len(set(tokens)) != n:
         seen: dict = {}
         for i, t in enumerate(tokens):
             if t in seen:

@@ -132,12 +132,15 @@ class Tokenizer(BaseTokenizer):
         self._split_words = not _any_crosses_word(self._ids)
         self.max_piece_chars = max(map(len, self._ids), default=1)
         self._cache: dict = {}
-        specials = np.flatnonzero(np.isin(self.token_types, (CONTROL, UNKNOWN))).tolist()
-        self._specials = specials_by_length(  # what encode(special=True) recognises in text
+        # what encode(special=True) recognises in text: GGUF control/unknown pieces ("<s>");
+        # none for a tokenizer.bin, whose control pieces read "\n<s>\n" (llama2.c parses none)
+        specials = [] if self.prints_control else \
+            np.flatnonzero(np.isin(self.token_types, (CONTROL, UNKNOWN))).tolist()
+        self._specials = specials_by_length(
             (t, i) for t, i in zip(_decode_each([self._pieces[i] for i in specials]), specials)
             if t is not None)
-        self._eog_ids = end_of_generation(
-            (t, i) for t, i in self._specials if self._types[i] == CONTROL and not self.prints_control)
+        self._eog_ids = end_of_generation((t, i) for t, i in self._specials
+                                          if self._types[i] == CONTROL)
 
     # ------------------------------------------------------------------ constructors
     @classmethod

@@ -101,6 +101,11 @@ class BaseTokenizer:
         """The raw bytes token ``tid`` stands for in decoded text (b"" for control tokens)."""
         return self._piece(self._check_id(tid), False)
 
+    def safe_piece(self, prev_id, tid) -> bytes:
+        """The bytes `pyllama run` writes for ``tid`` (a byte stream: characters split across
+        tokens join on the terminal). The SentencePiece tokenizer keeps llama2.c's rules."""
+        return self.token_bytes(tid)
+
     def decoder(self) -> "IncrementalDecoder":
         """A streaming decoder: feed ids one at a time, get text only once it is complete."""
         return IncrementalDecoder(self)

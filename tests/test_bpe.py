@@ -249,6 +249,8 @@ def test_user_defined_tokens_always_split():
 
 @pytest.mark.parametrize("changes, match", [
     ({"tokenizer.ggml.merges": ["a b", "x zz"]}, r"merges\[1\] = 'x zz' names 'zz'.*not a token"),
+    ({"tokenizer.ggml.merges": ["a b", "bc Ġa"]}, r"merges\[1\] = 'bc Ġa' names 'bcĠa', which is "
+                                                  r"not a token"),
     ({"tokenizer.ggml.merges": ["a b", "ab"]}, r"merges\[1\] = 'ab': expected two tokens"),
     ({"tokenizer.ggml.merges": ["a b c"]}, r"merges\[0\] = 'a b c': expected two tokens"),
     ({"tokenizer.ggml.merges": [" a"]}, r"merges\[0\] = ' a': expected two tokens"),
@@ -280,18 +282,18 @@ def test_hostile_tokens():
     tokens = list(BYTE_TO_CHAR) + ["ab", "bc", "abc", "Ġa", "12", "a b", "<|end|>", "<|user|>"]
     with pytest.raises(FormatError, match=r"token 261 'a b' \(normal\) holds ' ' \(U\+0020\), "
                                           r"which is not in the byte-level BPE alphabet"):
-        from_gguf_metadata(_meta(tokens), "bad.gguf")
+        from_gguf_metadata(_meta(tokens, ["a b"]), "bad.gguf")
     tokens[261] = "éé"  # U+00E9 is the byte 0xE9 in the alphabet, fine; U+4E2D is not
-    from_gguf_metadata(_meta(tokens), "ok.gguf")
+    from_gguf_metadata(_meta(tokens, ["a b"]), "ok.gguf")
     tokens[261] = "中"
     with pytest.raises(FormatError, match=r"'中' \(U\+4E2D\)"):
-        from_gguf_metadata(_meta(tokens), "bad.gguf")
+        from_gguf_metadata(_meta(tokens, ["a b"]), "bad.gguf")
     tokens[261] = "ab"
     with pytest.raises(FormatError, match=r"duplicate token 'ab': ids 256 and 261"):
-        from_gguf_metadata(_meta(tokens), "bad.gguf")
+        from_gguf_metadata(_meta(tokens, ["a b"]), "bad.gguf")
     tokens[261] = 7
     with pytest.raises(FormatError, match=r"tokens\[261\]: expected a string, found int"):
-        from_gguf_metadata(_meta(tokens), "bad.gguf")
+        from_gguf_metadata(_meta(tokens, ["a b"]), "bad.gguf")
 
 
 def test_absurd_vocabulary_size():
@@ -316,8 +318,8 @@ def test_bad_input_text_and_ids():
 def test_long_words_merge_as_short_ones(llama3):
     """Pre-tokens longer than the scan limit go through the heap merge; same ids as tiktoken."""
     from pyllama.tokenizers.bpe import _merge_heap, _merge_scan
-    word = "".join(BYTE_TO_CHAR[b] for b in ("abracadabra" * 50 + "中文" * 30).encode())
-    assert _merge_heap(word, llama3._ranks) == _merge_scan(word, llama3._ranks)
+    ids = [llama3._byte_ids[b] for b in ("abracadabra" * 50 + "中文" * 30 + "x").encode()]
+    assert _merge_heap(list(ids), llama3._merges) == _merge_scan(list(ids), llama3._merges)
     text = "x" * 20000  # one pre-token of 20000 letters: neither slow nor different
     t = time.perf_counter()
     assert llama3.decode(llama3.encode(text)) == text

@@ -65,7 +65,11 @@ _DECODE.update({c: "\uffff" for c in range(256) if chr(c) not in CHAR_TO_BYTE}) 
 
 _NORMAL = (UNDEFINED, NORMAL)  # types whose text is in the byte alphabet
 _CACHE_MAX, _CACHED_MAX_CHARS, _SCAN_MAX = 1 << 16, 256, 4096
-_NO_RANK = 1 << 62
+# a merge is keyed by its pair of ids (left << _SHIFT | right), valued rank << _SHIFT | result id:
+# min() of values is the lowest rank, and the value's low bits are the merged token
+_SHIFT = MAX_VOCAB.bit_length()
+_MASK = (1 << _SHIFT) - 1
+_NO_RANK = 1 << 80
 
 
 class BPETokenizer(BaseTokenizer):
@@ -102,7 +106,7 @@ class BPETokenizer(BaseTokenizer):
         self._texts = tokens
         self._ids = {tokens[i]: i for i in normal}    # byte-level text -> id
         self._byte_ids = [self._ids.get(c) for c in BYTE_TO_CHAR]
-        self._ranks = _merge_ranks(merges, self._ids, source)
+        self._merges = _merge_table(merges, self._ids, source)
         user = np.flatnonzero(types == USER_DEFINED).tolist()
         special = np.flatnonzero(np.isin(types, (CONTROL, UNKNOWN, USER_DEFINED))).tolist()
         self._user = specials_by_length((tokens[i], i) for i in user)
@@ -188,33 +192,27 @@ class BPETokenizer(BaseTokenizer):
                 for key in list(cache)[:len(cache) // 2]:
                     del cache[key]
             for piece in new:
-                cache[piece] = self._bpe(piece.encode().decode("latin-1").translate(_ENCODE))
+                cache[piece] = self._bpe(piece)
             found = list(map(cache.get, pieces))
             for piece in new:
                 if len(piece) > _CACHED_MAX_CHARS:
                     del cache[piece]
         return list(chain.from_iterable(found))
 
-    def _bpe(self, word: str) -> list:
-        """Token ids of one pre-token, given in the byte alphabet."""
-        tid = self._ids.get(word)
-        if tid is not None and (self.ignore_merges or len(word) == 1):
-            return [tid]
-        symbols = _merge_scan(word, self._ranks) if len(word) <= _SCAN_MAX else \
-            _merge_heap(word, self._ranks)
-        out = []
-        for s in symbols:
-            tid = self._ids.get(s)
+    def _bpe(self, piece: str) -> list:
+        """Token ids of one pre-token."""
+        raw = piece.encode()
+        if self.ignore_merges:
+            tid = self._ids.get(raw.decode("latin-1").translate(_ENCODE))
             if tid is not None:
-                out.append(tid)
-                continue
-            for c in s:  # a merge whose result is not a token: one token per byte
-                b = self._byte_ids[CHAR_TO_BYTE[c]]
-                if b is None:
-                    raise TokenizerError(f"{self.source} has no token for the byte "
-                                         f"0x{CHAR_TO_BYTE[c]:02x}")
-                out.append(b)
-        return out
+                return [tid]
+        ids = list(map(self._byte_ids.__getitem__, raw))
+        if None in ids:
+            b = raw[ids.index(None)]
+            raise TokenizerError(f"{self.source} has no token for the byte 0x{b:02x}")
+        if len(ids) < 2:
+            return ids
+        return (_merge_scan if len(ids) <= _SCAN_MAX else _merge_heap)(ids, self._merges)
 
     # ------------------------------------------------------------------ decoding
     def _piece(self, tid: int, first: bool = False) -> bytes:
@@ -237,49 +235,44 @@ class BPETokenizer(BaseTokenizer):
 
 
 # ---------------------------------------------------------------------- merging
-def _merge_scan(word: str, ranks: dict) -> list:
-    """Lowest-rank adjacent pair first (leftmost on ties): a list of pair ranks, min() finds the
-    pair, only its two neighbours are looked up again. O(n) per merge in C: for all but huge
-    words."""
-    parts = list(word)
-    get = ranks.get
-    r = [get(a + " " + b, _NO_RANK) for a, b in zip(parts, parts[1:])]
+def _merge_scan(ids: list, merges: dict) -> list:
+    """Lowest-rank adjacent pair first (leftmost on ties): a list of the pairs' merge values,
+    min() finds the pair, only its two neighbours are looked up again. O(n) per merge in C."""
+    get = merges.get
+    r = [get(a << _SHIFT | b, _NO_RANK) for a, b in zip(ids, ids[1:])]
     while r:
         best = min(r)
         if best == _NO_RANK:
             break
         i = r.index(best)
-        parts[i:i + 2] = [parts[i] + parts[i + 1]]
-        del r[i]
+        ids[i] = best & _MASK
+        del ids[i + 1], r[i]
         if i:
-            r[i - 1] = get(parts[i - 1] + " " + parts[i], _NO_RANK)
+            r[i - 1] = get(ids[i - 1] << _SHIFT | ids[i], _NO_RANK)
         if i < len(r):
-            r[i] = get(parts[i] + " " + parts[i + 1], _NO_RANK)
-    return parts
+            r[i] = get(ids[i] << _SHIFT | ids[i + 1], _NO_RANK)
+    return ids
 
 
-def _merge_heap(word: str, ranks: dict) -> list:
-    """The same merges with a heap of (rank, left index) over a linked list: for long words."""
-    n = len(word)
-    text = list(word)
+def _merge_heap(ids: list, merges: dict) -> list:
+    """The same merges with a heap over a linked list: O(n log n), for very long pre-tokens."""
+    n = len(ids)
     nxt, prv = list(range(1, n + 1)), list(range(-1, n - 1))
-    get = ranks.get
+    get = merges.get
+    heap: list = []
 
     def push(i, j):
-        r = get(text[i] + " " + text[j])
-        if r is not None:
-            heapq.heappush(heap, (r, i, j, len(text[i]) + len(text[j])))
+        v = get(ids[i] << _SHIFT | ids[j])
+        if v is not None:  # (a symbol's id at a position never comes back once it merged)
+            heapq.heappush(heap, (v, i, ids[i], j, ids[j]))
 
-    heap: list = []
     for i in range(n - 1):
         push(i, i + 1)
     while heap:
-        _, i, j, size = heapq.heappop(heap)
-        if text[i] is None or text[j] is None or nxt[i] != j or \
-                len(text[i]) + len(text[j]) != size:
+        v, i, a, j, b = heapq.heappop(heap)
+        if ids[i] != a or ids[j] != b or nxt[i] != j:
             continue  # stale: a side has merged since
-        text[i] += text[j]
-        text[j] = None
+        ids[i], ids[j] = v & _MASK, None
         nxt[i] = nxt[j]
         if nxt[j] < n:
             prv[nxt[j]] = i
@@ -287,7 +280,7 @@ def _merge_heap(word: str, ranks: dict) -> list:
             push(prv[i], i)
         if nxt[i] < n:
             push(i, nxt[i])
-    return [t for t in text if t is not None]
+    return [t for t in ids if t is not None]
 
 
 # ---------------------------------------------------------------------- loading
@@ -330,33 +323,39 @@ def _check_alphabet(tokens: list, normal: list, types: np.ndarray, source: str) 
                     f"alphabet: not a gpt2 vocabulary")
 
 
-def _merge_ranks(merges: list, ids: dict, source: str) -> dict:
-    """"A B" line -> rank (its position; the first of repeated lines wins), each line checked:
-    two parts separated by one space, both normal tokens (a merge whose result is not a token
-    falls back to byte tokens when encoding, as in llama.cpp). The checks run on all lines at
-    once; the line-by-line loop only names the first bad one."""
+def _merge_table(merges: list, ids: dict, source: str) -> dict:
+    """(left id, right id) key -> rank and result id (see _SHIFT), from the "A B" lines (rank =
+    position, the first of repeated lines wins). Each line must be two normal tokens separated by
+    one space whose concatenation is a token too (as Hugging Face's BPE requires). The checks
+    run on all lines at once; the line-by-line loop only names the first bad one."""
     if set(map(type, merges)) - {str}:
         i = next(i for i, m in enumerate(merges) if type(m) is not str)
         raise FormatError(f"{source}: tokenizer.ggml.merges[{i}]: expected a string, found "
                           f"{type(merges[i]).__name__}")
-    spaces = " "
-    ok = (set(map(str.count, merges, repeat(spaces))) <= {1}
-          and not any(map(str.startswith, merges, repeat(spaces)))
-          and not any(map(str.endswith, merges, repeat(spaces)))
-          and ids.keys() >= set("\n".join(merges).replace("\n", spaces).split(spaces)))
-    if not ok:
+    if not merges:
+        return {}
+    space, joined = " ", "\n".join(merges)
+    ok = (set(map(str.count, merges, repeat(space))) == {1} and joined.count("\n") == len(merges) - 1
+          and not any(map(str.startswith, merges, repeat(space)))
+          and not any(map(str.endswith, merges, repeat(space))))
+    parts = list(map(ids.get, joined.replace("\n", space).split(space))) if ok else [None]
+    results = list(map(ids.get, joined.replace(space, "").split("\n"))) if ok else [None]
+    if None in parts or None in results:
         _name_bad_merge(merges, ids, source)
-    return dict(zip(reversed(merges), range(len(merges) - 1, -1, -1)))
+    n = len(merges)
+    keys = np.array(parts[0::2], np.int64) << _SHIFT | np.array(parts[1::2], np.int64)
+    values = np.arange(n, dtype=np.int64) << _SHIFT | np.array(results, np.int64)
+    return dict(zip(keys[::-1].tolist(), values[::-1].tolist()))
 
 
 def _name_bad_merge(merges: list, ids: dict, source: str):
     for i, line in enumerate(merges):
         a, sep, b = line.partition(" ")
-        if not a or not b or " " in b:
+        if not a or not b or " " in b or "\n" in line:
             raise FormatError(f"{source}: tokenizer.ggml.merges[{i}] = {line!r:.60}: expected "
                               f"two tokens separated by one space")
-        if a not in ids or b not in ids:
-            what = a if a not in ids else b
+        if a not in ids or b not in ids or a + b not in ids:
+            what = a if a not in ids else b if b not in ids else a + b
             raise FormatError(f"{source}: tokenizer.ggml.merges[{i}] = {line!r:.60} names "
                               f"{what!r:.40}, which is not a token of the vocabulary")
     raise AssertionError("unreachable: the bulk check found a bad merge line")

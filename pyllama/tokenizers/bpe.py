@@ -186,17 +186,13 @@ class BPETokenizer(BaseTokenizer):
         pieces = self._pretokens(text)
         cache = self._cache
         found = list(map(cache.get, pieces))
-        if None in found:  # BPE once per new distinct pre-token, then every lookup again
-            new = set(compress(pieces, map(operator.not_, found)))
-            if len(cache) + len(new) > _CACHE_MAX:  # drop the older half (dicts keep order)
+        if None in found:  # BPE once per new distinct pre-token
+            fresh = {p: self._bpe(p) for p in set(compress(pieces, map(operator.not_, found)))}
+            found = list(map(fresh.get, pieces, found))
+            if len(cache) + len(fresh) > _CACHE_MAX:  # drop the older half (dicts keep order)
                 for key in list(cache)[:len(cache) // 2]:
-                    del cache[key]
-            for piece in new:
-                cache[piece] = self._bpe(piece)
-            found = list(map(cache.get, pieces))
-            for piece in new:
-                if len(piece) > _CACHED_MAX_CHARS:
-                    del cache[piece]
+                    cache.pop(key, None)  # (another thread may have dropped it already)
+            cache.update((p, ids) for p, ids in fresh.items() if len(p) <= _CACHED_MAX_CHARS)
         return list(chain.from_iterable(found))
 
     def _bpe(self, piece: str) -> list:

@@ -11,7 +11,10 @@
 
 #define PL_ABI_VERSION 5
 
-/* Tensor types: ggml's type numbers, plus one of our own for llama2.c V2 checkpoints. */
+/* Tensor types: ggml's type numbers, plus one of our own for llama2.c V2 checkpoints. The types
+ * the core computes with are exactly these; Python reads their numbers from the compiled core
+ * (pyllama/formats/common.py, whose GGML_TYPES table holds names and block sizes of every ggml
+ * type; tests/test_types.py checks that the two agree). */
 #define PL_F32 0
 #define PL_F16 1
 #define PL_Q4_0 2

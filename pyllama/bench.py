@@ -3,6 +3,7 @@
 Generation reads (about) every weight byte once per token, so tokens/s × bytes per token against
 the measured read bandwidth says how close a run is to the memory wall.
 """
+import os
 import statistics
 import time
 
@@ -12,8 +13,45 @@ from ._core import ffi, lib
 from .generate import generate_tokens, make_sampler
 
 
-def read_bandwidth(threads, nbytes=1 << 30, repeat=5):
-    """Median bytes/s of summing an f32 array far larger than the caches."""
+CACHE_DIR = "/sys/devices/system/cpu/cpu0/cache"
+DEFAULT_LLC = 32 << 20          # when the cache size cannot be read
+MIN_PROBE, MAX_PROBE = 64 << 20, 1 << 30
+
+
+def last_level_cache(cache_dir=CACHE_DIR):
+    """Bytes of the largest data/unified cache of CPU 0 (Linux sysfs), else DEFAULT_LLC."""
+    best = 0
+    try:
+        for entry in os.listdir(cache_dir):
+            base = os.path.join(cache_dir, entry)
+            try:
+                with open(os.path.join(base, "type")) as f:
+                    if f.read().strip() == "Instruction":
+                        continue
+                with open(os.path.join(base, "size")) as f:
+                    text = f.read().strip().upper()
+            except OSError:
+                continue
+            scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+            digits = text.rstrip("KMG")
+            if digits.isdigit():
+                best = max(best, int(digits) * scale)
+    except OSError:
+        pass
+    return best or DEFAULT_LLC
+
+
+def probe_bytes(model_bytes, llc):
+    """The bandwidth probe's size: past the caches (4x the last level) and at least what a token
+    reads, within [MIN_PROBE, MAX_PROBE]; 0 (no probe) when the weights fit in the cache, where a
+    DRAM bandwidth figure says nothing about the run."""
+    if model_bytes <= llc:
+        return 0
+    return int(min(max(4 * llc, model_bytes, MIN_PROBE), MAX_PROBE))
+
+
+def read_bandwidth(threads, nbytes, repeat=5):
+    """Median bytes/s of summing an f32 array of `nbytes` (larger than the caches)."""
     x = np.ones(nbytes // 4, np.float32)
     ptr = ffi.cast("float *", ffi.from_buffer(x))
     lib.pl_sum_f32(ptr, x.size, threads)  # warm: pages mapped, threads started
@@ -78,25 +116,37 @@ def run(args, out, err):
     from .llama import Llama
     threads = args.threads or [lib.pl_max_threads()]
     m = Llama(args.model, tokenizer=None if not args.tokenizer else args.tokenizer)
-    ttft = _stats([time_to_first_token(args.model, args.tokenizer) * 1000 for _ in range(args.repeat)])
+    per_token = bytes_per_token(m.file)
+    llc = last_level_cache()
+    probe = probe_bytes(per_token, llc)
     rows = []
     for th in threads:
         r = bench(m, th, args.prompt, args.gen, args.repeat)
-        r["read_bandwidth"] = read_bandwidth(th)
-        r["bandwidth_fraction"] = r["gen_tok_s"]["median"] * r["bytes_per_token"] / r["read_bandwidth"]
-        r["time_to_first_token_ms"] = ttft
+        r["time_to_first_token_ms"] = _stats([time_to_first_token(args.model, args.tokenizer, th)
+                                              * 1000 for _ in range(args.repeat)])
+        r["last_level_cache"] = llc
+        r["cache_resident"] = probe == 0
+        r["read_bandwidth"] = read_bandwidth(th, probe) if probe else None
+        r["bandwidth_fraction"] = (r["gen_tok_s"]["median"] * per_token / r["read_bandwidth"]
+                                   if probe else None)
         r["model"] = args.model
         rows.append(r)
     if args.json:
         out.write((json.dumps(rows, indent=2) + "\n").encode())
         return 0
-    out.write(f"{args.model}: {m.file.format}, {rows[0]['bytes_per_token'] / 1e6:.1f} MB read per "
-              f"token, time to first token {ttft['median']:.1f} ms [{ttft['min']:.1f}..{ttft['max']:.1f}]"
-              f"\n".encode())
+    out.write(f"{args.model}: {m.file.format}, {per_token / 1e6:.1f} MB read per token\n".encode())
     for r in rows:
-        pp, tg = r["prompt_tok_s"], r["gen_tok_s"]
-        out.write((f"  threads {r['threads']}: prompt ({r['prompt_tokens']} tokens) "
-                   f"{pp['median']:.1f} tok/s [{pp['min']:.1f}..{pp['max']:.1f}], generate "
-                   f"{tg['median']:.1f} tok/s [{tg['min']:.1f}..{tg['max']:.1f}], "
-                   f"{r['bandwidth_fraction'] * 100:.0f}% of {r['read_bandwidth'] / 1e9:.1f} GB/s\n").encode())
+        out.write(f"  {format_row(r)}\n".encode())
     return 0
+
+
+def format_row(r):
+    """One --threads row of the text report."""
+    pp, tg, ttft = r["prompt_tok_s"], r["gen_tok_s"], r["time_to_first_token_ms"]
+    wall = ("cache-resident (the weights fit in the "
+            f"{r['last_level_cache'] / 2**20:.0f} MiB last-level cache)" if r["cache_resident"]
+            else f"{r['bandwidth_fraction'] * 100:.0f}% of {r['read_bandwidth'] / 1e9:.1f} GB/s")
+    return (f"threads {r['threads']}: prompt ({r['prompt_tokens']} tokens) "
+            f"{pp['median']:.1f} tok/s [{pp['min']:.1f}..{pp['max']:.1f}], generate "
+            f"{tg['median']:.1f} tok/s [{tg['min']:.1f}..{tg['max']:.1f}], {wall}, first token "
+            f"{ttft['median']:.1f} ms [{ttft['min']:.1f}..{ttft['max']:.1f}]")

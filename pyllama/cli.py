@@ -132,8 +132,9 @@ def cmd_run(args, out, err):
     steps = resolve_steps(args.steps, limit)
     model = Llama(mf, tokenizer=args.tokenizer, threads=args.threads, n_ctx=args.context or steps)
     if model.tokenizer is None:
-        raise TokenizerError(f"no tokenizer: {args.checkpoint} has none and no tokenizer.bin was "
-                             f"found beside it or in the working directory (use -z PATH)")
+        raise TokenizerError(model.tokenizer_problem or f"no tokenizer: {args.checkpoint} has "
+                             f"none and no tokenizer.bin was found beside it or in the working "
+                             f"directory (use -z PATH)")
     sampler = make_sampler(model._model, args.temperature, args.topp, args.seed)
     if args.mode == "chat" or args.command == "chat":
         return _chat(model, sampler, _argv_text(args.prompt), _argv_text(args.system, "--system"), steps,
@@ -211,14 +212,8 @@ def _chat(model, sampler, user_prompt, system_prompt, steps, out):
 
 
 def cmd_info(args, out, err):
-    from .info import describe, render_text
-    import json
-    info = describe(args.file)
-    if args.json:
-        out.write((json.dumps(info, indent=2) + "\n").encode())
-    else:
-        out.write(render_text(info).encode())
-    return 0
+    from .info import run
+    return run(args, out, err)
 
 
 def cmd_bench(args, out, err):

@@ -2,9 +2,9 @@
 
     convert(src_path, dst_path, type="f32", tokenizer=None, pure=False) -> dict
 
-Sources: llama2.c legacy / V1 / V2 (int8) .bin, and GGUF (f32, f16, bf16, and the quantized types
-pyllama can dequantize: Q8_0, Q4_0, Q5_0, Q4_K, Q6_K; a tensor already stored in its target type
-is copied unchanged). `type` is one of TYPES:
+Sources: every model `pyllama run` reads — llama2.c legacy / V1 / V2 (int8) .bin, and GGUF of any
+type the C core computes with (dequantized by the core's pl_dequantize_row; a tensor already stored
+in its target type is copied unchanged). `type` is one of OUTPUT_TYPES:
 
     f32 f16 bf16   every matrix in that float type
     q8_0 q4_0 q6_k llama.cpp's `llama-quantize` mix for that type: the classifier (output.weight,
@@ -24,41 +24,32 @@ llama2.c tokenizer.bin (`tokenizer=`; the CLI's -z) and is written as SentencePi
 token types inferred: 2 unknown, 3 control, 6 byte, 1 normal) — the same vocabulary llama.cpp's
 converter writes.
 
-Quantizers (numpy, vectorized over all blocks of a chunk of rows):
-  Q8_0, Q4_0, Q5_0   ggml's reference quantizers, bit for bit (d = amax/127 with round-half-away;
-                     d = signed max / -8 or / -16 with trunc(x/d + 8.5 or 16.5)).
-  Q4_K               per 32-value sub-block, min/max: the offset m (= -min(0, min x)) and the step
-                     are quantized to 6 bits relative to the super-block's f16 dmin / d, both
-                     rounded UP (f16 scales rounded up, 6-bit codes by ceil), so the grid
-                     [-dmin*m, -dmin*m + 15*d*sc] always covers the sub-block: every value is
-                     within half a step of its reconstruction (no clipping).
-  Q6_K               per 16-value sub-block, a signed step s with q = round(x/s) in [-32, 31]: the
-                     sign puts the larger side on -32, |s| = min over the two orientations of
-                     max(side_to_-32/32, other_side/31.5); int8 scale codes relative to the f16 d,
-                     rounded up likewise, so again |x - x^| <= |step|/2.
-(llama.cpp's iterative make_qkx2_quants / make_qx_quants searches are not used.)
+The quantizers are pyllama.quantize's: ggml's reference ones bit for bit for Q8_0 / Q4_0 / Q5_0,
+a least-squares search of each block's scales for Q4_K / Q6_K.
 
-The file is written to DST.tmp tensor by tensor, a chunk of rows (CHUNK_VALUES values) at a time,
-so memory stays bounded whatever the model's size (the source is read through its mmap), and is
-renamed to DST at the end; an existing DST is replaced.
+The file is written to a new DST.<pid>.tmp tensor by tensor, a chunk of rows (CHUNK_VALUES values)
+at a time, so memory stays bounded whatever the model's size (the source is read through its
+mmap), and is renamed to DST at the end: an existing regular file DST is replaced; a DST that is a
+directory, symbolic link, FIFO, device or socket is refused.
 """
+import contextlib
 import os
+import stat
 import struct
 import time
 
 import numpy as np
 
 from .errors import FormatError, ParameterError, PyllamaError
-from .formats.common import BF16, F16, F32, LAYER_TENSORS, Q8_G, TYPES as GGML_TYPES
+from .formats.common import (BF16, CORE_TYPES, F16, F32, GGML_TYPES, LAYER_TENSORS, Q4_0, Q4_K,
+                             Q5_0, Q6_K, Q8_0, Q8_G, type_name)
+from .quantize import dequantize, quantize
 
-__all__ = ["TYPES", "convert", "add_arguments", "run", "quantize", "dequantize", "tensor_type"]
-
-# ggml type numbers
-Q4_0, Q5_0, Q8_0, Q4_K, Q6_K = 2, 6, 8, 12, 14
-QK_K = 256
+__all__ = ["OUTPUT_TYPES", "convert", "add_arguments", "run", "quantize", "dequantize",
+           "tensor_type"]
 
 # --type -> (llama_ftype for general.file_type, base ggml type of the matrices)
-TYPES = {
+OUTPUT_TYPES = {
     "f32": (0, F32),
     "f16": (1, F16),
     "bf16": (32, BF16),
@@ -81,244 +72,6 @@ _SCALAR_FMT = {_U8: "<B", _I8: "<b", _U16: "<H", _I16: "<h", _U32: "<I", _I32: "
                _F32: "<f", _BOOL: "<B", _U64: "<Q", _I64: "<q", _F64: "<d"}
 _VT_DTYPE = {_U8: "<u1", _I8: "<i1", _U16: "<u2", _I16: "<i2", _U32: "<u4", _I32: "<i4",
              _F32: "<f4", _BOOL: "<u1", _U64: "<u8", _I64: "<i8", _F64: "<f8"}
-
-
-# ====================================================================== quantizers
-def _round_half_away(v):
-    """C's roundf on float32 values (exact: the fraction a - floor(a) is computed exactly)."""
-    a = np.abs(v)
-    r = np.floor(a)
-    r += (a - r) >= np.float32(0.5)
-    return np.copysign(r, v)
-
-
-def _f16_bytes(v):
-    return np.asarray(v, dtype="<f2").view(np.uint8).reshape(-1, 2)
-
-
-def _f16_up(v):
-    """float64 values >= 0 -> the smallest float16 >= each (so a scale never shrinks)."""
-    h = v.astype(np.float16)
-    low = h.astype(np.float64) < v
-    if low.any():
-        h[low] = np.nextafter(h[low], np.float16(np.inf))
-    if not np.isfinite(h).all():
-        raise ParameterError("weights too large for an f16 block scale (|w| beyond ~1e6)")
-    return h
-
-
-def _signed_max(x):
-    """Per block, the value of largest magnitude (the first one on ties), as ggml picks it."""
-    i = np.abs(x).argmax(axis=1)[:, None]
-    return np.take_along_axis(x, i, axis=1)
-
-
-def _q8_0(x):
-    n = x.shape[0]
-    x = x.reshape(n, 32)
-    d = np.abs(x).max(axis=1, keepdims=True) / np.float32(127)
-    with np.errstate(divide="ignore"):
-        inv = np.where(d == 0, np.float32(0), np.float32(1) / d)
-    out = np.empty((n, 34), np.uint8)
-    out[:, :2] = _f16_bytes(d)
-    out[:, 2:] = _round_half_away(x * inv).astype(np.int8).view(np.uint8)
-    return out
-
-
-def _signed_levels(x, half):
-    """Q4_0/Q5_0's shared step: blocks of 32 scaled by d = signed max / -half and rounded to the
-    unsigned levels 0..2*half-1 as ggml's reference does. Returns (d, q uint8 (n, 32))."""
-    x = x.reshape(x.shape[0], 32)
-    d = _signed_max(x) / np.float32(-half)
-    with np.errstate(divide="ignore"):
-        inv = np.where(d == 0, np.float32(0), np.float32(1) / d)
-    q = np.minimum(np.trunc(x * inv + np.float32(half + 0.5)), 2 * half - 1).astype(np.uint8)
-    return d, q
-
-
-def _q4_0(x):
-    d, q = _signed_levels(x, 8)
-    out = np.empty((q.shape[0], 18), np.uint8)
-    out[:, :2] = _f16_bytes(d)
-    out[:, 2:] = q[:, :16] | (q[:, 16:] << 4)
-    return out
-
-
-def _q5_0(x):
-    d, q = _signed_levels(x, 16)
-    out = np.empty((q.shape[0], 22), np.uint8)
-    out[:, :2] = _f16_bytes(d)
-    out[:, 2:6] = np.packbits(q >> 4, axis=1, bitorder="little")   # bit j = 5th bit of q[j]
-    out[:, 6:] = (q[:, :16] & 15) | (q[:, 16:] << 4)
-    return out
-
-
-def _q4_k(x):
-    n = x.shape[0]
-    xs = x.reshape(n, 8, 32)
-    hi = xs.max(axis=2).astype(np.float64)
-    offs = -np.minimum(xs.min(axis=2), 0).astype(np.float64)        # -min(0, min x) >= 0
-    dmin = _f16_up(offs.max(axis=1) / 63)
-    dm = dmin.astype(np.float64)[:, None]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        m = np.where(dm > 0, np.ceil(offs / dm), 0)
-    m = np.clip(m, 0, 63)
-    need = (hi + dm * m) / 15                                        # step covering the sub-block
-    d = _f16_up(need.max(axis=1) / 63)
-    dd = d.astype(np.float64)[:, None]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        sc = np.where(dd > 0, np.ceil(need / dd), 0)
-    sc = np.clip(sc, 0, 63)
-    step = (d.astype(np.float32)[:, None] * sc.astype(np.float32))   # as the dequantizer has it
-    low = (dmin.astype(np.float32)[:, None] * m.astype(np.float32))
-    with np.errstate(divide="ignore"):
-        inv = np.where(step > 0, np.float32(1) / step, np.float32(0))
-    q = np.clip(np.rint((xs + low[:, :, None]) * inv[:, :, None]), 0, 15).astype(np.uint8)
-    sc, m = sc.astype(np.uint8), m.astype(np.uint8)
-    out = np.empty((n, 144), np.uint8)
-    out[:, 0:2] = _f16_bytes(d)
-    out[:, 2:4] = _f16_bytes(dmin)
-    out[:, 4:8] = sc[:, :4] | ((sc[:, 4:] >> 4) << 6)
-    out[:, 8:12] = m[:, :4] | ((m[:, 4:] >> 4) << 6)
-    out[:, 12:16] = (sc[:, 4:] & 15) | ((m[:, 4:] & 15) << 4)
-    out[:, 16:] = (q[:, 0::2] | (q[:, 1::2] << 4)).reshape(n, 128)
-    return out
-
-
-def _q6_k(x):
-    n = x.shape[0]
-    xs = x.reshape(n, 16, 16)
-    pos = np.maximum(xs.max(axis=2), 0).astype(np.float64)
-    neg = np.maximum(-xs.min(axis=2), 0).astype(np.float64)
-    s_up = np.maximum(neg / 32, pos / 31.5)     # step > 0: the negative side reaches q = -32
-    s_down = np.maximum(pos / 32, neg / 31.5)   # step < 0: the positive side reaches q = -32
-    flip = s_down < s_up
-    s = np.minimum(s_up, s_down)
-    d = _f16_up(s.max(axis=1) / 127)
-    dd = d.astype(np.float64)[:, None]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        sc = np.where(dd > 0, np.ceil(s / dd), 0)
-    sc = np.where(flip, -1, 1) * np.clip(sc, 0, 127)
-    step = d.astype(np.float32)[:, None] * sc.astype(np.float32)
-    with np.errstate(divide="ignore"):
-        inv = np.where(step != 0, np.float32(1) / step, np.float32(0))
-    q = (np.clip(np.rint(xs * inv[:, :, None]), -32, 31) + 32).astype(np.uint8).reshape(n, 2, 128)
-    ql = q.reshape(n, 2, 2, 64)
-    qh = (q.reshape(n, 2, 4, 32) >> 4) << np.array([0, 2, 4, 6], np.uint8)[:, None]
-    out = np.empty((n, 210), np.uint8)
-    out[:, :128] = ((ql[:, :, 0] & 15) | (ql[:, :, 1] << 4)).reshape(n, 128)
-    out[:, 128:192] = np.bitwise_or.reduce(qh, axis=2).reshape(n, 64)
-    out[:, 192:208] = sc.astype(np.int8).view(np.uint8)
-    out[:, 208:] = _f16_bytes(d)
-    return out
-
-
-def _bf16(x):
-    """ggml's fp32 -> bf16: round to nearest even, NaNs kept quiet."""
-    u = x.view(np.uint32)
-    nan = (u & 0x7FFFFFFF) > 0x7F800000
-    r = ((u.astype(np.uint64) + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
-    if nan.any():
-        r[nan] = ((u[nan] >> 16) | 64).astype(np.uint16)
-    return r.view(np.uint8).reshape(x.shape[0], -1)
-
-
-def _f16(x):
-    with np.errstate(over="ignore"):
-        h = x.astype("<f2")
-    if np.isinf(h).any() and not np.isinf(x[np.isinf(h)]).all():
-        big = float(np.abs(x[np.isfinite(x)]).max())
-        raise ParameterError(f"a weight of magnitude {big:g} does not fit in f16 (max 65504); "
-                             f"use --type bf16 or f32")
-    return h.view(np.uint8).reshape(x.shape[0], -1)
-
-
-_QUANTIZE = {Q8_0: _q8_0, Q4_0: _q4_0, Q5_0: _q5_0, Q4_K: _q4_k, Q6_K: _q6_k}
-_ENCODE = {F32: lambda x: x.astype("<f4", copy=False).view(np.uint8).reshape(x.shape[0], -1),
-           F16: _f16, BF16: _bf16}
-
-
-def quantize(x, ggml_type):
-    """float32 rows (rows, cols) -> uint8 (rows, row bytes) of `ggml_type` (a number)."""
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    if x.ndim == 1:
-        x = x[None]
-    rows, cols = x.shape
-    if ggml_type in _ENCODE:
-        return _ENCODE[ggml_type](x)
-    if ggml_type not in _QUANTIZE:
-        raise ParameterError(f"cannot quantize to {_type_name(ggml_type)}")
-    _, block, size = GGML_TYPES[ggml_type]
-    if cols % block:
-        raise ParameterError(f"row length {cols} is not a multiple of the {_type_name(ggml_type)} "
-                             f"block size {block}")
-    return _QUANTIZE[ggml_type](x.reshape(-1, block)).reshape(rows, cols // block * size)
-
-
-# ====================================================================== dequantizers
-def _deq_q8_0(b):
-    return b[:, :2].copy().view("<f2").astype(np.float32) * b[:, 2:].view(np.int8)
-
-
-def _deq_q4_0(b):
-    d = b[:, :2].copy().view("<f2").astype(np.float32)
-    qs = b[:, 2:]
-    q = np.concatenate([qs & 15, qs >> 4], axis=1).astype(np.int8) - 8
-    return d * q
-
-
-def _deq_q5_0(b):
-    d = b[:, :2].copy().view("<f2").astype(np.float32)
-    hbits = np.unpackbits(b[:, 2:6], axis=1, bitorder="little")
-    qs = b[:, 6:]
-    q = (np.concatenate([qs & 15, qs >> 4], axis=1) | (hbits << 4)).astype(np.int8) - 16
-    return d * q
-
-
-def _deq_q4_k(b):
-    n = b.shape[0]
-    d = b[:, 0:2].copy().view("<f2").astype(np.float32)
-    dmin = b[:, 2:4].copy().view("<f2").astype(np.float32)
-    s = b[:, 4:16]
-    sc = np.concatenate([s[:, 0:4] & 63, (s[:, 8:12] & 15) | ((s[:, 0:4] >> 6) << 4)], axis=1)
-    m = np.concatenate([s[:, 4:8] & 63, (s[:, 8:12] >> 4) | ((s[:, 4:8] >> 6) << 4)], axis=1)
-    qs = b[:, 16:].reshape(n, 4, 1, 32)
-    q = np.concatenate([qs & 15, qs >> 4], axis=2).reshape(n, 8, 32).astype(np.float32)
-    step = (d * sc.astype(np.float32))[:, :, None]
-    low = (dmin * m.astype(np.float32))[:, :, None]
-    return (step * q - low).reshape(n, 256)
-
-
-def _deq_q6_k(b):
-    n = b.shape[0]
-    ql = b[:, :128].reshape(n, 2, 1, 64)
-    qh = b[:, 128:192].reshape(n, 2, 1, 32)
-    low = np.concatenate([ql & 15, ql >> 4], axis=2).reshape(n, 2, 4, 32)
-    high = (qh >> np.array([0, 2, 4, 6], np.uint8)[:, None]) & 3
-    q = ((low | (high << 4)).astype(np.int8) - 32).reshape(n, 16, 16).astype(np.float32)
-    sc = b[:, 192:208].view(np.int8).astype(np.float32)
-    d = b[:, 208:210].copy().view("<f2").astype(np.float32)
-    return ((d * sc)[:, :, None] * q).reshape(n, 256)
-
-
-_DEQUANTIZE = {Q8_0: _deq_q8_0, Q4_0: _deq_q4_0, Q5_0: _deq_q5_0, Q4_K: _deq_q4_k,
-               Q6_K: _deq_q6_k}
-
-
-def dequantize(data, ggml_type, cols):
-    """uint8 rows of `ggml_type` -> float32 (rows, cols)."""
-    data = np.ascontiguousarray(data, dtype=np.uint8)
-    _, block, size = GGML_TYPES[ggml_type]
-    rows = data.size * block // (size * cols)
-    if ggml_type == F32:
-        return data.view("<f4").reshape(rows, cols)
-    if ggml_type == F16:
-        return data.view("<f2").astype(np.float32).reshape(rows, cols)
-    if ggml_type == BF16:
-        return (data.view("<u2").astype(np.uint32) << 16).view(np.float32).reshape(rows, cols)
-    if ggml_type not in _DEQUANTIZE:
-        raise FormatError(f"cannot dequantize {_type_name(ggml_type)}")
-    return _DEQUANTIZE[ggml_type](data.reshape(-1, size)).reshape(rows, cols)
 
 
 # ====================================================================== the type mix
@@ -355,30 +108,24 @@ def tensor_type(name, cols, type="f32", n_layers=1, tied=False, pure=False):
 
 def _check_type(type):
     key = type.lower() if isinstance(type, str) else type
-    if key not in TYPES:
+    if key not in OUTPUT_TYPES:
         raise ParameterError(f"unknown output type {type!r}: expected one of "
-                             f"{', '.join(TYPES)}")
-    return TYPES[key]
-
-
-def _type_name(t):
-    return GGML_TYPES[t][0] if t in GGML_TYPES else f"type {t}"
+                             f"{', '.join(OUTPUT_TYPES)}")
+    return OUTPUT_TYPES[key]
 
 
 # ====================================================================== reading the source
 def _source_rows(tensor, r0, r1):
-    """Rows [r0, r1) of a source tensor as float32 (rows, cols)."""
+    """Rows [r0, r1) of a source tensor as float32 (rows, cols), dequantized by the C core."""
     cols = tensor.shape[-1]
     data = tensor.data if tensor.data.ndim == 2 else tensor.data.reshape(1, -1)
-    block = data[r0:r1]
+    if data.dtype == np.float32:
+        return data[r0:r1]
     if tensor.type == Q8_G:
-        gs = tensor.group_size
-        per_row = cols // gs
-        scales = tensor.scales[r0 * per_row:r1 * per_row].reshape(-1, per_row, 1)
-        return (block.reshape(-1, per_row, gs) * scales).reshape(-1, cols)
-    if block.dtype == np.float32:
-        return block
-    return dequantize(block, tensor.type, cols)
+        per_row = cols // tensor.group_size
+        return dequantize(data[r0:r1], Q8_G, cols, tensor.scales[r0 * per_row:r1 * per_row],
+                          tensor.group_size)
+    return dequantize(data[r0:r1], tensor.type, cols)
 
 
 def _raw_rows(tensor, r0, r1):
@@ -543,13 +290,12 @@ def convert(src_path, dst_path, type="f32", tokenizer=None, pure=False, progress
     from .formats import load
 
     t0 = time.perf_counter()
+    src_path, dst_path = os.fspath(src_path), os.fspath(dst_path)
     if isinstance(type, str) and type.lower() == "v2":
         return _convert_v2(src_path, dst_path, t0)
     ftype, base = _check_type(type)
     type = type.lower()
-    src_path, dst_path = os.fspath(src_path), os.fspath(dst_path)
-    if os.path.isdir(dst_path):
-        raise ParameterError(f"{dst_path}: is a directory; give the output file's path")
+    _check_output(dst_path)
     model = load(src_path)
     if not model.has_weights:
         raise FormatError(f"{src_path}: has no tensors (a vocab-only GGUF); nothing to convert")
@@ -578,10 +324,9 @@ def convert(src_path, dst_path, type="f32", tokenizer=None, pure=False, progress
         gtype = tensor_type(tname, cols if len(t.shape) == 2 else 0, type, cfg["n_layers"],
                             tied, pure)
         rows = t.shape[0] if len(t.shape) == 2 else 1
-        if t.type not in (F32, F16, BF16, Q8_G, gtype) and t.type not in _DEQUANTIZE:
-            raise FormatError(f"{src_path}: tensor '{tname}' is {_type_name(t.type)}, which "
-                              f"convert cannot dequantize (it reads F32, F16, BF16, Q8_0, Q4_0, "
-                              f"Q5_0, Q4_K, Q6_K and llama2.c int8)")
+        if t.type not in CORE_TYPES:   # readers refuse these already; never guess
+            raise FormatError(f"{src_path}: tensor '{tname}' is {type_name(t.type)}, which "
+                              f"pyllama cannot read")
         _, block, size = GGML_TYPES[gtype]
         nbytes = rows * (cols // block) * size
         plan.append((tname, t, gtype, rows, cols, offset, nbytes))
@@ -594,33 +339,20 @@ def convert(src_path, dst_path, type="f32", tokenizer=None, pure=False, progress
         header.add_tensor(tname, [cols] if len(t.shape) == 1 else [cols, rows], gtype, off)
     head = header.bytes()
 
-    tmp = dst_path + ".tmp"
     try:
-        with open(tmp, "wb") as f:
+        with _replacing(dst_path) as tmp, open(tmp, "wb") as f:
             f.write(head)
             for i, (tname, t, gtype, rows, cols, off, nbytes) in enumerate(plan):
                 if progress is not None:
-                    progress(i, len(plan), tname, _type_name(gtype))
+                    progress(i, len(plan), tname, type_name(gtype))
                 assert f.tell() == len(head) + off
                 _write_tensor(f, src_path, tname, t, gtype, rows, cols)
                 assert f.tell() == len(head) + off + nbytes
                 f.write(b"\0" * (-nbytes % ALIGNMENT))
-        os.replace(tmp, dst_path)
-    except OSError as e:
-        _remove(tmp)
-        raise ParameterError(f"{dst_path}: cannot write: {e.strerror or e}") from None
-    except BaseException:
-        _remove(tmp)
-        raise
     finally:
         model.close()
 
-    names = {p[0]: _type_name(p[2]) for p in plan}
-    counts = {}
-    for v in names.values():
-        counts[v] = counts.get(v, 0) + 1
-    return {"path": dst_path, "type": type, "bytes": os.path.getsize(dst_path),
-            "seconds": time.perf_counter() - t0, "tensors": names, "counts": counts}
+    return _summary(dst_path, type, t0)
 
 
 def _write_tensor(f, src_path, name, t, gtype, rows, cols):
@@ -634,8 +366,50 @@ def _write_tensor(f, src_path, name, t, gtype, rows, cols):
         if gtype != F32 and not np.isfinite(x).all():
             raise FormatError(f"{src_path}: tensor '{name}' holds NaN or infinite values "
                               f"(rows {r0}..{r1 - 1}); they cannot be converted to "
-                              f"{_type_name(gtype)}")
+                              f"{type_name(gtype)}")
         f.write(memoryview(np.ascontiguousarray(quantize(x, gtype))))
+
+
+_FILE_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISLNK, "a symbolic link"),
+               (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+               (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def _check_output(dst_path):
+    """The output path must be a regular file or nothing: convert replaces it by renaming a new
+    file over it, which must not silently swap out a link, a FIFO, a device or a directory."""
+    try:
+        mode = os.lstat(dst_path).st_mode
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        raise ParameterError(f"{dst_path}: cannot write: {e.strerror or e}") from None
+    if not stat.S_ISREG(mode):
+        kind = next((k for test, k in _FILE_KINDS if test(mode)), "not a regular file")
+        raise ParameterError(f"{dst_path}: is {kind}; convert writes a new regular file, give "
+                             f"its path")
+
+
+@contextlib.contextmanager
+def _replacing(dst_path):
+    """A new file beside dst_path (created exclusively: never through a link planted there) that
+    replaces dst_path when the block succeeds and is removed when it fails."""
+    _check_output(dst_path)
+    tmp = f"{dst_path}.{os.getpid()}.tmp"
+    try:
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666))
+    except OSError as e:
+        raise ParameterError(f"{dst_path}: cannot write: {e.strerror or e}") from None
+    try:
+        yield tmp
+        _check_output(dst_path)
+        os.replace(tmp, dst_path)
+    except OSError as e:
+        _remove(tmp)
+        raise ParameterError(f"{dst_path}: cannot write: {e.strerror or e}") from None
+    except BaseException:
+        _remove(tmp)
+        raise
 
 
 def _remove(path):
@@ -650,29 +424,45 @@ def _convert_v2(src_path, dst_path, t0):
     """llama2.c's V2 int8 checkpoint (runq.c's format) instead of a GGUF file."""
     from .formats import load
     from .formats.llama2c import write_v2
+    _check_output(dst_path)
     model = load(src_path)
     if not model.has_weights:
         raise FormatError(f"{src_path}: has no tensors (a vocab-only GGUF); nothing to convert")
-    tmp = os.fspath(dst_path) + ".tmp"
     try:
-        gs = write_v2(model, tmp, _source_rows)
-        os.replace(tmp, dst_path)
+        with _replacing(dst_path) as tmp:
+            gs = write_v2(model, tmp, _source_rows)
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    n = len(model.tensors)
-    return {"path": os.fspath(dst_path), "type": f"v2 (int8, group {gs})", "bytes": os.path.getsize(dst_path),
-            "seconds": time.perf_counter() - t0, "tensors": {}, "counts": {"Q8_G": n}}
+        model.close()
+    return _summary(dst_path, f"v2 (int8, group {gs})", t0)
+
+
+def _summary(dst_path, type, t0):
+    """What convert wrote, as the file reads back (so the summary cannot disagree with `info`)."""
+    from .formats import GGUF_MAGIC, load, open_map
+    if bytes(open_map(dst_path)[:4]) == GGUF_MAGIC:
+        from .formats.gguf import read_metadata
+        names = {t.name: type_name(t.type) for t in read_metadata(dst_path)[2]}
+    else:
+        written = load(dst_path)
+        names = {name: t.type_name for name, t in written.tensors.items()}
+        written.close()
+    counts = {}
+    for v in names.values():
+        counts[v] = counts.get(v, 0) + 1
+    return {"path": dst_path, "type": type, "bytes": os.path.getsize(dst_path),
+            "seconds": time.perf_counter() - t0, "tensors": names, "counts": counts}
 
 
 def add_arguments(parser):
     """`pyllama convert IN OUT [--type T] [-z tokenizer.bin] [--pure]`."""
-    parser.add_argument("input", help="model to convert: llama2.c .bin (legacy, V1, V2) or GGUF")
-    parser.add_argument("output", help="GGUF file to write (replaced if it exists)")
+    parser.add_argument("input", help="model to convert: llama2.c .bin (legacy, V1, V2) or GGUF "
+                                      "of any type `pyllama run` reads")
+    parser.add_argument("output", help="GGUF file to write (a regular file there is replaced; "
+                                       "a link, FIFO, device or directory is refused)")
     parser.add_argument("--type", dest="type", default="f32", metavar="TYPE",
-                        help="output type: " + ", ".join(TYPES) + " (default f32); q4_k_m is "
-                             "llama.cpp's Q4_K_M mix; v2 writes a llama2.c V2 int8 .bin "
-                             "(runq.c's format) instead of GGUF")
+                        help="output type: " + ", ".join(OUTPUT_TYPES) + " (default f32); "
+                             "q4_k_m is llama.cpp's Q4_K_M mix; v2 writes a llama2.c V2 int8 "
+                             ".bin (runq.c's format) instead of GGUF")
     parser.add_argument("-z", "--tokenizer", default=None, metavar="PATH",
                         help="llama2.c tokenizer.bin (required for a .bin model: GGUF files "
                              "carry their vocabulary)")

@@ -63,6 +63,7 @@ class Llama:
             raise FormatError(f"{self.path}: a vocab-only GGUF holds no weights to run; load its "
                               f"tokenizer with pyllama.load_tokenizer(path)")
         self._model = Transformer(self.file, n_ctx=n_ctx, threads=threads)
+        self.tokenizer_problem = None  # why no tokenizer was found, when one was refused
         self.tokenizer = self._resolve_tokenizer(tokenizer)
         for key in CONFIG_ATTRS:
             setattr(self, key, self.file.config[key])
@@ -76,7 +77,14 @@ class Llama:
             tok = from_gguf_metadata(self.file.metadata, source=self.path)
         else:
             found = find_tokenizer(self.path)
-            tok = load_tokenizer(found, self.file.config["vocab_size"]) if found else None
+            try:
+                tok = load_tokenizer(found, self.file.config["vocab_size"]) if found else None
+            except (FormatError, TokenizerError) as e:
+                # a tokenizer.bin that happens to lie beside the model but does not fit it (another
+                # vocabulary size) is not used: logits work, text calls raise this
+                self.tokenizer_problem = (f"{e} (found beside the model: pass the model's own "
+                                          f"tokenizer with tokenizer=PATH or -z PATH)")
+                tok = None
         if tok is not None and tok.vocab_size != self.file.config["vocab_size"]:
             raise TokenizerError(f"the tokenizer has {tok.vocab_size} tokens, the model's "
                                  f"vocabulary {self.file.config['vocab_size']}: they do not belong "
@@ -102,8 +110,8 @@ class Llama:
 
     def _tok(self):
         if self.tokenizer is None:
-            raise TokenizerError(f"{self.path}: no tokenizer loaded (pass tokenizer=PATH to a "
-                                 f"tokenizer.bin)")
+            raise TokenizerError(self.tokenizer_problem or f"{self.path}: no tokenizer loaded "
+                                 f"(pass tokenizer=PATH to a tokenizer.bin)")
         return self.tokenizer
 
     # -- text ------------------------------------------------------------------------------------

@@ -383,3 +383,19 @@ def test_cli_runs_a_bpe_model():
                            "-i", "Hello 世界"], capture_output=True, timeout=120)
     assert proc.returncode == 0, proc.stderr.decode()
     assert proc.stdout.decode("utf-8").startswith("Hello 世界")
+
+
+def test_info_shows_the_tokenizer():
+    """`pyllama info`: kind, pre-tokenizer, special ids, add_bos, chat template (the values are
+    the files' metadata, see golden/README.md)."""
+    from pyllama.info import describe, render_text
+    info = describe(shared_path("models/bpe/llama3-tiny-f16.gguf"))
+    assert info["tokenizer"] == {
+        "source": "embedded", "kind": "bpe", "pre": "llama-bpe", "tokens": 128256,
+        "bos_id": 128000, "eos_id": 128009, "eot_id": None, "eom_id": None,
+        "stop_ids": [128001, 128008, 128009], "add_bos": True, "chat_template": True}
+    assert "byte-level BPE, pre-tokenizer llama-bpe" in render_text(info)
+    tok = describe(shared_path("models/bpe/qwen2-tiny-f16.gguf"))["tokenizer"]  # runnable or not
+    assert (tok["pre"], tok["add_bos"], tok["chat_template"]) == ("qwen2", False, False)
+    spm = describe(shared_path("models/stories260K-f32.gguf"))["tokenizer"]
+    assert (spm["kind"], spm["pre"], spm["stop_ids"]) == ("spm", None, [2])

@@ -114,79 +114,45 @@ def test_block_size_is_checked():
         C.quantize(np.zeros((2, 48), np.float32), C.Q4_K)
 
 
-# ---------------------------------------------------------------- K-quants: error bounds
-def _check_q4_k(x, blocks):
-    """Q4_K: x^ = d·sc_j·q − dmin·m_j, q in 0..15, per 32-value sub-block j.
-
-    The quantizer covers each sub-block with its grid: the offset dmin·m_j >= −min(0, min x_j) and
-    the top −dmin·m_j + 15·d·sc_j >= max x_j, so every value rounds to a grid point at most half
-    a step away: |x − x^| <= d·sc_j / 2 (up to float32 rounding of the dequantizer).
-
-    The step is not wasteful either. With r_j = max x_j + (−min(0, min x_j)) (the range the grid
-    must cover), m_j = ceil(offset/dmin) adds < dmin to it and sc_j = ceil(need/d) adds < d to the
-    step; dmin and d are the largest needs / 63 rounded UP to float16 (relative 2^-10):
-        d·sc_j <= (r_j + dmin)/15 + d,   dmin <= max_j offset_j / 63 · (1 + 2^-10),
-        d <= max_j (r_j + dmin)/15 / 63 · (1 + 2^-10).
-    """
-    b = blocks.reshape(-1, 144)
-    n = b.shape[0]
-    d = b[:, 0:2].copy().view(np.float16).astype(np.float64).reshape(-1)
-    dmin = b[:, 2:4].copy().view(np.float16).astype(np.float64).reshape(-1)
-    sc, m = gguf.quants.Q4_K.get_scale_min(b[:, 4:16].copy())
-    step = d[:, None] * sc.astype(np.float64)
-    low = dmin[:, None] * m.astype(np.float64)
-    y = gguf_dequantize(blocks, GT.Q4_K).reshape(n, 8, 32).astype(np.float64)
-    xs = x.reshape(n, 8, 32).astype(np.float64)
-    slack = 1e-6 * (np.abs(xs) + low[:, :, None] + 15 * step[:, :, None]) + 1e-30
-    err = np.abs(xs - y)
-    assert (err <= step[:, :, None] / 2 + slack).all(), \
-        f"Q4_K error {np.max(err - step[:, :, None] / 2):.3g} beyond half a step"
-    offs = -np.minimum(xs.min(axis=2), 0)
-    r = xs.max(axis=2) + offs
-    need = (r + dmin[:, None]) / 15
-    assert (dmin <= offs.max(axis=1) / 63 * (1 + F16_ULP) + F16_TINY).all()
-    assert (d <= need.max(axis=1) / 63 * (1 + F16_ULP) + F16_TINY).all()
-    assert (step <= need + d[:, None] * (1 + 1e-9)).all(), "Q4_K step larger than the data needs"
-    return y.reshape(x.shape)
-
-
-def _check_q6_k(x, blocks):
-    """Q6_K: x^ = d·sc_j·(q − 32), q in 0..63, per 16-value sub-block j (sc_j a signed int8).
-
-    The step's sign puts the larger side of the sub-block on q − 32 = −32 and the other side
-    within +31.5 steps, so every value rounds within half a step: |x − x^| <= |d·sc_j| / 2.
-    Its size: |s_j| <= max|x_j| / 31.5 before the int8 code is rounded up by < d, and
-    d = max_j |s_j| / 127 rounded up to float16:  |d·sc_j| <= max|x_j|/31.5 + d.
-    """
-    b = blocks.reshape(-1, 210)
-    n = b.shape[0]
-    sc = b[:, 192:208].view(np.int8).astype(np.float64)
-    d = b[:, 208:210].copy().view(np.float16).astype(np.float64).reshape(-1)
-    step = np.abs(d[:, None] * sc)
-    y = gguf_dequantize(blocks, GT.Q6_K).reshape(n, 16, 16).astype(np.float64)
-    xs = x.reshape(n, 16, 16).astype(np.float64)
-    err = np.abs(xs - y)
-    slack = 1e-6 * (np.abs(xs) + 32 * step[:, :, None]) + 1e-30
-    assert (err <= step[:, :, None] / 2 + slack).all(), \
-        f"Q6_K error {np.max(err - step[:, :, None] / 2):.3g} beyond half a step"
-    amax = np.abs(xs).max(axis=2)
-    assert (d <= amax.max(axis=1) / 31.5 / 127 * (1 + F16_ULP) + F16_TINY).all()
-    assert (step <= amax / 31.5 + d[:, None] * (1 + 1e-9)).all(), "Q6_K step larger than needed"
-    return y.reshape(x.shape)
+# ---------------------------------------------------------------- K-quants: the scale search
+def _grid_baseline(x, name):
+    """RMS error of the plain grid a search must beat: each sub-block's levels spread evenly over
+    its range (Q4_K: 16 levels from min(0, min) to max; Q6_K: a signed step of max|x| / 31.5),
+    with exact (unquantized) scales."""
+    x = x.astype(np.float64)
+    if name == "q4_k":
+        xs = x.reshape(-1, 32)
+        lo = np.minimum(xs.min(axis=1, keepdims=True), 0)
+        step = (xs.max(axis=1, keepdims=True) - lo) / 15
+        safe = np.where(step > 0, step, 1)
+        y = lo + np.clip(np.rint((xs - lo) / safe), 0, 15) * step
+    else:
+        xs = x.reshape(-1, 16)
+        step = np.abs(xs).max(axis=1, keepdims=True) / 31.5
+        safe = np.where(step > 0, step, 1)
+        y = np.clip(np.rint(xs / safe), -32, 31) * step
+    return float(np.sqrt(np.mean((xs - y) ** 2)))
 
 
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("name", ["q4_k", "q6_k"])
-def test_k_quant_error_bound(name, kind):
+def test_k_quant_search_beats_the_plain_grid(name, kind):
+    """Whatever the data (outliers, constant or zero sub-blocks, tiny weights whose f16 scales are
+    subnormal), the searched scales, quantized to their 6/8-bit codes, do better than evenly
+    spread levels with exact scales (measured ratios 0.72-0.98), and zero rows stay exactly 0."""
     x = _data(kind)
-    blocks = C.quantize(x, OURS[name])
-    assert blocks.shape == (x.shape[0], x.shape[1] // 256 * (144 if name == "q4_k" else 210))
-    (_check_q4_k if name == "q4_k" else _check_q6_k)(x, blocks)
+    y = gguf_dequantize(C.quantize(x, OURS[name]), GGUF[name]).reshape(x.shape)
+    assert np.isfinite(y).all()
+    rms = float(np.sqrt(np.mean((x.astype(np.float64) - y) ** 2)))
+    assert rms <= _grid_baseline(x, name), (rms, _grid_baseline(x, name))
+    if kind == "special":
+        assert not y[0].any() and not y[6][x[6] == 0].any()
+        assert np.allclose(y[1:3], x[1:3], rtol=2e-3)        # constant rows: (nearly) exact
 
 
-# rmse / std on N(0, 1) rows (measured: q8_0 0.0053, q5_0 0.043, q4_0 0.086, q4_k 0.080,
-# q6_k 0.019; uniform 4-bit steps over the block's range would give ~0.08)
-RMSE_LIMITS = {"q8_0": 0.0056, "q5_0": 0.045, "q4_0": 0.09, "q4_k": 0.085, "q6_k": 0.0205}
+# rmse / std on N(0, 1) rows (measured: q8_0 0.0053, q5_0 0.043, q4_0 0.086, q4_k 0.071,
+# q6_k 0.0169; uniform 4-bit steps over the block's range would give ~0.08)
+RMSE_LIMITS = {"q8_0": 0.0056, "q5_0": 0.045, "q4_0": 0.09, "q4_k": 0.075, "q6_k": 0.0175}
 
 
 @pytest.mark.parametrize("name", sorted(RMSE_LIMITS))
@@ -215,19 +181,19 @@ def test_own_dequantizer_reads_llama_cpp_files():
                                   gguf_dequantize(raw, t.tensor_type).reshape(-1)), t.name
 
 
-def test_quantization_error_comparable_to_llama_cpp():
-    """Same f32 tensors, quantized by llama-quantize (../shared) and by us: per-type RMSE.
+def test_quantization_error_no_worse_than_llama_cpp():
+    """Same f32 tensors, quantized by llama-quantize (../shared) and by us: RMS error per tensor.
 
-    Q8_0/Q4_0 are the same reference algorithm (equal); for Q4_K / Q6_K llama.cpp searches the
-    scales (make_qkx2_quants / make_qx_quants), we round min/max: measured 1.14x / 1.10x its RMSE.
-    """
+    Q8_0/Q4_0 are the same reference algorithm (equal). For Q4_K / Q6_K llama.cpp searches the
+    scales (make_qkx2_quants / make_qx_quants) and so does pyllama.quantize: every tensor's error
+    must be within 2% of llama.cpp's (measured 0.997-1.000x for Q4_K, 0.95x for Q6_K; the
+    min/max quantizer before measured up to 1.14x / 1.10x, e.g. Q4_K blk.0.attn_q 0.00387 vs
+    llama.cpp's 0.00342)."""
     src = {t.name: np.asarray(t.data).reshape(-1)
            for t in gguf.GGUFReader(shared_path("models/quant-base-f32.gguf")).tensors}
     ratio = {}
     for typ in ("q8_0", "q4_0", "q4_k_m", "q6_k"):
-        ref = gguf.GGUFReader(shared_path(f"models/quant-base-{typ}.gguf"))
-        acc = {}
-        for t in ref.tensors:
+        for t in gguf.GGUFReader(shared_path(f"models/quant-base-{typ}.gguf")).tensors:
             if t.tensor_type == GT.F32:
                 continue
             x = src[t.name]
@@ -235,14 +201,13 @@ def test_quantization_error_comparable_to_llama_cpp():
             cols = int(t.shape[0])
             ours = gguf_dequantize(C.quantize(x.reshape(-1, cols), int(t.tensor_type)),
                                    t.tensor_type).reshape(-1)
-            a = acc.setdefault(t.tensor_type.name, [0.0, 0.0])
-            a[0] += np.sum((ours - x) ** 2.0)
-            a[1] += np.sum((theirs - x) ** 2.0)
-        for k, (o, r) in acc.items():
-            ratio[k] = max(ratio.get(k, 0), np.sqrt(o / r))
+            r = np.sqrt(np.sum((ours - x) ** 2.0) / np.sum((theirs - x) ** 2.0))
+            k = t.tensor_type.name
+            ratio[k] = max(ratio.get(k, 0), r)
+    assert set(ratio) == {"Q8_0", "Q4_0", "Q4_K", "Q6_K"}
     assert ratio["Q8_0"] == pytest.approx(1, abs=1e-6)
     assert ratio["Q4_0"] == pytest.approx(1, abs=1e-6)
-    assert ratio["Q4_K"] < 1.2 and ratio["Q6_K"] < 1.2, ratio
+    assert ratio["Q4_K"] <= 1.02 and ratio["Q6_K"] <= 1.02, ratio
 
 
 # ---------------------------------------------------------------- the type mix
@@ -275,7 +240,7 @@ def test_use_more_bits_matches_llama_cpp():
     ("output.weight", 768, "bf16", False, "BF16"),
 ])
 def test_tensor_type(name, cols, typ, tied, expected):
-    assert C._type_name(C.tensor_type(name, cols, typ, n_layers=12, tied=tied)) == expected
+    assert C.type_name(C.tensor_type(name, cols, typ, n_layers=12, tied=tied)) == expected
 
 
 def test_pure_gives_every_matrix_the_type():

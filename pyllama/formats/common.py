@@ -13,27 +13,38 @@ from typing import Optional
 
 import numpy as np
 
+from .._core import lib
 from ..errors import FormatError
 
-# type number -> (name, elements per block, bytes per block); ggml's numbering.
-TYPES = {
-    0: ("F32", 1, 4),
-    1: ("F16", 1, 2),
-    2: ("Q4_0", 32, 18),
-    3: ("Q4_1", 32, 20),
-    6: ("Q5_0", 32, 22),
-    7: ("Q5_1", 32, 24),
-    8: ("Q8_0", 32, 34),
-    10: ("Q2_K", 256, 84),
-    11: ("Q3_K", 256, 110),
-    12: ("Q4_K", 256, 144),
-    13: ("Q5_K", 256, 176),
-    14: ("Q6_K", 256, 210),
-    30: ("BF16", 1, 2),
-    1000: ("Q8_G", 1, 1),  # llama2.c V2: int8 values + f32 scales per group (pyllama's own number)
+# THE type table: ggml's type number -> (name, elements per block, bytes per block), every type
+# a GGUF file may hold (so that any tensor can be sized and named; None sizes: removed from
+# ggml), plus Q8_G, pyllama's own number for llama2.c V2 int8 (values + f32 scales per group).
+GGML_TYPES = {
+    0: ("F32", 1, 4), 1: ("F16", 1, 2), 2: ("Q4_0", 32, 18), 3: ("Q4_1", 32, 20),
+    4: ("Q4_2", None, None), 5: ("Q4_3", None, None), 6: ("Q5_0", 32, 22), 7: ("Q5_1", 32, 24),
+    8: ("Q8_0", 32, 34), 9: ("Q8_1", 32, 40), 10: ("Q2_K", 256, 84), 11: ("Q3_K", 256, 110),
+    12: ("Q4_K", 256, 144), 13: ("Q5_K", 256, 176), 14: ("Q6_K", 256, 210), 15: ("Q8_K", 256, 292),
+    16: ("IQ2_XXS", 256, 66), 17: ("IQ2_XS", 256, 74), 18: ("IQ3_XXS", 256, 98),
+    19: ("IQ1_S", 256, 50), 20: ("IQ4_NL", 32, 18), 21: ("IQ3_S", 256, 110), 22: ("IQ2_S", 256, 82),
+    23: ("IQ4_XS", 256, 136), 24: ("I8", 1, 1), 25: ("I16", 1, 2), 26: ("I32", 1, 4),
+    27: ("I64", 1, 8), 28: ("F64", 1, 8), 29: ("IQ1_M", 256, 56), 30: ("BF16", 1, 2),
+    31: ("Q4_0_4_4", None, None), 32: ("Q4_0_4_8", None, None), 33: ("Q4_0_8_8", None, None),
+    34: ("TQ1_0", 256, 54), 35: ("TQ2_0", 256, 66), 36: ("IQ4_NL_4_4", None, None),
+    37: ("IQ4_NL_4_8", None, None), 38: ("IQ4_NL_8_8", None, None), 39: ("MXFP4", 32, 17),
+    40: ("NVFP4", 64, 36), 41: ("Q1_0", 128, 18),
+    1000: ("Q8_G", 1, 1),
 }
-F32, F16, BF16, Q8_G = 0, 1, 30, 1000
-TYPE_BY_NAME = {name: num for num, (name, _, _) in TYPES.items()}
+TYPE_BY_NAME = {name: num for num, (name, _, _) in GGML_TYPES.items()}
+
+# The types the C core computes with are the ones csrc/pyllama.h defines as PL_<name>; their
+# numbers are read from the compiled core (tests/test_types.py checks they are the table's).
+CORE_TYPES = frozenset(getattr(lib, "PL_" + name) for name in TYPE_BY_NAME
+                       if hasattr(lib, "PL_" + name))
+F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 = (
+    lib.PL_F32, lib.PL_F16, lib.PL_BF16, lib.PL_Q4_0, lib.PL_Q4_1, lib.PL_Q5_0, lib.PL_Q5_1,
+    lib.PL_Q8_0)
+Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, Q8_G = (
+    lib.PL_Q2_K, lib.PL_Q3_K, lib.PL_Q4_K, lib.PL_Q5_K, lib.PL_Q6_K, lib.PL_Q8_G)
 
 # Config keys every reader fills (the pl_config fields).
 CONFIG_KEYS = ("dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "seq_len",
@@ -50,12 +61,12 @@ MAX_SEQ = 1 << 22
 
 
 def type_name(t):
-    return TYPES[t][0] if t in TYPES else f"type {t}"
+    return GGML_TYPES[t][0] if t in GGML_TYPES else f"unknown type {t}"
 
 
 def row_bytes(ggml_type, cols):
     """Bytes of one row of `cols` elements; the caller checked cols % block == 0."""
-    _, block, size = TYPES[ggml_type]
+    _, block, size = GGML_TYPES[ggml_type]
     return cols // block * size
 
 

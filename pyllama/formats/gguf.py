@@ -31,7 +31,8 @@ from collections import namedtuple
 import numpy as np
 
 from .common import CONFIG_KEYS as CONFIG_ORDER
-from .common import F32, LAYER_TENSORS, Q8_G, TYPES, ModelFile, Tensor, check_config, fail
+from .common import (CORE_TYPES, F32, GGML_TYPES, LAYER_TENSORS, Q8_G, ModelFile, Tensor,
+                     check_config, fail, type_name)
 
 MAGIC = b"GGUF"
 VERSIONS = (2, 3)
@@ -52,23 +53,10 @@ VALUE_TYPES = {
 }
 BOOL, STRING, ARRAY = 7, 8, 9
 
-# Every ggml type number -> (name, elements per block, bytes per block), so that tensors pyllama
-# does not use can still be sized and errors can name the type. None sizes: removed from ggml.
-GGML_TYPES = {
-    0: ("F32", 1, 4), 1: ("F16", 1, 2), 2: ("Q4_0", 32, 18), 3: ("Q4_1", 32, 20),
-    4: ("Q4_2", None, None), 5: ("Q4_3", None, None), 6: ("Q5_0", 32, 22), 7: ("Q5_1", 32, 24),
-    8: ("Q8_0", 32, 34), 9: ("Q8_1", 32, 40), 10: ("Q2_K", 256, 84), 11: ("Q3_K", 256, 110),
-    12: ("Q4_K", 256, 144), 13: ("Q5_K", 256, 176), 14: ("Q6_K", 256, 210), 15: ("Q8_K", 256, 292),
-    16: ("IQ2_XXS", 256, 66), 17: ("IQ2_XS", 256, 74), 18: ("IQ3_XXS", 256, 98),
-    19: ("IQ1_S", 256, 50), 20: ("IQ4_NL", 32, 18), 21: ("IQ3_S", 256, 110), 22: ("IQ2_S", 256, 82),
-    23: ("IQ4_XS", 256, 136), 24: ("I8", 1, 1), 25: ("I16", 1, 2), 26: ("I32", 1, 4),
-    27: ("I64", 1, 8), 28: ("F64", 1, 8), 29: ("IQ1_M", 256, 56), 30: ("BF16", 1, 2),
-    31: ("Q4_0_4_4", None, None), 32: ("Q4_0_4_8", None, None), 33: ("Q4_0_8_8", None, None),
-    34: ("TQ1_0", 256, 54), 35: ("TQ2_0", 256, 66), 36: ("IQ4_NL_4_4", None, None),
-    37: ("IQ4_NL_4_8", None, None), 38: ("IQ4_NL_8_8", None, None), 39: ("MXFP4", 32, 17),
-    40: ("NVFP4", 64, 36), 41: ("Q1_0", 128, 18),
-}
-SUPPORTED_TYPES = {t for t in TYPES if t != Q8_G}  # what the C core computes with
+# The tensor types a GGUF file may hold: the one type table, without pyllama's own Q8_G; the
+# C core computes with CORE_TYPES (a tensor of another type is sized and named, not run).
+GGUF_TYPES = {t: v for t, v in GGML_TYPES.items() if t != Q8_G}
+SUPPORTED_TYPES = CORE_TYPES - {Q8_G}
 
 REQUIRED = object()
 # pyllama config field -> ("llama." key, kind, default). Default REQUIRED: the key must be there
@@ -92,15 +80,18 @@ TensorInfo.__doc__ = "One tensor info: ne in GGUF order (ne[0] = row length), ab
 _U64 = struct.Struct("<Q")
 
 
-def ggml_type_name(t):
-    return GGML_TYPES[t][0] if t in GGML_TYPES else f"unknown type {t}"
-
-
 class _Cursor:
     """Bounded reads from the map: every read checks the remaining bytes first."""
 
-    def __init__(self, path, mv):
+    def __init__(self, path, mv, problems=None):
         self.path, self.mv, self.size, self.pos = path, mv, len(mv), 0
+        self.problems = problems  # a list: invalid UTF-8 is escaped and described there
+
+    def _invalid(self, raw, what, e):
+        if self.problems is None:
+            fail(self.path, f"{what}: invalid UTF-8 ({e.reason} at byte {e.start})")
+        self.problems.append(f"{what}: invalid UTF-8 ({e.reason} at byte {e.start})")
+        return str(raw, "utf-8", "backslashreplace")
 
     def need(self, n, what):
         if n > self.size - self.pos:
@@ -122,8 +113,7 @@ class _Cursor:
         try:
             return str(raw, "utf-8")
         except UnicodeDecodeError as e:
-            fail(self.path, f"{what} at offset {start}: invalid UTF-8 ({e.reason} at byte "
-                            f"{e.start})")
+            return self._invalid(raw, f"{what} at offset {start}", e)
 
     def value(self, vtype, key, depth=0):
         if vtype not in VALUE_TYPES:
@@ -205,35 +195,35 @@ class _Cursor:
     def _strings_checked(self, key, count):
         mv, size, unpack = self.mv, self.size, _U64.unpack_from
         out = [None] * count
-        p, i = self.pos, 0
-        try:
-            for i in range(count):
-                if size - p < 8:
-                    fail(self.path, f"metadata '{key}'[{i}] at offset {p}: string length is past "
-                                    f"the end of the file ({size} bytes)")
-                n = unpack(mv, p)[0]
-                p += 8
-                if n > size - p:
-                    fail(self.path, f"metadata '{key}'[{i}] at offset {p - 8}: string of {n} "
-                                    f"bytes, only {size - p} remain")
+        p = self.pos
+        for i in range(count):
+            if size - p < 8:
+                fail(self.path, f"metadata '{key}'[{i}] at offset {p}: string length is past "
+                                f"the end of the file ({size} bytes)")
+            n = unpack(mv, p)[0]
+            p += 8
+            if n > size - p:
+                fail(self.path, f"metadata '{key}'[{i}] at offset {p - 8}: string of {n} "
+                                f"bytes, only {size - p} remain")
+            try:
                 out[i] = str(mv[p:p + n], "utf-8")
-                p += n
-        except UnicodeDecodeError as e:
-            fail(self.path, f"metadata '{key}'[{i}] at offset {p}: invalid UTF-8 ({e.reason})")
+            except UnicodeDecodeError as e:
+                out[i] = self._invalid(mv[p:p + n], f"metadata '{key}'[{i}] at offset {p}", e)
+            p += n
         self.pos = p
         return out
 
 
 def _map(path):
-    size = os.path.getsize(path)
-    if size == 0:
+    from . import open_map  # the one place files are opened (regular files only)
+    if os.path.isfile(path) and os.path.getsize(path) == 0:
         fail(path, "empty file (0 bytes), expected a GGUF header")
-    return np.memmap(path, dtype=np.uint8, mode="r")
+    return open_map(path)
 
 
-def _parse(path, mm):
-    """Header, metadata and tensor infos; returns (version, metadata, infos, data_start)."""
-    c = _Cursor(path, memoryview(mm))
+def _parse(path, mm, problems=None):
+    """Header, metadata and tensor infos; returns (version, metadata, infos)."""
+    c = _Cursor(path, memoryview(mm), problems)
     c.need(4, "magic")
     magic = bytes(c.mv[0:4])
     if magic != MAGIC:
@@ -293,7 +283,7 @@ def _parse(path, mm):
     data_start = -(-c.pos // alignment) * alignment
     out, spans = [], []
     for name, ttype, ne, offset, at in infos:
-        tname, block, bsize = GGML_TYPES.get(ttype, (None, None, None))
+        tname, block, bsize = GGUF_TYPES.get(ttype, (None, None, None))
         if bsize is None:
             what = (f"type {tname} ({ttype}), removed from ggml" if tname
                     else f"unknown type {ttype}")
@@ -322,10 +312,12 @@ def _parse(path, mm):
     return version, meta, out
 
 
-def read_metadata(path, mm=None):
-    """(version, metadata dict, list of TensorInfo) — the structural checks, no llama semantics."""
+def read_metadata(path, mm=None, problems=None):
+    """(version, metadata dict, list of TensorInfo) — the structural checks, no llama semantics.
+    With a list as `problems`, strings that are not UTF-8 are read with backslash escapes and
+    described in it instead of failing (what `pyllama info` shows of any file)."""
     path = os.fspath(path)
-    return _parse(path, _map(path) if mm is None else mm)
+    return _parse(path, _map(path) if mm is None else mm, problems)
 
 
 def _number(path, key, v, kind):
@@ -433,13 +425,13 @@ def _bind(path, mm, cfg, infos):
         view = mm[t.offset:t.offset + t.nbytes]
         if len(shape) == 1:
             if t.type != F32:
-                fail(path, f"norm tensor '{t.name}' has type {ggml_type_name(t.type)} ({t.type}), "
+                fail(path, f"norm tensor '{t.name}' has type {type_name(t.type)} ({t.type}), "
                            f"expected F32")
             data = view.view("<f4")
         else:
             if t.type not in SUPPORTED_TYPES:
-                names = ", ".join(TYPES[k][0] for k in sorted(SUPPORTED_TYPES))
-                fail(path, f"tensor '{t.name}' has type {ggml_type_name(t.type)} ({t.type}), which "
+                names = ", ".join(type_name(k) for k in sorted(SUPPORTED_TYPES))
+                fail(path, f"tensor '{t.name}' has type {type_name(t.type)} ({t.type}), which "
                            f"pyllama does not support (supported: {names})")
             data = view.reshape(shape[0], t.nbytes // shape[0])
         tensors[t.name] = Tensor(name=t.name, type=t.type, shape=shape, data=data, offset=t.offset)

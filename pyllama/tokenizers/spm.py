@@ -34,9 +34,10 @@ from typing import Iterable, Optional
 import numpy as np
 
 from ..errors import FormatError, ParameterError
+from ..formats import read_file
 from .base import (BYTE, CONTROL, NORMAL, UNKNOWN, UNUSED, USER_DEFINED, BaseTokenizer,
-                   as_text as _as_text, check_types, end_of_generation, optional_ids, specials_by_length,
-                   split_special, vector as _vector)
+                   as_text as _as_text, check_types, end_of_generation, optional_ids,
+                   specials_by_length, split_special, vector as _vector)
 
 _MERGEABLE = (0, NORMAL, USER_DEFINED, UNUSED)  # pieces BPE may produce (SentencePiece's pieces_)
 
@@ -151,11 +152,7 @@ class Tokenizer(BaseTokenizer):
                 or vocab_size < 1:
             raise ParameterError(f"{path}: vocab_size must be a positive integer, "
                                  f"found {vocab_size!r}")
-        try:
-            with open(path, "rb") as f:
-                data = f.read()
-        except OSError as e:
-            raise FormatError(f"{path}: cannot read tokenizer file: {e.strerror or e}") from None
+        data = read_file(path, "tokenizer file")
         size = len(data)
         if size < _HEADER.size:
             raise FormatError(f"{path}: truncated header: expected 4 bytes (u32 max_token_length), "
@@ -166,6 +163,12 @@ class Tokenizer(BaseTokenizer):
         pieces, scores = _records(data, vocab_size) if fits else (None, None)
         if pieces is None or max(map(len, pieces), default=0) > max_len:
             _check_records(path, data, vocab_size, max_len)  # raises, naming the bad token
+        end = _HEADER.size + vocab_size * _RECORD.size + sum(map(len, pieces))
+        if end != size:  # the file does not store its size: it must end after the last token
+            raise FormatError(f"{path}: holds {_count_records(data)} tokens (its records continue "
+                              f"after token {vocab_size - 1}, at offset {end} of {size} bytes), "
+                              f"but the model's vocab_size is {vocab_size}: this tokenizer does "
+                              f"not belong to the model")
         return cls(pieces, np.array(scores, np.float32), source=path)
 
 
@@ -407,6 +410,17 @@ def _records(data, vocab_size):
     except struct.error:
         return None, None
     return (pieces, scores) if off <= len(data) else (None, None)
+
+
+def _count_records(data):
+    """How many whole records tokenizer.bin holds (reading until one would pass the end)."""
+    off, n, size = _HEADER.size, 0, len(data)
+    while off + _RECORD.size <= size:
+        off += _RECORD.size + _RECORD.unpack_from(data, off)[1]
+        if off > size:
+            break
+        n += 1
+    return n
 
 
 def _check_records(path, data, vocab_size, max_len):

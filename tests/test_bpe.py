@@ -399,3 +399,28 @@ def test_info_shows_the_tokenizer():
     assert (tok["pre"], tok["add_bos"], tok["chat_template"]) == ("qwen2", False, False)
     spm = describe(shared_path("models/stories260K-f32.gguf"))["tokenizer"]
     assert (spm["kind"], spm["pre"], spm["stop_ids"]) == ("spm", None, [2])
+
+
+def test_threads_share_the_cache(llama3, llama3_oracle, monkeypatch):
+    """Encoding from several threads at once, with a cache small enough to be evicted all the
+    time, gives every thread tiktoken's ids."""
+    import threading
+    import pyllama.tokenizers.bpe as bpe
+    monkeypatch.setattr(bpe, "_CACHE_MAX", 64)
+    texts = [f"thread {k}: " + " ".join(f"word{k * 7 + i} 数字{i} 🦙" for i in range(300))
+             for k in range(4)]
+    expect = [llama3_oracle.encode_ordinary(t) for t in texts]
+    errors = []
+
+    def work(k):
+        for _ in range(5):
+            if llama3.encode(texts[k], bos=False) != expect[k]:
+                errors.append(k)
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    llama3._cache.clear()

@@ -10,6 +10,13 @@
 #include <stdint.h>
 #include <string.h>
 #include "pyllama.h"
+
+/* PL_AVX2: the compiler targets AVX2 and FMA, so matmul.c and quants.c take their AVX2 kernels.
+ * F16C (fp16 -> f32 in hardware) is a separate extension: every use of it is guarded by
+ * __F16C__ on its own, with an exact scalar conversion otherwise (e.g. -mavx2 -mfma alone). */
+#if defined(__AVX2__) && defined(__FMA__)
+#define PL_AVX2 1
+#endif
 #if defined(__F16C__) || defined(__AVX__)
 #include <immintrin.h>
 #endif
@@ -72,5 +79,8 @@ void pli_matmul_batch(const pl_tensor *w, const void *xq, long long stride, int 
 
 /* out[w->cols] = row `row` of w, dequantized. */
 void pli_dequantize_row(const pl_tensor *w, long long row, float *out);
+
+/* pli_matvec_rows and pli_dequantize_row on a type they do not know (Python never passes one)
+ * fill their output with NaN rather than leave it as it was: loud, and C prints nothing. */
 
 #endif

@@ -10,11 +10,7 @@
 #ifdef _OPENMP
 #include <omp.h>
 #endif
-#if defined(__AVX2__) && defined(__FMA__)
-#include <immintrin.h>
-#define PL_AVX2 1
-#endif
-#include "internal.h"
+#include "internal.h" /* kernels.h: PL_AVX2, immintrin.h */
 
 /* ------------------------------------------------------------------------------------------------
  * scalar conversions */
@@ -34,7 +30,17 @@ static inline float bf16_to_f32(uint16_t h)
 
 /* Loads 8 weights of row w at element j as f32. */
 #define LOAD_F32(w, j) _mm256_loadu_ps((const float *)(w) + (j))
+#ifdef __F16C__
 #define LOAD_F16(w, j) _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)(w) + (j))))
+#else /* AVX2 without F16C: the same exact values, converted one by one */
+static inline __m256 load_f16_scalar(const uint16_t *h)
+{
+    float f[8];
+    for (int k = 0; k < 8; k++) f[k] = pli_fp16(h[k]);
+    return _mm256_loadu_ps(f);
+}
+#define LOAD_F16(w, j) load_f16_scalar((const uint16_t *)(w) + (j))
+#endif
 #define LOAD_BF16(w, j) _mm256_castsi256_ps(_mm256_slli_epi32( \
     _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)((const uint16_t *)(w) + (j)))), 16))
 

@@ -132,6 +132,7 @@ double pl_sum_f32(const float *x, long long n, int n_threads);
 /* llama2.c's sampler: argmax at temperature 0, else softmax(logits/temperature) (logits is
  * overwritten with the probabilities) and one xorshift* draw from *rng_state: multinomial, or
  * top-p when 0 < topp < 1. probindex holds n entries. Returns -1, touching nothing, when a logit
- * is NaN or infinite. */
+ * is NaN or infinite. Argmax, without a draw, when n == 1 or when the largest logit divided by
+ * the temperature overflows; top-p takes the most probable token when none reaches its cutoff. */
 int pl_sample(float *logits, int n, float temperature, float topp,
               unsigned long long *rng_state, pl_probindex *probindex);

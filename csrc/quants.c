@@ -16,7 +16,7 @@
  *
  * Every weight block is read through the byte layout documented beside its struct (ggml's,
  * little-endian, fp16 scales). Scalar code is the reference and the portable build; when the
- * compiler targets AVX2+FMA+F16C (x86-64-v3, e.g. -march=native on Haswell/Zen and later) every
+ * compiler targets AVX2+FMA (PL_AVX2; x86-64-v3, e.g. -march=native on Haswell/Zen and later) every
  * type's dot product and the activation quantizers have an AVX2 path instead (AVX-512 VNNI's
  * vpdpbusd for the byte dot where the compiler targets it: the same integer sums). Dequantization
  * is scalar only (one row per call: embeddings, tests) and bit-identical to gguf-py's numpy code.
@@ -31,14 +31,7 @@
  */
 #include <math.h>
 #include <string.h>
-#include "kernels.h"
-
-#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
-#define PL_AVX2 1
-#endif
-#if defined(PL_AVX2) || defined(__F16C__)
-#include <immintrin.h>
-#endif
+#include "kernels.h" /* PL_AVX2, immintrin.h */
 
 #define QK 32     /* values per block of the 32-value types */
 #define QK_K 256  /* values per super-block of the K-quants */
@@ -405,14 +398,22 @@ dot32(const void *row, const act_view *a, int nb, step32_fn step, float side_k)
 /* (d·xd, d·xs) for a block with one fp16 scale d; (d·xd, m·xs) for adjacent fp16 d, m. */
 static inline __m128 scale_d(const uint16_t *d, const act_view *a, int i)
 {
+#ifdef __F16C__
     return _mm_mul_ps(_mm_cvtph_ps(_mm_set1_epi16((short)*d)), act_ds(a, i));
+#else
+    return _mm_mul_ps(_mm_set1_ps(pli_fp16(*d)), act_ds(a, i));
+#endif
 }
 
 static inline __m128 scale_dm(const uint16_t *dm, const act_view *a, int i)
 {
+#ifdef __F16C__
     uint32_t v;
     memcpy(&v, dm, 4);
     return _mm_mul_ps(_mm_cvtph_ps(_mm_cvtsi32_si128((int)v)), act_ds(a, i));
+#else
+    return _mm_mul_ps(_mm_setr_ps(pli_fp16(dm[0]), pli_fp16(dm[1]), 0.0f, 0.0f), act_ds(a, i));
+#endif
 }
 
 static inline void accumulate32(__m128 f, __m256i p, __m256 *acc, __m128 *side)
@@ -1340,7 +1341,10 @@ void pli_matvec_rows(const pl_tensor *w, const void *xq, float *out, long long r
         return;
     }
     dot_fn dot = dot_of(w->type);
-    if (!dot) return;
+    if (!dot) {
+        for (long long r = r0; r < r1; r++) out[r] = NAN;
+        return;
+    }
     int nb = (int)(w->cols / block_values(w));
     size_t row_bytes = (size_t)nb * block_bytes(w->type);
     const char *base = (const char *)w->data;
@@ -1356,7 +1360,10 @@ void pli_dequantize_row(const pl_tensor *w, long long row, float *out)
         return;
     }
     deq_fn deq = deq_of(w->type);
-    if (!deq) return;
+    if (!deq) {
+        for (long long j = 0; j < w->cols; j++) out[j] = NAN;
+        return;
+    }
     int nb = (int)(w->cols / block_values(w));
     deq((const char *)w->data + (size_t)row * nb * block_bytes(w->type), nb, out);
 }

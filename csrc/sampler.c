@@ -49,8 +49,13 @@ static int compare_desc(const void *a, const void *b)
 }
 
 /* top-p (nucleus): drop tokens below (1-topp)/(n-1), sort the rest descending, keep the shortest
- * prefix whose mass exceeds topp, sample in it. */
-static int sample_topp(const float *p, int n, float topp, pl_probindex *probindex, float coin)
+ * prefix whose mass exceeds topp, sample in it. n >= 2 (pl_sample answers n == 1 itself).
+ * When no token reaches the cutoff (e.g. near-uniform probabilities and a tiny topp; llama2.c
+ * then reads probindex[-1]) the largest probability p_max is below (1-topp)/(n-1), so
+ * topp < 1 - (n-1)·p_max <= p_max: the nucleus is the most probable token alone, `best` (the
+ * argmax of the logits, which float32 probabilities of a huge temperature may no longer tell). */
+static int sample_topp(const float *p, int n, float topp, pl_probindex *probindex, float coin,
+                       int best)
 {
     int n0 = 0;
     const float cutoff = (1.0f - topp) / (n - 1);
@@ -61,6 +66,7 @@ static int sample_topp(const float *p, int n, float topp, pl_probindex *probinde
             n0++;
         }
     }
+    if (n0 == 0) return best;
     qsort(probindex, n0, sizeof(pl_probindex), compare_desc);
 
     float cumulative_prob = 0.0f;
@@ -101,10 +107,15 @@ int pl_sample(float *logits, int n, float temperature, float topp,
     int finite = 1;
     for (int i = 0; i < n; i++) finite &= isfinite(logits[i]) != 0;
     if (!finite) return -1;
-    if (temperature == 0.0f) return sample_argmax(logits, n);
+    if (temperature == 0.0f || n == 1) return sample_argmax(logits, n);
+    /* the largest logit divided by the temperature must stay finite, or softmax computes inf-inf:
+     * a temperature that small (a denormal one, or a logit near FLT_MAX) is greedy, as its limit.
+     * Only this one extra division: the arithmetic on the logits is llama2.c's. */
+    int best = sample_argmax(logits, n);
+    if (!isfinite(logits[best] / temperature)) return best;
     for (int q = 0; q < n; q++) logits[q] /= temperature;
     pli_softmax(logits, n);
     float coin = random_f32(rng_state);
     if (topp <= 0 || topp >= 1) return sample_mult(logits, n, coin);
-    return sample_topp(logits, n, topp, probindex, coin);
+    return sample_topp(logits, n, topp, probindex, coin, best);
 }

@@ -10,7 +10,6 @@ import time
 import numpy as np
 
 from ._core import ffi, lib
-from .generate import generate_tokens, make_sampler
 
 
 CACHE_DIR = "/sys/devices/system/cpu/cpu0/cache"
@@ -79,21 +78,18 @@ def _stats(values):
 
 def bench(llama, threads, n_prompt=128, n_gen=256, repeat=3):
     """{prompt_tok_s, gen_tok_s: {min, median, max}, ...} for one Llama at `threads`."""
-    m = llama._model
-    m.threads = threads
+    llama.threads = threads
     rng = np.random.default_rng(0)
-    n_prompt = min(n_prompt, m.n_ctx - 1)
-    n_gen = min(n_gen, m.n_ctx)
-    prompt = [1] + rng.integers(3, m.vocab_size, size=n_prompt - 1).tolist()
+    n_prompt = min(n_prompt, llama.n_ctx - 1)
+    n_gen = min(n_gen, llama.n_ctx)
+    prompt = [1] + rng.integers(3, llama.vocab_size, size=n_prompt - 1).tolist()
     pp, tg = [], []
     for _ in range(repeat):
-        with m._lock:
-            t0 = time.perf_counter()
-            m.prefill(prompt, 0)
-            pp.append(n_prompt / (time.perf_counter() - t0))
-        sampler = make_sampler(m, 0.0, 0.9, 1)
         t0 = time.perf_counter()
-        n = sum(1 for _ in generate_tokens(m, [1], n_gen, sampler, bos_id=None))
+        llama.logits(prompt, last_only=True)  # the prompt's prefill
+        pp.append(n_prompt / (time.perf_counter() - t0))
+        t0 = time.perf_counter()
+        n = sum(1 for _ in llama.generate_tokens([1], n_gen, temperature=0.0, seed=1, stop=False))
         tg.append(n / (time.perf_counter() - t0))
     return {"threads": threads, "prompt_tokens": n_prompt, "gen_tokens": n_gen,
             "prompt_tok_s": _stats(pp), "gen_tok_s": _stats(tg),
@@ -105,9 +101,11 @@ def time_to_first_token(path, tokenizer=None, threads=None):
     from .llama import Llama
     t0 = time.perf_counter()
     m = Llama(path, tokenizer=tokenizer, threads=threads)
-    sampler = make_sampler(m._model, 0.0, 0.9, 1)
-    next(generate_tokens(m._model, [1, 2], 3, sampler, bos_id=None))
-    return time.perf_counter() - t0
+    pairs = m.generate_tokens([1], 2, temperature=0.0, seed=1, stop=False)
+    next(pairs)  # (1, the first sampled token): the prompt's forward pass and one sample
+    elapsed = time.perf_counter() - t0
+    pairs.close()
+    return elapsed
 
 
 def run(args, out, err):

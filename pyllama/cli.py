@@ -3,7 +3,9 @@
 Every error a user can cause ends as one line `pyllama: error: …` on stderr and exit status 1.
 """
 import argparse
+import io
 import os
+import re
 import sys
 import time
 
@@ -13,8 +15,13 @@ from .errors import PyllamaError
 COMMANDS = ("run", "chat", "info", "bench", "convert")
 
 
+# a value "--" after a flag, hidden from argparse (which drops "--" even from FLAG=--)
+_DASHES = "\0--"
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message):
+        message = message.replace(repr(_DASHES)[1:-1], "--").replace(_DASHES, "--")
         raise _UsageError(f"{message} (see '{self.prog} --help')")
 
 
@@ -28,8 +35,9 @@ def _add_run_args(p):
                    help="sampling temperature, 0 = greedy argmax (default 1.0)")
     p.add_argument("-p", "--topp", type=float, default=0.9, metavar="P",
                    help="top-p (nucleus) sampling in [0,1]; 0 or 1 = off (default 0.9)")
-    p.add_argument("-s", "--seed", type=int, default=0, metavar="S",
-                   help="random seed; 0 = from the clock (default)")
+    p.add_argument("-s", "--seed", default="0", metavar="S",
+                   help="random seed, read as llama2.c reads it (C atoi: a 32-bit int, wrapping); "
+                        "0 = from the clock (default)")
     p.add_argument("-n", "--steps", type=int, default=256, metavar="N",
                    help="positions to run, prompt included; 0 = the model's context (default 256)")
     p.add_argument("-i", "--input", "--prompt", dest="prompt", default=None, metavar="TEXT",
@@ -98,13 +106,31 @@ def _version_string():
 
 
 def _check_args(args):
-    from .errors import ParameterError
-    if args.threads is not None and args.threads < 1:
-        raise ParameterError(f"--threads: expected a number >= 1, found {args.threads}")
-    if args.steps < 0:
-        raise ParameterError(f"--steps: expected a number >= 0, found {args.steps}")
-    if args.context is not None and args.context < 1:
-        raise ParameterError(f"--context: expected a number >= 1, found {args.context}")
+    from . import validate
+    validate.optional(validate.integer, args.threads, "--threads", lo=1)
+    validate.integer(args.steps, "--steps", lo=0)
+    validate.optional(validate.integer, args.context, "--context", lo=1)
+
+
+_ATOI = re.compile(r"[ \t\n\v\f\r]*([+-]?[0-9]+)")
+
+
+def atoi(text):
+    """C's atoi as glibc computes it, (int) strtol(text, NULL, 10): leading white space, a sign,
+    decimal digits, anything after them ignored, no digits = 0; a value beyond a 64-bit long is
+    clamped to it, then truncated to a 32-bit int (wrapping: 2147483648 gives -2147483648)."""
+    m = _ATOI.match(text)
+    if not m:
+        return 0
+    v = max(-(1 << 63), min(int(m.group(1)), (1 << 63) - 1)) & 0xFFFFFFFF
+    return v - (1 << 32) if v >= 1 << 31 else v
+
+
+def llama2c_seed(text):
+    """The rng seed llama2.c's run uses for `-s TEXT`: atoi(TEXT) as an unsigned long long (a
+    negative int wraps to 2^64 - x); 0 means (unsigned int) time(NULL)."""
+    seed = atoi(text) % (1 << 64)
+    return seed if seed else int(time.time()) & 0xFFFFFFFF
 
 
 def _argv_text(text, what="--prompt"):
@@ -121,11 +147,13 @@ def _argv_text(text, what="--prompt"):
 
 
 def cmd_run(args, out, err):
-    from .generate import encode_prompt, generate_tokens, make_sampler, resolve_steps
+    from .generate import encode_prompt, resolve_steps
+    from .sampler import Sampler
     from .llama import Llama
     from .errors import TokenizerError
     from .formats import load
     _check_args(args)
+    seed = llama2c_seed(args.seed)
     mf = load(args.checkpoint)
     # the KV cache holds the positions this run can reach (steps), not always the model's seq_len
     limit = args.context or mf.config.get("seq_len", 1)
@@ -135,16 +163,16 @@ def cmd_run(args, out, err):
         raise TokenizerError(model.tokenizer_problem or f"no tokenizer: {args.checkpoint} has "
                              f"none and no tokenizer.bin was found beside it or in the working "
                              f"directory (use -z PATH)")
-    sampler = make_sampler(model._model, args.temperature, args.topp, args.seed)
     if args.mode == "chat" or args.command == "chat":
+        sampler = Sampler(model.vocab_size, args.temperature, args.topp, seed)
         return _chat(model, sampler, _argv_text(args.prompt), _argv_text(args.system, "--system"), steps,
                      out)
     tok = model.tokenizer
-    stops = model.stop_ids  # None: llama2.c's rule for .bin files
-    ids = encode_prompt(tok, _argv_text(args.prompt) or "", limit, bos=True if stops is None else None)
+    # BOS always for .bin files (llama2.c, stop_ids None); where the file says for GGUF files
+    ids = encode_prompt(tok, _argv_text(args.prompt) or "", limit,
+                        bos=True if model.stop_ids is None else None)
     start, n = None, 0
-    for prev, token in generate_tokens(model._model, ids, steps, sampler, bos_id=tok.bos_id,
-                                       stop_ids=stops):
+    for prev, token in model.generate_tokens(ids, steps, args.temperature, args.topp, seed):
         out.write(tok.safe_piece(prev, token))
         out.flush()
         n += 1
@@ -159,12 +187,19 @@ def cmd_run(args, out, err):
 
 
 def _read_line(out, guide):
+    """A line typed in chat, checked to be UTF-8 as -i and -y are; None at the end of input."""
+    from .errors import TokenizerError
     out.write(guide.encode())
     out.flush()
-    line = sys.stdin.buffer.readline()
+    line = (sys.stdin.buffer if sys.stdin is not None else io.BytesIO()).readline()
     if not line:
         return None
-    return line.rstrip(b"\n").decode("utf-8", errors="replace")
+    raw = line.rstrip(b"\n")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise TokenizerError(f"chat input is not valid UTF-8: byte {e.start} is "
+                             f"0x{raw[e.start]:02x}") from None
 
 
 def _chat(model, sampler, user_prompt, system_prompt, steps, out):
@@ -218,10 +253,9 @@ def cmd_info(args, out, err):
 
 def cmd_bench(args, out, err):
     from .bench import run
-    from .errors import ParameterError
+    from . import validate
     for name in ("prompt", "gen", "repeat"):
-        if getattr(args, name) < 1:
-            raise ParameterError(f"--{name}: expected a number >= 1, found {getattr(args, name)}")
+        validate.integer(getattr(args, name), f"--{name}", lo=1)
     return run(args, out, err)
 
 
@@ -230,17 +264,78 @@ def cmd_convert(args, out, err):
     return run(args, out, err)
 
 
+def _value_after_flag(argv):
+    """llama2.c takes the word after a flag as its value whatever it looks like (`-i "-dash"`);
+    argparse would read "-dash" as an option: join such pairs as FLAG=VALUE for `run`/`chat`."""
+    if not argv or argv[0] not in ("run", "chat"):
+        return argv
+    parser = _Parser(add_help=False)
+    _add_run_args(parser)
+    takes_value = {s for a in parser._actions if a.nargs != 0 for s in a.option_strings}
+    out, i = [], 0
+    while i < len(argv):
+        flag, eq, value = argv[i].partition("=")
+        if argv[i] in takes_value and i + 1 < len(argv):
+            flag, eq, value = argv[i], "=", argv[i + 1]
+            i += 1
+        if flag in takes_value and eq:
+            out.append(f"{flag}={_DASHES if value == '--' else value}")
+        else:
+            out.append(argv[i])
+        i += 1
+    return out
+
+
+def _usable(fd, stream, check):
+    if stream is None:
+        return False
+    try:
+        check(fd)  # 0 bytes: the kernel still checks that the fd is open for that direction
+        return True
+    except OSError:
+        return False
+
+
+def _standard_streams():
+    """(stdout's binary stream, or None when it cannot be written; stderr's text stream). A closed
+    standard fd (`<&-`, `>&-`, `2>&-`) is reopened on /dev/null first, so no file this process
+    opens gets its number: closed stdin reads as empty, an unwritable stderr discards messages
+    (the exit status still tells success from failure)."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+    if not _usable(0, sys.stdin, lambda fd: os.read(fd, 0)):
+        sys.stdin = None
+    if not _usable(2, sys.stderr, lambda fd: os.write(fd, b"")):
+        sys.stderr = open(os.devnull, "w")
+    if not _usable(1, sys.stdout, lambda fd: os.write(fd, b"")):
+        sys.stdout = open(os.devnull, "w")  # nothing is written to it; Python flushes it at exit
+        return None, sys.stderr
+    return sys.stdout.buffer, sys.stderr
+
+
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     # llama2.c's form `run model.bin -i …`: a first argument that is a file means `run`
     if argv and argv[0] not in COMMANDS and not argv[0].startswith("-") and os.path.isfile(argv[0]):
         argv.insert(0, "run")
-    out, err = sys.stdout.buffer, sys.stderr
+    argv = _value_after_flag(argv)
+    out, err = _standard_streams()
     try:
         args = get_parser().parse_args(argv)
+        for key, value in vars(args).items():
+            if value == _DASHES:
+                setattr(args, key, "--")
         if args.command is None:
             get_parser().print_help()
             return 1
+        if out is None:
+            raise PyllamaError("standard output is closed or not writable: nothing to write the output to")
         handler = {"run": cmd_run, "chat": cmd_run, "info": cmd_info, "bench": cmd_bench,
                    "convert": cmd_convert}[args.command]
         return handler(args, out, err)

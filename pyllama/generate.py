@@ -1,16 +1,14 @@
 """The token loop (llama2.c's generate() and chat()), streaming and stop rules."""
+from . import validate
 from .errors import ParameterError
 from .sampler import Sampler
 
-BOS, EOS = 1, 2  # llama2.c's fixed ids (tokenizer.bin); GGUF tokenizers carry their own
+BOS = 1  # llama2.c's fixed id (tokenizer.bin); GGUF tokenizers carry their own
 
 
 def resolve_steps(steps, seq_len):
     """llama2.c: steps counts positions including the prompt; 0 means seq_len; more is clamped."""
-    if isinstance(steps, bool) or not isinstance(steps, int):
-        raise ParameterError(f"steps: expected an integer, found {steps!r}")
-    if steps < 0:
-        raise ParameterError(f"steps: expected a number >= 0, found {steps}")
+    steps = validate.integer(steps, "steps", lo=0)
     return seq_len if steps == 0 or steps > seq_len else steps
 
 

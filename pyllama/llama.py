@@ -1,12 +1,11 @@
 """The public model object: `pyllama.Llama`."""
 import os
 
-import numpy as np
-
-from .errors import FormatError, ParameterError, TokenizerError
+from . import validate
+from .errors import FormatError, ParameterError, PyllamaError, TokenizerError
 from .formats import GGUF_MAGIC, ModelFile, load, open_map
-from .generate import (encode_prompt, generate_tokens, make_sampler, resolve_steps, stop_rule,
-                       stream_text)
+from .generate import (check_prompt_length, encode_prompt, generate_tokens, make_sampler,
+                       resolve_steps, stop_rule, stream_text)
 from .model import Transformer
 from .tokenizers import BaseTokenizer, Tokenizer, from_gguf_metadata
 
@@ -50,15 +49,24 @@ class Llama:
                False reads it into memory (safe if the file may change on disk while in use)
 
     One Llama is used by one thread at a time (calls from another thread wait for it); separate
-    Llama objects run in parallel (the GIL is released while C runs).
+    Llama objects run in parallel (the GIL is released while C runs). After close() every method
+    raises PyllamaError. A Llama cannot be pickled: give another process the path instead.
     """
 
     def __init__(self, path, tokenizer=None, threads=None, n_ctx=None, mmap=True):
+        self._model = None
+        mmap = validate.boolean(mmap, "mmap")
+        if not (tokenizer is None or isinstance(tokenizer, (Tokenizer, str, bytes, os.PathLike))):
+            raise ParameterError(f"tokenizer: expected a path, a Tokenizer or None, found "
+                                 f"{type(tokenizer).__name__}")
         if isinstance(path, ModelFile):  # already loaded (pyllama.load)
             self.path, self.file = path.path, path
-        else:
+        elif isinstance(path, (str, bytes, os.PathLike)):
             self.path = os.fspath(path)
             self.file = load(self.path, mmap=mmap)
+        else:
+            raise ParameterError(f"path: expected a file path or a pyllama.load() result, found "
+                                 f"{type(path).__name__}")
         if not self.file.has_weights:
             raise FormatError(f"{self.path}: a vocab-only GGUF holds no weights to run; load its "
                               f"tokenizer with pyllama.load_tokenizer(path)")
@@ -91,24 +99,32 @@ class Llama:
                                  f"together")
         return tok
 
+    def _live(self):
+        """The Transformer, or PyllamaError once the model is closed."""
+        if self._model is None:
+            raise PyllamaError(f"{self.path}: the model is closed")
+        return self._model
+
     # -- properties ------------------------------------------------------------------------------
     @property
     def config(self):
+        self._live()
         return dict(self.file.config)
 
     @property
     def threads(self):
-        return self._model.threads
+        return self._live().threads
 
     @threads.setter
     def threads(self, value):
-        self._model.threads = value
+        self._live().threads = value
 
     @property
     def n_ctx(self):
-        return self._model.n_ctx
+        return self._live().n_ctx
 
     def _tok(self):
+        self._live()
         if self.tokenizer is None:
             raise TokenizerError(self.tokenizer_problem or f"{self.path}: no tokenizer loaded "
                                  f"(pass tokenizer=PATH to a tokenizer.bin)")
@@ -119,7 +135,10 @@ class Llama:
         """Token ids of `text` (str, or UTF-8 bytes). bos=True adds BOS where the file says so
         (Llama 2 and 3 yes, Qwen2 no; as llama.cpp's add_special); special=True turns control
         token texts such as "<|eot_id|>" into their ids."""
-        return self._tok().encode(text, bos=None if bos else False, eos=eos, special=special)
+        tok = self._tok()
+        bos = validate.boolean(bos, "bos")
+        return tok.encode(text, bos=None if bos else False, eos=validate.boolean(eos, "eos"),
+                          special=validate.boolean(special, "special"))
 
     @property
     def stop_ids(self):
@@ -127,52 +146,82 @@ class Llama:
         return stop_rule(self.file, self.tokenizer)
 
     def detokenize(self, ids):
-        """Text of a sequence of token ids."""
-        return self._tok().decode(ids)
+        """Text of a sequence of token ids (a list of ints or a 1-D integer array)."""
+        tok = self._tok()
+        return tok.decode(validate.token_ids(ids, self.vocab_size))
 
-    def _check_ids(self, ids):
-        ids = [int(i) for i in np.asarray(ids, dtype=np.int64).reshape(-1)] if len(ids) else []
-        bad = [i for i in ids if not 0 <= i < self.vocab_size]
-        if bad:
-            raise ParameterError(f"token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})")
-        return ids
-
-    def logits(self, ids):
-        """Teacher-forced logits: row i is the output after feeding ids[0..i] from position 0."""
-        ids = self._check_ids(ids)
-        if len(ids) > self.n_ctx:
-            raise ParameterError(f"{len(ids)} ids do not fit the context of {self.n_ctx} positions")
-        with self._model._lock:
-            return self._model.prefill(ids, 0, all_logits=True)
+    def logits(self, ids, last_only=False):
+        """Teacher-forced logits: row i is the output after feeding ids[0..i] from position 0
+        ([len(ids), vocab] float32). last_only=True returns the last row alone ([vocab]), without
+        computing the classifier for the other positions (a prompt's prefill)."""
+        model = self._live()
+        ids = validate.token_ids(ids, self.vocab_size, allow_empty=not last_only)
+        last_only = validate.boolean(last_only, "last_only")
+        if len(ids) > model.n_ctx:
+            raise ParameterError(f"{len(ids)} ids do not fit the context of {model.n_ctx} positions")
+        with model._lock:
+            if last_only:
+                model.prefill(ids, 0)
+                return model.logits_buffer[0].copy()
+            return model.prefill(ids, 0, all_logits=True)
 
     def generate(self, prompt="", steps=256, temperature=1.0, topp=0.9, seed=None, echo=False):
         """Stream text as it is generated, as llama2.c's `run` does.
 
         steps counts positions including the prompt's tokens (0 = the model's context); generation
-        stops early when BOS is sampled (.bin files, as llama2.c) or at EOS/EOT/EOM (GGUF files). temperature 0 is greedy; seed None or 0 means a seed from
-        the clock. Yields the continuation's text pieces (with echo=True, the prompt's first).
+        stops early when BOS is sampled (.bin files, as llama2.c) or at EOS/EOT/EOM (GGUF files).
+        temperature 0 is greedy; seed None or 0 means fresh random bits for every call (an int
+        reproduces a run: the same as `pyllama run -s SEED`). Yields the continuation's text
+        pieces (with echo=True, the prompt's first).
         """
+        echo = validate.boolean(echo, "echo")
         tok = self._tok()
-        steps = resolve_steps(steps, self.n_ctx)
-        sampler = make_sampler(self._model, temperature, topp, seed)
         ids = encode_prompt(tok, prompt, self.n_ctx, bos=True if self.stop_ids is None else None)
-        pairs = generate_tokens(self._model, ids, steps, sampler, bos_id=tok.bos_id,
-                                stop_ids=self.stop_ids)
+        pairs = self.generate_tokens(ids, steps, temperature, topp, seed)
         return stream_text(tok, pairs, skip=0 if echo else len(ids) - 1)
+
+    def generate_tokens(self, prompt, steps=256, temperature=1.0, topp=0.9, seed=None, stop=True):
+        """The token ids of a generation as (previous id, id) pairs, in llama2.c's order: the
+        prompt's pairs first, then the sampled ones (what `generate` decodes).
+
+        prompt is text (encoded with BOS) or token ids (BOS included if wanted); the positions
+        that run, min(len(prompt), steps), must fit n_ctx. stop=False never ends early (steps
+        positions always run); otherwise BOS ends a .bin file's run, the tokenizer's stop_ids
+        (EOS, EOT, EOM) a GGUF file's. The other arguments are those of generate()."""
+        model = self._live()
+        steps = resolve_steps(steps, model.n_ctx)
+        sampler = make_sampler(model, temperature, topp, seed)
+        stop = validate.boolean(stop, "stop")
+        if isinstance(prompt, (str, bytes, bytearray)):
+            ids = encode_prompt(self._tok(), prompt, model.n_ctx,
+                                bos=True if self.stop_ids is None else None)
+        else:
+            ids = validate.token_ids(prompt, self.vocab_size, name="prompt", allow_empty=False)
+            check_prompt_length(min(len(ids), steps), model.n_ctx)
+        bos = (self.tokenizer.bos_id if self.tokenizer is not None else 1) if stop else None
+        return generate_tokens(model, ids, steps, sampler, bos_id=bos,
+                               stop_ids=self.stop_ids if stop else None)
 
     # -- lifetime --------------------------------------------------------------------------------
     def close(self):
-        """Release the model's memory map and buffers; the object is unusable afterwards."""
+        """Drop the model's memory map and buffers (freed once no unfinished generator still runs
+        on them); every method raises PyllamaError afterwards. Closing twice is harmless."""
         self._model = None
         if self.file is not None:
             self.file.close()
 
     def __enter__(self):
+        self._live()
         return self
 
     def __exit__(self, *exc):
         self.close()
 
+    def __reduce__(self):
+        raise PyllamaError(f"{self.path}: a Llama cannot be pickled (it holds a memory map and C "
+                           f"buffers); pass the path to the other process and load it there")
+
     def __repr__(self):
-        return (f"Llama({self.path!r}, format={self.file.format}, dim={self.dim}, "
-                f"layers={self.n_layers}, vocab={self.vocab_size})")
+        state = "closed" if self._model is None else \
+            f"format={self.file.format}, dim={self.dim}, layers={self.n_layers}, vocab={self.vocab_size}"
+        return f"Llama({self.path!r}, {state})"

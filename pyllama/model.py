@@ -9,6 +9,7 @@ import weakref
 
 import numpy as np
 
+from . import validate
 from ._core import ffi, lib
 from .errors import ParameterError, PyllamaError
 from .formats.common import F32, MAX_SEQ, Q8_G
@@ -45,11 +46,7 @@ def default_threads():
 def check_threads(threads):
     if threads is None:
         return default_threads()
-    if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)):
-        raise ParameterError(f"threads: expected an integer, found {threads!r}")
-    if not 1 <= threads <= MAX_THREADS:
-        raise ParameterError(f"threads: expected 1..{MAX_THREADS}, found {threads}")
-    return int(threads)
+    return validate.integer(threads, "threads", lo=1, hi=MAX_THREADS)
 
 
 def available_memory():
@@ -100,10 +97,8 @@ class Transformer:
             n_ctx = seq_len
         # beyond the trained seq_len is allowed when asked for (as llama.cpp's -c): RoPE extends,
         # quality may not
-        if isinstance(n_ctx, bool) or not isinstance(n_ctx, (int, np.integer)) or not 1 <= n_ctx <= MAX_SEQ:
-            raise ParameterError(f"context: expected 1..{MAX_SEQ} positions (the model's seq_len is "
-                                 f"{seq_len}), found {n_ctx!r}")
-        self.n_ctx = int(n_ctx)
+        self.n_ctx = validate.integer(n_ctx, f"n_ctx (context positions; the model's seq_len is "
+                                             f"{seq_len})", lo=1, hi=MAX_SEQ)
         self._keep = []
         self._lock = ModelLock()
         self._weights = self._bind_weights(model_file)

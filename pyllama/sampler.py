@@ -1,35 +1,43 @@
 """Sampling parameters and llama2.c's sampler (the arithmetic lives in C: csrc/sampler.c)."""
-import math
-import time
+import secrets
 
+import numpy as np
+
+from . import validate
 from ._core import ffi, lib
 from .errors import ParameterError
 
 U64 = 1 << 64
+# C divides the logits by the temperature in float32: a temperature must be a finite float32 whose
+# reciprocal is finite too (below 2.9e-39, 1/t overflows: a denormal temperature is no temperature)
+T_MAX = float(np.finfo(np.float32).max)
+T_MIN = float(np.nextafter(np.float32(1) / np.float32(T_MAX), np.float32(1)))
 
 
 def check_sampling(temperature, topp):
-    try:
-        temperature = float(temperature)
-        topp = float(topp)
-    except (TypeError, ValueError):
-        raise ParameterError(f"temperature and top-p must be numbers, found {temperature!r}, {topp!r}") from None
-    if math.isnan(temperature) or temperature < 0 or math.isinf(temperature):
-        raise ParameterError(f"temperature: expected a finite number >= 0, found {temperature}")
-    if math.isnan(topp) or not 0.0 <= topp <= 1.0:
-        raise ParameterError(f"top-p: expected a number in [0, 1], found {topp}")
+    """(temperature, topp) as floats: temperature 0 (greedy) or in [T_MIN, T_MAX], top-p in [0, 1].
+    A temperature so small that the largest logit divided by it overflows is greedy (in C)."""
+    temperature = validate.number(temperature, "temperature", lo=0)
+    topp = validate.number(topp, "top-p", lo=0, hi=1)
+    if temperature:
+        with np.errstate(over="ignore", divide="ignore"):
+            t32 = np.float32(temperature)
+            inv = np.float32(1) / t32
+        if not (np.isfinite(t32) and t32 > 0 and np.isfinite(inv)):
+            raise ParameterError(f"temperature: expected 0 (greedy) or a number in "
+                                 f"[{T_MIN:.3g}, {T_MAX:.4g}] (1/temperature must be a finite "
+                                 f"float32), found {temperature}")
     return temperature, topp
 
 
 def seed_state(seed):
-    """llama2.c's rng seeding: the seed as an unsigned 64-bit value; 0 or None means time(NULL)."""
-    if seed is None:
-        seed = 0
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ParameterError(f"seed: expected an integer, found {seed!r}")
-    seed %= U64  # atoi's negative values wrap as in llama2.c's unsigned long long
-    if seed == 0:
-        seed = int(time.time()) & 0xFFFFFFFF
+    """The xorshift* state for `seed`: an integer taken as unsigned 64-bit (a negative one wraps,
+    as llama2.c's unsigned long long does with atoi's result). None or 0: 64 fresh random bits
+    from the OS, new for every call (the state must not be 0: xorshift would stay at 0)."""
+    seed = validate.optional(validate.integer, seed, "seed", lo=-(U64 >> 1), hi=U64 - 1)
+    seed = (seed or 0) % U64
+    while seed == 0:
+        seed = secrets.randbits(64)
     return seed
 
 

@@ -4,6 +4,7 @@ import struct
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from conftest import shared_path
@@ -177,7 +178,7 @@ def small(tmp_path):
 
 
 @pytest.mark.parametrize("kwargs,fragment", [
-    (dict(steps=-1), "steps: expected a number >= 0"),
+    (dict(steps=-1), "steps: expected an integer >= 0"),
     (dict(temperature=-0.5), "temperature"),
     (dict(temperature=math.nan), "temperature"),
     (dict(temperature=math.inf), "temperature"),
@@ -200,7 +201,7 @@ def test_bad_sampling_arguments(small, kwargs, fragment):
     (["--threads", "0"], "threads"),
     (["-m", "dance"], "invalid choice"),
     (["--bogus"], "unrecognized arguments"),
-    (["--context", "0"], "--context: expected a number >= 1"),
+    (["--context", "0"], "--context: expected an integer >= 1"),
 ])
 def test_bad_cli_arguments(small, args, fragment):
     assert_cli_error(["run", small[0], "-z", small[1], *args], fragment)
@@ -264,4 +265,87 @@ def test_tokenizer_of_another_model(small, tmp_path):
 
 def test_bench_bad_thread_list(small):
     assert_cli_error(["bench", small[0], "--threads", "x"], "expected thread counts like 1,2")
-    assert_cli_error(["bench", small[0], "--threads", "0"], "threads: expected 1..")
+    assert_cli_error(["bench", small[0], "--threads", "0"], "threads: expected an integer in 1..")
+
+
+# -- strict arguments: one validator (pyllama/validate.py), one error family ---------------------
+
+BAD_IDS = [[1, 1.7], [1, True], [[1, 2], [3, 4]], np.array([[1, 2]]), None, "hello", [2**70],
+           [float("nan")], np.array([1.0, 2.0]), [1, None], (i for i in range(3)), [1, "2"]]
+
+
+@pytest.mark.parametrize("ids", BAD_IDS, ids=[repr(b)[:20] for b in BAD_IDS])
+def test_bad_ids_are_parameter_errors(small, ids):
+    """logits([1, 1.7]) equalled logits([1, 1]); True counted as 1; nested arrays were flattened;
+    None/"hello"/[2**70]/[nan] raised numpy's TypeError/ValueError/OverflowError."""
+    m = pyllama.Llama(small[0], tokenizer=small[1])
+    for method in (m.logits, m.detokenize, m.generate_tokens):
+        if isinstance(ids, str) and method == m.generate_tokens:
+            continue  # a text prompt
+        with pytest.raises(ParameterError):
+            method(ids)
+
+
+def test_good_ids_of_every_integer_kind(small):
+    m = pyllama.Llama(small[0], tokenizer=small[1])
+    ref = m.logits([1, 5, 7])
+    for ids in ((1, 5, 7), np.array([1, 5, 7], np.int32), np.array([1, 5, 7], np.uint16),
+                [np.int64(1), 5, np.uint8(7)]):
+        np.testing.assert_array_equal(m.logits(ids), ref)
+        assert m.detokenize(ids) == m.detokenize([1, 5, 7])
+    assert m.logits([]).shape == (0, 300)
+
+
+@pytest.mark.parametrize("kwargs,fragment", [
+    (dict(temperature="0.5"), "temperature: expected a number"),
+    (dict(topp="0.9"), "top-p: expected a number"),
+    (dict(temperature=True), "temperature: expected a number"),
+    (dict(echo="no"), "echo: expected True or False"),
+    (dict(echo=0), "echo: expected True or False"),
+    (dict(steps="5"), "steps: expected an integer"),
+    (dict(steps=5.0), "steps: expected an integer"),
+    (dict(steps=True), "steps: expected an integer"),
+    (dict(seed=1.5), "seed: expected an integer"),
+    (dict(seed="7"), "seed: expected an integer"),
+    (dict(temperature=1e-45), "temperature: expected 0"),
+])
+def test_bad_generate_arguments(small, kwargs, fragment):
+    m = pyllama.Llama(small[0], tokenizer=small[1])
+    with pytest.raises(ParameterError, match=fragment):
+        m.generate("ab", **kwargs)  # refused at the call, before iterating
+
+
+def test_numpy_integers_for_steps_seed_threads(small):
+    """steps/seed refused np.int64 while threads accepted it: every integer argument takes both."""
+    m = pyllama.Llama(small[0], tokenizer=small[1], threads=np.int64(1), n_ctx=np.int32(16))
+    assert m.threads == 1 and m.n_ctx == 16
+    a = "".join(m.generate("ab", steps=np.int64(8), temperature=np.float32(0.5), seed=np.int64(3)))
+    assert a == "".join(m.generate("ab", steps=8, temperature=0.5, seed=3))
+
+
+@pytest.mark.parametrize("kwargs,fragment", [
+    (dict(mmap="no"), "mmap: expected True or False"),
+    (dict(mmap=0), "mmap: expected True or False"),
+    (dict(threads=1.5), "threads: expected an integer"),
+    (dict(threads=True), "threads: expected an integer"),
+    (dict(threads="2"), "threads: expected an integer"),
+    (dict(n_ctx="8"), "n_ctx"),
+    (dict(n_ctx=8.0), "n_ctx"),
+    (dict(tokenizer=5), "tokenizer: expected a path"),
+])
+def test_bad_llama_arguments(small, kwargs, fragment):
+    with pytest.raises(ParameterError, match=fragment):
+        pyllama.Llama(small[0], **kwargs)
+
+
+def test_bad_path_and_setters(small):
+    with pytest.raises(ParameterError, match="path: expected a file path"):
+        pyllama.Llama(None)
+    m = pyllama.Llama(small[0], tokenizer=small[1])
+    for bad in ("2", 2.0, True, 0):  # (None: the default, all cores)
+        with pytest.raises(ParameterError, match="threads"):
+            m.threads = bad
+    with pytest.raises(ParameterError, match="bos: expected True or False"):
+        m.tokenize("ab", bos="yes")
+    with pytest.raises(ParameterError, match="last_only"):
+        m.logits([1], last_only="yes")

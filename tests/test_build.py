@@ -39,6 +39,25 @@ def _build_copy(tmp_path, **env):
     return tree, proc
 
 
+KERNEL_TESTS = ("tests/test_quants.py", "tests/test_prefill.py", "tests/test_kernel_guards.py")
+
+
+def _core_of(tree, env):
+    """(file, build_info) of the core `import pyllama` loads in `tree`."""
+    info = subprocess.run([sys.executable, "-c", "import pyllama; print(pyllama._core.__file__); "
+                           "print(pyllama.build_info())"], cwd=tree, env=env, capture_output=True,
+                          text=True, timeout=60)
+    where, flags = (info.stdout.splitlines() + ["", ""])[:2]
+    assert where.startswith(str(tree)), info.stdout + info.stderr
+    return where, flags
+
+
+def _run_tests(tree, env, files):
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *files],
+                         cwd=tree, env=env, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+
+
 def _cpu_flags():
     try:
         with open("/proc/cpuinfo") as f:
@@ -55,21 +74,28 @@ def test_avx2_build_without_avx512(tmp_path):
         pytest.skip("this CPU cannot run AVX2 code")
     tree, _ = _build_copy(tmp_path, PYLLAMA_NATIVE="0", PYLLAMA_CFLAGS="-mavx2 -mfma -mf16c")
     env = dict(os.environ, PYTHONPATH=str(tree), PYLLAMA_SHARED=str(shared_path()))
-    info = subprocess.run([sys.executable, "-c", "import pyllama; print(pyllama._core.__file__); "
-                           "print(pyllama.build_info())"], cwd=tree, env=env, capture_output=True,
-                          text=True, timeout=60)
-    where, flags = (info.stdout.splitlines() + ["", ""])[:2]
-    assert where.startswith(str(tree)) and "avx2" in flags and "avx512" not in flags, \
-        info.stdout + info.stderr
-    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
-                          "tests/test_quants.py", "tests/test_prefill.py", "tests/test_parity.py"],
-                         cwd=tree, env=env, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    _, flags = _core_of(tree, env)
+    assert "avx2" in flags and "avx512" not in flags, flags
+    _run_tests(tree, env, KERNEL_TESTS + ("tests/test_parity.py",))
+
+
+def test_avx2_build_without_f16c(tmp_path):
+    """-mavx2 -mfma without -mf16c compiled nowhere (matmul.c and quants.c disagreed on what
+    PL_AVX2 needs, and used F16C unguarded): it builds, takes the AVX2 kernels with an exact
+    scalar fp16 conversion, and passes the kernel and prefill tests (bit-exact ones included)."""
+    if not {"avx2", "fma"} <= set(_cpu_flags()):
+        pytest.skip("this CPU cannot run AVX2 code")
+    tree, _ = _build_copy(tmp_path, PYLLAMA_NATIVE="0", PYLLAMA_CFLAGS="-mavx2 -mfma")
+    env = dict(os.environ, PYTHONPATH=str(tree), PYLLAMA_SHARED=str(shared_path()))
+    _, flags = _core_of(tree, env)
+    assert "avx2" in flags and "f16c" not in flags and "avx512" not in flags, flags
+    _run_tests(tree, env, KERNEL_TESTS)
 
 
 def test_portable_build_without_openmp(tmp_path):
     """PYLLAMA_NATIVE=0 with a compiler that rejects -fopenmp: the build warns, succeeds, runs
-    single-threaded with the scalar (non-AVX2) kernels, and still matches llama2.c's logits."""
+    single-threaded with the scalar (non-AVX2) kernels, still matches llama2.c's logits, and
+    passes the kernel and prefill tests (the only run of the scalar quantized kernels)."""
     shared_path()
     fake_cc = tmp_path / "cc-no-openmp"
     fake_cc.write_text(textwrap.dedent(f"""\
@@ -95,7 +121,9 @@ def test_portable_build_without_openmp(tmp_path):
         assert err < 1e-4, err
         print("ok", info)
         """)
+    env = dict(os.environ, PYTHONPATH=str(tree), PYLLAMA_SHARED=str(shared_path()))
     run = subprocess.run([sys.executable, "-c", check], cwd=tree, capture_output=True, text=True,
-                         timeout=300, env=dict(os.environ, PYTHONPATH=str(tree)))
+                         timeout=300, env=env)
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.startswith("ok")
+    _run_tests(tree, env, KERNEL_TESTS)

@@ -62,10 +62,64 @@ def test_steps_count_prompt_and_clamp(s260k):
     assert code2 == code3 == 0 and out2 == out3
 
 
-def test_seed_zero_is_time_based_and_fixed_seed_repeats(s260k):
+def test_fixed_seed_repeats(s260k):
     model, tok = s260k
     runs = [cli("run", model, "-z", tok, "-s", "77", "-n", "60")[1] for _ in range(2)]
     assert runs[0] == runs[1]
+
+
+def run_in_process(capsysbinary, *args):
+    """`pyllama ARGS` in this process (so the test can replace the clock): (status, stdout)."""
+    from pyllama.cli import main
+    code = main([str(a) for a in args])
+    return code, capsysbinary.readouterr().out
+
+
+def test_seed_zero_is_the_clock(s260k, capsysbinary, monkeypatch):
+    """llama2.c: `-s 0` (the default) seeds with (unsigned int) time(NULL), the whole seconds."""
+    import time
+    model, tok = s260k
+    args = ("run", model, "-z", tok, "-n", "60", "-i", "Once")
+    fixed = {s: run_in_process(capsysbinary, *args, "-s", s) for s in ("1700000000", "1700000001")}
+    assert fixed["1700000000"][1] != fixed["1700000001"][1]
+    for now, seed in ((1700000000.25, "1700000000"), (1700000000.99, "1700000000"),
+                      (1700000001.5, "1700000001")):
+        monkeypatch.setattr(time, "time", lambda: now)
+        assert run_in_process(capsysbinary, *args, "-s", "0") == fixed[seed]
+        assert run_in_process(capsysbinary, *args) == fixed[seed]  # 0 is the default
+
+
+def test_atoi_as_glibc():
+    """C's atoi as glibc computes it, (int) strtol(s, NULL, 10); expected values worked out by
+    hand from C's rules (strtol clamps to a 64-bit long; the cast to int keeps the low 32 bits)."""
+    from pyllama.cli import atoi, llama2c_seed
+    cases = {"42": 42, "-5": -5, "+7": 7, "  \t\n12": 12, "5x": 5, "12.9": 12, "1e3": 1, "x": 0,
+             "": 0, "- 5": 0, "0x10": 0, "٣": 0,  # ARABIC-INDIC DIGIT THREE is not a C digit
+             "2147483647": 2**31 - 1, "2147483648": -2**31, "4294967295": -1, "4294967296": 0,
+             "4294967301": 5, "-2147483649": 2**31 - 1,
+             "99999999999999999999": -1,     # clamped to 2^63-1 = 0x7fff_ffff_ffff_ffff → -1
+             "-99999999999999999999": 0}     # clamped to -2^63 → low 32 bits 0
+    for text, expected in cases.items():
+        assert atoi(text) == expected, text
+    # run.c: unsigned long long rng_seed = atoi(...): a negative int wraps modulo 2^64
+    assert llama2c_seed("-1") == 2**64 - 1
+    assert llama2c_seed("2147483648") == 2**64 - 2**31 == 18446744071562067968
+    assert llama2c_seed("4294967301") == 5
+
+
+def test_seeds_beyond_int32_wrap_as_in_llama2c(s260k):
+    """`-s 2147483648` is run.c's seed 2^64 - 2^31 (atoi wraps to INT_MIN, then unsigned long
+    long): the same text as the API with that seed, and as `-s -2147483648`."""
+    model, tok = s260k
+    base = ("run", model, "-z", tok, "-n", "60", "-i", "Once")
+    big = cli(*base, "-s", "2147483648")
+    assert big[0] == 0
+    assert big[1] == cli(*base, "-s", "-2147483648")[1]
+    m = pyllama.Llama(model, tokenizer=tok)
+    expected = "".join(m.generate("Once", steps=60, seed=2**64 - 2**31, echo=True)) + "\n"
+    assert big[1].decode() == expected
+    assert cli(*base, "-s", "4294967301")[1] == cli(*base, "-s", "5")[1] == cli(*base, "-s", "5abc")[1]
+    assert cli(*base, "-s", "2147483648")[1] != cli(*base, "-s", "2147483647")[1]
 
 
 def test_tokenizer_default_is_beside_the_model(tmp_path, s260k):
@@ -118,10 +172,71 @@ def test_info_bad_file(tmp_path):
 
 def test_broken_pipe_is_quiet(s260k):
     model, tok = s260k
+    full = cli("run", model, "-z", tok, "-n", "200", "-s", "1")[1]
+    assert len(full) > 100
     p = subprocess.run(f"{sys.executable} -m pyllama run {model} -z {tok} -n 200 -s 1 | head -c 5",
                        shell=True, capture_output=True, timeout=120)
-    assert p.stdout == b"Once "[:5] or len(p.stdout) == 5
+    assert p.stdout == full[:5]
     assert b"Traceback" not in p.stderr
+
+
+def sh(command, input=None):
+    p = subprocess.run(["sh", "-c", command], capture_output=True, input=input, timeout=120)
+    return p.returncode, p.stdout, p.stderr.decode()
+
+
+@pytest.mark.parametrize("redirect", ["<&-", "2>&-", "<&- 2>&-"])
+def test_closed_stdin_or_stderr_still_succeeds(s260k, redirect):
+    """Closed (not /dev/null: `<&-`, `2>&-`) stdin or stderr: the run is the same, status 0
+    (`2>&-` turned success into a traceback and status 1)."""
+    model, tok = s260k
+    args = f"-z {tok} -n 40 -s 3 -i Once"
+    expected = cli("run", model, *args.split())[1]
+    code, out, err = sh(f"{sys.executable} -m pyllama run {model} {args} {redirect}")
+    assert (code, out) == (0, expected), err
+    assert "Traceback" not in err
+
+
+def test_closed_stdin_ends_chat(s260k):
+    model, tok = s260k
+    code, out, err = sh(f"{sys.executable} -m pyllama chat {model} -z {tok} -n 50 <&-")
+    assert code == 0 and out.startswith(b"Enter system prompt (optional): "), err
+    assert "Traceback" not in err
+
+
+def test_closed_stdout_is_one_error_line(s260k):
+    model, tok = s260k
+    code, out, err = sh(f"{sys.executable} -m pyllama run {model} -z {tok} -n 40 >&-")
+    assert code == 1
+    assert err == "pyllama: error: standard output is closed or not writable: nothing to write " \
+                  "the output to\n"
+    code, _, err = sh(f"{sys.executable} -m pyllama run {model} -z {tok} -n 40 >&- 2>&-")
+    assert code == 1 and err == ""
+    code, _, err = sh(f"{sys.executable} -m pyllama info {model} 1</dev/null")  # read-only
+    assert code == 1 and err.startswith("pyllama: error: standard output is closed or not writable")
+
+
+def test_values_starting_with_a_dash(s260k):
+    """llama2.c takes the word after a flag as its value: `-i "-dash"` is a prompt."""
+    model, tok = s260k
+    code, out, err = cli("run", model, "-z", tok, "-t", "0", "-n", "20", "-i", "-dash")
+    assert code == 0, err
+    assert out.startswith(b"-dash") and out == cli("run", model, "-z", tok, "-t", "0", "-n", "20",
+                                                   "--prompt=-dash")[1]
+    a = cli(model, "-z", tok, "-n", "30", "-s", "-7", "-i", "--")
+    assert a[0] == 0 and a[1].startswith(b"--") and a[1] == cli(model, "-z", tok, "-n", "30", "-s=-7", "-i=--")[1]
+    code, out, err = cli("chat", model, "-z", tok, "-t", "0", "-n", "60", "-y", "-sys", "-i", "-hi")
+    assert code == 0, err
+
+
+def test_chat_input_must_be_utf8_like_the_command_line(s260k):
+    """Typed chat lines were silently replaced with U+FFFD while -i refused invalid UTF-8: both
+    refuse it now, with the same one-line message."""
+    model, tok = s260k
+    code, out, err = cli("chat", model, "-z", tok, "-n", "60", "-y", "", input=b"hi \xff there\n")
+    assert code == 1 and err == "pyllama: error: chat input is not valid UTF-8: byte 3 is 0xff\n"
+    code, out, err = cli("chat", model, "-z", tok, "-n", "60", "-y", "", "-i", "hi \udcff there")
+    assert code == 1 and err == "pyllama: error: --prompt is not valid UTF-8: byte 3 is 0xff\n"
 
 
 def test_bench_json(s260k):

@@ -26,7 +26,7 @@ import pytest
 from conftest import shared_path
 from models import byte_vocab, write_legacy, write_tokenizer_bin
 
-gguf = pytest.importorskip("gguf")
+import gguf  # noqa: E402  (a test dependency: missing, the tests fail rather than skip)
 from gguf import GGMLQuantizationType as GT  # noqa: E402
 from gguf.quants import dequantize as gguf_dequantize  # noqa: E402
 from gguf.quants import quantize as gguf_quantize  # noqa: E402
@@ -211,9 +211,21 @@ def test_quantization_error_no_worse_than_llama_cpp():
 
 
 # ---------------------------------------------------------------- the type mix
-def test_use_more_bits_matches_llama_cpp():
-    picks = {n: [i for i in range(n) if C.use_more_bits(i, n)] for n in (4, 6, 12, 32)}
-    assert picks[4] == [2, 3]
+def test_type_mix_matches_llama_cpps_q4_k_m_file():
+    """Every tensor's type as llama.cpp's quantizer chose it in quant-base-q4_k_m.gguf (4 layers:
+    use_more_bits puts attn_v and ffn_down of layers 2 and 3 in Q6_K, the classifier too)."""
+    r = gguf.GGUFReader(str(shared_path("models/quant-base-q4_k_m.gguf")))
+    assert len(r.tensors) == 3 + 4 * 9
+    for t in r.tensors:
+        ours = C.tensor_type(t.name, int(t.shape[0]), "q4_k_m", n_layers=4, tied=False)
+        assert C._type_name(ours) == t.tensor_type.name, t.name
+    assert [i for i in range(4) if C.use_more_bits(i, 4)] == [2, 3]
+
+
+def test_use_more_bits_other_depths():
+    """No llama.cpp file of these depths is at hand: expected lists worked out by hand from
+    llama.cpp's rule (i < n/8, i >= 7n/8, or (i - n/8) % 3 == 2, integer division)."""
+    picks = {n: [i for i in range(n) if C.use_more_bits(i, n)] for n in (6, 12, 32)}
     assert picks[6] == [2, 5]
     assert picks[12] == [0, 3, 6, 9, 10, 11]
     assert picks[32] == [0, 1, 2, 3, 6, 9, 12, 15, 18, 21, 24, 27, 28, 29, 30, 31]

@@ -20,7 +20,7 @@ from pyllama import _core
 from pyllama.formats.common import F32, Tensor
 from pyllama.model import Transformer
 
-gguf = pytest.importorskip("gguf")
+import gguf  # noqa: E402  (a test dependency: missing, the tests fail rather than skip)
 
 FLOAT_TYPES = ("f32", "f16", "bf16")
 TOL_FLOAT = (0.006, 0.025)   # rms|Δ|/s, max|Δ|/s
@@ -244,5 +244,15 @@ def test_written_gguf_of_each_type(tmp_path, qname):
     assert np.abs(ours_f32 - ref).max() <= 1e-4 * np.abs(ref).max()
     rms, mx = rel_err(teacher_forced(mf, ids, threads=2), ours_f32.astype(np.float64))
     assert rms <= TOL_QUANT[0] and mx <= TOL_QUANT[1], (rms, mx)
-    m = pyllama.Llama(path)  # and it runs end to end with its embedded tokenizer
-    assert len(list(m.generate("ab", steps=8, temperature=0.7, seed=3))) >= 0
+    # and it runs end to end with its embedded tokenizer: greedy generation is the argmax chain
+    # of the file's own logits, a sampled run decodes to the text generate() streams
+    m = pyllama.Llama(path)
+    ids = m.tokenize("ab")
+    gen = [t for _, t in m.generate_tokens(ids, steps=12, temperature=0, stop=False)][len(ids) - 1:]
+    assert len(gen) == 12 - len(ids) + 1
+    for k, tok in enumerate(gen):
+        assert tok == int(np.argmax(m.logits(ids + gen[:k], last_only=True)))
+    sampled = [t for _, t in m.generate_tokens(ids, steps=12, temperature=0.7, seed=3)][len(ids) - 1:]
+    assert sampled and all(0 <= t < m.vocab_size for t in sampled)
+    text = "".join(m.generate("ab", steps=12, temperature=0.7, seed=3, echo=True))
+    assert text == m.detokenize(ids + sampled)

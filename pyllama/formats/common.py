@@ -116,7 +116,9 @@ class ModelFile:
         return "output.weight" not in self.tensors
 
     def close(self):
-        """Drop the map; views taken from it become invalid for C (Python keeps them alive)."""
+        """Drop this object's references to the map and its views. The memory stays mapped while
+        any other view of it lives (a Transformer's weights, an array a caller kept), so pointers C
+        holds through a live Transformer stay valid; it is unmapped when the last view goes."""
         self.tensors = {}
         self.mmap = None
 

@@ -222,7 +222,8 @@ def _map(path):
 
 
 def _parse(path, mm, problems=None):
-    """Header, metadata and tensor infos; returns (version, metadata, infos)."""
+    """Header, metadata and tensor infos; returns (version, metadata, infos), each info's offset
+    already absolute in the file (data section start + the tensor's offset)."""
     c = _Cursor(path, memoryview(mm), problems)
     c.need(4, "magic")
     magic = bytes(c.mv[0:4])

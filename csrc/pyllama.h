@@ -9,7 +9,7 @@
  * owns every buffer (numpy arrays kept alive by the Python objects that hold these structs).
  */
 
-#define PL_ABI_VERSION 5
+#define PL_ABI_VERSION 7
 
 /* Tensor types: ggml's type numbers, plus one of our own for llama2.c V2 checkpoints. The types
  * the core computes with are exactly these; Python reads their numbers from the compiled core
@@ -50,18 +50,27 @@ typedef struct {
     int seq_len;      /* the model's maximum context */
     float rms_eps;    /* rmsnorm epsilon (1e-5 for llama2.c files) */
     float rope_theta; /* RoPE frequency base (10000 for llama2.c files) */
+    int head_dim;     /* values per attention head (dim / n_heads unless the file says otherwise) */
+    int rope_style;   /* PL_ROPE_NORM or PL_ROPE_NEOX */
 } pl_config;
+
+/* RoPE pair layouts within a head of head_dim values (pl_config.rope_style). */
+#define PL_ROPE_NORM 0 /* rotates (2i, 2i+1): llama2.c, Meta's Llama */
+#define PL_ROPE_NEOX 1 /* rotates (i, i + head_dim/2): GPT-NeoX, Qwen2 */
 
 typedef struct {
     const float *rms_att; /* (dim,) */
     const float *rms_ffn; /* (dim,) */
-    pl_tensor wq;         /* (n_heads*head_size, dim) */
-    pl_tensor wk;         /* (n_kv_heads*head_size, dim) */
-    pl_tensor wv;         /* (n_kv_heads*head_size, dim) */
-    pl_tensor wo;         /* (dim, n_heads*head_size) */
+    pl_tensor wq;         /* (n_heads*head_dim, dim) */
+    pl_tensor wk;         /* (n_kv_heads*head_dim, dim) */
+    pl_tensor wv;         /* (n_kv_heads*head_dim, dim) */
+    pl_tensor wo;         /* (dim, n_heads*head_dim) */
     pl_tensor w1;         /* (hidden_dim, dim)  gate */
     pl_tensor w2;         /* (dim, hidden_dim)  down */
     pl_tensor w3;         /* (hidden_dim, dim)  up */
+    const float *bq;      /* (n_heads*head_dim,) added after wq; NULL when absent */
+    const float *bk;      /* (n_kv_heads*head_dim,) added after wk; NULL when absent */
+    const float *bv;      /* (n_kv_heads*head_dim,) added after wv; NULL when absent */
 } pl_layer;
 
 typedef struct {
@@ -70,20 +79,22 @@ typedef struct {
     const float *rms_final;    /* (dim,) */
     pl_tensor wcls;            /* (vocab_size, dim); may alias token_embedding */
     pl_layer *layers;          /* [n_layers] */
+    const float *rope_freqs;   /* (head_dim/2,) divisors of the pairs' RoPE frequencies (Llama 3.1
+                                  rope scaling), or NULL */
 } pl_weights;
 
 /* Run state of one sequence. All buffers are allocated by Python. Activations hold up to
  * max_batch tokens (row t belongs to the t-th token of a pl_forward call). */
 typedef struct {
     float *x;           /* (max_batch, dim) activation */
-    float *xb;          /* (max_batch, dim) */
+    float *xb;          /* (max_batch, max(dim, n_heads*head_dim)) */
     float *xb2;         /* (max_batch, dim) */
     float *hb;          /* (max_batch, hidden_dim) */
     float *hb2;         /* (max_batch, hidden_dim) */
-    float *q;           /* (max_batch, dim) */
+    float *q;           /* (max_batch, n_heads*head_dim) */
     float *att;         /* (max_batch, n_heads, n_ctx) attention scores */
     float *logits;      /* (max_batch, vocab_size) */
-    float *rope;        /* (max_batch, head_size) RoPE cos/sin pairs of each token's position */
+    float *rope;        /* (max_batch, head_dim) RoPE cos/sin pairs of each token's position */
     float *key_cache;   /* (n_layers, n_ctx, kv_dim) */
     float *value_cache; /* (n_layers, n_ctx, kv_dim) */
     void *scratch;      /* pl_scratch_bytes(weights, max_batch) bytes: quantized activations */
@@ -136,3 +147,49 @@ double pl_sum_f32(const float *x, long long n, int n_threads);
  * the temperature overflows; top-p takes the most probable token when none reaches its cutoff. */
 int pl_sample(float *logits, int n, float temperature, float topp,
               unsigned long long *rng_state, pl_probindex *probindex);
+
+/* ------------------------------------------------------------------------------------------------
+ * The llama.cpp-order sampler chain (csrc/sampling.c, pyllama/sampling.py). Candidates are
+ * pl_probindex entries whose `prob` holds a logit; the stages after top-k take them sorted by
+ * logit descending (ties: lower id first) and return how many they keep. p: n doubles of scratch.
+ */
+typedef struct {
+    int top_k;               /* <= 0 or >= n: off; 1: argmax */
+    float top_p;             /* 1: off */
+    float min_p;             /* 0: off */
+    float typical_p;         /* 1: off */
+    float temperature;       /* <= 0: argmax */
+    float repeat_penalty;    /* 1: off */
+    float frequency_penalty; /* 0: off */
+    float presence_penalty;  /* 0: off */
+} pl_sampling;
+
+/* cand[i] = {logits[i], i}; returns n, or -1 (touching nothing) when a logit is NaN or infinite. */
+int pl_cand_init(const float *logits, int n, pl_probindex *cand);
+/* Penalties of the window's tokens on unsorted candidates (cand[t].index == t); counts: a
+ * vocabulary-sized int array of zeros, left zero. */
+void pl_penalize(pl_probindex *cand, const int *window, int n_window, int *counts,
+                 float repeat_penalty, float frequency_penalty, float presence_penalty);
+void pl_logit_bias(pl_probindex *cand, const int *ids, const float *bias, int n_bias);
+/* The k largest, sorted (k <= 0: all n, sorted). */
+int pl_top_k(pl_probindex *cand, int n, int k);
+int pl_typical(pl_probindex *cand, int n, float typical_p, double *p, pl_probindex *tmp);
+int pl_top_p(pl_probindex *cand, int n, float top_p, double *p);
+/* min-p and the draw take the candidates in any order (min-p keeps their order). */
+int pl_min_p(pl_probindex *cand, int n, float min_p);
+/* A token drawn from softmax(logit/temperature) of the n candidates (temperature <= 0: the
+ * largest logit, the lower id on a tie). */
+int pl_draw(const pl_probindex *cand, int n, float temperature, double *p, unsigned long long *rng);
+double pl_uniform(unsigned long long *rng);
+/* The whole chain on a copy of logits: penalties over window, logit bias, top-k, typical, top-p,
+ * min-p, temperature, draw. cand and tmp hold n entries, counts n zeros. -1: non-finite logits. */
+int pl_sample_chain(const float *logits, int n, const pl_sampling *sp, const int *window, int n_window,
+                    const int *bias_ids, const float *bias, int n_bias, pl_probindex *cand,
+                    pl_probindex *tmp, double *p, int *counts, unsigned long long *rng);
+/* log(sum(exp(x))) over x[0..n): the normalizer of log-probabilities. */
+double pl_logsumexp(const float *x, int n);
+
+/* Moves KV-cache positions [src, src+n) to [dst, dst+n) in every layer and rotates the moved keys
+ * by (dst - src) positions of the model's RoPE (w->cfg.rope_style, w->rope_freqs). Python checks
+ * the ranges. */
+void pl_kv_shift(const pl_weights *w, pl_state *s, int src, int dst, int n);

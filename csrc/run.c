@@ -1,4 +1,5 @@
-/* The Llama-2 forward pass (llama2.c's run.c, generalised to typed weight tensors).
+/* The Llama forward pass (llama2.c's run.c, generalised to typed weight tensors and, by data, to
+ * Llama 3 / Qwen2: head_dim, q/k/v biases, RoPE frequency divisors, NeoX pair layout).
  *
  * One OpenMP parallel region per call (none with one thread): every step below is either a
  * work-shared loop or a matmul split over the team (pl__team_matmuls), so the team is not forked
@@ -67,19 +68,22 @@ static void rmsnorm(float *o, const float *x, const float *weight, int size, flo
     for (int j = 0; j < size; j++) o[j] = weight[j] * (ss * x[j]);
 }
 
-/* Position pos's RoPE rotation for each pair (i, i+1) of a head: rope[i] = cos, rope[i+1] = sin
- * of pos * theta^(-i/head_size) (llama2.c's arithmetic, computed once per token, not per layer). */
-static void rope_table(float *rope, int pos, int head_size, float theta)
+/* Position pos's RoPE rotation for each pair of a head: rope[i] = cos, rope[i+1] = sin of
+ * pos * theta^(-i/head_size) / freqs[i/2] (i even; freqs = NULL: no divisors). llama2.c's
+ * arithmetic, computed once per token, not per layer. */
+static void rope_table(float *rope, int pos, int head_size, float theta, const float *freqs)
 {
     for (int i = 0; i < head_size; i += 2) {
         float freq = 1.0f / powf(theta, i / (float)head_size);
+        if (freqs) freq /= freqs[i / 2];
         float val = pos * freq;
         rope[i] = cosf(val);
         rope[i + 1] = sinf(val);
     }
 }
 
-/* Rotate the pairs in rows [r0, r1) (r0 even) of vec, heads of head_size values laid end to end. */
+/* Rotate the pairs (i, i+1) in rows [r0, r1) (r0 even) of vec, heads of head_size values laid end
+ * to end (PL_ROPE_NORM). */
 static void rope_rows(float *vec, const float *rope, long long r0, long long r1, int head_size)
 {
     for (long long i = r0; i + 1 < r1; i += 2) {
@@ -89,6 +93,26 @@ static void rope_rows(float *vec, const float *rope, long long r0, long long r1,
         vec[i] = v0 * fcr - v1 * fci;
         vec[i + 1] = v0 * fci + v1 * fcr;
     }
+}
+
+/* Rotate the pairs (j, j + head_size/2) of one head (PL_ROPE_NEOX); pair j turns by rope[2j]. */
+static void rope_head_neox(float *head, const float *rope, int head_size)
+{
+    const int half = head_size / 2;
+    for (int j = 0; j < half; j++) {
+        float fcr = rope[2 * j], fci = rope[2 * j + 1];
+        float v0 = head[j], v1 = head[j + half];
+        head[j] = v0 * fcr - v1 * fci;
+        head[j + half] = v0 * fci + v1 * fcr;
+    }
+}
+
+/* out[t*ld + i] += bias[i] for the n tokens, rows [r0, r1) (this thread's); bias NULL: nothing. */
+static void add_bias(float *out, const float *bias, int n, long long ld, long long r0, long long r1)
+{
+    if (!bias) return;
+    for (int t = 0; t < n; t++)
+        for (long long i = r0; i < r1; i++) out[t * ld + i] += bias[i];
 }
 
 /* Attention softmax in place: exp(x - max) / sum. The AVX2 path uses a polynomial exp (within
@@ -247,8 +271,10 @@ static void forward_team(const pl_weights *w, pl_state *s, int n, int pos, int l
 {
     const pl_config *p = &w->cfg;
     const int dim = p->dim, hidden_dim = p->hidden_dim, n_heads = p->n_heads;
-    const int head_size = dim / n_heads;
+    const int head_size = p->head_dim;
+    const int q_dim = head_size * n_heads; /* = dim unless the file says otherwise */
     const int kv_dim = head_size * p->n_kv_heads;
+    const int n_kv_heads = p->n_kv_heads;
     const int kv_mul = n_heads / p->n_kv_heads; /* query heads per kv head */
     const int n_ctx = s->n_ctx;
     const float att_scale = 1.0f / sqrtf((float)head_size);
@@ -266,18 +292,33 @@ static void forward_team(const pl_weights *w, pl_state *s, int n, int pos, int l
         float *kc = s->key_cache + loff + (long long)pos * kv_dim;   /* (n, kv_dim) */
         float *vc = s->value_cache + loff + (long long)pos * kv_dim; /* (n, kv_dim) */
 
-        /* attention rmsnorm; q, k, v (k and v straight into the cache) with RoPE */
+        /* attention rmsnorm; q, k, v (k and v straight into the cache) plus biases, with RoPE:
+         * NORM pairs lie within a thread's rows (split in pairs), NEOX pairs span a head */
 #pragma omp for schedule(static)
         for (int t = 0; t < n; t++)
             rmsnorm(s->xb + (long long)t * dim, x + (long long)t * dim, L->rms_att, dim, p->rms_eps);
         pl__mm qkv[3] = {{&L->wq, s->q}, {&L->wk, kc}, {&L->wv, vc}};
         pl__team_matmuls(s->xb, n, qkv, 3, s->scratch, 0, r0, r1);
-        for (int t = 0; t < n; t++) {
-            const float *rope = s->rope + (long long)t * head_size;
-            rope_rows(s->q + (long long)t * dim, rope, r0[0], r1[0], head_size);
-            rope_rows(kc + (long long)t * kv_dim, rope, r0[1], r1[1], head_size);
-        }
+        add_bias(s->q, L->bq, n, q_dim, r0[0], r1[0]);
+        add_bias(kc, L->bk, n, kv_dim, r0[1], r1[1]);
+        add_bias(vc, L->bv, n, kv_dim, r0[2], r1[2]);
+        if (p->rope_style == PL_ROPE_NEOX) {
 #pragma omp barrier
+#pragma omp for collapse(2) schedule(static)
+            for (int t = 0; t < n; t++)
+                for (int h = 0; h < n_heads + n_kv_heads; h++) {
+                    float *head = h < n_heads ? s->q + (long long)t * q_dim + h * head_size
+                                              : kc + (long long)t * kv_dim + (h - n_heads) * head_size;
+                    rope_head_neox(head, s->rope + (long long)t * head_size, head_size);
+                }
+        } else {
+            for (int t = 0; t < n; t++) {
+                const float *rope = s->rope + (long long)t * head_size;
+                rope_rows(s->q + (long long)t * q_dim, rope, r0[0], r1[0], head_size);
+                rope_rows(kc + (long long)t * kv_dim, rope, r0[1], r1[1], head_size);
+            }
+#pragma omp barrier
+        }
 
         /* causal multi-head attention: token t (at pos + t) over positions 0..pos+t. A batch is
          * dealt out a token at a time, round robin (token t's work grows with t: contiguous
@@ -286,13 +327,13 @@ static void forward_team(const pl_weights *w, pl_state *s, int n, int pos, int l
         for (int t = 0; t < n; t++) {
             for (int h = 0; h < n_heads; h++) {
                 const int last = pos + t;
-                const float *q = s->q + (long long)t * dim + h * head_size;
+                const float *q = s->q + (long long)t * q_dim + h * head_size;
                 float *att = s->att + ((long long)t * n_heads + h) * n_ctx;
                 const float *kh = s->key_cache + loff + (h / kv_mul) * head_size;
                 const float *vh = s->value_cache + loff + (h / kv_mul) * head_size;
                 att_scores(att, q, kh, last, kv_dim, head_size, att_scale);
                 softmax_att(att, last + 1);
-                att_values(s->xb + (long long)t * dim + h * head_size, att, vh, last, kv_dim, head_size);
+                att_values(s->xb + (long long)t * q_dim + h * head_size, att, vh, last, kv_dim, head_size);
             }
         }
 
@@ -337,12 +378,13 @@ static void forward_team(const pl_weights *w, pl_state *s, int n, int pos, int l
 void pl_forward(const pl_weights *w, pl_state *s, const int *tokens, int n, int pos, int logits)
 {
     const pl_config *p = &w->cfg;
-    const int dim = p->dim, head_size = dim / p->n_heads;
+    const int dim = p->dim, head_size = p->head_dim;
     float *x = s->x;
 
     for (int t = 0; t < n; t++) {
         pl_dequantize_row(&w->token_embedding, tokens[t], x + (long long)t * dim);
-        rope_table(s->rope + (long long)t * head_size, pos + t, head_size, p->rope_theta);
+        rope_table(s->rope + (long long)t * head_size, pos + t, head_size, p->rope_theta,
+                   w->rope_freqs);
     }
 
     /* One team for the whole call. With one thread, no parallel region at all: the worksharing

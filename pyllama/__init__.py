@@ -16,7 +16,7 @@ except ImportError as e:  # pragma: no cover - a broken install
     raise ImportError(f"pyllama's compiled core is missing or broken ({e}); reinstall with "
                       f"`pip install .` from the source tree") from e
 
-ABI_VERSION = 5
+ABI_VERSION = 7
 
 
 def check_abi(lib):

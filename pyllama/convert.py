@@ -40,8 +40,9 @@ import time
 
 import numpy as np
 
+from . import arch as archs
 from .errors import FormatError, ParameterError, PyllamaError
-from .formats.common import (BF16, CORE_TYPES, F16, F32, GGML_TYPES, LAYER_TENSORS, Q4_0, Q4_K,
+from .formats.common import (BF16, CORE_TYPES, F16, F32, GGML_TYPES, Q4_0, Q4_K,
                              Q5_0, Q6_K, Q8_0, Q8_G, type_name)
 from .quantize import dequantize, quantize
 
@@ -133,11 +134,9 @@ def _raw_rows(tensor, r0, r1):
     return data[r0:r1].view(np.uint8)
 
 
-def _canonical_order(n_layers):
-    names = ["token_embd.weight"]
-    for i in range(n_layers):
-        names += [f"blk.{i}.{t}.weight" for t in LAYER_TENSORS]
-    return names + ["output_norm.weight", "output.weight"]
+def _canonical_order(model):
+    """Every tensor name the model's architecture uses (biases, rope_freqs too), in file order."""
+    return list(archs.tensor_shapes(archs.get(model.arch, model.path), model.config))
 
 
 # ====================================================================== tokenizer metadata
@@ -251,27 +250,22 @@ class _Header:
         return out + b"\0" * (-len(out) % ALIGNMENT)
 
 
-def _metadata(cfg, name, ftype, quantized):
-    head = cfg["dim"] // cfg["n_heads"]
+def _metadata(model, name, ftype, quantized):
+    """general.* and the architecture's keys: the config's, then any other key of the source
+    under the architecture's prefix (rope scaling, vocab_size ...), kept as they were."""
+    arch = archs.get(model.arch, model.path)
     kv = [
-        ("general.architecture", _STR, "llama"),
+        ("general.architecture", _STR, arch.name),
         ("general.name", _STR, name),
         ("general.alignment", _U32, ALIGNMENT),
         ("general.file_type", _U32, ftype),
     ]
     if quantized:
         kv.append(("general.quantization_version", _U32, QUANTIZATION_VERSION))
-    kv += [
-        ("llama.context_length", _U32, cfg["seq_len"]),
-        ("llama.embedding_length", _U32, cfg["dim"]),
-        ("llama.block_count", _U32, cfg["n_layers"]),
-        ("llama.feed_forward_length", _U32, cfg["hidden_dim"]),
-        ("llama.rope.dimension_count", _U32, head),
-        ("llama.attention.head_count", _U32, cfg["n_heads"]),
-        ("llama.attention.head_count_kv", _U32, cfg["n_kv_heads"]),
-        ("llama.attention.layer_norm_rms_epsilon", _F32, cfg["rms_eps"]),
-        ("llama.rope.freq_base", _F32, cfg["rope_theta"]),
-    ]
+    kv += [(k, _U32 if kind is int else _F32, v) for k, kind, v in archs.metadata(arch, model.config)]
+    done = {k for k, _, _ in kv}
+    kv += [(k, _vtype_of(v, k), v) for k, v in model.metadata.items()
+           if k.startswith(arch.prefix + ".") and k not in done]
     return kv
 
 
@@ -296,7 +290,7 @@ def convert(src_path, dst_path, type="f32", tokenizer=None, pure=False, progress
     ftype, base = _check_type(type)
     type = type.lower()
     _check_output(dst_path)
-    model = load(src_path)
+    model = load(src_path)  # the vocabulary is copied as metadata
     if not model.has_weights:
         raise FormatError(f"{src_path}: has no tensors (a vocab-only GGUF); nothing to convert")
     cfg = model.config
@@ -316,7 +310,7 @@ def convert(src_path, dst_path, type="f32", tokenizer=None, pure=False, progress
 
     tied = "output.weight" not in model.tensors
     plan, offset = [], 0
-    for tname in _canonical_order(cfg["n_layers"]):
+    for tname in _canonical_order(model):
         t = model.tensors.get(tname)
         if t is None:
             continue
@@ -333,7 +327,7 @@ def convert(src_path, dst_path, type="f32", tokenizer=None, pure=False, progress
         offset += nbytes + (-nbytes % ALIGNMENT)
 
     header = _Header()
-    for key, vtype, value in _metadata(cfg, name, ftype, base not in (F32, F16, BF16)) + tok_kv:
+    for key, vtype, value in _metadata(model, name, ftype, base not in (F32, F16, BF16)) + tok_kv:
         header.add(key, vtype, value)
     for tname, t, gtype, rows, cols, off, _ in plan:
         header.add_tensor(tname, [cols] if len(t.shape) == 1 else [cols, rows], gtype, off)

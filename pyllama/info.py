@@ -75,7 +75,7 @@ def _runnable(mf):
     refused = tok.get("error") if tok else None
     return _finish({
         "file": mf.path, "format": mf.format, "version": mf.version, "file_bytes": mf.file_size,
-        "architecture": "llama", "runnable": mf.has_weights and not refused,
+        "architecture": mf.arch, "runnable": mf.has_weights and not refused,
         "cannot_run": refused or (None if mf.has_weights else "no tensors: a vocab-only file (its "
                                   "tokenizer is usable: pyllama.load_tokenizer)"),
         "problems": [],

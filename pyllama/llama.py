@@ -47,18 +47,23 @@ class Llama:
     n_ctx      positions the KV cache holds (default: the model's seq_len; more on request)
     mmap       map the file (default: loads in milliseconds, pages shared between processes);
                False reads it into memory (safe if the file may change on disk while in use)
+    chat_format / chat_template   the chat template to use instead of the file's: a format name
+               ("llama-2", "chatml") or a Jinja template text
 
     One Llama is used by one thread at a time (calls from another thread wait for it); separate
     Llama objects run in parallel (the GIL is released while C runs). After close() every method
     raises PyllamaError. A Llama cannot be pickled: give another process the path instead.
     """
 
-    def __init__(self, path, tokenizer=None, threads=None, n_ctx=None, mmap=True):
+    def __init__(self, path, tokenizer=None, threads=None, n_ctx=None, mmap=True, chat_format=None,
+                 chat_template=None):
+        from .chat import resolve_template
         self._model = None
         mmap = validate.boolean(mmap, "mmap")
         if not (tokenizer is None or isinstance(tokenizer, (Tokenizer, str, bytes, os.PathLike))):
             raise ParameterError(f"tokenizer: expected a path, a Tokenizer or None, found "
                                  f"{type(tokenizer).__name__}")
+        self.chat_template = resolve_template(chat_format, chat_template)
         if isinstance(path, ModelFile):  # already loaded (pyllama.load)
             self.path, self.file = path.path, path
         elif isinstance(path, (str, bytes, os.PathLike)):
@@ -201,6 +206,74 @@ class Llama:
         bos = (self.tokenizer.bos_id if self.tokenizer is not None else 1) if stop else None
         return generate_tokens(model, ids, steps, sampler, bos_id=bos,
                                stop_ids=self.stop_ids if stop else None)
+
+    # -- completions, chat, state (pyllama/completion.py, chat.py, kvcache.py) ----------------------
+    def create_completion(self, prompt, max_tokens=16, temperature=0.8, top_p=0.95, top_k=40,
+                          min_p=0.05, typical_p=1.0, repeat_penalty=1.0, repeat_last_n=64,
+                          frequency_penalty=0.0, presence_penalty=0.0, logit_bias=None, stop=None,
+                          stop_token_ids=None, seed=None, logprobs=None, echo=False, stream=False,
+                          context_shift=False, n_keep=1):
+        """An OpenAI/llama-cpp-python-shaped text completion of `prompt` (str or token ids).
+
+        Sampling runs llama.cpp's chain: repeat/frequency/presence penalties over the last
+        repeat_last_n tokens (-1: all), logit_bias {id: bias}, top_k (0: off), typical_p, top_p,
+        min_p, temperature (0 = greedy); seed None draws a fresh seed. Generation ends at
+        max_tokens (None: the context's end; finish_reason "length"), at the tokenizer's stop ids
+        or stop_token_ids, or before a `stop` string (finish_reason "stop"). logprobs=N adds the
+        log-probabilities (log-softmax of the raw logits) of each token and its N best
+        alternatives. echo=True puts the prompt in front. stream=True returns an iterator of
+        chunks. The KV cache is reused for the longest shared prefix with the previous call.
+        prompt + max_tokens beyond n_ctx is an error, unless context_shift=True: then the oldest
+        positions after the first n_keep are dropped as the context fills.
+        """
+        kw = dict(locals())
+        del kw["self"]
+        from .completion import create_completion
+        return create_completion(self, **kw)
+
+    __call__ = create_completion
+
+    def create_chat_completion(self, messages, max_tokens=None, temperature=0.8, top_p=0.95, top_k=40,
+                               min_p=0.05, typical_p=1.0, repeat_penalty=1.0, repeat_last_n=64,
+                               frequency_penalty=0.0, presence_penalty=0.0, logit_bias=None,
+                               stop=None, stop_token_ids=None, seed=None, logprobs=None,
+                               stream=False, context_shift=False, n_keep=1, chat_template=None,
+                               tools=None):
+        """An OpenAI-shaped chat completion ("chat.completion"; with stream=True an iterator of
+        "chat.completion.chunk" whose deltas bring the role, then the content). The messages
+        are rendered with the chat template (see apply_chat_template); the other arguments are
+        create_completion's (max_tokens None: up to the end of the context)."""
+        kw = dict(locals())
+        del kw["self"]
+        from .chat import create_chat_completion
+        return create_chat_completion(self, **kw)
+
+    def apply_chat_template(self, messages, add_generation_prompt=True, chat_template=None, **variables):
+        """The prompt text for `messages` ([{"role": ..., "content": ...}, ...]): the given
+        template, else the Llama's chat_format/chat_template, else the file's
+        tokenizer.chat_template, else Llama 2's [INST] format (llama2.c's chat). Rendered as
+        Hugging Face does (a Jinja2 sandbox); extra keywords become template variables."""
+        from .chat import apply_chat_template
+        self._live()
+        return apply_chat_template(self, messages, add_generation_prompt, chat_template, **variables)
+
+    def reset(self):
+        """Forget what the KV cache holds (the next call evaluates its whole prompt)."""
+        with self._live()._lock:
+            self._model.tokens.clear()
+
+    def save_state(self):
+        """The KV cache's used positions and their token ids, as bytes (for load_state)."""
+        from .kvcache import save
+        with self._live()._lock:
+            return save(self._model)
+
+    def load_state(self, state):
+        """Restore a save_state() of this same model (another model's or a too large state is a
+        PyllamaError)."""
+        from .kvcache import load
+        with self._live()._lock:
+            load(self._model, state)
 
     # -- lifetime --------------------------------------------------------------------------------
     def close(self):

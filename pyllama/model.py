@@ -10,6 +10,7 @@ import weakref
 import numpy as np
 
 from . import validate
+from . import arch as archs
 from ._core import ffi, lib
 from .errors import ParameterError, PyllamaError
 from .formats.common import F32, MAX_SEQ, Q8_G
@@ -101,6 +102,10 @@ class Transformer:
                                              f"{seq_len})", lo=1, hi=MAX_SEQ)
         self._keep = []
         self._lock = ModelLock()
+        # the token ids the KV cache holds, by position (-1: unknown), and how many tokens were
+        # evaluated in all: the prefix cache of pyllama/kvcache.py reads them
+        self.tokens = []
+        self.n_evaluated = 0
         self._weights = self._bind_weights(model_file)
         self._alloc_state(threads)
         _live.add(self)
@@ -126,38 +131,46 @@ class Transformer:
             dst.scales = ffi.NULL
             dst.group_size = 0
 
-    def _norm(self, t):
+    def _vector(self, t):
+        """A float vector (norm, bias, rope_freqs) or NULL for an absent optional tensor."""
+        if t is None:
+            return ffi.NULL
         if t.type != F32:
-            raise ParameterError(f"{t.name}: norm weights must be F32")  # readers guarantee it
+            raise ParameterError(f"{t.name}: vector weights must be F32")  # readers guarantee it
         return self._ptr(t.data, "float *")
 
     def _bind_weights(self, mf):
         cfg, T = mf.config, mf.tensors
+        arch = archs.get(mf.arch, mf.path)
         w = ffi.new("pl_weights *")
         layers = ffi.new("pl_layer[]", cfg["n_layers"])
         self._keep += [w, layers]
         c = w.cfg
-        for key in ("dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "seq_len"):
+        for key in ("dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size",
+                    "seq_len", "head_dim"):
             setattr(c, key, cfg[key])
         c.rms_eps = cfg["rms_eps"]
         c.rope_theta = cfg["rope_theta"]
+        c.rope_style = {"norm": lib.PL_ROPE_NORM, "neox": lib.PL_ROPE_NEOX}[arch.rope_style]
         self._tensor(w.token_embedding, T["token_embd.weight"])
-        w.rms_final = self._norm(T["output_norm.weight"])
+        w.rms_final = self._vector(T["output_norm.weight"])
         self._tensor(w.wcls, T.get("output.weight", T["token_embd.weight"]))
-        names = (("wq", "attn_q"), ("wk", "attn_k"), ("wv", "attn_v"), ("wo", "attn_output"),
-                 ("w1", "ffn_gate"), ("w2", "ffn_down"), ("w3", "ffn_up"))
+        w.rope_freqs = self._vector(T.get("rope_freqs.weight"))
+        fields = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
         for l in range(cfg["n_layers"]):
-            L = layers[l]
-            L.rms_att = self._norm(T[f"blk.{l}.attn_norm.weight"])
-            L.rms_ffn = self._norm(T[f"blk.{l}.ffn_norm.weight"])
-            for field, name in names:
-                self._tensor(getattr(L, field), T[f"blk.{l}.{name}.weight"])
+            L, blk = layers[l], f"blk.{l}."
+            L.rms_att = self._vector(T[blk + "attn_norm.weight"])
+            L.rms_ffn = self._vector(T[blk + "ffn_norm.weight"])
+            for field, name in zip(fields, archs.LAYER_MATRICES):
+                self._tensor(getattr(L, field), T[f"{blk}{name}.weight"])
+            for field, name in zip(("bq", "bk", "bv"), archs.BIASES):
+                setattr(L, field, self._vector(T.get(blk + name)))
         w.layers = layers
         return w
 
     def kv_cache_bytes(self, n_ctx=None):
         cfg = self.config
-        kv_dim = cfg["dim"] // cfg["n_heads"] * cfg["n_kv_heads"]
+        kv_dim = cfg["head_dim"] * cfg["n_kv_heads"]
         return 2 * 4 * cfg["n_layers"] * (n_ctx or self.n_ctx) * kv_dim
 
     def _batch_size(self):
@@ -169,11 +182,13 @@ class Transformer:
     def _alloc_state(self, threads):
         cfg = self.config
         dim, hidden, n_ctx, vocab = cfg["dim"], cfg["hidden_dim"], self.n_ctx, cfg["vocab_size"]
+        head_dim = cfg["head_dim"]
+        q_dim = cfg["n_heads"] * head_dim
         nb = self._batch_size()
-        kv_shape = (cfg["n_layers"], n_ctx, dim // cfg["n_heads"] * cfg["n_kv_heads"])
+        kv_shape = (cfg["n_layers"], n_ctx, head_dim * cfg["n_kv_heads"])
         scratch_bytes = int(lib.pl_scratch_bytes(self._weights, nb)) + 64
-        need = (self.kv_cache_bytes() + 4 * nb * (cfg["n_heads"] * n_ctx + 4 * dim + 2 * hidden + vocab)
-                + scratch_bytes)
+        need = (self.kv_cache_bytes() + scratch_bytes + 4 * nb * (
+            cfg["n_heads"] * n_ctx + 3 * dim + max(dim, q_dim) + q_dim + 2 * hidden + vocab))
         avail = available_memory()
         if avail is not None and need > avail:
             raise MemoryError(f"the KV cache and buffers for a context of {n_ctx} positions need "
@@ -181,10 +196,11 @@ class Transformer:
                               f"smaller context)")
         f32 = np.float32
         bufs = dict(
-            x=np.zeros((nb, dim), f32), xb=np.zeros((nb, dim), f32), xb2=np.zeros((nb, dim), f32),
-            hb=np.zeros((nb, hidden), f32), hb2=np.zeros((nb, hidden), f32),
-            q=np.zeros((nb, dim), f32), att=np.zeros((nb, cfg["n_heads"], n_ctx), f32),
-            logits=np.zeros((nb, vocab), f32), rope=np.zeros((nb, dim // cfg["n_heads"]), f32),
+            x=np.zeros((nb, dim), f32), xb=np.zeros((nb, max(dim, q_dim)), f32),
+            xb2=np.zeros((nb, dim), f32), hb=np.zeros((nb, hidden), f32),
+            hb2=np.zeros((nb, hidden), f32), q=np.zeros((nb, q_dim), f32),
+            att=np.zeros((nb, cfg["n_heads"], n_ctx), f32),
+            logits=np.zeros((nb, vocab), f32), rope=np.zeros((nb, head_dim), f32),
             key_cache=np.zeros(kv_shape, f32), value_cache=np.zeros(kv_shape, f32))
         s = ffi.new("pl_state *")
         self._keep.append(s)
@@ -211,6 +227,12 @@ class Transformer:
     def threads(self, value):
         self._state.n_threads = 1 if _forked else check_threads(value)
 
+    def _track(self, pos, ids):
+        del self.tokens[pos:]
+        self.tokens.extend([-1] * (pos - len(self.tokens)))
+        self.tokens.extend(ids)
+        self.n_evaluated += len(ids)
+
     # -- running ---------------------------------------------------------------------------------
     def forward(self, token, pos):
         """Logits (a view of this Transformer's buffer, overwritten by the next call) for `token`
@@ -220,6 +242,7 @@ class Transformer:
         if not 0 <= pos < self.n_ctx:
             raise ParameterError(f"position {pos} is outside the context (0..{self.n_ctx - 1})")
         self._tokens[0] = token
+        self._track(pos, [token])
         lib.pl_forward(self._weights, self._state, self._tokens, 1, pos, lib.PL_LOGITS_LAST)
         return self.logits_buffer[0]
 
@@ -235,6 +258,7 @@ class Transformer:
             raise ParameterError(f"positions {pos}..{pos + n - 1} are outside the context "
                                  f"(0..{self.n_ctx - 1})")
         out = np.empty((n, self.vocab_size), np.float32) if all_logits else None
+        self._track(pos, ids)
         for start in range(0, n, self.max_batch):
             chunk = ids[start:start + self.max_batch]
             self._tokens[0:len(chunk)] = chunk

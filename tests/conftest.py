@@ -83,3 +83,12 @@ def as_list(v):
 @pytest.fixture
 def shared():
     return shared_path()
+
+
+@pytest.fixture(scope="module")
+def stories260k():
+    """A Llama of stories260K with tok512, shared by a test module."""
+    import pyllama
+    with pyllama.Llama(shared_path("models/stories260K.bin"),
+                       tokenizer=shared_path("models/tok512.bin")) as model:
+        yield model

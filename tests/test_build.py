@@ -76,7 +76,8 @@ def test_avx2_build_without_avx512(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(tree), PYLLAMA_SHARED=str(shared_path()))
     _, flags = _core_of(tree, env)
     assert "avx2" in flags and "avx512" not in flags, flags
-    _run_tests(tree, env, KERNEL_TESTS + ("tests/test_parity.py",))
+    _run_tests(tree, env, KERNEL_TESTS + ("tests/test_parity.py", "tests/test_arch.py::test_float_files_match_llamacpp",
+                                           "tests/test_arch.py::test_every_quant_type_on_both_archs"))
 
 
 def test_avx2_build_without_f16c(tmp_path):

@@ -218,7 +218,7 @@ def test_type_mix_matches_llama_cpps_q4_k_m_file():
     assert len(r.tensors) == 3 + 4 * 9
     for t in r.tensors:
         ours = C.tensor_type(t.name, int(t.shape[0]), "q4_k_m", n_layers=4, tied=False)
-        assert C._type_name(ours) == t.tensor_type.name, t.name
+        assert C.type_name(ours) == t.tensor_type.name, t.name
     assert [i for i in range(4) if C.use_more_bits(i, 4)] == [2, 3]
 
 

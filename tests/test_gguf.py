@@ -152,7 +152,7 @@ def _timed(fn, *args):
 def test_tables_agree_with_ggml():
     for t, (block, size) in gguf.GGML_QUANT_SIZES.items():
         assert GGML_TYPES[int(t)] == (t.name, block, size)
-    assert set(CONFIG_KEYS) == set(common.CONFIG_KEYS)
+    assert common.CONFIG_KEYS is CONFIG_KEYS  # one table (pyllama/arch.py)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -219,7 +219,8 @@ def test_round_trip_weights(tmp_path, wtype):
     path = tmp_path / "m.gguf"
     written = write_llama(path, cfg, wtype)
     mf = read_gguf(path)
-    assert mf.config == dict(cfg, rms_eps=float(np.float32(1e-6)), rope_theta=500000.0)
+    assert mf.config == dict(cfg, rms_eps=float(np.float32(1e-6)), rope_theta=500000.0,
+                             head_dim=cfg["dim"] // cfg["n_heads"])
     assert set(mf.tensors) == set(written) and not mf.shared_classifier
     for name, (t, shape, raw) in written.items():
         got = mf.tensors[name]
@@ -411,7 +412,7 @@ def bad(tmp_path, content, *fragments, name="bad.gguf"):
 
 def test_small_model_is_valid(tmp_path):
     mf = read_gguf(Model().write(tmp_path / "ok.gguf"))
-    assert mf.config == dict(SMALL, rms_eps=float(np.float32(1e-5)), rope_theta=10000.0)
+    assert mf.config == dict(SMALL, rms_eps=float(np.float32(1e-5)), rope_theta=10000.0, head_dim=8)
     assert mf.tensors["blk.0.attn_q.weight"].type_name == "Q8_0"
     assert _plain(mf.metadata["t.nested"]) == [[7], [True, False]]
 
@@ -548,10 +549,10 @@ def test_bad_dims(tmp_path):
     m.tensors[0]["ne"] = [2**62, 2**62, 2**62]
     bad(tmp_path, m, "tensor 'token_embd.weight'", "outside the file")
     m = Model()  # an unused tensor may have a zero dim (it is 0 bytes)
-    m.tensors.append(dict(name="rope_freqs.weight", ne=[0], type=0, offset=None))
+    m.tensors.append(dict(name="unused.weight", ne=[0], type=0, offset=None))
     mf = read_gguf(m.write(tmp_path / "ok.gguf"))
-    assert "rope_freqs.weight" not in mf.tensors
-    assert "rope_freqs.weight" in [t.name for t in read_metadata(tmp_path / "ok.gguf")[2]]
+    assert "unused.weight" not in mf.tensors
+    assert "unused.weight" in [t.name for t in read_metadata(tmp_path / "ok.gguf")[2]]
 
 
 def test_unsupported_and_unknown_tensor_types(tmp_path):
@@ -700,7 +701,8 @@ def test_missing_and_misshapen_tensors(tmp_path):
     bad(tmp_path, m, "missing tensor 'blk.0.ffn_up.weight'")
     m = Model()
     m.tensors = m.tensors[:1]
-    bad(tmp_path, m, "missing tensor 'output_norm.weight' (and 9 more)")
+    bad(tmp_path, m, "missing tensor 'blk.0.attn_norm.weight' (and 9 more)",
+        "required by architecture 'llama'")
     m = Model()
     k = next(t for t in m.tensors if t["name"] == "blk.0.attn_k.weight")
     k["ne"] = [32, 32]
@@ -714,7 +716,7 @@ def test_missing_and_misshapen_tensors(tmp_path):
 def test_norms_must_be_f32(tmp_path):
     m = Model()
     m.tensors[1]["type"] = 1
-    bad(tmp_path, m, "norm tensor 'output_norm.weight' has type F16 (1), expected F32")
+    bad(tmp_path, m, "vector tensor 'output_norm.weight' has type F16 (1), expected F32")
 
 
 def test_trailing_unit_dims_accepted(tmp_path):

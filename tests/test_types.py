@@ -14,12 +14,14 @@ from pyllama import convert, quantize
 from pyllama.formats import common, gguf as gguf_reader
 
 HEADER = Path(__file__).resolve().parent.parent / "csrc" / "pyllama.h"
-NOT_TYPES = {"PL_ABI_VERSION", "PL_LOGITS_LAST", "PL_LOGITS_ALL", "PL_LOGITS_NONE"}
 
 
 def _header_types():
-    found = re.findall(r"^#define (PL_\w+) (\d+)", HEADER.read_text(), re.M)
-    return {name[3:]: int(num) for name, num in found if name not in NOT_TYPES}
+    """The #defines of the header's "Tensor types" block (it ends at the first blank line)."""
+    text = HEADER.read_text()
+    block = text[text.index("/* Tensor types"):].split("\n\n", 1)[0]
+    found = re.findall(r"^#define (PL_\w+) (\d+)", block, re.M)
+    return {name[3:]: int(num) for name, num in found}
 
 
 def test_header_and_table_agree():

@@ -62,7 +62,8 @@ def open_map(path, mmap=True):
 
 def load(path, mmap=True) -> ModelFile:
     """Read a model file (llama2.c legacy/V1/V2 .bin or GGUF) into a ModelFile of views into one
-    read-only map of it (or, with mmap=False, one in-memory copy)."""
+    read-only map of it (or, with mmap=False, one in-memory copy). A GGUF file's vocabulary stays
+    metadata: pyllama.tokenizers builds the tokenizer from it."""
     path = os.fspath(path)
     mm = open_map(path, mmap)
     if bytes(mm[:4]) == GGUF_MAGIC:

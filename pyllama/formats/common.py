@@ -14,6 +14,7 @@ from typing import Optional
 import numpy as np
 
 from .._core import lib
+from ..arch import CONFIG_KEYS
 from ..errors import FormatError
 
 # THE type table: ggml's type number -> (name, elements per block, bytes per block), every type
@@ -45,13 +46,6 @@ F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 = (
     lib.PL_Q8_0)
 Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, Q8_G = (
     lib.PL_Q2_K, lib.PL_Q3_K, lib.PL_Q4_K, lib.PL_Q5_K, lib.PL_Q6_K, lib.PL_Q8_G)
-
-# Config keys every reader fills (the pl_config fields).
-CONFIG_KEYS = ("dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "seq_len",
-               "rms_eps", "rope_theta")
-
-LAYER_TENSORS = ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output",
-                 "ffn_norm", "ffn_gate", "ffn_down", "ffn_up")
 
 # Anything above these is refused before any allocation (checked before sizes are multiplied).
 MAX_DIM = 1 << 16
@@ -100,11 +94,12 @@ class ModelFile:
     path: str
     format: str                 # "llama2c-legacy", "llama2c-v1", "llama2c-v2", "gguf"
     version: int
-    config: dict                # CONFIG_KEYS
+    config: dict                # the fields of arch.CONFIG_KEYS, in its order
     tensors: dict               # name -> Tensor
     mmap: Optional[np.ndarray]  # the one read-only map every view points into (None if no tensors)
     metadata: dict = field(default_factory=dict)  # GGUF key -> value (empty for .bin)
     file_size: int = 0
+    arch: str = "llama"                          # an arch.ARCHS key (llama2.c files: llama)
 
     @property
     def has_weights(self):
@@ -128,25 +123,37 @@ def fail(path, what):
 
 
 def check_config(path, cfg):
-    """Validate the hyper-parameters shared by every format; raises FormatError naming the field."""
-    for key in ("dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "seq_len"):
+    """Validate the hyper-parameters shared by every format; raises FormatError naming the field.
+    Sets cfg["head_dim"] to dim / n_heads when the file did not give it (and puts the fields in
+    arch.CONFIG_KEYS' order)."""
+    ints = ("dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "seq_len")
+    for key in ints + (("head_dim",) if "head_dim" in cfg else ()):
         v = cfg.get(key)
         if not isinstance(v, (int, np.integer)) or isinstance(v, bool):
             fail(path, f"{key}: expected an integer, found {v!r}")
         if v <= 0:
             fail(path, f"{key}: expected a positive value, found {v}")
     limits = {"dim": MAX_DIM, "hidden_dim": MAX_DIM * 4, "n_layers": MAX_LAYERS, "n_heads": MAX_DIM,
-              "n_kv_heads": MAX_DIM, "vocab_size": MAX_VOCAB, "seq_len": MAX_SEQ}
+              "n_kv_heads": MAX_DIM, "vocab_size": MAX_VOCAB, "seq_len": MAX_SEQ, "head_dim": MAX_DIM}
     for key, lim in limits.items():
-        if cfg[key] > lim:
+        if cfg.get(key, 0) > lim:
             fail(path, f"{key} = {cfg[key]} is beyond what pyllama supports (at most {lim})")
-    if cfg["dim"] % cfg["n_heads"]:
-        fail(path, f"dim {cfg['dim']} is not divisible by n_heads {cfg['n_heads']}")
+    if "head_dim" not in cfg:
+        if cfg["dim"] % cfg["n_heads"]:
+            fail(path, f"dim {cfg['dim']} is not divisible by n_heads {cfg['n_heads']} (and the "
+                       f"file gives no head size)")
+        cfg["head_dim"] = cfg["dim"] // cfg["n_heads"]
+    if cfg["n_heads"] * cfg["head_dim"] > MAX_DIM:
+        fail(path, f"n_heads {cfg['n_heads']} x head_dim {cfg['head_dim']} is beyond what pyllama "
+                   f"supports (at most {MAX_DIM})")
     if cfg["n_heads"] % cfg["n_kv_heads"]:
         fail(path, f"n_heads {cfg['n_heads']} is not divisible by n_kv_heads {cfg['n_kv_heads']}")
-    if (cfg["dim"] // cfg["n_heads"]) % 2:
-        fail(path, f"head size {cfg['dim'] // cfg['n_heads']} is odd (RoPE rotates pairs)")
+    if cfg["head_dim"] % 2:
+        fail(path, f"head size {cfg['head_dim']} is odd (RoPE rotates pairs)")
     for key in ("rms_eps", "rope_theta"):
         v = cfg.get(key)
         if not isinstance(v, float) or not np.isfinite(v) or v <= 0:
             fail(path, f"{key}: expected a positive finite number, found {v!r}")
+    ordered = {k: cfg[k] for k in CONFIG_KEYS if k in cfg}
+    cfg.clear()
+    cfg.update(ordered)

@@ -21,8 +21,10 @@ config — the keys present in the metadata plus defaults, type-checked but not 
 Callers that need weights must test `model_file.has_weights`. A file that has tensors is always
 checked in full: config, every used tensor's type and shape, missing tensors.
 
-Tensors whose names are not in the llama set (e.g. rope_freqs.weight) are validated structurally
-(type, bounds, alignment, overlap) but left out of ModelFile.tensors; read_metadata lists them all.
+The architecture (`general.architecture`) picks the table of pyllama/arch.py: its metadata
+prefix, the tensors it requires and allows (with their shapes from the config), its rope style.
+Tensors an architecture does not use are validated structurally (type, bounds, alignment,
+overlap) but left out of ModelFile.tensors; read_metadata lists them all.
 """
 import os
 import struct
@@ -30,9 +32,10 @@ from collections import namedtuple
 
 import numpy as np
 
-from .common import CONFIG_KEYS as CONFIG_ORDER
-from .common import (CORE_TYPES, F32, GGML_TYPES, LAYER_TENSORS, Q8_G, ModelFile, Tensor,
-                     check_config, fail, type_name)
+from .. import arch as archs
+from ..arch import CONFIG_KEYS, REQUIRED
+from .common import (CORE_TYPES, F32, GGML_TYPES, Q8_G, ModelFile, Tensor, check_config, fail,
+                     type_name)
 
 MAGIC = b"GGUF"
 VERSIONS = (2, 3)
@@ -57,22 +60,6 @@ BOOL, STRING, ARRAY = 7, 8, 9
 # C core computes with CORE_TYPES (a tensor of another type is sized and named, not run).
 GGUF_TYPES = {t: v for t, v in GGML_TYPES.items() if t != Q8_G}
 SUPPORTED_TYPES = CORE_TYPES - {Q8_G}
-
-REQUIRED = object()
-# pyllama config field -> ("llama." key, kind, default). Default REQUIRED: the key must be there
-# (when the file has tensors); a str default names another field; vocab_size is also derived
-# from the token_embd rows and the tokenizer's token count, and all sources must agree.
-CONFIG_KEYS = {
-    "dim": ("embedding_length", int, REQUIRED),
-    "hidden_dim": ("feed_forward_length", int, REQUIRED),
-    "n_layers": ("block_count", int, REQUIRED),
-    "n_heads": ("attention.head_count", int, REQUIRED),
-    "n_kv_heads": ("attention.head_count_kv", int, "n_heads"),
-    "vocab_size": ("vocab_size", int, None),
-    "seq_len": ("context_length", int, REQUIRED),
-    "rms_eps": ("attention.layer_norm_rms_epsilon", float, 1e-5),
-    "rope_theta": ("rope.freq_base", float, 10000.0),
-}
 
 TensorInfo = namedtuple("TensorInfo", "name type ne offset nbytes")
 TensorInfo.__doc__ = "One tensor info: ne in GGUF order (ne[0] = row length), absolute offset."
@@ -330,11 +317,11 @@ def _number(path, key, v, kind):
     return kind(v)
 
 
-def _config(path, meta, infos):
+def _config(path, meta, infos, arch):
     has_weights = bool(infos)
     cfg = {}
-    for field, (suffix, kind, default) in CONFIG_KEYS.items():
-        key = "llama." + suffix
+    for field, (_, kind, _) in CONFIG_KEYS.items():
+        key, default = arch.key(field), arch.default(field)
         if key in meta:
             cfg[field] = _number(path, key, meta[key], kind)
         elif default is REQUIRED:
@@ -348,7 +335,7 @@ def _config(path, meta, infos):
     # vocab_size: every source present must agree.
     sources = []
     if "vocab_size" in cfg:
-        sources.append(("llama.vocab_size", cfg["vocab_size"]))
+        sources.append((arch.key("vocab_size"), cfg["vocab_size"]))
     embd = next((t for t in infos if t.name == "token_embd.weight"), None)
     if embd is not None and len(embd.ne) >= 2:
         sources.append(("rows of token_embd.weight", embd.ne[1]))
@@ -360,74 +347,63 @@ def _config(path, meta, infos):
     if sources:
         cfg["vocab_size"] = sources[0][1]
     elif has_weights:
-        fail(path, "no vocab size: none of llama.vocab_size, token_embd.weight, "
-                   "tokenizer.ggml.tokens is present")
-    cfg = {k: cfg[k] for k in CONFIG_ORDER if k in cfg}
+        fail(path, f"no vocab size: none of {arch.key('vocab_size')}, token_embd.weight, "
+                   f"tokenizer.ggml.tokens is present")
+    cfg = {k: cfg[k] for k in CONFIG_KEYS if k in cfg}
     if has_weights:
         check_config(path, cfg)
-        rot = meta.get("llama.rope.dimension_count")
-        head = cfg["dim"] // cfg["n_heads"]
-        if rot is not None and _number(path, "llama.rope.dimension_count", rot, int) != head:
-            fail(path, f"llama.rope.dimension_count = {rot}, expected the head size {head} "
-                       f"(partial RoPE is not supported)")
+        for suffix in archs.HEAD_DIM_ALIASES:
+            key = arch.key(suffix)
+            if key in meta and _number(path, key, meta[key], int) != cfg["head_dim"]:
+                what = ("partial RoPE is not supported" if suffix.startswith("rope")
+                        else "value heads of another size than key heads are not supported")
+                fail(path, f"{key} = {meta[key]}, expected the head size {cfg['head_dim']} "
+                           f"({what})")
     return cfg
 
 
-def _check_llama(path, meta):
-    arch = meta.get("general.architecture")
-    if arch is None:
+def _check_arch(path, meta):
+    """The Arch table of the file, after refusing what its forward pass does not compute."""
+    name = meta.get("general.architecture")
+    if name is None:
         fail(path, "missing metadata key 'general.architecture'")
-    if not isinstance(arch, str) or arch != "llama":
-        fail(path, f"unsupported architecture {arch!r} (general.architecture): pyllama runs "
-                   f"'llama'")
-    experts = meta.get("llama.expert_count", 0)
-    if _number(path, "llama.expert_count", experts, int) > 0:
-        fail(path, f"llama.expert_count = {experts}: mixture-of-experts models are not supported")
-    stype = meta.get("llama.rope.scaling.type", "linear")
+    arch = archs.get(name, path)
+    experts = meta.get(arch.key("expert_count"), 0)
+    if _number(path, arch.key("expert_count"), experts, int) > 0:
+        fail(path, f"{arch.key('expert_count')} = {experts}: mixture-of-experts models are not "
+                   f"supported")
+    tkey = arch.key("rope.scaling.type")
+    stype = meta.get(tkey, "linear")
     if not isinstance(stype, str):
-        fail(path, f"metadata 'llama.rope.scaling.type': expected a string, found {stype!r:.60}")
+        fail(path, f"metadata '{tkey}': expected a string, found {stype!r:.60}")
     factor = 0.0
-    for key in ("llama.rope.scaling.factor", "llama.rope.scale_linear"):
+    for key in (arch.key("rope.scaling.factor"), arch.key("rope.scale_linear")):
         if key in meta and factor == 0.0:
             factor = _number(path, key, meta[key], float)
-    if "llama.rope.scaling.type" in meta and stype not in ("none", "linear"):
-        fail(path, f"unsupported rope scaling '{stype}' (llama.rope.scaling.type)")
+    if tkey in meta and stype not in ("none", "linear"):
+        fail(path, f"unsupported rope scaling '{stype}' ({tkey})")
     if stype != "none" and factor not in (0.0, 1.0):
         fail(path, f"unsupported rope scaling '{stype}' with factor {factor}")
+    return arch
 
 
-def _expected_shapes(cfg):
-    """Canonical name -> numpy shape (rows, cols) or (n,); output.weight is optional."""
-    d, h, v = cfg["dim"], cfg["hidden_dim"], cfg["vocab_size"]
-    kv = d // cfg["n_heads"] * cfg["n_kv_heads"]
-    per_layer = {"attn_norm": (d,), "attn_q": (d, d), "attn_k": (kv, d), "attn_v": (kv, d),
-                 "attn_output": (d, d), "ffn_norm": (d,), "ffn_gate": (h, d), "ffn_down": (d, h),
-                 "ffn_up": (h, d)}
-    assert set(per_layer) == set(LAYER_TENSORS)
-    shapes = {"token_embd.weight": (v, d), "output_norm.weight": (d,), "output.weight": (v, d)}
-    for i in range(cfg["n_layers"]):
-        for n in LAYER_TENSORS:
-            shapes[f"blk.{i}.{n}.weight"] = per_layer[n]
-    return shapes
-
-
-def _bind(path, mm, cfg, infos):
-    shapes = _expected_shapes(cfg)
+def _bind(path, mm, cfg, infos, arch):
+    shapes = archs.tensor_shapes(arch, cfg)
     tensors = {}
     for t in infos:
-        shape = shapes.get(t.name)
-        if shape is None:
-            continue  # not a llama tensor pyllama uses (listed by read_metadata)
+        if t.name not in shapes:
+            continue  # not a tensor this architecture uses (listed by read_metadata)
+        shape = shapes[t.name][0]
         want = tuple(reversed(shape))
         if t.ne + (1,) * (MAX_DIMS - len(t.ne)) != want + (1,) * (MAX_DIMS - len(want)):
             fail(path, f"tensor '{t.name}' has ne {list(t.ne)} (numpy shape "
                        f"{tuple(reversed(t.ne))}), expected {list(want)} (numpy shape {shape}) "
                        f"from the config")
         view = mm[t.offset:t.offset + t.nbytes]
-        if len(shape) == 1:
+        if len(shape) == 1:  # norms, biases, rope_freqs: C reads them as float arrays
             if t.type != F32:
-                fail(path, f"norm tensor '{t.name}' has type {type_name(t.type)} ({t.type}), "
-                           f"expected F32")
+                fail(path, f"vector tensor '{t.name}' has type {type_name(t.type)} "
+                           f"({t.type}), expected F32")
             data = view.view("<f4")
         else:
             if t.type not in SUPPORTED_TYPES:
@@ -436,22 +412,28 @@ def _bind(path, mm, cfg, infos):
                            f"pyllama does not support (supported: {names})")
             data = view.reshape(shape[0], t.nbytes // shape[0])
         tensors[t.name] = Tensor(name=t.name, type=t.type, shape=shape, data=data, offset=t.offset)
-    missing = [n for n in shapes if n not in tensors and n != "output.weight"]
+    missing = [n for n, (_, required) in shapes.items() if required and n not in tensors]
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        fail(path, f"missing tensor '{missing[0]}'{more}")
+        fail(path, f"missing tensor '{missing[0]}'{more} (required by architecture "
+                   f"'{arch.name}')")
+    freqs = tensors.get("rope_freqs.weight")
+    if freqs is not None and not (np.isfinite(freqs.data).all() and (freqs.data > 0).all()):
+        fail(path, "tensor 'rope_freqs.weight': the RoPE frequency divisors must be positive "
+                   "finite numbers")
     return tensors
 
 
 def read_gguf(path, mm=None):
-    """Read a llama GGUF file: config, tensors (views into the map) and metadata."""
+    """Read a GGUF model of a supported architecture: config, tensors (views into the map) and
+    metadata (pyllama.tokenizers builds the tokenizer from it)."""
     path = os.fspath(path)
     if mm is None:
         mm = _map(path)
     version, meta, infos = _parse(path, mm)
-    _check_llama(path, meta)
-    cfg = _config(path, meta, infos)
-    tensors = _bind(path, mm, cfg, infos) if infos else {}
+    arch = _check_arch(path, meta)
+    cfg = _config(path, meta, infos, arch)
+    tensors = _bind(path, mm, cfg, infos, arch) if infos else {}
     return ModelFile(path=path, format="gguf", version=version, config=cfg, tensors=tensors,
                      mmap=mm if infos else None, metadata=meta,
-                     file_size=int(mm.size))
+                     file_size=int(mm.size), arch=arch.name)

@@ -7,7 +7,9 @@
 
 Seeds are small VALID files written here (shared/FORMATS.md): legacy .bin (shared and unshared
 classifier), V1, V2 (int8, group 16), GGUF v3/v2 in F32, F16, BF16, Q8_0, Q4_0, Q4_K, Q6_K and a
-mix (with `tokenizer.ggml.*` metadata, model "llama"), a vocab-only GGUF and a tokenizer.bin.
+mix (with `tokenizer.ggml.*` metadata, model "llama"), a vocab-only GGUF, the architectures of
+issue 10 (a Llama 3 file with rope_freqs and head_dim != dim/heads, Qwen2 files with q/k/v biases
+and NeoX rope, Q8_0 and Q4_K) and a tokenizer.bin.
 Case i of seed S is fully determined by (S, i): it picks a seed file and applies 1-4 mutations
 (bit flips, byte sets, truncation, appended junk, known header/length/count fields and random
 aligned words set to 0, -1, 0xFFFFFFFF, 2^63, huge or small values, chunk swaps, duplications,
@@ -232,12 +234,15 @@ def _add_bpe_vocab(w, v):
 
 
 def write_gguf(path, rng, cfg, wtype, tied=False, per_tensor=None, tokens=True, tensors=True,
-               alignment=None):
+               alignment=None, arch="llama", head_dim=None, rope_freqs=False, biases=False):
+    """head_dim: written as attention.key_length/value_length (q: heads*head_dim rows);
+    rope_freqs: a rope_freqs.weight (Llama 3.1); biases: q/k/v biases (Qwen2)."""
     import gguf
     from gguf import GGMLQuantizationType as GT
     d, h, L, v = cfg["dim"], cfg["hidden"], cfg["layers"], cfg["vocab"]
-    kv = d // cfg["heads"] * cfg["kv_heads"]
-    w = gguf.GGUFWriter(str(path), "llama")
+    hd = head_dim or d // cfg["heads"]
+    kv, qd = hd * cfg["kv_heads"], hd * cfg["heads"]
+    w = gguf.GGUFWriter(str(path), arch)
     w.add_context_length(cfg["seq"])
     w.add_embedding_length(d)
     w.add_block_count(L)
@@ -246,7 +251,10 @@ def write_gguf(path, rng, cfg, wtype, tied=False, per_tensor=None, tokens=True, 
     w.add_head_count_kv(cfg["kv_heads"])
     w.add_layer_norm_rms_eps(1e-5)
     w.add_rope_freq_base(10000.0)
-    w.add_rope_dimension_count(d // cfg["heads"])
+    w.add_rope_dimension_count(hd)
+    if head_dim:
+        w.add_key_length(hd)
+        w.add_value_length(hd)
     w.add_file_type(int(wtype))
     if alignment:
         w.add_custom_alignment(alignment)
@@ -282,15 +290,21 @@ def write_gguf(path, rng, cfg, wtype, tied=False, per_tensor=None, tokens=True, 
         specs = [("token_embd.weight", (v, d)), ("output_norm.weight", (d,))]
         if not tied:
             specs.append(("output.weight", (v, d)))
+        if rope_freqs:
+            specs.append(("rope_freqs.weight", (hd // 2,)))
         for i in range(L):
-            specs += [(f"blk.{i}.attn_norm.weight", (d,)), (f"blk.{i}.attn_q.weight", (d, d)),
+            specs += [(f"blk.{i}.attn_norm.weight", (d,)), (f"blk.{i}.attn_q.weight", (qd, d)),
                       (f"blk.{i}.attn_k.weight", (kv, d)), (f"blk.{i}.attn_v.weight", (kv, d)),
-                      (f"blk.{i}.attn_output.weight", (d, d)), (f"blk.{i}.ffn_norm.weight", (d,)),
+                      (f"blk.{i}.attn_output.weight", (d, qd)), (f"blk.{i}.ffn_norm.weight", (d,)),
                       (f"blk.{i}.ffn_gate.weight", (h, d)), (f"blk.{i}.ffn_down.weight", (d, h)),
                       (f"blk.{i}.ffn_up.weight", (h, d))]
+            if biases:
+                specs += [(f"blk.{i}.attn_q.bias", (qd,)), (f"blk.{i}.attn_k.bias", (kv,)),
+                          (f"blk.{i}.attn_v.bias", (kv,))]
         for name, shape in specs:
-            if len(shape) == 1:
-                w.add_tensor(name, np.ones(shape, np.float32))
+            if len(shape) == 1:  # norms 1; biases, rope_freqs (new seeds only) random
+                w.add_tensor(name, np.ones(shape, np.float32) if name.endswith("norm.weight")
+                             else (1 + rng.random(shape)).astype(np.float32))
                 continue
             t = (per_tensor or {}).get(name.split(".")[-2], wtype)
             x = (rng.standard_normal(shape) * 0.3).astype(np.float32)
@@ -426,6 +440,10 @@ def gguf_seeds(rng, tmp):
                                                            "output": GT.Q6_K})),
         ("gguf-vocab-only.gguf", small, GT.F32, dict(tensors=False)),
         ("gguf-bpe-f16.gguf", small, GT.F16, dict(tokens="bpe")),
+        # issue 10's architectures: Llama 3 (rope_freqs, head_dim != dim/heads), Qwen2 (biases)
+        ("gguf-llama3-f16.gguf", small, GT.F16, dict(tied=True, head_dim=16, rope_freqs=True)),
+        ("gguf-qwen2-q8_0.gguf", small, GT.Q8_0, dict(arch="qwen2", biases=True)),
+        ("gguf-qwen2-q4_k.gguf", kq, GT.Q4_K, dict(arch="qwen2", biases=True, head_dim=128)),
     ]
     out = []
     for name, cfg, wtype, kw in specs:

@@ -1,0 +1,120 @@
+"""What a Transformer's KV cache holds: prefix reuse, context shift, saved states.
+
+The Transformer records the token id at every cached position (Transformer.tokens, kept up to
+date by forward() and prefill() whoever calls them) and counts evaluated tokens (n_evaluated).
+
+- evaluate(): runs a prompt, reusing the longest cached prefix; the last prompt token is always
+  evaluated again, so its logits are fresh in the logits buffer.
+- shift(): llama.cpp's context shift: positions [n_keep, n_keep + n_discard) are dropped and the
+  ones after move down, their keys re-rotated by -n_discard positions of RoPE (C: pl_kv_shift).
+- save()/load(): a state as bytes: a header naming the model (its config and a hash of its tensor
+  layout and first weight bytes), the context size, the cached token ids, then the used positions
+  of the key and value caches. load() refuses a state of another model, format or size.
+"""
+import hashlib
+import json
+import struct
+
+import numpy as np
+
+from ._core import lib
+from .errors import ParameterError, PyllamaError
+
+MAGIC = b"PYLLAMA-KV\0\0"
+VERSION = 1
+HEAD = struct.Struct("<12sII")  # magic, version, length of the JSON header
+
+
+def common_prefix(a, b):
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def evaluate(tf, ids, all_logits=False):
+    """Run `ids` from position 0, reusing what the cache already holds; returns the logits of
+    every newly evaluated token when all_logits (then nothing is reused)."""
+    if not ids:
+        raise ParameterError("the prompt must hold at least one token")
+    if len(ids) > tf.n_ctx:
+        raise ParameterError(f"the prompt is {len(ids)} tokens, longer than the context of "
+                             f"{tf.n_ctx} positions")
+    keep = 0 if all_logits else min(common_prefix(tf.tokens, ids), len(ids) - 1)
+    return tf.prefill(ids[keep:], keep, all_logits=all_logits)
+
+
+def shift(tf, n_keep, n_discard):
+    """Drop cached positions [n_keep, n_keep + n_discard); the rest moves down. Returns the new
+    number of cached positions."""
+    n = len(tf.tokens)
+    if not (0 <= n_keep and 1 <= n_discard and n_keep + n_discard <= n):
+        raise ParameterError(f"context shift: cannot drop {n_discard} positions after {n_keep} "
+                             f"of {n}")
+    src = n_keep + n_discard
+    lib.pl_kv_shift(tf._weights, tf._state, src, n_keep, n - src)
+    tf.tokens[n_keep:src] = []
+    return len(tf.tokens)
+
+
+def model_identity(tf):
+    """A hash of what makes two models the same: config, tensor names/types/shapes and the first
+    bytes of every tensor."""
+    cached = getattr(tf, "_identity", None)
+    if cached is None:
+        h = hashlib.sha256(json.dumps(tf.config, sort_keys=True, default=str).encode())
+        for name in sorted(tf.file.tensors):
+            t = tf.file.tensors[name]
+            h.update(f"{name}:{t.type}:{tuple(t.shape)}".encode())
+            h.update(np.asarray(t.data).reshape(-1).view(np.uint8)[:256].tobytes())
+        cached = tf._identity = h.hexdigest()
+    return cached
+
+
+def _kv_dim(tf):
+    c = tf.config
+    return c["head_dim"] * c["n_kv_heads"]
+
+
+def save(tf):
+    n = len(tf.tokens)
+    head = json.dumps(dict(model=model_identity(tf), n_layers=tf.config["n_layers"], kv_dim=_kv_dim(tf),
+                           vocab_size=tf.vocab_size, n_ctx=tf.n_ctx, n_tokens=n)).encode()
+    kc, vc = tf._bufs["key_cache"], tf._bufs["value_cache"]
+    return b"".join([HEAD.pack(MAGIC, VERSION, len(head)), head,
+                     np.asarray(tf.tokens, "<i4").tobytes(),
+                     np.ascontiguousarray(kc[:, :n]).tobytes(), np.ascontiguousarray(vc[:, :n]).tobytes()])
+
+
+def load(tf, data):
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise ParameterError(f"state: expected bytes from save_state(), found {type(data).__name__}")
+    data = memoryview(data).cast("B")
+    if len(data) < HEAD.size or bytes(data[:12]) != MAGIC:
+        raise PyllamaError("state: not a pyllama state (save_state() makes one)")
+    _, version, hlen = HEAD.unpack_from(data)
+    if version != VERSION:
+        raise PyllamaError(f"state: version {version}, this pyllama reads version {VERSION}")
+    try:
+        head = json.loads(bytes(data[HEAD.size:HEAD.size + hlen]))
+        n = int(head["n_tokens"])
+    except (ValueError, KeyError, TypeError):
+        raise PyllamaError("state: the header is damaged") from None
+    if head.get("model") != model_identity(tf):
+        raise PyllamaError("state: it was saved from another model (its config or weights differ)")
+    if not 0 <= n <= tf.n_ctx:
+        raise PyllamaError(f"state: it holds {n} positions, this model's context has {tf.n_ctx}")
+    L, kv = tf.config["n_layers"], _kv_dim(tf)
+    off = HEAD.size + hlen
+    size = n * 4 + 2 * L * n * kv * 4
+    if len(data) != off + size:
+        raise PyllamaError(f"state: {len(data)} bytes, expected {off + size} for {n} positions")
+    tokens = np.frombuffer(data, "<i4", n, off).tolist()
+    if any(not -1 <= t < tf.vocab_size for t in tokens):
+        raise PyllamaError("state: a token id is outside the vocabulary")
+    off += 4 * n
+    kc, vc = tf._bufs["key_cache"], tf._bufs["value_cache"]
+    kc[:, :n] = np.frombuffer(data, np.float32, L * n * kv, off).reshape(L, n, kv)
+    vc[:, :n] = np.frombuffer(data, np.float32, L * n * kv, off + L * n * kv * 4).reshape(L, n, kv)
+    tf.tokens[:] = tokens

@@ -83,9 +83,8 @@ def stream_text(tokenizer, pairs, skip=0):
     decoded but not yielded."""
     decoder = tokenizer.decoder()
     for i, (prev, tok) in enumerate(pairs):
-        if i == 0:
-            decoder.feed(prev)
-        text = decoder.feed(tok)
+        # the first pair's prev is the prompt's first token: BOS (no text), or text (Qwen2)
+        text = decoder.feed(prev) + decoder.feed(tok) if i == 0 else decoder.feed(tok)
         if i >= skip and text:
             yield text
     tail = decoder.flush()

@@ -424,3 +424,19 @@ def test_threads_share_the_cache(llama3, llama3_oracle, monkeypatch):
         t.join()
     assert not errors
     llama3._cache.clear()
+
+
+def test_a_prompt_without_bos_is_printed_whole():
+    """Qwen2 adds no BOS: the prompt's first token is text, and `run` and generate(echo=True)
+    print it (llama2.c's loop starts at the second token, after BOS)."""
+    import subprocess
+    import sys
+    path = shared_path("models/bpe/qwen2-tiny-f16.gguf")
+    proc = subprocess.run([sys.executable, "-m", "pyllama", "run", path, "-n", "8", "-t", "0",
+                           "-i", "Hi 世界"], capture_output=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert proc.stdout.startswith("Hi 世界".encode())
+    m = pyllama.Llama(path)
+    assert m.tokenize("Hi")[0] != m.tokenizer.bos_id
+    assert "".join(m.generate("Hi 世界", steps=8, temperature=0, echo=True)).startswith("Hi 世界")
+    assert not "".join(m.generate("Hi 世界", steps=8, temperature=0)).startswith("Hi")

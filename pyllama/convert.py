@@ -35,7 +35,6 @@ directory, symbolic link, FIFO, device or socket is refused.
 import contextlib
 import os
 import stat
-import struct
 import time
 
 import numpy as np
@@ -45,6 +44,8 @@ from .errors import FormatError, ParameterError, PyllamaError
 from .formats.common import (BF16, CORE_TYPES, F16, F32, GGML_TYPES, Q4_0, Q4_K,
                              Q5_0, Q6_K, Q8_0, Q8_G, type_name)
 from .quantize import dequantize, quantize
+from .writers import ARR as _ARR, F32 as _F32, I32 as _I32, STR as _STR, U32 as _U32
+from .writers import GGUFHeader, vtype_of, write_v2
 
 __all__ = ["OUTPUT_TYPES", "convert", "add_arguments", "run", "quantize", "dequantize",
            "tensor_type"]
@@ -65,14 +66,6 @@ QUANTIZATION_VERSION = 2          # ggml's GGML_QNT_VERSION, written by llama-qu
 CHUNK_VALUES = 1 << 20            # values converted per step (a few MB of temporaries)
 SPM_SPACE = "\u2581"
 
-# GGUF metadata value types
-_U8, _I8, _U16, _I16, _U32, _I32, _F32, _BOOL, _STR, _ARR, _U64, _I64, _F64 = range(13)
-_DTYPE_VTYPE = {"u1": _U8, "i1": _I8, "u2": _U16, "i2": _I16, "u4": _U32, "i4": _I32,
-                "f4": _F32, "b1": _BOOL, "u8": _U64, "i8": _I64, "f8": _F64}
-_SCALAR_FMT = {_U8: "<B", _I8: "<b", _U16: "<H", _I16: "<h", _U32: "<I", _I32: "<i",
-               _F32: "<f", _BOOL: "<B", _U64: "<Q", _I64: "<q", _F64: "<d"}
-_VT_DTYPE = {_U8: "<u1", _I8: "<i1", _U16: "<u2", _I16: "<i2", _U32: "<u4", _I32: "<i4",
-             _F32: "<f4", _BOOL: "<u1", _U64: "<u8", _I64: "<i8", _F64: "<f8"}
 
 
 # ====================================================================== the type mix
@@ -164,90 +157,10 @@ def _tokenizer_from_bin(path, vocab_size):
     ]
 
 
-def _vtype_of(value, key):
-    """GGUF value type for a metadata value as pyllama's GGUF reader returned it."""
-    if isinstance(value, bool):
-        return _BOOL
-    if isinstance(value, int):
-        if 0 <= value < 1 << 32:
-            return _U32
-        if -(1 << 31) <= value < 0:
-            return _I32
-        return _I64 if value < 0 else _U64
-    if isinstance(value, float):
-        return _F32
-    if isinstance(value, str):
-        return _STR
-    if isinstance(value, np.ndarray):
-        code = value.dtype.kind + str(value.dtype.itemsize) if value.dtype != bool else "b1"
-        if code not in _DTYPE_VTYPE:
-            raise FormatError(f"metadata '{key}': cannot write an array of {value.dtype}")
-        return (_ARR, _DTYPE_VTYPE[code])
-    if isinstance(value, list):
-        if all(isinstance(v, str) for v in value):
-            return (_ARR, _STR)
-        inner = {_vtype_of(v, key) for v in value}
-        if len(inner) == 1:
-            return (_ARR, inner.pop())
-    raise FormatError(f"metadata '{key}': cannot write a value of type {type(value).__name__}")
-
-
 def _tokenizer_from_gguf(meta):
     keys = [k for k in meta if k.startswith("tokenizer.")]
     keys.sort(key=lambda k: k != "tokenizer.ggml.model")   # the model first
-    return [(k, _vtype_of(meta[k], k), meta[k]) for k in keys]
-
-
-# ====================================================================== GGUF writing
-class _Header:
-    """The GGUF header: metadata and tensor infos, built in memory (it is small)."""
-
-    def __init__(self):
-        self.kv = bytearray()
-        self.n_kv = 0
-        self.infos = bytearray()
-        self.n_tensors = 0
-
-    @staticmethod
-    def _string(buf, s):
-        raw = s.encode("utf-8")
-        buf += struct.pack("<Q", len(raw))
-        buf += raw
-
-    def _value(self, buf, vtype, value):
-        if isinstance(vtype, tuple):          # (ARR, element type)
-            etype = vtype[1]
-            buf += struct.pack("<iQ", _ARR if isinstance(etype, tuple) else etype, len(value))
-            if etype == _STR:
-                for s in value:
-                    self._string(buf, s)
-            elif isinstance(etype, tuple):
-                for v in value:
-                    self._value(buf, etype, v)
-            else:
-                buf += np.asarray(value).astype(_VT_DTYPE[etype]).tobytes()
-        elif vtype == _STR:
-            self._string(buf, value)
-        else:
-            buf += struct.pack(_SCALAR_FMT[vtype], value)
-
-    def add(self, key, vtype, value):
-        self._string(self.kv, key)
-        self.kv += struct.pack("<i", _ARR if isinstance(vtype, tuple) else vtype)
-        self._value(self.kv, vtype, value)
-        self.n_kv += 1
-
-    def add_tensor(self, name, ne, ggml_type, offset):
-        self._string(self.infos, name)
-        self.infos += struct.pack("<I", len(ne))
-        self.infos += struct.pack(f"<{len(ne)}q", *ne)
-        self.infos += struct.pack("<iQ", ggml_type, offset)
-        self.n_tensors += 1
-
-    def bytes(self):
-        head = b"GGUF" + struct.pack("<IQQ", 3, self.n_tensors, self.n_kv)
-        out = head + bytes(self.kv) + bytes(self.infos)
-        return out + b"\0" * (-len(out) % ALIGNMENT)
+    return [(k, vtype_of(meta[k], k), meta[k]) for k in keys]
 
 
 def _metadata(model, name, ftype, quantized):
@@ -264,7 +177,7 @@ def _metadata(model, name, ftype, quantized):
         kv.append(("general.quantization_version", _U32, QUANTIZATION_VERSION))
     kv += [(k, _U32 if kind is int else _F32, v) for k, kind, v in archs.metadata(arch, model.config)]
     done = {k for k, _, _ in kv}
-    kv += [(k, _vtype_of(v, k), v) for k, v in model.metadata.items()
+    kv += [(k, vtype_of(v, k), v) for k, v in model.metadata.items()
            if k.startswith(arch.prefix + ".") and k not in done]
     return kv
 
@@ -326,12 +239,12 @@ def convert(src_path, dst_path, type="f32", tokenizer=None, pure=False, progress
         plan.append((tname, t, gtype, rows, cols, offset, nbytes))
         offset += nbytes + (-nbytes % ALIGNMENT)
 
-    header = _Header()
+    header = GGUFHeader()
     for key, vtype, value in _metadata(model, name, ftype, base not in (F32, F16, BF16)) + tok_kv:
         header.add(key, vtype, value)
     for tname, t, gtype, rows, cols, off, _ in plan:
         header.add_tensor(tname, [cols] if len(t.shape) == 1 else [cols, rows], gtype, off)
-    head = header.bytes()
+    head = header.bytes(ALIGNMENT)
 
     try:
         with _replacing(dst_path) as tmp, open(tmp, "wb") as f:
@@ -417,7 +330,6 @@ def _remove(path):
 def _convert_v2(src_path, dst_path, t0):
     """llama2.c's V2 int8 checkpoint (runq.c's format) instead of a GGUF file."""
     from .formats import load
-    from .formats.llama2c import write_v2
     _check_output(dst_path)
     model = load(src_path)
     if not model.has_weights:

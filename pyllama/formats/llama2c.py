@@ -195,38 +195,3 @@ def read_llama2c(path, mm):
         fail(path, f"unsupported format: llama2.c checkpoint version {version} "
                    f"(pyllama reads legacy, 1 and 2)")
     return read_legacy(path, mm)
-
-
-def write_v2(model, path, rows_of, group_size=64):
-    """Write `model` (a ModelFile) as a llama2.c V2 checkpoint (export.py --version 2, runq.c):
-    f32 norms, then each matrix as int8 values and f32 scales, one scale per `group_size` values
-    (halved until it divides dim, as export.py does; round half to even as torch.round).
-    rows_of(tensor, r0, r1) gives a tensor's rows as float32."""
-    cfg = model.config
-    while cfg["dim"] % group_size:
-        group_size //= 2
-    if cfg["hidden_dim"] % group_size:
-        fail(model.path, f"hidden_dim {cfg['hidden_dim']} is not a multiple of the V2 group "
-                         f"size {group_size}")
-    T, L = model.tensors, cfg["n_layers"]
-    shared = "output.weight" not in T
-    header = struct.pack("<Ii7iBi", MAGIC_V1V2, 2, *(cfg[k] for k in HEADER_FIELDS), int(shared),
-                         group_size)
-    with open(path, "wb") as f:
-        f.write(header + b"\0" * (V1_HEADER_BYTES - len(header)))
-        for norm in ("attn_norm", "ffn_norm"):
-            for l in range(L):
-                f.write(np.asarray(T[f"blk.{l}.{norm}.weight"].data, np.float32).tobytes())
-        f.write(np.asarray(T["output_norm.weight"].data, np.float32).tobytes())
-        names = ["token_embd.weight"]
-        names += [f"blk.{l}.{n}.weight" for n, _ in MATRICES for l in range(L)]
-        names += [] if shared else ["output.weight"]
-        for name in names:
-            t = T[name]
-            w = rows_of(t, 0, t.shape[0]).reshape(-1, group_size).astype(np.float32)
-            scale = np.abs(w).max(axis=1) / np.float32(127.0)
-            safe = np.where(scale > 0, scale, np.float32(1.0))
-            q = np.round(w / safe[:, None]).astype(np.int8)
-            f.write(q.tobytes())
-            f.write(scale.astype(np.float32).tobytes())
-    return group_size

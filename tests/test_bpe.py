@@ -172,7 +172,8 @@ def test_decoder_joins_to_decode(llama3, qwen2, text):
         ids = tok.encode(text, special=False)
         d = tok.decoder()
         pieces = [d.feed(i) for i in ids]
-        assert all("\ufffd" not in p for p in pieces)
+        if "\ufffd" not in text:  # a text may hold U+FFFD itself; none may be invented
+            assert all("\ufffd" not in p for p in pieces)
         assert "".join(pieces) + d.flush() == tok.decode(ids) == text
 
 
@@ -309,9 +310,9 @@ def test_bad_input_text_and_ids():
         tok.encode(b"\xff")
     with pytest.raises(TokenizerError, match="lone surrogate"):
         tok.encode("\ud800")
-    with pytest.raises(TokenizerError, match="out of range"):
+    with pytest.raises(TokenizerError, match="outside the vocabulary"):
         tok.decode([264])
-    with pytest.raises(TokenizerError, match="out of range"):
+    with pytest.raises(TokenizerError, match="outside the vocabulary"):
         tok.decoder().feed(-1)
 
 

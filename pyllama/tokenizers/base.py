@@ -13,12 +13,12 @@ The contract (SentencePiece and byte-level BPE alike):
 from __future__ import annotations
 
 import codecs
-import operator
 from typing import Iterable
 
 import numpy as np
 
-from ..errors import FormatError, TokenizerError
+from .. import validate
+from ..errors import FormatError, ParameterError, TokenizerError
 
 # GGUF token types (llama.cpp's llama_token_type); 0 "undefined" is treated as normal.
 UNDEFINED, NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 0, 1, 2, 3, 4, 5, 6
@@ -64,18 +64,14 @@ class BaseTokenizer:
 
     # ------------------------------------------------------------------ ids
     def check_ids(self, ids: Iterable) -> list:
-        """``ids`` as a list of ints, or TokenizerError naming the first invalid one."""
-        n = len(self._types)
-        if isinstance(ids, np.ndarray) and ids.dtype.kind in "iu" and ids.ndim == 1:
-            if ids.size and (ids.min() < 0 or ids.max() >= n):
-                bad = ids[(ids < 0) | (ids >= n)][0]
-                raise TokenizerError(f"token id {bad} out of range [0, {n}) of {self.source}")
-            return ids.tolist()
+        """``ids`` as a list of ints (pyllama.validate's rules: a flat list/tuple of integers or a
+        1-D integer array, each in the vocabulary), or TokenizerError naming the first invalid one."""
+        if not isinstance(ids, (list, tuple, np.ndarray)):
+            ids = list(ids) if isinstance(ids, (range, type(x for x in ()))) else ids
         try:
-            return [self._check_id(i) for i in ids]
-        except TypeError:
-            raise TokenizerError(f"token ids must be an iterable of ints, found "
-                                 f"{type(ids).__name__}") from None
+            return validate.token_ids(ids, len(self._types), name="token ids")
+        except ParameterError as e:
+            raise TokenizerError(f"{e} ({self.source})") from None
 
     def ids_valid(self, ids: Iterable) -> bool:
         """Whether every id in ``ids`` is an int in [0, vocab_size)."""
@@ -87,13 +83,11 @@ class BaseTokenizer:
 
     def _check_id(self, tid) -> int:
         try:
-            if isinstance(tid, bool):
-                raise TypeError
-            v = operator.index(tid)
-        except TypeError:
-            raise TokenizerError(f"token id {tid!r} is not an integer") from None
+            v = validate.integer(tid, "token id")
+        except ParameterError as e:
+            raise TokenizerError(f"{e} ({self.source})") from None
         if not 0 <= v < len(self._types):
-            raise TokenizerError(f"token id {v} out of range [0, {len(self._types)}) "
+            raise TokenizerError(f"token id {v} is outside the vocabulary (0..{len(self._types) - 1}) "
                                  f"of {self.source}")
         return v
 

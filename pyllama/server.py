@@ -61,8 +61,11 @@ def _bad_argument(e, fields, prompt_field):
     """A ParameterError as a 400 naming the field its message starts with."""
     msg = str(e)
     m = re.match(r"([a-z_]+)", msg)
+    if msg.startswith("the prompt") and "context" in msg:  # (context_shift is not served)
+        return HTTPError(400, msg.split(" (lower")[0] + " (lower max_tokens or shorten the prompt)",
+                         prompt_field, "context_length_exceeded")
     if msg.startswith("the prompt"):
-        return HTTPError(400, msg, prompt_field, "context_length_exceeded")
+        return HTTPError(400, msg, prompt_field, "invalid_value")
     return HTTPError(400, msg, m.group(1) if m and m.group(1) in fields else None, "invalid_value")
 
 

@@ -9,6 +9,7 @@ free port of 127.0.0.1; the `openai` package and httpx are the clients.
 """
 import concurrent.futures
 import contextlib
+import io
 import json
 import os
 import re
@@ -171,6 +172,20 @@ def test_stream_is_server_sent_events_ending_with_done(url):
     assert events[-2:] == ["data: [DONE]", ""] and all(e.startswith("data: {") for e in events[:-2])
 
 
+def test_the_readme_client_snippet_runs_as_shown(url, ref):
+    """README.md, "Serving": its python block against this server prints the Python API's texts."""
+    from conftest import ROOT
+    section = (ROOT / "README.md").read_text().split("## Serving", 1)[1].split("\n## ", 1)[0]
+    (code,) = re.findall(r"```python\n(.*?)```", section, re.S)
+    assert "http://127.0.0.1:8080/v1" in code and '"sk-anything"' in code
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        exec(code.replace("http://127.0.0.1:8080/v1", url + "/v1").replace('"sk-anything"', repr(KEY)), {})
+    chat = ref.create_chat_completion([{"role": "user", "content": "Tell me a story"}], max_tokens=32, temperature=0)
+    text = ref.create_completion("Once upon a time", max_tokens=16, temperature=0)
+    assert out.getvalue() == chat["choices"][0]["message"]["content"] + "\n" + text["choices"][0]["text"] + "\n"
+
+
 # -- errors in OpenAI's shape ---------------------------------------------------------------------------
 def error_of(r, status):
     assert r.status_code == status, r.text
@@ -197,6 +212,11 @@ def test_a_missing_or_wrong_key_is_401(url):
     ("/v1/completions", dict(prompt="a", n=2), "n"),
     ("/v1/completions", dict(prompt="a", stream="yes"), "stream"),
     ("/v1/completions", dict(prompt=[1, 99999]), "prompt"),
+    ("/v1/completions", dict(prompt=[]), "prompt"),
+    ("/v1/completions", dict(prompt={"text": "a"}), "prompt"),
+    ("/v1/completions", dict(prompt="a", seed=1.5), "seed"),
+    ("/v1/completions", dict(prompt="a", stream_options={"x": 1}), "stream_options"),
+    ("/v1/completions", dict(prompt="a", model=3), "model"),
     ("/v1/completions", dict(prompt="a", echo=True, logprobs=2), "echo"),
     ("/v1/completions", dict(max_tokens=2), "prompt"),
     ("/v1/chat/completions", dict(messages=[{"content": "hi"}]), "messages"),

@@ -127,7 +127,7 @@ class Server:
             key = (route, status[0])
             self.requests[key] = self.requests.get(key, 0) + 1
             usage = scope.get("pyllama.usage") or {}
-            log.info("%s %s %s %d %.1f ms prompt=%s completion=%s", scope.get("client", ("-",))[0],
+            log.info("%s %s %s %d %.1f ms prompt=%s completion=%s", (scope.get("client") or ("-",))[0],
                      scope["method"], path, status[0], 1e3 * (time.monotonic() - t0),
                      usage.get("prompt_tokens", "-"), usage.get("completion_tokens", "-"))
 
@@ -165,6 +165,7 @@ class Server:
         for name in body:
             if name not in fields:
                 raise HTTPError(400, f"{name}: unknown parameter", name, "unknown_parameter")
+        body = {k: v for k, v in body.items() if v is not None}  # null: the field's default
         need = "messages" if chat else "prompt"
         if need not in body:
             raise HTTPError(400, f"{need}: required", need, "missing_required_parameter")

@@ -163,6 +163,15 @@ def test_chat_completions_with_and_without_stream(client, ref):
     assert chunks[-2].choices[0].finish_reason == "length" and chunks[-1].usage.completion_tokens == 16
 
 
+def test_null_fields_take_their_defaults(url, ref):
+    body = dict(prompt="The cat sat", temperature=0, max_tokens=None, stop=None, seed=None, logprobs=None, n=None)
+    got = post(url, "/v1/completions", body).json()["choices"][0]
+    assert got["text"] == ref.create_completion("The cat sat", temperature=0)["choices"][0]["text"]  # 16 tokens
+    r = post(url, "/v1/chat/completions", dict(messages=[{"role": "user", "content": "x"}], max_tokens=3,
+                                                temperature=0, logprobs=None, top_logprobs=None))
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 3
+
+
 def test_stream_is_server_sent_events_ending_with_done(url):
     with httpx.stream("POST", url + "/v1/completions", json=dict(prompt="a", max_tokens=4, stream=True),
                       headers=auth(), timeout=60) as r:
@@ -255,7 +264,7 @@ def test_a_body_over_the_limit_is_413(url):
     error_of(httpx.post(url + "/v1/completions", content=chunks(), headers=auth(**{"Content-Type": "application/json"})), 413)
 
 
-def wait_idle(base, seconds=10):
+def wait_idle(base, seconds=30):
     deadline = time.monotonic() + seconds
     while (h := httpx.get(base + "/health").json())["slots_processing"] or h["queue"]:
         assert time.monotonic() < deadline, "a request still runs after its client left"

@@ -40,7 +40,8 @@ def cpu_line():
             name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return f"CPU: {name}, {os.cpu_count()} CPUs; pyllama {pyllama.__version__} ({pyllama.build_info()})"
+    load = ", load average %.1f (other work skews the figures)" % os.getloadavg()[0] if hasattr(os, "getloadavg") else ""
+    return f"CPU: {name}, {os.cpu_count()} CPUs{load}; pyllama {pyllama.__version__} ({pyllama.build_info()})"
 
 
 def free_port():

@@ -5,10 +5,13 @@ Models: stories260K (real, ../shared), stories15M and stories110M shapes with sy
 Q8_0, Q4_0 and Q4_K_M, the last five made by `pyllama convert` (all cached in build/bench-models/). For each: generation tok/s
 (256 tokens, temperature 0) at 1 and 2 threads, prompt tok/s (128 tokens, batched), min/median/max
 over --repeat runs, bytes read per token, the fraction of the read bandwidth measured in the
-same run, and the time to first token (a fresh Llama each time, median of 5). The reference columns are the figures the issue gives for llama2.c and llama.cpp on this
-machine (not re-measured here; `make bench-compare` runs llama-cpp-python side by side).
+same run, and the time to first token (a fresh Llama each time, median of 5). Then the contention
+rows: 1, 2 and 4 processes generating at once at the default thread count (stories260K and the
+stories15M f32 shape), aggregate tok/s against one process alone in the same round
+(benchmarks/contention.py). Every figure is measured in this run on this machine; the first line
+names the CPU. `make bench-compare` runs llama-cpp-python side by side.
 
-    python benchmarks/bench.py [--quick] [--repeat 3] [--json FILE]
+    python benchmarks/bench.py [--quick] [--repeat 3] [--json FILE] [--contention]
 """
 import argparse
 import json
@@ -25,17 +28,9 @@ MODELS = ROOT / "build" / "bench-models"
 import pyllama  # noqa: E402
 from pyllama.bench import bench, read_bandwidth, time_to_first_token  # noqa: E402
 
-# (model, format): reference tok/s from the issue (generate at 2 threads; 260K at 1 thread)
-REFERENCE = {
-    ("stories15M", "bin"): ("llama2.c runomp", 167), ("stories110M", "bin"): ("llama2.c runomp", 34),
-    ("stories15M", "f32"): ("llama.cpp", 211), ("stories110M", "f32"): ("llama.cpp", 37.6),
-    ("stories15M", "q8_0"): ("llama.cpp", 478), ("stories110M", "q8_0"): ("llama.cpp", 88),
-    ("stories15M", "q4_0"): ("llama.cpp", 660), ("stories110M", "q4_0"): ("llama.cpp", 135),
-    ("stories15M", "v2"): ("llama2.c runq", 292), ("stories110M", "v2"): ("llama2.c runq", 51),
-    ("stories260K", "bin"): ("llama2.c runomp, 1 thread", 9000),
-}
-PROMPT_REFERENCE = {("stories15M", "f32"): 4445, ("stories110M", "f32"): 486,
-                    ("stories15M", "q8_0"): 5302, ("stories110M", "q8_0"): 615}
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from contention import contention, ratios  # noqa: E402
+from machine import cpu_line  # noqa: E402
 
 
 def model_file(name, fmt):
@@ -64,14 +59,19 @@ def main():
     ap.add_argument("--quick", action="store_true", help="stories260K and stories15M only")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
+    ap.add_argument("--contention", action="store_true", help="the contention rows only")
     args = ap.parse_args()
+    if args.contention:
+        print(cpu_line())
+        return contention_rows(args.repeat)
     shapes = ["stories260K", "stories15M"] + ([] if args.quick else ["stories110M"])
     formats = ["bin", "v2", "f32", "q8_0", "q4_0", "q4_k_m"]
-    print(f"pyllama {pyllama.__version__} ({pyllama.build_info()}), {os.cpu_count()} CPUs")
-    bw = {t: read_bandwidth(t) for t in (1, 2)}
+    print(cpu_line())
+    print(f"pyllama {pyllama.__version__} ({pyllama.build_info()})")
+    bw = {t: read_bandwidth(t, 1 << 30) for t in (1, 2)}
     print(f"read bandwidth (1 GiB sum): 1 thread {bw[1] / 1e9:.1f} GB/s, 2 threads {bw[2] / 1e9:.1f} GB/s\n")
     head = (f"{'model':12} {'format':7} {'MB/tok':>7} {'gen 1t':>8} {'gen 2t':>8} {'[min..max 2t]':>17} "
-            f"{'%bw':>4} {'prompt 2t':>9} {'ttft ms':>7}  reference (ratio)")
+            f"{'%bw':>4} {'prompt 2t':>9} {'ttft ms':>7}")
     print(head)
     print("-" * len(head))
     rows = []
@@ -84,21 +84,113 @@ def main():
             ttft = statistics.median(time_to_first_token(path) for _ in range(5))
             g1, g2 = r1["gen_tok_s"]["median"], r2["gen_tok_s"]["median"]
             frac = g2 * r2["bytes_per_token"] / bw[2]
-            ref = REFERENCE.get((name, fmt))
-            best = g1 if name == "stories260K" else g2
-            ref_s = f"{ref[0]} {ref[1]} ({best / ref[1]:.2f}x)" if ref else ""
-            pref = PROMPT_REFERENCE.get((name, fmt))
-            if pref:
-                ref_s += f"; prompt {pref} ({r2['prompt_tok_s']['median'] / pref:.2f}x)"
             print(f"{name:12} {fmt:7} {r2['bytes_per_token'] / 1e6:7.1f} {g1:8.1f} {g2:8.1f} "
                   f"{'[%.1f..%.1f]' % (r2['gen_tok_s']['min'], r2['gen_tok_s']['max']):>17} "
-                  f"{frac * 100:4.0f} {r2['prompt_tok_s']['median']:9.1f} {ttft * 1000:7.1f}  {ref_s}",
+                  f"{frac * 100:4.0f} {r2['prompt_tok_s']['median']:9.1f} {ttft * 1000:7.1f}",
                   flush=True)
             rows.append(dict(model=name, format=fmt, one_thread=r1, two_threads=r2,
                              time_to_first_token_ms=ttft * 1000, bandwidth_fraction=frac))
             m.close()
+    crows = contention_rows(args.repeat)
+    tokenizer_speed()
     if args.json:
-        Path(args.json).write_text(json.dumps(dict(read_bandwidth=bw, rows=rows), indent=2))
+        Path(args.json).write_text(json.dumps(dict(cpu=cpu_line(), read_bandwidth=bw, rows=rows,
+                                                   contention=crows), indent=2))
+
+
+def contention_rows(rounds, procs=(1, 2, 4), seconds=3.0):
+    """N processes at once, default threads: aggregate tok/s vs one alone (goal: >= 0.8x)."""
+    print(f"\ncontention: N processes generating at once for {seconds:g} s, default threads, "
+          f"{rounds} interleaved rounds; ratio = aggregate / one alone in the same round "
+          f"(median [min..max]), goal >= 0.8x")
+    head = f"{'model':22} {'threads':>7} " + " ".join(f"{f'{n} proc tok/s':>14} {'ratio':>17}" for n in procs)
+    print(head)
+    print("-" * len(head))
+    out = []
+    for name, path, tok in [("stories260K", model_file("stories260K", "bin"), SHARED / "models" / "tok512.bin"),
+                            ("stories15M f32 .bin", model_file("stories15M", "bin"), SHARED / "models" / "tokenizer.bin")]:
+        res, threads = contention(path, tok, procs, rounds, seconds)
+        agg, rat, threads = res[""], ratios(res[""], procs), threads[""]
+        cells = " ".join(f"{statistics.median(agg[n]):14.1f} {'%.2fx [%.2f..%.2f]' % (rat[n][1], rat[n][0], rat[n][2]):>17}"
+                         for n in procs)
+        print(f"{name:22} {threads:7} {cells}", flush=True)
+        out.append(dict(model=name, threads=threads, aggregate_tok_s={n: agg[n] for n in procs},
+                        ratio={n: rat[n] for n in procs}))
+    return out
+
+
+# -- tokenizer: 1 MB of mixed text through pyllama's byte-level BPE and tiktoken, same run ---------
+CJK = ("天气很好，我们去公园散步吧。今天的会议推迟到下午三点。这个程序的速度比以前快了很多。"
+       "東京は日本の首都です。私は毎朝コーヒーを飲みます。新しいモデルを試してみましょう。"
+       "한국어 문장도 조금 넣어 봅시다. 오늘은 날씨가 맑습니다.")
+EMOJI = "😀😂🥲🤖🚀🌍🎉👍🏽❤️🔥✨🙈👨‍👩‍👧‍👦🇫🇷"
+
+
+def mixed_text(n_bytes=1 << 20, seed=0):
+    """Deterministic mixed text of n_bytes UTF-8 bytes: English prose (docstrings of the standard
+    library) and Python code, numbers and dates, shuffled CJK sentences, emoji."""
+    import ast
+    import random
+    rng = random.Random(seed)
+    lib = Path(os.__file__).parent
+    code, prose = [], []
+    for mod in ("argparse", "collections/__init__", "json/decoder", "textwrap", "difflib",
+                "inspect", "typing", "pathlib", "email/message"):
+        src = (lib / f"{mod}.py").read_text(encoding="utf-8")
+        code.append(src)
+        prose += [d for n in ast.walk(ast.parse(src)) if isinstance(n, (ast.FunctionDef, ast.ClassDef))
+                  for d in [ast.get_docstring(n)] if d]
+    parts, size = [], 0
+    while size < n_bytes:
+        k = rng.random()
+        if k < 0.35:
+            s = rng.choice(prose)
+        elif k < 0.6:
+            s = rng.choice(code)[rng.randrange(20000):][:rng.randrange(200, 3000)]
+        elif k < 0.75:
+            s = " ".join(rng.choice([str(rng.randrange(10 ** rng.randrange(1, 12))),
+                                     f"{rng.uniform(-1e4, 1e4):.{rng.randrange(6)}f}",
+                                     f"{rng.randrange(1900, 2100)}-{rng.randrange(1, 13):02d}-"
+                                     f"{rng.randrange(1, 29):02d}"]) for _ in range(rng.randrange(5, 60)))
+        elif k < 0.9:
+            s = "".join(rng.sample(CJK, len(CJK) // 2))
+        else:
+            s = " ".join(rng.choice(EMOJI) + rng.choice(["ok", "yes!", "lol", "", "wow"])
+                         for _ in range(rng.randrange(3, 20)))
+        s += rng.choice(["\n", "\n\n", " ", "\t"])
+        parts.append(s)
+        size += len(s.encode())
+    return "".join(parts).encode()[:n_bytes].decode("utf-8", "ignore")
+
+
+def tokenizer_speed(repeat=3):
+    """Encode 1 MB of mixed text with the Llama 3 vocabulary (cold cache each time; best of
+    `repeat`) next to tiktoken with Meta's tokenizer.model; ids must agree."""
+    import time
+    import tiktoken
+    import llama_models
+    from tiktoken.load import load_tiktoken_bpe
+    from pyllama.tokenizers.bpe import PRE_TOKENIZERS
+    tok = pyllama.load_tokenizer(SHARED / "models" / "bpe" / "llama3-tiny-f16.gguf")
+    ranks = load_tiktoken_bpe(str(Path(llama_models.__file__).parent / "llama3" / "tokenizer.model"))
+    enc = tiktoken.Encoding("llama3", pat_str=PRE_TOKENIZERS["llama-bpe"][0][0],
+                            mergeable_ranks=ranks, special_tokens={})
+    text = mixed_text()
+    ours, theirs = [], []
+    for _ in range(repeat):
+        tok._cache.clear()
+        t = time.perf_counter()
+        ids = tok.encode(text, bos=False)
+        ours.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        ref = enc.encode_ordinary(text)
+        theirs.append(time.perf_counter() - t)
+    t = time.perf_counter()
+    tok.encode(text, bos=False)
+    warm = time.perf_counter() - t
+    print(f"\ntokenizer: 1 MB mixed text, Llama 3 vocabulary: pyllama {min(ours):.3f} s (cold cache; "
+          f"{warm:.3f} s warm), tiktoken {min(theirs):.3f} s ({min(ours) / min(theirs):.1f}x), "
+          f"{len(ids)} tokens, ids {'identical' if ids == ref else 'DIFFERENT'}")
 
 
 if __name__ == "__main__":

@@ -16,8 +16,6 @@ machine).
 import argparse
 import concurrent.futures
 import json
-import os
-import platform
 import socket
 import statistics
 import subprocess
@@ -31,17 +29,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import pyllama  # noqa: E402
-
-
-def cpu_line():
-    name = platform.processor() or "?"
-    try:
-        with open("/proc/cpuinfo") as f:
-            name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    load = ", load average %.1f (other work skews the figures)" % os.getloadavg()[0] if hasattr(os, "getloadavg") else ""
-    return f"CPU: {name}, {os.cpu_count()} CPUs{load}; pyllama {pyllama.__version__} ({pyllama.build_info()})"
+from machine import cpu_line  # noqa: E402
 
 
 def free_port():

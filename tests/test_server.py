@@ -195,6 +195,26 @@ def test_the_readme_client_snippet_runs_as_shown(url, ref):
     assert out.getvalue() == chat["choices"][0]["message"]["content"] + "\n" + text["choices"][0]["text"] + "\n"
 
 
+@pytest.mark.parametrize("name", ["bpe/llama3-tiny-f16.gguf", "bpe/qwen2-tiny-f16.gguf"])
+def test_byte_level_bpe_models_with_their_own_chat_templates(name):
+    """Llama 3 and Qwen2 GGUFs (byte-level BPE, the file's chat template, EOT stop ids): streamed
+    chat over HTTP equals the Python API (float weights: greedy on short outputs, no near ties)."""
+    path = str(shared_path("models/" + name))
+    m = pyllama.Llama(path, threads=1, n_ctx=256)
+    try:
+        messages = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Héllo 👋"}]
+        want = m.create_chat_completion(messages, max_tokens=12, temperature=0)["choices"][0]
+        assert want["message"]["content"]  # (a synthetic model: some text, not meaning)
+        with running(build_app(m, parallel=2, threads=1)) as base:
+            c = openai.OpenAI(base_url=base + "/v1", api_key="none", max_retries=0, timeout=60)
+            chunks = list(c.chat.completions.create(model="m", messages=messages, max_tokens=12,
+                                                    temperature=0, stream=True))
+        assert "".join(ch.choices[0].delta.content or "" for ch in chunks) == want["message"]["content"]
+        assert chunks[-1].choices[0].finish_reason == want["finish_reason"]
+    finally:
+        m.close()
+
+
 # -- errors in OpenAI's shape ---------------------------------------------------------------------------
 def error_of(r, status):
     assert r.status_code == status, r.text

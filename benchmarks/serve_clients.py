@@ -2,7 +2,7 @@
 
 Starts `pyllama serve MODEL --parallel 8` (a subprocess on a free port of 127.0.0.1), then for each
 client count k runs k threads, each streaming one greedy /v1/completions request after another
-(a fixed random token-id prompt, --gen tokens, EOS biased away so every stream runs its length),
+(a fixed random token-id prompt, --gen tokens, the stop ids biased away so every stream runs its length),
 and reports the completion tokens all clients received per second of wall time (best of
 --repeat), time to first token and the ratio to one client. benchmarks/serve_scaling.py measures
 the engine alone, without HTTP. Default model: the stories15M shape with synthetic weights as
@@ -38,11 +38,11 @@ def free_port():
         return s.getsockname()[1]
 
 
-def stream_one(http, url, prompt, gen, eos):
+def stream_one(http, url, prompt, gen, stops):
     """One streamed completion: (completion tokens, seconds to the first text, seconds)."""
     t0 = time.perf_counter()
     first, n = None, 0
-    body = dict(prompt=prompt, max_tokens=gen, temperature=0, stream=True, logit_bias={str(eos): -1e4},
+    body = dict(prompt=prompt, max_tokens=gen, temperature=0, stream=True, logit_bias={str(t): -1e4 for t in stops},
                 stream_options={"include_usage": True})
     with http.stream("POST", url + "/v1/completions", json=body) as r:
         r.raise_for_status()
@@ -57,10 +57,10 @@ def stream_one(http, url, prompt, gen, eos):
     return n, first, time.perf_counter() - t0
 
 
-def run_clients(url, k, prompts, gen, eos):
+def run_clients(url, k, prompts, gen, stops):
     def client(i):
         with httpx.Client(timeout=600) as http:
-            return stream_one(http, url, prompts[i], gen, eos)
+            return stream_one(http, url, prompts[i], gen, stops)
     t0 = time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(k) as pool:
         res = list(pool.map(client, range(k)))
@@ -83,7 +83,9 @@ def main():
         args.model = model_file("stories15M", "q8_0")
     clients = [int(c) for c in args.clients.split(",")]
     mf = pyllama.load(args.model)
-    vocab, eos = mf.config["vocab_size"], (mf.tokenizer.eos_id if mf.tokenizer is not None else 2)
+    vocab = mf.config["vocab_size"]
+    tok = pyllama.load_tokenizer(args.model, vocab)  # (its stop ids are biased away)
+    stops = sorted(getattr(tok, "stop_ids", None) or {tok.eos_id})
     port = free_port()
     cmd = [sys.executable, "-m", "pyllama", "serve", str(args.model), "--port", str(port),
            "--parallel", str(max(clients)), "--ctx-size", str(args.prompt + args.gen + 8)]
@@ -104,12 +106,12 @@ def main():
             time.sleep(0.2)
         rng = np.random.default_rng(0)
         prompts = [[1] + rng.integers(3, vocab, size=args.prompt - 1).tolist() for _ in range(max(clients))]
-        run_clients(url, 1, prompts, 8, eos)  # warm up
+        run_clients(url, 1, prompts, 8, stops)  # warm up
         rows = []
         for k in clients:
             best = None
             for _ in range(args.repeat):
-                n, wall, ttft = run_clients(url, k, prompts, args.gen, eos)
+                n, wall, ttft = run_clients(url, k, prompts, args.gen, stops)
                 if best is None or n / wall > best[0] / best[1]:
                     best = (n, wall, ttft)
             n, wall, ttft = best

@@ -25,7 +25,7 @@ import openai
 import pytest
 import uvicorn
 
-from conftest import shared_path
+from conftest import ROOT, shared_path
 
 import pyllama
 from pyllama.completion import Completion
@@ -183,7 +183,6 @@ def test_stream_is_server_sent_events_ending_with_done(url):
 
 def test_the_readme_client_snippet_runs_as_shown(url, ref):
     """README.md, "Serving": its python block against this server prints the Python API's texts."""
-    from conftest import ROOT
     section = (ROOT / "README.md").read_text().split("## Serving", 1)[1].split("\n## ", 1)[0]
     (code,) = re.findall(r"```python\n(.*?)```", section, re.S)
     assert "http://127.0.0.1:8080/v1" in code and '"sk-anything"' in code
@@ -426,3 +425,15 @@ def test_serve_arguments_are_checked(args, message):
     r = subprocess.run([sys.executable, "-m", "pyllama", "serve", model_path(), *args],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 1 and r.stderr.startswith(f"pyllama: error: {message}"), r.stderr
+
+
+def test_bench_serve_runs_and_prints_its_table(tmp_path):
+    """`make bench-serve`'s script, tiny: every client count gets a row of tokens it received."""
+    out = tmp_path / "serve.json"
+    r = subprocess.run([sys.executable, "benchmarks/serve_clients.py", "--model", model_path(), "--clients", "1,2",
+                        "--gen", "8", "--repeat", "1", "--threads", "1", "--json", str(out)],
+                       capture_output=True, text=True, timeout=300, cwd=str(ROOT))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("CPU: ") and "llama-server was not measured" in r.stdout
+    rows = json.loads(out.read_text())["rows"]
+    assert [(row["clients"], row["tokens"]) for row in rows] == [(1, 8), (2, 16)]

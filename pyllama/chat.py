@@ -13,12 +13,10 @@ tokenizer without that notion (the SentencePiece one) gets the text split at its
 those become their ids and the rest is encoded without BOS (as llama2.c encodes each turn).
 """
 import json
-import time
-import uuid
 from datetime import datetime
 
 from . import validate as V
-from .completion import completion_stream
+from .completion import Completion, TextShape, completion_stream, run
 from .errors import ParameterError, PyllamaError
 
 # llama2.c's chat(): "[INST] <<SYS>>\n{system}\n<</SYS>>\n\n{user} [/INST]" on the first turn
@@ -168,42 +166,52 @@ def encode_chat(llama, text):
     return ids
 
 
+class ChatShape(TextShape):
+    """A Completion's pieces as OpenAI "chat.completion" objects: stream chunks whose deltas bring
+    the role, then the content, then the finish reason; or the whole message with its usage."""
+    prefix = "chatcmpl"
+
+    def _lp(self, records):
+        return {"content": [{"token": r[1], "logprob": r[2],
+                             "top_logprobs": [{"token": t, "logprob": v} for t, v in r[3].items()]}
+                            for r in records]} if self.want_lp else None
+
+    def _chunk(self, delta, records, finish):
+        return {"id": self.id, "object": "chat.completion.chunk", "created": self.created,
+                "model": self.model,
+                "choices": [{"index": 0, "delta": delta, "logprobs": self._lp(records), "finish_reason": finish}]}
+
+    def start(self):
+        return [self._chunk({"role": "assistant"}, [], None)]
+
+    def chunks(self, piece, records, finish):
+        out = [self._chunk({"content": piece}, records, None)] if piece or records or finish is None else []
+        return out + ([self._chunk({}, [], finish)] if finish is not None else [])
+
+    def whole(self, pieces):
+        texts, records, finish = [], [], None
+        for piece, recs, finish in pieces:
+            texts.append(piece)
+            records += recs
+        return {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(texts)},
+                             "logprobs": self._lp(records), "finish_reason": finish}],
+                "usage": self.req.usage}
+
+
+def chat_request(llama, messages, chat_template=None, tools=None, **kw):
+    """The Completion of a chat: the messages rendered with the template, then tokenized."""
+    text = apply_chat_template(llama, messages, True, chat_template, tools=tools)
+    return Completion(llama, encode_chat(llama, text), **kw)
+
+
 def create_chat_completion(llama, messages, stream=False, chat_template=None, tools=None, **kw):
     """Llama.create_chat_completion (see there)."""
     stream = V.boolean(stream, "stream")
-    text = apply_chat_template(llama, messages, True, chat_template, tools=tools)
-    ids = encode_chat(llama, text)
-    stats = {}
-    pieces = completion_stream(llama, ids, stats=stats, **kw)
-    cid, created = f"chatcmpl-{uuid.uuid4()}", int(time.time())
-    want_lp = kw.get("logprobs") is not None
-
-    def lp(records):
-        return {"content": [{"token": r[1], "logprob": r[2],
-                             "top_logprobs": [{"token": t, "logprob": v} for t, v in r[3].items()]}
-                            for r in records]} if want_lp else None
-
-    def chunk(delta, records, finish):
-        return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": llama.path,
-                "choices": [{"index": 0, "delta": delta, "logprobs": lp(records), "finish_reason": finish}]}
-    if stream:
-        def chunks():
-            yield chunk({"role": "assistant"}, [], None)
-            for piece, records, finish in pieces:
-                if piece or records or finish is None:
-                    yield chunk({"content": piece}, records, None)
-                if finish is not None:
-                    yield chunk({}, [], finish)
-        return chunks()
-    texts, records, finish = [], [], None
-    for piece, recs, finish in pieces:
-        texts.append(piece)
-        records += recs
-    n_in, n_out = stats["prompt_tokens"], stats["completion_tokens"]
-    return {"id": cid, "object": "chat.completion", "created": created, "model": llama.path,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(texts)},
-                         "logprobs": lp(records), "finish_reason": finish}],
-            "usage": {"prompt_tokens": n_in, "completion_tokens": n_out, "total_tokens": n_in + n_out}}
+    req = chat_request(llama, messages, chat_template, tools, **kw)
+    shape = ChatShape(llama.path, req)
+    pieces = run(llama, req)
+    return shape.stream(pieces) if stream else shape.whole(pieces)
 
 
 class Conversation:

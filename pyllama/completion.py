@@ -10,6 +10,7 @@ completion before its text, which is never returned (also when it spans tokens).
 tokenizer's EOS/EOT, and stop_token_ids) end it too; neither is counted nor shown.
 """
 import codecs
+import collections
 import time
 import uuid
 
@@ -78,12 +79,13 @@ def check_stop(stop):
     return list(stops)
 
 
-def prompt_ids(llama, prompt, special=False):
+def prompt_ids(llama, prompt, special=False, n_ctx=None):
     tok = llama._tok()
+    n_ctx = llama.n_ctx if n_ctx is None else n_ctx
     if isinstance(prompt, str):
-        if len(prompt) > llama.n_ctx * getattr(tok, "max_piece_chars", 1 << 30):
+        if len(prompt) > n_ctx * getattr(tok, "max_piece_chars", 1 << 30):
             raise ParameterError(f"the prompt ({len(prompt)} characters) is longer than the "
-                                 f"context of {llama.n_ctx} positions can hold")
+                                 f"context of {n_ctx} positions can hold")
         ids = encode(tok, prompt, special)
     else:
         ids = V.token_ids(prompt, llama.vocab_size, "prompt")
@@ -97,36 +99,144 @@ def _transformer(llama):
     return llama._live()  # PyllamaError once the model is closed
 
 
-# -- the token loop ----------------------------------------------------------------------------------
-def _tokens(llama, ids, max_tokens, sampler, stop_ids, n_logprobs, context_shift, n_keep):
-    """Yield (token, logprob entry or None) per generated token; returns (via StopIteration.value)
-    'stop' or 'length'. Holds the model's lock while running."""
+# -- one request ---------------------------------------------------------------------------------------
+class Completion:
+    """One completion request's per-token logic, whoever runs the model: the embedding API (run()
+    below, on a Llama's single sequence) and the server (pyllama.engine, as the request's policy).
+
+        choose(logits) -> token      the sampler chain (its seed and history) on this request's
+                                     logits row (a numpy float32 row or a cffi float*; read only),
+                                     and the logprob record when asked for
+        accept(token) -> reason|None stop ids, incremental UTF-8 text, stop strings (text held back
+                                     while it may still become one), max_tokens
+        finish(reason)               the end for another reason (the context is full, the request
+                                     was cancelled); flushes the decoder; returns the final reason
+        take()                       the pieces (text, logprob records, finish_reason) ready so far
+
+    The arguments are create_completion's, all checked here; n_ctx: the context the request runs
+    in (default the Llama's). accept/choose run in one thread, take() may run in another.
+    """
+
+    def __init__(self, llama, prompt, max_tokens=16, stop=None, stop_token_ids=None, logprobs=None,
+                 echo=False, context_shift=False, n_keep=1, special=False, sampler=None, n_ctx=None,
+                 **sampling):
+        _transformer(llama)
+        tok = self.tok = llama._tok()
+        n_ctx = llama.n_ctx if n_ctx is None else n_ctx
+        unknown = set(sampling) - set(DEFAULTS)
+        if unknown:
+            raise ParameterError(f"unknown argument(s): {', '.join(sorted(unknown))}")
+        if sampler is None:
+            sampler = ChainSampler(llama.vocab_size, **{**DEFAULTS, **sampling})
+        self.sampler = sampler
+        self.ids = ids = prompt_ids(llama, prompt, V.boolean(special, "special"), n_ctx)
+        max_tokens = V.optional(V.integer, max_tokens, "max_tokens", lo=0)
+        self.context_shift = V.boolean(context_shift, "context_shift")
+        self.max_tokens = max(0, n_ctx - len(ids)) if max_tokens is None else max_tokens
+        self.n_keep = V.integer(n_keep, "n_keep", lo=0, hi=n_ctx - 1)
+        self.stops = check_stop(stop)
+        self.stop_ids = stop_ids_of(tok) | frozenset(
+            V.token_ids(stop_token_ids, llama.vocab_size, "stop_token_ids") if stop_token_ids is not None else ())
+        self.n_top = V.optional(V.integer, logprobs, "logprobs", lo=0, hi=MAX_LOGPROBS)
+        self.echo = V.boolean(echo, "echo")
+        n, m = len(ids), self.max_tokens
+        if n + (0 if self.context_shift else m) > n_ctx:
+            raise ParameterError(f"the prompt ({n} tokens) and max_tokens ({m}) need {n + m} positions, "
+                                 f"the context holds {n_ctx} (lower max_tokens, or pass "
+                                 f"context_shift=True)")
+        self.vocab_size = llama.vocab_size
+        self.history = list(ids)   # what the penalties look back on
+        self.tokens = []           # generated ids (stop ids excluded)
+        self.finish_reason = None
+        self._entry = self._scratch = None
+        self._out = collections.deque()
+        self._dec = decoder_of(tok)
+        self._text = "".join(self._dec.feed(t) for t in ids) if self.echo else ""
+        if not self.echo:
+            self._dec = decoder_of(tok, ids[-1])
+        self.records = []          # (offset, token text, logprob, top); run() adds the prompt's
+        self._sent, self._start = 0, len(self._text)  # echo: the prompt goes out with the first piece
+
+    @property
+    def usage(self):
+        n_in, n_out = len(self.ids), len(self.tokens)
+        return {"prompt_tokens": n_in, "completion_tokens": n_out, "total_tokens": n_in + n_out}
+
+    def choose(self, logits):
+        ptr = logits if isinstance(logits, ffi.CData) else ffi.from_buffer("float[]", logits)
+        token = self.sampler.sample(ptr, self.history)
+        if self.n_top is not None:
+            if self._scratch is None:
+                self._scratch = ffi.new("pl_probindex[]", self.vocab_size)
+            self._entry = logprobs_of(ptr, self.vocab_size, token, self.n_top, self._scratch)
+        return token
+
+    def accept(self, token):
+        if self.finish_reason is not None:
+            return self.finish_reason
+        if token in self.stop_ids:
+            return self.finish("stop")
+        self.tokens.append(token)
+        self.history.append(token)
+        piece = self._dec.feed(token)
+        if self._entry is not None:
+            lp, top = self._entry
+            self.records.append((len(self._text), piece, lp,
+                                 {token_text(self.tok, t): v for t, v in top.items()}))
+            self._entry = None
+        reason = self._emit(piece, None)
+        if reason is None and len(self.tokens) >= self.max_tokens:
+            reason = self.finish("length")
+        return reason
+
+    def finish(self, reason):
+        if self.finish_reason is None:
+            self._emit(self._dec.flush(), reason)
+        return self.finish_reason
+
+    def take(self):
+        out = []
+        while self._out:
+            out.append(self._out.popleft())
+        return out
+
+    def _emit(self, piece, finish):
+        """Add text; queue what can no longer become a stop string (all of it at the end)."""
+        text = self._text = self._text + piece
+        cut = _find_stop(text, self.stops, max(self._start, self._sent))
+        if cut is not None:
+            text = self._text = text[:cut]
+            finish = "stop"
+        end = len(text) if finish else len(text) - _held_back(text[self._start:], self.stops)
+        if end > self._sent or finish:
+            done = [r for r in self.records if r[0] < end]
+            self.records = [] if finish else self.records[len(done):]
+            self._out.append((text[self._sent:end], done, finish))
+            self._sent = end
+        self.finish_reason = finish
+        return finish
+
+
+def run(llama, req):
+    """Drive a Completion on the Llama's own sequence (prefix reuse, context shift); yields its
+    pieces. Holds the model's lock while running."""
     tf = _transformer(llama)
-    n_ctx = tf.n_ctx
-    history = list(ids)
+    if req.echo and req.n_top is not None:
+        req.records = _prompt_records(llama, req.tok, req.ids, req.n_top)
     with tf._lock:
-        kvcache.evaluate(tf, ids)
-        scratch = None
-        for i in range(max_tokens):
-            token = sampler.sample(tf.logits_ptr, history)
-            entry = None
-            if n_logprobs is not None:
-                if scratch is None:
-                    scratch = ffi.new("pl_probindex[]", tf.vocab_size)
-                entry = logprobs_of(tf.logits_ptr, tf.vocab_size, token, n_logprobs, scratch)
-            if token in stop_ids:
-                return "stop"
-            yield token, entry
-            if i == max_tokens - 1:
-                break  # the last token's logits are never needed
-            history.append(token)
-            pos = len(tf.tokens)
-            if pos >= n_ctx:  # context_shift (else the check above keeps pos < n_ctx)
-                keep = min(n_keep, pos - 1)
-                kvcache.shift(tf, keep, max(1, (pos - keep) // 2))
+        kvcache.evaluate(tf, req.ids)
+        reason = None if req.max_tokens else req.finish("length")
+        while reason is None:
+            reason = req.accept(req.choose(tf.logits_ptr))
+            yield from req.take()
+            if reason is None:
                 pos = len(tf.tokens)
-            tf.forward(token, pos)
-    return "length"
+                if pos >= tf.n_ctx:  # context_shift (else the checks keep pos < n_ctx)
+                    keep = min(req.n_keep, pos - 1)
+                    kvcache.shift(tf, keep, max(1, (pos - keep) // 2))
+                    pos = len(tf.tokens)
+                tf.forward(req.tokens[-1], pos)
+    yield from req.take()
 
 
 def _held_back(text, stops):
@@ -140,73 +250,20 @@ def _held_back(text, stops):
     return best
 
 
-def completion_stream(llama, prompt, max_tokens=16, stop=None, stop_token_ids=None, logprobs=None,
-                      echo=False, context_shift=False, n_keep=1, special=False, stats=None, sampler=None,
-                      **sampling):
+def completion_stream(llama, prompt, stats=None, **kw):
     """Yield (text, logprob records, finish_reason) pieces; finish_reason is None until the last.
     Arguments are checked here, before the first piece is asked for. stats (a dict) receives
-    prompt_tokens, completion_tokens and the generated ids (tokens). sampler: an object with
-    sample(logits_ptr, history) used instead of the chain (the CLI's llama2.c sampler)."""
-    _transformer(llama)
-    tok = llama._tok()
-    unknown = set(sampling) - set(DEFAULTS)
-    if unknown:
-        raise ParameterError(f"unknown argument(s): {', '.join(sorted(unknown))}")
-    if sampler is None:
-        sampler = ChainSampler(llama.vocab_size, **{**DEFAULTS, **sampling})
-    ids = prompt_ids(llama, prompt, V.boolean(special, "special"))
-    max_tokens = V.optional(V.integer, max_tokens, "max_tokens", lo=0)
-    context_shift = V.boolean(context_shift, "context_shift")
-    if max_tokens is None:
-        max_tokens = max(0, llama.n_ctx - len(ids))
-    n_keep = V.integer(n_keep, "n_keep", lo=0, hi=llama.n_ctx - 1)
-    stops = check_stop(stop)
-    stop_ids = stop_ids_of(tok) | frozenset(
-        V.token_ids(stop_token_ids, llama.vocab_size, "stop_token_ids") if stop_token_ids is not None else ())
-    n_top = V.optional(V.integer, logprobs, "logprobs", lo=0, hi=MAX_LOGPROBS)
-    echo = V.boolean(echo, "echo")
-    n = len(ids)
-    if n + (0 if context_shift else max_tokens) > llama.n_ctx:
-        raise ParameterError(f"the prompt ({n} tokens) and max_tokens ({max_tokens}) need {n + max_tokens} "
-                             f"positions, the context holds {llama.n_ctx} (lower max_tokens, or pass "
-                             f"context_shift=True)")
+    prompt_tokens, completion_tokens and the generated ids (tokens) as they come. sampler: an
+    object with sample(logits_ptr, history) used instead of the chain (the CLI's llama2.c sampler)."""
+    req = Completion(llama, prompt, **kw)
     stats = {} if stats is None else stats
-    stats.update(prompt_tokens=len(ids), completion_tokens=0, tokens=[])
-    gen = _tokens(llama, ids, max_tokens, sampler, stop_ids, n_top, context_shift, n_keep)
-    return _pieces(llama, tok, ids, gen, stops, n_top, echo, stats)
+    stats.update(prompt_tokens=len(req.ids), completion_tokens=0, tokens=req.tokens)
 
-
-def _pieces(llama, tok, ids, gen, stops, n_top, echo, stats):
-    dec = decoder_of(tok)
-    text = "".join(dec.feed(t) for t in ids) if echo else ""
-    if not echo:
-        dec = decoder_of(tok, ids[-1])
-    records = _prompt_records(llama, tok, ids, n_top) if echo and n_top is not None else []
-    sent, start = 0, len(text)  # records: (offset, token text, logprob, top)
-    finish = None
-    while finish is None:
-        try:
-            token, entry = next(gen)
-        except StopIteration as e:
-            finish, piece = e.value, dec.flush()
-        else:
-            stats["completion_tokens"] += 1
-            stats["tokens"].append(token)
-            piece = dec.feed(token)
-            if entry is not None:
-                lp, top = entry
-                records.append((len(text), piece, lp, {token_text(tok, t): v for t, v in top.items()}))
-        text += piece
-        cut = _find_stop(text, stops, max(start, sent))
-        if cut is not None:
-            text, finish = text[:cut], "stop"
-            gen.close()
-        end = len(text) if finish else len(text) - _held_back(text[start:], stops)
-        if end > sent or finish:
-            done = [r for r in records if r[0] < end]
-            records = [] if finish else records[len(done):]
-            yield text[sent:end], done, finish
-            sent = end
+    def pieces():
+        for piece in run(llama, req):
+            stats["completion_tokens"] = len(req.tokens)
+            yield piece
+    return pieces()
 
 
 def _find_stop(text, stops, start):
@@ -238,26 +295,43 @@ def _logprobs_obj(records):
             "token_logprobs": [r[2] for r in records], "top_logprobs": [r[3] for r in records]}
 
 
+class TextShape:
+    """A Completion's pieces as OpenAI "text_completion" objects: stream chunks (start() first,
+    then chunks() of each piece) or the whole response (whole(): all pieces, then the usage)."""
+    prefix = "cmpl"
+
+    def __init__(self, model, req):
+        self.id, self.created = f"{self.prefix}-{uuid.uuid4()}", int(time.time())
+        self.model, self.req, self.want_lp = model, req, req.n_top is not None
+
+    def start(self):
+        return []
+
+    def chunks(self, text, records, finish):
+        return [{"id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
+                 "choices": [{"text": text, "index": 0,
+                              "logprobs": _logprobs_obj(records) if self.want_lp else None,
+                              "finish_reason": finish}]}]
+
+    def whole(self, pieces):
+        texts, records, finish = [], [], None
+        for text, recs, finish in pieces:
+            texts.append(text)
+            records += recs
+        out = self.chunks("".join(texts), records, finish)[0]
+        out["usage"] = self.req.usage
+        return out
+
+    def stream(self, pieces):
+        yield from self.start()
+        for piece in pieces:
+            yield from self.chunks(*piece)
+
+
 def create_completion(llama, prompt, stream=False, **kw):
     """Llama.create_completion (see there)."""
     stream = V.boolean(stream, "stream")
-    stats = {}
-    pieces = completion_stream(llama, prompt, stats=stats, **kw)
-    cid, created = f"cmpl-{uuid.uuid4()}", int(time.time())
-    want_lp = kw.get("logprobs") is not None
-
-    def chunk(text, records, finish):
-        return {"id": cid, "object": "text_completion", "created": created, "model": llama.path,
-                "choices": [{"text": text, "index": 0,
-                             "logprobs": _logprobs_obj(records) if want_lp else None,
-                             "finish_reason": finish}]}
-    if stream:
-        return (chunk(*p) for p in pieces)
-    texts, records, finish = [], [], None
-    for text, recs, finish in pieces:
-        texts.append(text)
-        records += recs
-    out = chunk("".join(texts), records, finish)
-    n_in, n_out = stats["prompt_tokens"], stats["completion_tokens"]
-    out["usage"] = {"prompt_tokens": n_in, "completion_tokens": n_out, "total_tokens": n_in + n_out}
-    return out
+    req = Completion(llama, prompt, **kw)
+    shape = TextShape(llama.path, req)
+    pieces = run(llama, req)
+    return shape.stream(pieces) if stream else shape.whole(pieces)

@@ -14,7 +14,9 @@ engine thread:
     choose(logits) -> token      logits: this request's float32 row (scratch: may be overwritten)
     accept(token) -> reason|None a finish reason ("stop", "length", ...) ends the request
 GreedyPolicy below is the plug-in default (pyllama's llama2.c sampler, a token limit, stop ids);
-richer policies (sampler chain, stop strings, detokenizer) plug in the same way.
+pyllama.completion.Completion (sampler chain, stop strings, detokenizer, logprobs) is the policy
+the server uses: the same object Llama.create_completion drives. accept() runs before the token
+is delivered, so a client woken by it finds the policy's output for that token.
 
 A slot keeps its cache after its request ends: a new request whose prompt shares a prefix with
 what a free slot holds reuses it and evaluates only the rest.
@@ -319,12 +321,12 @@ class Engine:
             token = h.policy.choose(logits)
             token = validate.integer(token, "the policy's token", 0, self.model.vocab_size - 1)
             h.tokens.append(token)
-            h._deliver(token)
-            reason = h.policy.accept(token)
+            reason = h.policy.accept(token)  # before delivery: what the policy made of the token
         except Exception as e:  # a broken policy ends its own request, not the engine
             reason, error = "error", e
         else:
             error = None
+            h._deliver(token)  # (text, for a Completion) is ready when the client hears of it
             if not reason and len(s.held) >= self.n_ctx:
                 reason = "length"  # the slot's context is full: no position for the next token
         self.counters["generated"] += 1

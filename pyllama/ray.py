@@ -45,18 +45,26 @@ def _request(llama, prompt, n_ctx, sampling):
     return Completion(llama, prompt, n_ctx=n_ctx, **sampling)
 
 
+def _open(model, load):
+    """The Llama for text (tokenizer, templates; a one-position cache: the engine runs the model)
+    and the context each row runs in (n_ctx, default the model's seq_len)."""
+    from .formats.common import MAX_SEQ
+    from .llama import Llama
+    n_ctx = V.optional(V.integer, load.get("n_ctx"), "n_ctx", 1, MAX_SEQ)
+    llama = Llama(model, **dict(load, n_ctx=1))
+    return llama, n_ctx or llama.config["seq_len"]
+
+
 def _check(model, load, engine, sampling):
     """Everything an actor would refuse, refused here before any actor starts: the model file and
-    its load options (a memory-mapped Llama with a one-position cache: no weights are read, no
-    context-sized cache is allocated), the engine options, and the sampling arguments (a Completion
-    of a one-token prompt in the actors' context runs every check of create_completion)."""
-    from .llama import Llama
-    from .formats.common import MAX_SEQ
+    its load options (memory-mapped: no weights are read, no context-sized cache is allocated),
+    the engine options, and the sampling arguments (a Completion of a one-token prompt in the
+    actors' context runs every check of create_completion)."""
     for key in ENGINE_OPTIONS:
         V.optional(V.integer, engine.get(key), key, 1)
-    n_ctx = V.optional(V.integer, load.get("n_ctx"), "n_ctx", 1, MAX_SEQ)
-    with Llama(model, **dict(load, n_ctx=1)) as llama:
-        _request(llama, [0], n_ctx or llama.config["seq_len"], sampling)
+    llama, n_ctx = _open(model, load)
+    with llama:
+        _request(llama, [0], n_ctx, sampling)
 
 
 class Generator:
@@ -64,9 +72,8 @@ class Generator:
 
     def __init__(self, model, load, engine, sampling, prompt_column, output_column):
         from .engine import Engine
-        from .llama import Llama
-        self.llama = Llama(model, **load)
-        self.engine = Engine(self.llama, threads=load.get("threads"), **engine)
+        self.llama, n_ctx = _open(model, load)
+        self.engine = Engine(self.llama, n_ctx=n_ctx, threads=load.get("threads"), **engine)
         self.sampling, self.prompt_column, self.output_column = sampling, prompt_column, output_column
 
     def __call__(self, batch):
@@ -158,9 +165,13 @@ def serve_app(model, num_replicas=None, autoscaling_config=None, ray_actor_optio
     serve.run(serve_app(...)). Each replica builds pyllama.server.build_app(model, **server_options)
     (its own Llama and engine) and answers /v1/completions, /v1/chat/completions, /v1/models...
 
+    model               a model path every node can read
     num_replicas        replicas (default 1); leave it None when autoscaling_config is given
     autoscaling_config  Ray Serve's autoscaling settings (min_replicas, max_replicas, ...), passed on
-    ray_actor_options   per replica (default: num_cpus = server_options' threads, else 1)
+    ray_actor_options   Ray options of each replica (default: num_cpus = threads, else 1)
+    server_options      build_app's: parallel, ctx_size, threads, tokenizer, api_key, ...
+    Everything is checked here, before any replica starts: the app is built once with a
+    two-position context (no context-sized cache) and closed again.
     """
     from ray import serve
     from .server import build_app
@@ -169,7 +180,7 @@ def serve_app(model, num_replicas=None, autoscaling_config=None, ray_actor_optio
     if autoscaling_config is not None:
         if num_replicas is not None:
             raise ParameterError("num_replicas: leave it unset when autoscaling_config is given "
-                                 "(min_replicas / max_replicas say how many)")
+                                 "(its min_replicas / max_replicas say how many)")
         if not isinstance(autoscaling_config, dict):
             raise ParameterError(f"autoscaling_config: expected a dict, found {autoscaling_config!r}")
     elif num_replicas is None:
@@ -178,9 +189,10 @@ def serve_app(model, num_replicas=None, autoscaling_config=None, ray_actor_optio
         ray_actor_options = {"num_cpus": server_options.get("threads") or 1}
     elif not isinstance(ray_actor_options, dict):
         raise ParameterError(f"ray_actor_options: expected a dict, found {ray_actor_options!r}")
-    build_app(model, **server_options)  # every option checked here, before any replica starts
+    V.optional(V.integer, server_options.get("ctx_size"), "ctx_size", 2)
+    build_app(model, **dict(server_options, ctx_size=2)).state.server.close()
 
-    def build():  # runs in each replica
+    def build():  # in each replica (serve.ingress calls a builder function there)
         from pyllama.server import build_app
         return build_app(model, **server_options)
 

@@ -5,6 +5,7 @@ temperature=0 (itself checked against llama2.c / llama.cpp in test_parity / test
 these tests prove that the Ray path (actors, engine batching, retries) changes nothing.
 """
 import os
+import socket
 import sys
 
 import pytest
@@ -171,3 +172,47 @@ def test_a_bad_model_or_dataset_is_refused_up_front(cluster, files, tmp_path):
         pray.generate(dataset(["x"]), str(junk), tokenizer=files[1])
     with pytest.raises(ParameterError, match="dataset: expected a ray.data.Dataset"):
         pray.generate([{"prompt": "x"}], files[0], tokenizer=files[1])
+
+
+@pytest.fixture(scope="module")
+def serve_port(cluster):
+    from ray import serve
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    yield port
+    serve.shutdown()
+
+
+def test_serve_answers_the_openai_client(serve_port, files, reference):
+    import openai
+    from ray import serve
+    serve.run(pray.serve_app(files[0], tokenizer=files[1], parallel=2, model_name="stories"),
+              name="pyllama", route_prefix="/")
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{serve_port}/v1", api_key="none")
+    assert [m.id for m in client.models.list().data] == ["stories"]
+    ps = prompts(3)
+    for p in ps:
+        c = client.completions.create(model="stories", prompt=p, max_tokens=MAX_TOKENS, temperature=0)
+        assert (c.choices[0].text, c.choices[0].finish_reason) == reference[p]
+    pieces = client.completions.create(model="stories", prompt=ps[0], max_tokens=MAX_TOKENS,
+                                       temperature=0, stream=True)
+    assert "".join(ch.choices[0].text for ch in pieces) == reference[ps[0]][0]
+    with pytest.raises(openai.BadRequestError, match="the context holds"):
+        client.completions.create(model="stories", prompt="Once upon a time " * 200, max_tokens=8)
+    serve.delete("pyllama")
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(num_replicas=0), "num_replicas"),
+    (dict(num_replicas=2, autoscaling_config={"min_replicas": 1}), "leave it unset"),
+    (dict(autoscaling_config=3), "autoscaling_config"),
+    (dict(ray_actor_options="x"), "ray_actor_options"),
+    (dict(parallel=0), "parallel"),
+    (dict(ctx_size=1), "ctx_size"),
+    (dict(bogus=1), "bogus"),
+])
+def test_serve_app_refuses_bad_options_before_deploying(cluster, files, kwargs, message):
+    with pytest.raises(ParameterError, match=message):
+        pray.serve_app(files[0], tokenizer=files[1], **kwargs)

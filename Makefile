@@ -3,10 +3,10 @@ PYTHON ?= python3
 SHARED ?= $(or $(PYLLAMA_SHARED),../shared)
 PIP := $(PYTHON) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: install demo test bench bench-compare man clean
+.PHONY: install demo test bench bench-compare bench-serve man clean
 
-install:            ## build the C core for this CPU and install pyllama (editable) with test deps
-	$(PIP) -e '.[test]'
+install:            ## build the C core for this CPU and install pyllama (editable) with test and server deps
+	$(PIP) -e '.[test,server]'
 
 demo: install       ## generate a story with the best model found
 	@if [ -f stories15M.bin ]; then \
@@ -26,6 +26,9 @@ bench: install      ## speed: tokens/s on synthetic stories15M/110M shapes and s
 
 bench-compare: install  ## pyllama vs llama-cpp-python on the same GGUF files (pip install -e '.[bench]' first)
 	PYLLAMA_SHARED=$(SHARED) $(PYTHON) benchmarks/compare.py $(if $(LLAMA_PYTHON),--llama-python $(LLAMA_PYTHON))
+
+bench-serve: install  ## `pyllama serve`: aggregate tokens/s of 1, 2, 4, 8 streaming HTTP clients (15M Q8_0 shape)
+	PYLLAMA_SHARED=$(SHARED) $(PYTHON) benchmarks/serve_clients.py
 
 man: install        ## the man page pyllama.1, from the argparse parser
 	$(PIP) 'argparse-manpage>=4'

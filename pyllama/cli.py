@@ -1,4 +1,4 @@
-"""The `pyllama` command: `run` (llama2.c's flags), `chat`, `info`.
+"""The `pyllama` command: `run` (llama2.c's flags), `chat`, `info`, `bench`, `convert`, `serve`.
 
 Every error a user can cause ends as one line `pyllama: error: …` on stderr and exit status 1.
 """
@@ -12,7 +12,7 @@ import time
 from ._version import __version__
 from .errors import PyllamaError
 
-COMMANDS = ("run", "chat", "info", "bench", "convert")
+COMMANDS = ("run", "chat", "info", "bench", "convert", "serve")
 
 
 # a value "--" after a flag, hidden from argparse (which drops "--" even from FLAG=--)
@@ -94,7 +94,54 @@ def get_parser():
         "convert", help="convert a model to GGUF (f32, f16, bf16, q8_0, q4_0, q4_k_m, q6_k)",
         description="Write any model pyllama reads as a GGUF file, optionally quantized "
                     "(llama.cpp's type choices per tensor)."))
+    _add_serve_args(sub.add_parser(
+        "serve", help="an OpenAI-compatible HTTP server (needs pyllama[server])",
+        description="Serve /v1/completions, /v1/chat/completions, /v1/models, /health and /metrics, "
+                    "batching concurrent requests into one forward pass per step."))
     return parser
+
+
+def _add_serve_args(p):
+    p.add_argument("model", help="model file (.bin or .gguf)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8080, metavar="N", help="TCP port (default 8080)")
+    p.add_argument("--parallel", "-np", type=int, default=4, metavar="N",
+                   help="requests generated together, one KV slot each (default 4)")
+    p.add_argument("--ctx-size", "-c", type=int, default=None, metavar="N",
+                   help="positions per slot (default: the model's context, at most 4096)")
+    p.add_argument("--threads", type=int, default=None, metavar="N", help="CPU threads (default: all cores)")
+    p.add_argument("--api-key", default=os.environ.get("PYLLAMA_API_KEY"), metavar="KEY",
+                   help="require 'Authorization: Bearer KEY' (default: $PYLLAMA_API_KEY, else none)")
+    p.add_argument("--max-queue", type=int, default=64, metavar="N",
+                   help="requests that may wait for a slot; beyond that 503 (default 64)")
+    p.add_argument("-z", "--tokenizer", default=None, metavar="PATH", help="tokenizer (as for run)")
+    p.add_argument("--chat-template", default=None, metavar="FORMAT|FILE",
+                   help="chat template: llama-2, chatml or a Jinja file (default: the model's own)")
+
+
+def cmd_serve(args, out, err):
+    from . import validate
+    from .chat import FORMATS
+    from .server import serve
+    validate.optional(validate.integer, args.threads, "--threads", lo=1)
+    validate.integer(args.parallel, "--parallel", lo=1)
+    validate.optional(validate.integer, args.ctx_size, "--ctx-size", lo=2)
+    validate.integer(args.max_queue, "--max-queue", lo=0)
+    template = args.chat_template
+    if template is not None:
+        if template in FORMATS:
+            template = FORMATS[template]
+        else:
+            try:
+                with open(template, encoding="utf-8") as f:
+                    template = f.read()
+            except (OSError, UnicodeDecodeError) as e:
+                raise PyllamaError(f"--chat-template: {template}: not a format name "
+                                   f"({', '.join(FORMATS)}) nor a readable UTF-8 file ({e})") from None
+    serve(args.model, host=args.host, port=args.port, parallel=args.parallel, ctx_size=args.ctx_size,
+          threads=args.threads, api_key=args.api_key, max_queue=args.max_queue,
+          tokenizer=args.tokenizer, chat_template=template)
+    return 0
 
 
 def _version_string():
@@ -325,7 +372,7 @@ def main(argv=None):
         if out is None:
             raise PyllamaError("standard output is closed or not writable: nothing to write the output to")
         handler = {"run": cmd_run, "chat": cmd_run, "info": cmd_info, "bench": cmd_bench,
-                   "convert": cmd_convert}[args.command]
+                   "convert": cmd_convert, "serve": cmd_serve}[args.command]
         return handler(args, out, err)
     except _UsageError as e:
         err.write(f"pyllama: error: {e}\n")

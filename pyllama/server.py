@@ -289,7 +289,8 @@ class Server:
                   for (r, c), n in sorted(self.requests.items())]
         for name, kind, value, help_ in (
                 ("prompt_tokens_total", "counter", self.tokens["prompt"], "prompt tokens of finished requests"),
-                ("generated_tokens_total", "counter", self.tokens["generated"], "tokens generated for finished requests"),
+                ("completion_tokens_total", "counter", self.tokens["generated"], "completion tokens of finished requests"),
+                ("generated_tokens_total", "counter", s["generated"], "tokens generated (cancelled requests' too)"),
                 ("prompt_tokens_evaluated_total", "counter", s["prompt_tokens"], "prompt tokens the engine evaluated"),
                 ("prompt_tokens_reused_total", "counter", s["reused_tokens"], "prompt tokens a slot's cache already held"),
                 ("engine_steps_total", "counter", s["steps"], "batched forward passes"),

@@ -1,0 +1,379 @@
+"""`pyllama serve`: the OpenAI-compatible server, driven by real clients over real sockets.
+
+Expected values come from pyllama's own Python API: every answer the server gives must equal the
+same request through Llama.create_completion / create_chat_completion (one Completion object
+serves both; the engine's batched logits are bit-identical to a single sequence's for quantized
+files, tests/test_engine.py). Model: ../shared/models/quant-base-q8_0.gguf (a synthetic llama,
+vocab 512, context 128, /work/shared/golden/README.md). The servers are uvicorn in a thread on a
+free port of 127.0.0.1; the `openai` package and httpx are the clients.
+"""
+import concurrent.futures
+import contextlib
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+import uvicorn
+
+from conftest import shared_path
+
+import pyllama
+from pyllama.completion import Completion
+from pyllama.engine import Engine
+from pyllama.errors import ParameterError, PyllamaError
+from pyllama.server import build_app
+
+KEY = "sk-test-key"
+MAX_BODY = 16384
+PROMPTS = ["Once upon a time", "The cat sat", "Tom and Lily went to the park", "a", "Hello, world!",
+           "She had a big red ball and", "One day", "The sun"]
+
+
+def model_path():
+    return str(shared_path("models/quant-base-q8_0.gguf"))
+
+
+@pytest.fixture(scope="module")
+def ref():
+    m = pyllama.Llama(model_path(), threads=1)
+    yield m
+    m.close()
+
+
+@contextlib.contextmanager
+def running(app):
+    """uvicorn serving app on a free port of 127.0.0.1 in a thread; its base URL."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False,
+                                           timeout_graceful_shutdown=5))
+    thread = threading.Thread(target=server.run, kwargs=dict(sockets=[sock]), daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        assert not thread.is_alive(), "uvicorn did not stop"
+        sock.close()
+
+
+@pytest.fixture(scope="module")
+def url():
+    app = build_app(model_path(), parallel=4, threads=1, api_key=KEY, max_queue=64, max_body=MAX_BODY)
+    with running(app) as base:
+        yield base
+    with pytest.raises(PyllamaError, match="closed"):  # the lifespan's end closed the engine
+        app.state.engine.submit([1])
+
+
+@pytest.fixture(scope="module")
+def client(url):
+    return openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=60)
+
+
+def auth(**headers):
+    return {"Authorization": f"Bearer {KEY}", **headers}
+
+
+def post(url, path, body, **kw):
+    return httpx.post(url + path, json=body, headers=auth(), timeout=60, **kw)
+
+
+# -- one request object for Python and the engine ------------------------------------------------------
+CASES = [dict(prompt="Once upon a time", max_tokens=20, temperature=0),
+         dict(prompt="The cat sat", max_tokens=24, temperature=0.9, seed=5, top_k=0, min_p=0.0),
+         dict(prompt=[1, 40, 50, 60], max_tokens=16, temperature=0, stop=[" her", "!"]),
+         dict(prompt="One day", max_tokens=12, temperature=0, logprobs=3, repeat_penalty=1.3),
+         dict(prompt="a", max_tokens=10, temperature=0, echo=True, stop_token_ids=[375])]
+
+
+def test_the_engine_runs_the_same_completion_as_the_python_api(ref):
+    """Completion as the engine's policy (batched with the others) gives create_completion's
+    pieces exactly: text split, logprobs, finish reasons."""
+    with Engine(ref, slots=3, threads=1) as engine:
+        reqs = [Completion(ref, **c) for c in CASES]
+        handles = [engine.submit(r.ids, r) for r in reqs]
+        for r, h, case in zip(reqs, handles, CASES):
+            h.result(timeout=60)
+            r.finish(h.finish_reason)
+            got = r.take()
+            want = [(c["choices"][0]["text"], c["choices"][0]["logprobs"], c["choices"][0]["finish_reason"])
+                    for c in ref.create_completion(stream=True, **case)]
+            assert [(t, {"tokens": [x[1] for x in recs], "text_offset": [x[0] for x in recs],
+                         "token_logprobs": [x[2] for x in recs], "top_logprobs": [x[3] for x in recs]}
+                     if "logprobs" in case else None, f) for t, recs, f in got] == want
+            assert len(want) > 1 and want[-1][2] in ("stop", "length")
+
+
+def test_a_request_checks_its_arguments_before_running(ref):
+    with pytest.raises(ParameterError, match="max_tokens"):
+        Completion(ref, "a", max_tokens=-1)
+    with pytest.raises(ParameterError, match=r"prompt \(\d+ tokens\) and max_tokens \(125\).*holds 128"):
+        Completion(ref, "Once upon a time, there was", max_tokens=125)
+    with pytest.raises(ParameterError, match="holds 8"):
+        Completion(ref, "Once upon a time", max_tokens=4, n_ctx=8)
+
+
+# -- the openai package ---------------------------------------------------------------------------------
+def test_models_list(client):
+    assert [m.id for m in client.models.list().data] == ["quant-base-q8_0.gguf"]
+
+
+def test_completions_with_and_without_stream(client, ref):
+    want = ref.create_completion("Once upon a time", max_tokens=20, temperature=0)
+    got = client.completions.create(model="x", prompt="Once upon a time", max_tokens=20, temperature=0)
+    assert got.choices[0].text == want["choices"][0]["text"] and got.choices[0].finish_reason == "length"
+    assert got.usage.prompt_tokens == want["usage"]["prompt_tokens"] and got.usage.completion_tokens == 20
+    chunks = list(client.completions.create(model="x", prompt="Once upon a time", max_tokens=20,
+                                            temperature=0, stream=True))
+    assert len(chunks) > 2 and "".join(c.choices[0].text for c in chunks) == want["choices"][0]["text"]
+    assert [c.choices[0].finish_reason for c in chunks][-2:] == [None, "length"]
+    seeded = dict(prompt="The sun", max_tokens=16, temperature=1.0, seed=7, top_k=0, min_p=0.0)
+    got = client.completions.create(model="x", prompt="The sun", max_tokens=16, temperature=1.0, seed=7,
+                                    extra_body=dict(top_k=0, min_p=0.0))
+    assert got.choices[0].text == ref.create_completion(**seeded)["choices"][0]["text"]
+
+
+def test_chat_completions_with_and_without_stream(client, ref):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Tell a story"}]
+    want = ref.create_chat_completion(messages, max_tokens=16, temperature=0)
+    got = client.chat.completions.create(model="x", messages=messages, max_tokens=16, temperature=0)
+    assert got.choices[0].message.content == want["choices"][0]["message"]["content"]
+    assert got.choices[0].message.role == "assistant" and got.usage.total_tokens == want["usage"]["total_tokens"]
+    chunks = list(client.chat.completions.create(model="x", messages=messages, max_tokens=16, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == \
+        want["choices"][0]["message"]["content"]
+    assert chunks[-2].choices[0].finish_reason == "length" and chunks[-1].usage.completion_tokens == 16
+
+
+def test_stream_is_server_sent_events_ending_with_done(url):
+    with httpx.stream("POST", url + "/v1/completions", json=dict(prompt="a", max_tokens=4, stream=True),
+                      headers=auth(), timeout=60) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        body = r.read().decode()
+    events = body.split("\n\n")
+    assert events[-2:] == ["data: [DONE]", ""] and all(e.startswith("data: {") for e in events[:-2])
+
+
+# -- errors in OpenAI's shape ---------------------------------------------------------------------------
+def error_of(r, status):
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    return err
+
+
+def test_a_missing_or_wrong_key_is_401(url):
+    body = dict(prompt="a", max_tokens=2)
+    assert error_of(httpx.post(url + "/v1/completions", json=body), 401)["type"] == "authentication_error"
+    error_of(httpx.post(url + "/v1/completions", json=body, headers={"Authorization": "Bearer sk-wrong"}), 401)
+    error_of(httpx.get(url + "/metrics", headers={"Authorization": KEY}), 401)  # no "Bearer "
+    assert httpx.get(url + "/health").json()["status"] == "ok"  # open to probes
+
+
+@pytest.mark.parametrize("path, body, param", [
+    ("/v1/completions", dict(prompt="a", bogus=1), "bogus"),
+    ("/v1/completions", dict(prompt="a", temperature="hot"), "temperature"),
+    ("/v1/completions", dict(prompt="a", max_tokens=-1), "max_tokens"),
+    ("/v1/completions", dict(prompt="a", top_p=0), "top_p"),
+    ("/v1/completions", dict(prompt="a", stop=5), "stop"),
+    ("/v1/completions", dict(prompt="a", logit_bias={"9999": 1}), "logit_bias"),
+    ("/v1/completions", dict(prompt="a", n=2), "n"),
+    ("/v1/completions", dict(prompt="a", stream="yes"), "stream"),
+    ("/v1/completions", dict(prompt=[1, 99999]), "prompt"),
+    ("/v1/completions", dict(prompt="a", echo=True, logprobs=2), "echo"),
+    ("/v1/completions", dict(max_tokens=2), "prompt"),
+    ("/v1/chat/completions", dict(messages=[{"content": "hi"}]), "messages"),
+    ("/v1/chat/completions", dict(messages=[], max_tokens=2), "messages"),
+    ("/v1/chat/completions", dict(messages=[{"role": "user", "content": "x"}], top_logprobs=99), "top_logprobs"),
+    ("/v1/chat/completions", dict(messages=[{"role": "user", "content": "x"}], prompt="a"), "prompt"),
+])
+def test_invalid_fields_are_400_naming_the_field(url, path, body, param):
+    err = error_of(post(url, path, body), 400)
+    assert err["param"] == param and err["type"] == "invalid_request_error"
+
+
+def test_a_prompt_too_long_for_the_context_is_400_with_the_sizes(url):
+    err = error_of(post(url, "/v1/completions", dict(prompt=[1] + [40] * 119, max_tokens=20)), 400)
+    assert err["code"] == "context_length_exceeded" and err["param"] == "prompt"
+    assert re.search(r"\(120 tokens\).*\(20\).*140 positions.*holds 128", err["message"])
+
+
+def test_malformed_json_non_object_and_wrong_content_type(url):
+    err = error_of(httpx.post(url + "/v1/completions", content=b'{"prompt": "a",',
+                              headers=auth(**{"Content-Type": "application/json"})), 400)
+    assert "malformed JSON" in err["message"]
+    error_of(httpx.post(url + "/v1/completions", content=b'["a"]', headers=auth(**{"Content-Type": "application/json"})), 400)
+    error_of(httpx.post(url + "/v1/completions", content=b'{"prompt": "a"}',
+                        headers=auth(**{"Content-Type": "text/plain"})), 415)
+    error_of(httpx.post(url + "/v1/completions", content=b"\xff\xfe", headers=auth(**{"Content-Type": "application/json"})), 400)
+    assert error_of(httpx.get(url + "/v1/nothing", headers=auth()), 404)["code"] == "not_found"
+
+
+def test_a_body_over_the_limit_is_413(url):
+    error_of(post(url, "/v1/completions", dict(prompt="a" * MAX_BODY)), 413)
+
+    def chunks():  # no Content-Length: the limit holds while reading
+        for _ in range(MAX_BODY // 1000 + 2):
+            yield b" " * 1000
+    error_of(httpx.post(url + "/v1/completions", content=chunks(), headers=auth(**{"Content-Type": "application/json"})), 413)
+
+
+def wait_idle(base, seconds=10):
+    deadline = time.monotonic() + seconds
+    while (h := httpx.get(base + "/health").json())["slots_processing"] or h["queue"]:
+        assert time.monotonic() < deadline, "a request still runs after its client left"
+        time.sleep(0.02)
+
+
+def test_a_full_queue_is_503_with_retry_after_and_shutdown_closes_the_engine(ref):
+    app = build_app(ref, parallel=1, max_queue=0, threads=1, ctx_size=4096)
+    with running(app) as base:
+        with httpx.stream("POST", base + "/v1/completions", timeout=60,
+                          json=dict(prompt="Once", max_tokens=4000, temperature=0, stream=True)) as long:
+            lines = long.iter_lines()  # (kept: a dropped iterator closes the connection)
+            next(lines)  # the request holds the only slot
+            r = httpx.post(base + "/v1/completions", json=dict(prompt="a", max_tokens=2), timeout=60)
+            assert error_of(r, 503)["type"] == "server_error" and int(r.headers["Retry-After"]) >= 1
+        wait_idle(base)  # the stream's client left: its request is cancelled
+        with pytest.raises(httpx.ReadTimeout):  # a client that gives up on a long non-streamed answer
+            httpx.post(base + "/v1/completions", json=dict(prompt="Once", max_tokens=4000, temperature=0), timeout=0.5)
+        wait_idle(base)
+        metrics = httpx.get(base + "/metrics").text
+        assert 'pyllama_requests_total{route="/v1/completions",status="503"} 1' in metrics
+        assert metric(base, "generated_tokens_total") < 3000  # neither request ran its 4000 tokens
+    with pytest.raises(PyllamaError, match="closed"):
+        app.state.engine.submit([1])
+    assert ref.create_completion("a", max_tokens=2)["usage"]["completion_tokens"] == 2  # not closed
+
+
+# -- load ---------------------------------------------------------------------------------------------
+def metric(url, name):
+    text = httpx.get(url + "/metrics", headers=auth()).text  # (the key is ignored without api_key)
+    return float(re.search(rf"^pyllama_{name} (\S+)$", text, re.M).group(1))
+
+
+def expected(ref, i):
+    """Request i of the load test: its body and the text/finish the Python API gives."""
+    prompt, n = PROMPTS[i % len(PROMPTS)], 6 + (i * 7) % 19
+    if i % 3 == 2:
+        messages = [{"role": "user", "content": prompt}]
+        out = ref.create_chat_completion(messages, max_tokens=n, temperature=0)["choices"][0]
+        return "/v1/chat/completions", dict(messages=messages, max_tokens=n, temperature=0), \
+            (out["message"]["content"], out["finish_reason"])
+    out = ref.create_completion(prompt, max_tokens=n, temperature=0)["choices"][0]
+    return "/v1/completions", dict(prompt=prompt, max_tokens=n, temperature=0), (out["text"], out["finish_reason"])
+
+
+def ask(http, url, path, body, stream):
+    if not stream:
+        r = http.post(url + path, json=body, headers=auth())
+        assert r.status_code == 200, r.text
+        c = r.json()["choices"][0]
+        return (c["message"]["content"] if "message" in c else c["text"]), c["finish_reason"]
+    text, finish = [], None
+    with http.stream("POST", url + path, json=dict(body, stream=True), headers=auth()) as r:
+        assert r.status_code == 200
+        lines = [line[6:] for line in r.iter_lines() if line]
+    assert lines[-1] == "[DONE]"
+    for line in lines[:-1]:
+        c = json.loads(line)["choices"][0]
+        text.append(c["delta"].get("content") or "" if "delta" in c else c["text"])
+        finish = c["finish_reason"] or finish
+    return "".join(text), finish
+
+
+def test_load_64_requests_from_16_clients_and_clients_killed_mid_stream(url, ref):
+    jobs = [expected(ref, i) for i in range(64)]
+    t0 = time.monotonic()
+
+    def client_run(k):  # client k sends requests k, k+16, k+32, k+48; odd ones stream
+        with httpx.Client(timeout=60) as http:
+            return [(i, ask(http, url, jobs[i][0], jobs[i][1], stream=i % 2 == 1)) for i in range(k, 64, 16)]
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        results = [r for rs in pool.map(client_run, range(16)) for r in rs]
+    assert len(results) == 64 and time.monotonic() - t0 < 60
+    for i, got in results:
+        assert got == jobs[i][2], f"request {i}"
+    assert metric(url, "slots_in_use") == 0
+
+    generated = metric(url, "generated_tokens_total")
+
+    def killed(k):  # read two events of a long stream, then drop the connection
+        with httpx.Client(timeout=60) as http:
+            with http.stream("POST", url + "/v1/completions", headers=auth(),
+                             json=dict(prompt=PROMPTS[k], max_tokens=110, temperature=0, stream=True)) as r:
+                lines = r.iter_lines()
+                next(lines), next(lines)
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        list(pool.map(killed, range(6)))
+    wait_idle(url)
+    assert metric(url, "slots_in_use") == metric(url, "queue_length") == 0
+    path, body, want = jobs[0]
+    assert ask(httpx.Client(timeout=60), url, path, body, stream=True) == want  # still serving
+    # the cancelled requests were not run to their 110 tokens each
+    assert metric(url, "generated_tokens_total") - generated < 6 * 110 / 2
+
+
+# -- the command ----------------------------------------------------------------------------------------
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_pyllama_serve_command_answers_and_stops_on_sigint(ref):
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "pyllama", "serve", model_path(), "--port", str(port),
+                             "--parallel", "2", "--threads", "1", "--api-key", KEY],
+                            stderr=subprocess.PIPE, text=True, env=dict(os.environ))
+    try:
+        base, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, proc.stderr.read()
+            try:
+                if httpx.get(base + "/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline, "pyllama serve did not come up"
+                time.sleep(0.1)
+        got = openai.OpenAI(base_url=base + "/v1", api_key=KEY, max_retries=0).completions.create(
+            model="x", prompt="The cat sat", max_tokens=10, temperature=0)
+        assert got.choices[0].text == ref.create_completion("The cat sat", max_tokens=10, temperature=0)["choices"][0]["text"]
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(30) == 0
+        log = proc.stderr.read()
+        assert "serving quant-base-q8_0.gguf on http://127.0.0.1:" in log
+        assert re.search(r"POST /v1/completions 200 .* prompt=\d+ completion=10", log)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--parallel", "0"], "--parallel: expected an integer >= 1"),
+    (["--max-queue", "-1"], "--max-queue: expected an integer >= 0"),
+    (["--port", "70000"], "--port: expected an integer in 0..65535"),
+    (["--chat-template", "/nonexistent.jinja"], "--chat-template"),
+])
+def test_serve_arguments_are_checked(args, message):
+    r = subprocess.run([sys.executable, "-m", "pyllama", "serve", model_path(), *args],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and r.stderr.startswith(f"pyllama: error: {message}"), r.stderr

@@ -3,7 +3,7 @@ PYTHON ?= python3
 SHARED ?= $(or $(PYLLAMA_SHARED),../shared)
 PIP := $(PYTHON) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: install demo test bench bench-compare bench-serve man clean
+.PHONY: install demo test bench bench-contention bench-compare bench-serve man clean
 
 install:            ## build the C core for this CPU and install pyllama (editable) with test, server and ray deps
 	$(PIP) -e '.[test,server,ray]'
@@ -21,8 +21,11 @@ demo: install       ## generate a story with the best model found
 test: install       ## the whole test suite (parity with llama2.c and llama.cpp on $(SHARED)/golden)
 	PYLLAMA_SHARED=$(SHARED) $(PYTHON) -m pytest -q
 
-bench: install      ## speed: tokens/s on synthetic stories15M/110M shapes and stories260K
+bench: install      ## speed: tokens/s on synthetic stories15M/110M shapes and stories260K, then 1/2/4 processes at once
 	PYLLAMA_SHARED=$(SHARED) $(PYTHON) benchmarks/bench.py
+
+bench-contention: install  ## only the contention rows of make bench: 1, 2 and 4 processes generating at once
+	PYLLAMA_SHARED=$(SHARED) $(PYTHON) benchmarks/bench.py --contention
 
 bench-compare: install  ## pyllama vs llama-cpp-python on the same GGUF files (pip install -e '.[bench]' first)
 	PYLLAMA_SHARED=$(SHARED) $(PYTHON) benchmarks/compare.py $(if $(LLAMA_PYTHON),--llama-python $(LLAMA_PYTHON))

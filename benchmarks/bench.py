@@ -5,10 +5,13 @@ Models: stories260K (real, ../shared), stories15M and stories110M shapes with sy
 Q8_0, Q4_0 and Q4_K_M, the last five made by `pyllama convert` (all cached in build/bench-models/). For each: generation tok/s
 (256 tokens, temperature 0) at 1 and 2 threads, prompt tok/s (128 tokens, batched), min/median/max
 over --repeat runs, bytes read per token, the fraction of the read bandwidth measured in the
-same run, and the time to first token (a fresh Llama each time, median of 5). The reference columns are the figures the issue gives for llama2.c and llama.cpp on this
-machine (not re-measured here; `make bench-compare` runs llama-cpp-python side by side).
+same run, and the time to first token (a fresh Llama each time, median of 5). Then the contention
+rows: 1, 2 and 4 processes generating at once at the default thread count (stories260K and the
+stories15M f32 shape), aggregate tok/s against one process alone in the same round
+(benchmarks/contention.py). Every figure is measured in this run on this machine; the first line
+names the CPU. `make bench-compare` runs llama-cpp-python side by side.
 
-    python benchmarks/bench.py [--quick] [--repeat 3] [--json FILE]
+    python benchmarks/bench.py [--quick] [--repeat 3] [--json FILE] [--contention]
 """
 import argparse
 import json
@@ -25,17 +28,9 @@ MODELS = ROOT / "build" / "bench-models"
 import pyllama  # noqa: E402
 from pyllama.bench import bench, read_bandwidth, time_to_first_token  # noqa: E402
 
-# (model, format): reference tok/s from the issue (generate at 2 threads; 260K at 1 thread)
-REFERENCE = {
-    ("stories15M", "bin"): ("llama2.c runomp", 167), ("stories110M", "bin"): ("llama2.c runomp", 34),
-    ("stories15M", "f32"): ("llama.cpp", 211), ("stories110M", "f32"): ("llama.cpp", 37.6),
-    ("stories15M", "q8_0"): ("llama.cpp", 478), ("stories110M", "q8_0"): ("llama.cpp", 88),
-    ("stories15M", "q4_0"): ("llama.cpp", 660), ("stories110M", "q4_0"): ("llama.cpp", 135),
-    ("stories15M", "v2"): ("llama2.c runq", 292), ("stories110M", "v2"): ("llama2.c runq", 51),
-    ("stories260K", "bin"): ("llama2.c runomp, 1 thread", 9000),
-}
-PROMPT_REFERENCE = {("stories15M", "f32"): 4445, ("stories110M", "f32"): 486,
-                    ("stories15M", "q8_0"): 5302, ("stories110M", "q8_0"): 615}
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from contention import contention, ratios  # noqa: E402
+from machine import cpu_line  # noqa: E402
 
 
 def model_file(name, fmt):
@@ -64,14 +59,19 @@ def main():
     ap.add_argument("--quick", action="store_true", help="stories260K and stories15M only")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
+    ap.add_argument("--contention", action="store_true", help="the contention rows only")
     args = ap.parse_args()
+    if args.contention:
+        print(cpu_line())
+        return contention_rows(args.repeat)
     shapes = ["stories260K", "stories15M"] + ([] if args.quick else ["stories110M"])
     formats = ["bin", "v2", "f32", "q8_0", "q4_0", "q4_k_m"]
-    print(f"pyllama {pyllama.__version__} ({pyllama.build_info()}), {os.cpu_count()} CPUs")
-    bw = {t: read_bandwidth(t) for t in (1, 2)}
+    print(cpu_line())
+    print(f"pyllama {pyllama.__version__} ({pyllama.build_info()})")
+    bw = {t: read_bandwidth(t, 1 << 30) for t in (1, 2)}
     print(f"read bandwidth (1 GiB sum): 1 thread {bw[1] / 1e9:.1f} GB/s, 2 threads {bw[2] / 1e9:.1f} GB/s\n")
     head = (f"{'model':12} {'format':7} {'MB/tok':>7} {'gen 1t':>8} {'gen 2t':>8} {'[min..max 2t]':>17} "
-            f"{'%bw':>4} {'prompt 2t':>9} {'ttft ms':>7}  reference (ratio)")
+            f"{'%bw':>4} {'prompt 2t':>9} {'ttft ms':>7}")
     print(head)
     print("-" * len(head))
     rows = []
@@ -84,21 +84,38 @@ def main():
             ttft = statistics.median(time_to_first_token(path) for _ in range(5))
             g1, g2 = r1["gen_tok_s"]["median"], r2["gen_tok_s"]["median"]
             frac = g2 * r2["bytes_per_token"] / bw[2]
-            ref = REFERENCE.get((name, fmt))
-            best = g1 if name == "stories260K" else g2
-            ref_s = f"{ref[0]} {ref[1]} ({best / ref[1]:.2f}x)" if ref else ""
-            pref = PROMPT_REFERENCE.get((name, fmt))
-            if pref:
-                ref_s += f"; prompt {pref} ({r2['prompt_tok_s']['median'] / pref:.2f}x)"
             print(f"{name:12} {fmt:7} {r2['bytes_per_token'] / 1e6:7.1f} {g1:8.1f} {g2:8.1f} "
                   f"{'[%.1f..%.1f]' % (r2['gen_tok_s']['min'], r2['gen_tok_s']['max']):>17} "
-                  f"{frac * 100:4.0f} {r2['prompt_tok_s']['median']:9.1f} {ttft * 1000:7.1f}  {ref_s}",
+                  f"{frac * 100:4.0f} {r2['prompt_tok_s']['median']:9.1f} {ttft * 1000:7.1f}",
                   flush=True)
             rows.append(dict(model=name, format=fmt, one_thread=r1, two_threads=r2,
                              time_to_first_token_ms=ttft * 1000, bandwidth_fraction=frac))
             m.close()
+    crows = contention_rows(args.repeat)
     if args.json:
-        Path(args.json).write_text(json.dumps(dict(read_bandwidth=bw, rows=rows), indent=2))
+        Path(args.json).write_text(json.dumps(dict(cpu=cpu_line(), read_bandwidth=bw, rows=rows,
+                                                   contention=crows), indent=2))
+
+
+def contention_rows(rounds, procs=(1, 2, 4), seconds=3.0):
+    """N processes at once, default threads: aggregate tok/s vs one alone (goal: >= 0.8x)."""
+    print(f"\ncontention: N processes generating at once for {seconds:g} s, default threads, "
+          f"{rounds} interleaved rounds; ratio = aggregate / one alone in the same round "
+          f"(median [min..max]), goal >= 0.8x")
+    head = f"{'model':22} {'threads':>7} " + " ".join(f"{f'{n} proc tok/s':>14} {'ratio':>17}" for n in procs)
+    print(head)
+    print("-" * len(head))
+    out = []
+    for name, path, tok in [("stories260K", model_file("stories260K", "bin"), SHARED / "models" / "tok512.bin"),
+                            ("stories15M f32 .bin", model_file("stories15M", "bin"), SHARED / "models" / "tokenizer.bin")]:
+        res, threads = contention(path, tok, procs, rounds, seconds)
+        agg, rat, threads = res[""], ratios(res[""], procs), threads[""]
+        cells = " ".join(f"{statistics.median(agg[n]):14.1f} {'%.2fx [%.2f..%.2f]' % (rat[n][1], rat[n][0], rat[n][2]):>17}"
+                         for n in procs)
+        print(f"{name:22} {threads:7} {cells}", flush=True)
+        out.append(dict(model=name, threads=threads, aggregate_tok_s={n: agg[n] for n in procs},
+                        ratio={n: rat[n] for n in procs}))
+    return out
 
 
 if __name__ == "__main__":

@@ -2,9 +2,10 @@
 
 For each file: load time, prompt processing (128 tokens) and streaming generation through each
 project's public Python API (pyllama `Llama.generate`, llama-cpp-python
-`create_completion(stream=True)`), greedy, 2 threads, interleaved runs, medians. llama-cpp-python
-runs in a child process of the Python given by --llama-python (default: this one; install it with
-`pip install -e '.[bench]'`, which builds llama.cpp from source and takes minutes).
+`create_completion(stream=True)`), greedy, 2 threads, medians; the first line of the output names
+the CPU. llama-cpp-python runs in a child process of the Python given by --llama-python (default:
+this one; install it with `pip install -e '.[bench]'`, which builds llama.cpp from source and
+takes minutes).
 """
 import argparse
 import json
@@ -18,6 +19,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("PYLLAMA_SHARED") or ROOT.parent / "shared")
 MODELS = ROOT / "build" / "bench-models"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import cpu_line  # noqa: E402
 PROMPT = "Once upon a time"
 
 CHILD = r'''
@@ -57,10 +60,9 @@ def pyllama_run(path, n_gen, n_prompt, threads, repeat):
     ids = [1] + rng.integers(3, m.vocab_size, size=n_prompt - 1).tolist()
     n_ids = len(m.tokenize(PROMPT))
     for _ in range(repeat):
-        with m._model._lock:
-            t0 = time.perf_counter()
-            m._model.prefill(ids, 0)
-            res["prompt"].append(n_prompt / (time.perf_counter() - t0))
+        t0 = time.perf_counter()
+        m.logits(ids, last_only=True)  # the prompt's prefill
+        res["prompt"].append(n_prompt / (time.perf_counter() - t0))
         t0 = time.perf_counter()
         pieces = sum(1 for _ in m.generate(PROMPT, steps=n_ids - 1 + n_gen, temperature=0))
         res["gen"].append(n_gen / (time.perf_counter() - t0))
@@ -83,6 +85,9 @@ def main():
     missing = [str(f) for f in files if not f.exists()]
     if missing:
         sys.exit(f"missing {missing}: run `make bench` first (it makes and converts the models)")
+    print(cpu_line())
+    print(f"side by side in this run (each file: llama-cpp-python, then pyllama), {args.threads} threads, "
+          f"medians of {args.repeat}")
     print(f"{'file':26} {'':10} {'load ms':>8} {'prompt tok/s':>13} {'stream tok/s':>13}")
     for f in files:
         rows = {}

@@ -20,6 +20,23 @@ void pl__team_matmuls(const float *x, int n, const pl__mm *mm, int nmm, void *sc
 /* Activation scratch bytes one matmul with w needs. */
 long long pl__act_bytes(const pl_tensor *w);
 
+/* The team barrier of a parallel region (threads.c): spins about as long as a wait usually lasts,
+ * then sleeps on a futex. One per parallel region, made by pl__team_init before it; every thread
+ * of the team calls pl__team_enter first (it reads the team's size: OpenMP may give fewer threads
+ * than asked), then pl__team_sync where all must meet: a no-op outside a team
+ * (pl__team_enter(NULL)) or in a team of one. */
+typedef struct {
+    _Atomic int arrived;          /* threads at the barrier in this phase */
+    _Atomic unsigned phase;       /* bumped by the last arrival (the futex word) */
+    _Atomic int sleepers;         /* threads asleep on phase */
+    _Atomic long long typical_ns; /* running average of a wait that ended while spinning */
+    _Atomic int n_threads;        /* the team's size (each member stores it on entry) */
+} pl__barrier;
+
+void pl__team_init(pl__barrier *b);
+void pl__team_enter(pl__barrier *b);
+void pl__team_sync(void);
+
 /* In place: x[i] = exp(x[i] - max) / sum (llama2.c's arithmetic; the sampler relies on it). */
 void pli_softmax(float *x, int size);
 

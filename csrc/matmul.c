@@ -221,8 +221,8 @@ static void warm_rows(const pl_tensor *w, long long r0, long long r1)
 
 /* For each matmul mm[i] of a group sharing one input: out_i[t*rows_i + r] = W_i[r] . x[t*cols]
  * for the n tokens t of the batch. All threads of the team call it together.
- * x is quantized once per distinct weight type (the implicit barrier of the `single` or `for`
- * publishes it), then each thread computes its share of the rows:
+ * x is quantized once per distinct weight type (a pl__team_sync publishes it), then each thread
+ * computes its share of the rows:
  *   same_rows = 0: the rows of all the group's weights form one range, split evenly in row pairs;
  *   same_rows = 1: all weights have the same rows and a thread gets the same range in each.
  * r0[i], r1[i] return the thread's rows of weight i (for an epilogue on them). No barrier at the
@@ -252,17 +252,18 @@ void pl__team_matmuls(const float *x, int n, const pl__mm *mm, int nmm, void *sc
     }
     if (any_quant) {
         if (n == 1) {
-#pragma omp single
+#pragma omp single nowait
             for (int i = 0; i < nmm; i++)
                 if (pli_is_quant(mm[i].w->type) && xin[i] == (const char *)scratch + (long long)i * slot)
                     pli_quantize_act(mm[i].w, x, (char *)xin[i]);
         } else { /* a batch: the tokens' activations are quantized in parallel */
-#pragma omp for schedule(static)
+#pragma omp for schedule(static) nowait
             for (int t = 0; t < n; t++)
                 for (int i = 0; i < nmm; i++)
                     if (pli_is_quant(mm[i].w->type) && xin[i] == (const char *)scratch + (long long)i * n * slot)
                         pli_quantize_act(mm[i].w, x + t * cols, (char *)xin[i] + t * slot);
         }
+        pl__team_sync(); /* publishes the quantized activations */
     }
     int tid = 0, nth = 1;
 #ifdef _OPENMP
@@ -304,9 +305,16 @@ void pl_matmul(float *xout, const float *x, int n, const pl_tensor *w, void *scr
     pl__mm mm = {w, xout};
     long long r0, r1;
     if (n_threads > 1) { /* one thread: no parallel region (see pl_forward) */
+        pl__barrier team;
+        pl__team_init(&team);
 #pragma omp parallel num_threads(n_threads) private(r0, r1)
-        pl__team_matmuls(x, n, &mm, 1, scratch, 0, &r0, &r1);
+        {
+            pl__team_enter(&team);
+            pl__team_matmuls(x, n, &mm, 1, scratch, 0, &r0, &r1);
+            pl__team_enter(NULL);
+        }
     } else {
+        pl__team_enter(NULL);
         pl__team_matmuls(x, n, &mm, 1, scratch, 0, &r0, &r1);
     }
 }

@@ -296,8 +296,8 @@ static void kv_scatter(float *cache, const float *buf, const pl_state *s, const 
 }
 
 /* The layers and the classifier for the batch already embedded in s->x: run by every thread of
- * the team, or by the caller alone. Each step ends with a barrier (explicit, or implied by
- * `single`/`for`) before the next one reads what it wrote. */
+ * the team, or by the caller alone. Each step ends with a barrier (pl__team_sync: the worksharing
+ * constructs are `nowait`) before the next one reads what it wrote. */
 static void forward_team(const pl_weights *w, pl_state *s, const seqmap *m)
 {
     const int n = m->n;
@@ -329,17 +329,18 @@ static void forward_team(const pl_weights *w, pl_state *s, const seqmap *m)
         /* attention rmsnorm; q, k, v plus biases, with RoPE (NORM pairs lie within a thread's
          * rows, split in pairs; NEOX pairs span a head); then k, v to their slots' cache rows
          * unless the batch is one run, whose k, v went straight into the cache */
-#pragma omp for schedule(static)
+#pragma omp for schedule(static) nowait
         for (int t = 0; t < n; t++)
             rmsnorm(s->xb + (long long)t * dim, x + (long long)t * dim, L->rms_att, dim, p->rms_eps);
+        pl__team_sync();
         pl__mm qkv[3] = {{&L->wq, s->q}, {&L->wk, kc}, {&L->wv, vc}};
         pl__team_matmuls(s->xb, n, qkv, 3, s->scratch, 0, r0, r1);
         add_bias(s->q, L->bq, n, q_dim, r0[0], r1[0]);
         add_bias(kc, L->bk, n, kv_dim, r0[1], r1[1]);
         add_bias(vc, L->bv, n, kv_dim, r0[2], r1[2]);
         if (p->rope_style == PL_ROPE_NEOX) {
-#pragma omp barrier
-#pragma omp for collapse(2) schedule(static)
+            pl__team_sync();
+#pragma omp for collapse(2) schedule(static) nowait
             for (int t = 0; t < n; t++)
                 for (int h = 0; h < n_heads + n_kv_heads; h++) {
                     float *head = h < n_heads ? s->q + (long long)t * q_dim + h * head_size
@@ -352,18 +353,18 @@ static void forward_team(const pl_weights *w, pl_state *s, const seqmap *m)
                 rope_rows(s->q + (long long)t * q_dim, rope, r0[0], r1[0], head_size);
                 rope_rows(kc + (long long)t * kv_dim, rope, r0[1], r1[1], head_size);
             }
-#pragma omp barrier
         }
+        pl__team_sync();
         if (!m->run) { /* k, v (RoPE done) from s->k, s->v to their slots: this thread's rows */
             kv_scatter(s->key_cache, kc, s, m, l, p->n_layers, kv_dim, r0[1], r1[1]);
             kv_scatter(s->value_cache, vc, s, m, l, p->n_layers, kv_dim, r0[2], r1[2]);
-#pragma omp barrier
+            pl__team_sync();
         }
 
         /* causal multi-head attention: token t over positions 0..its own of its slot. A batch is
          * dealt out a token at a time, round robin (token t's work grows with t: contiguous
          * halves would give the last thread most of it); one token's heads are split evenly. */
-#pragma omp for collapse(2) schedule(static, att_chunk)
+#pragma omp for collapse(2) schedule(static, att_chunk) nowait
         for (int t = 0; t < n; t++) {
             for (int h = 0; h < n_heads; h++) {
                 const int last = tok_pos(m, t);
@@ -377,17 +378,19 @@ static void forward_team(const pl_weights *w, pl_state *s, const seqmap *m)
                 att_values(s->xb + (long long)t * q_dim + h * head_size, att, vh, last, kv_dim, head_size);
             }
         }
+        pl__team_sync();
 
         /* output projection, residual */
         pl__mm wo = {&L->wo, s->xb2};
         pl__team_matmuls(s->xb, n, &wo, 1, s->scratch, 0, r0, r1);
         residual(x, s->xb2, n, dim, r0[0], r1[0]);
-#pragma omp barrier
+        pl__team_sync();
 
         /* SwiGLU FFN: w2(silu(w1 x) * w3 x), residual */
-#pragma omp for schedule(static)
+#pragma omp for schedule(static) nowait
         for (int t = 0; t < n; t++)
             rmsnorm(s->xb + (long long)t * dim, x + (long long)t * dim, L->rms_ffn, dim, p->rms_eps);
+        pl__team_sync();
         pl__mm up[2] = {{&L->w1, s->hb}, {&L->w3, s->hb2}};
         pl__team_matmuls(s->xb, n, up, 2, s->scratch, 1, r0, r1);
         for (int t = 0; t < n; t++) {
@@ -398,11 +401,11 @@ static void forward_team(const pl_weights *w, pl_state *s, const seqmap *m)
                 hb[i] = val * hb2[i];
             }
         }
-#pragma omp barrier
+        pl__team_sync();
         pl__mm down = {&L->w2, s->xb};
         pl__team_matmuls(s->hb, n, &down, 1, s->scratch, 0, r0, r1);
         residual(x, s->xb, n, dim, r0[0], r1[0]);
-#pragma omp barrier
+        pl__team_sync();
     }
 
     /* final rmsnorm of the wanted tokens (packed into xb rows 0, 1, ...) and the classifier */
@@ -410,13 +413,14 @@ static void forward_team(const pl_weights *w, pl_state *s, const seqmap *m)
     for (int t = 0; t < n; t++) n_want += tok_wanted(m, t);
     if (n_want == 0)
         return;
-#pragma omp for schedule(static)
+#pragma omp for schedule(static) nowait
     for (int t = 0; t < n; t++) {
         if (!tok_wanted(m, t)) continue;
         int row = 0;
         for (int u = 0; u < t; u++) row += tok_wanted(m, u);
         rmsnorm(s->xb + (long long)row * dim, x + (long long)t * dim, w->rms_final, dim, p->rms_eps);
     }
+    pl__team_sync();
     pl__mm cls = {&w->wcls, s->logits};
     pl__team_matmuls(s->xb, n_want, &cls, 1, s->scratch, 0, r0, r1);
 }
@@ -433,13 +437,21 @@ static void forward_seqs(const pl_weights *w, pl_state *s, const int *tokens, co
                    w->rope_freqs);
     }
 
-    /* One team for the whole call. With one thread, no parallel region at all: the worksharing
-     * constructs then bind to the caller alone and their barriers are free (in a team of one,
-     * libgomp's barrier still makes a futex system call: without them stories260K runs 1.22x). */
+    /* One team for the whole call, its barriers our own (threads.c: spin briefly, then sleep).
+     * With one thread, no parallel region at all: the worksharing constructs then bind to the
+     * caller alone (in a team of one, libgomp's fork and join still make a futex system call:
+     * without them stories260K runs 1.22x). */
     if (s->n_threads > 1) {
+        pl__barrier team;
+        pl__team_init(&team);
 #pragma omp parallel num_threads(s->n_threads)
-        forward_team(w, s, m);
+        {
+            pl__team_enter(&team);
+            forward_team(w, s, m);
+            pl__team_enter(NULL);
+        }
     } else {
+        pl__team_enter(NULL);
         forward_team(w, s, m);
     }
 }

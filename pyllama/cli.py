@@ -50,7 +50,7 @@ def _add_run_args(p):
     p.add_argument("-y", "--system", default=None, metavar="TEXT",
                    help="system prompt in chat mode")
     p.add_argument("--threads", type=int, default=None, metavar="N",
-                   help="CPU threads (default: all available cores)")
+                   help="CPU threads (default: all available cores; 1 for models too small to gain from more)")
     p.add_argument("--context", type=int, default=None, metavar="N",
                    help="KV cache positions (default: the model's seq_len)")
 

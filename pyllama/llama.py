@@ -45,7 +45,8 @@ class Llama:
     tokenizer  a tokenizer.bin or GGUF path, a Tokenizer, or None: the file's own tokenizer
                (GGUF), else tokenizer.bin beside the model or in the working directory, else none
                (logits-only use; tokenize() then raises TokenizerError)
-    threads    OpenMP threads for the C core (default: all cores available to this process)
+    threads    OpenMP threads for the C core (default: all cores available to this process; 1 for
+               a model too small to gain from more, see model.default_threads)
     n_ctx      positions the KV cache holds (default: the model's seq_len; more on request)
     mmap       map the file (default: loads in milliseconds, pages shared between processes);
                False reads it into memory (safe if the file may change on disk while in use)

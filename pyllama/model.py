@@ -38,7 +38,28 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-def default_threads():
+# A team of threads meets at 6 (float weights) to 10 (quantized) barriers per layer; below this
+# many multiply-adds per token and layer (the matmuls' weights), a second thread saves less time
+# than those meetings cost and one thread is the default. Measured by benchmarks/threads.py
+# (2-core AMD EPYC shared with other jobs; 2 threads / 1 thread): 45,312 (stories260K) 0.07x,
+# 110,592 0.22x, 197,632 0.24x, 442,368 0.95x, 995,328 (stories15M) 1.98x; alone, stories260K
+# gains nothing from 2 threads either (README, "Speed"). The threshold sits between the last
+# shape that lost and the first that broke even.
+MIN_LAYER_WORK = 300_000
+
+
+def layer_work(config):
+    """Multiply-adds of one token's matmuls in one layer: q, k, v, o and the three FFN matrices."""
+    dim, hidden = config["dim"], config["hidden_dim"]
+    head_dim = config.get("head_dim") or dim // config["n_heads"]
+    q_dim, kv_dim = head_dim * config["n_heads"], head_dim * config["n_kv_heads"]
+    return 2 * dim * (q_dim + kv_dim) + 3 * dim * hidden
+
+
+def default_threads(config=None):
+    """All cores available to this process, or 1 for a model too small to gain from more."""
+    if config is not None and layer_work(config) < MIN_LAYER_WORK:
+        return 1
     try:
         return max(1, len(os.sched_getaffinity(0)))
     except (AttributeError, OSError):
@@ -236,6 +257,8 @@ class Transformer:
 
     @threads.setter
     def threads(self, value):
+        if value is None and not _forked:
+            value = default_threads(self.config)
         self._state.n_threads = 1 if _forked else check_threads(value)
 
     def _track(self, pos, ids):

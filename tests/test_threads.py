@@ -1,0 +1,108 @@
+"""Threads: the default count, the OpenMP spin budget, processes that share the cores.
+
+Expected texts are llama2.c's (../shared/golden/manifest.json, "generate" cases). Speed is never
+asserted here: `make bench` measures it (its contention rows)."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import manifest, shared_path
+
+import pyllama
+from pyllama import model as model_mod
+
+
+def _spin_setting(env):
+    """GOMP_SPINCOUNT as libgomp reports it after `import pyllama` (OMP_DISPLAY_ENV=verbose),
+    and the value os.environ holds afterwards (what a child process would inherit)."""
+    env = dict(env, OMP_DISPLAY_ENV="verbose")
+    code = "import os, pyllama; print(os.environ.get('GOMP_SPINCOUNT'))"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if "GOMP_SPINCOUNT" in ln or "OMP_WAIT_POLICY" in ln]
+    return "\n".join(lines), proc.stdout.strip()
+
+
+@pytest.fixture
+def clean_env():
+    return {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+
+
+def test_spin_budget_reaches_libgomp(clean_env):
+    """pyllama sets GOMP_SPINCOUNT before the core (and libgomp) loads, and libgomp uses it."""
+    if not pyllama._core.lib.pl_has_openmp():
+        pytest.fail("this test needs the OpenMP build (the default)")
+    shown, inherited = _spin_setting(clean_env)
+    assert "GOMP_SPINCOUNT = '2000'" in shown
+    assert inherited == "None"  # removed again: child processes start with the user's environment
+
+
+@pytest.mark.parametrize("var, value, expect", [
+    ("GOMP_SPINCOUNT", "123", "GOMP_SPINCOUNT = '123'"),
+    ("OMP_WAIT_POLICY", "active", "OMP_WAIT_POLICY = 'ACTIVE'"),
+])
+def test_users_wait_setting_wins(clean_env, var, value, expect):
+    clean_env[var] = value
+    shown, inherited = _spin_setting(clean_env)
+    assert expect in shown
+    assert inherited == (value if var == "GOMP_SPINCOUNT" else "None")
+    if var == "OMP_WAIT_POLICY":
+        assert "GOMP_SPINCOUNT = '2000'" not in shown
+
+
+def test_default_threads_by_model_size():
+    """stories260K (45,312 multiply-adds per layer and token) defaults to one thread; the
+    stories15M shape (dim 288, hidden 768: 995,328) to every available core."""
+    s260k = dict(dim=64, hidden_dim=172, n_heads=8, n_kv_heads=4)
+    s15m = dict(dim=288, hidden_dim=768, n_heads=6, n_kv_heads=6)
+    assert model_mod.layer_work(s260k) == 2 * 64 * (64 + 32) + 3 * 64 * 172 == 45312
+    assert model_mod.layer_work(s15m) == 2 * 288 * 576 + 3 * 288 * 768 == 995328
+    assert model_mod.default_threads(s260k) == 1
+    assert model_mod.default_threads(s15m) == model_mod.default_threads() >= 1
+    m = pyllama.Llama(shared_path("models/stories260K.bin"), tokenizer=shared_path("models/tok512.bin"))
+    assert m.threads == 1
+    m.threads = 2       # an explicit count is kept
+    assert m.threads == 2
+    m.threads = None    # and None means the default again
+    assert m.threads == 1
+    m.close()
+
+
+def test_two_processes_at_once_both_correct():
+    """Two `pyllama run` processes of 2 threads each on the same cores, started together: both
+    finish (bounded time, not a speed test) with llama2.c's exact text."""
+    case = next(c for c in manifest()["generate"] if c["model"] == "models/stories260K.bin"
+                and c["temperature"] > 0 and c["seed"] == 42)
+    cmd = [sys.executable, "-m", "pyllama", "run", str(shared_path(case["model"])),
+           "-z", str(shared_path(case["tokenizer"])), "-t", str(case["temperature"]),
+           "-p", str(case["topp"]), "-s", str(case["seed"]), "-n", str(case["steps"]),
+           "-i", case["prompt"], "--threads", "2"]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
+    try:
+        outs = [p.communicate(timeout=120) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err.decode()
+        assert out == case["stdout"].encode("utf-8")
+
+
+def test_fewer_threads_than_asked_do_not_hang():
+    """OpenMP may give a team fewer threads than asked (here OMP_THREAD_LIMIT=1): the barrier
+    counts the team it got, so the pass finishes, with the one-thread logits."""
+    code = ("import numpy as np, pyllama, sys\n"
+            "p, ids = sys.argv[1], [1, 5, 9, 13, 17]\n"
+            "a = pyllama.Llama(p, threads=2).logits(ids)\n"
+            "b = pyllama.Llama(p, threads=1).logits(ids)\n"
+            "assert np.array_equal(a, b)\n"
+            "print('ok')\n")
+    env = dict(os.environ, OMP_THREAD_LIMIT="1")
+    proc = subprocess.run([sys.executable, "-c", code, str(shared_path("models/quant-base-q8_0.gguf"))],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "ok"

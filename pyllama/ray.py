@@ -77,6 +77,9 @@ class Generator:
         self.sampling, self.prompt_column, self.output_column = sampling, prompt_column, output_column
 
     def __call__(self, batch):
+        if self.prompt_column not in batch:  # a schema generate() could not know in advance
+            raise ParameterError(f"prompt_column: the dataset has no column {self.prompt_column!r} "
+                                 f"(its columns: {', '.join(batch)})")
         prompts = batch[self.prompt_column]
         reqs, handles, errors = [], [], []
         for prompt in prompts:  # submit every row first: the engine decodes them together
@@ -143,7 +146,7 @@ def generate(dataset, model, *, prompt_column="prompt", output_column="text", co
     engine.setdefault("slots", min(batch_size, 8))
     engine["max_queue"] = batch_size  # a whole batch is submitted at once
     _check(model, load, engine, sampling)
-    schema = dataset.schema()
+    schema = dataset.schema(fetch_if_missing=False)  # known without running the input pipeline
     if schema is not None and prompt_column not in schema.names:
         raise ParameterError(f"prompt_column: the dataset has no column {prompt_column!r} "
                              f"(its columns: {', '.join(schema.names)})")

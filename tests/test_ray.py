@@ -165,6 +165,13 @@ def test_bad_arguments_are_refused_before_any_actor_starts(cluster, files, kwarg
     assert message in str(e.value)
 
 
+def test_a_missing_column_found_only_when_the_pipeline_runs_fails_clearly(cluster, files):
+    ds = ray.data.range(3).map(lambda r: {"q": str(r["id"])})  # schema unknown until it runs
+    assert ds.schema(fetch_if_missing=False) is None
+    with pytest.raises(Exception, match="prompt_column: the dataset has no column 'prompt' \\(its columns: q\\)"):
+        pray.generate(ds, files[0], tokenizer=files[1], max_tokens=4).take_all()
+
+
 def test_a_bad_model_or_dataset_is_refused_up_front(cluster, files, tmp_path):
     junk = tmp_path / "junk.bin"
     junk.write_bytes(b"\0" * 10)

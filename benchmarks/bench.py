@@ -92,6 +92,7 @@ def main():
                              time_to_first_token_ms=ttft * 1000, bandwidth_fraction=frac))
             m.close()
     crows = contention_rows(args.repeat)
+    tokenizer_speed()
     if args.json:
         Path(args.json).write_text(json.dumps(dict(cpu=cpu_line(), read_bandwidth=bw, rows=rows,
                                                    contention=crows), indent=2))
@@ -116,6 +117,80 @@ def contention_rows(rounds, procs=(1, 2, 4), seconds=3.0):
         out.append(dict(model=name, threads=threads, aggregate_tok_s={n: agg[n] for n in procs},
                         ratio={n: rat[n] for n in procs}))
     return out
+
+
+# -- tokenizer: 1 MB of mixed text through pyllama's byte-level BPE and tiktoken, same run ---------
+CJK = ("天气很好，我们去公园散步吧。今天的会议推迟到下午三点。这个程序的速度比以前快了很多。"
+       "東京は日本の首都です。私は毎朝コーヒーを飲みます。新しいモデルを試してみましょう。"
+       "한국어 문장도 조금 넣어 봅시다. 오늘은 날씨가 맑습니다.")
+EMOJI = "😀😂🥲🤖🚀🌍🎉👍🏽❤️🔥✨🙈👨‍👩‍👧‍👦🇫🇷"
+
+
+def mixed_text(n_bytes=1 << 20, seed=0):
+    """Deterministic mixed text of n_bytes UTF-8 bytes: English prose (docstrings of the standard
+    library) and Python code, numbers and dates, shuffled CJK sentences, emoji."""
+    import ast
+    import random
+    rng = random.Random(seed)
+    lib = Path(os.__file__).parent
+    code, prose = [], []
+    for mod in ("argparse", "collections/__init__", "json/decoder", "textwrap", "difflib",
+                "inspect", "typing", "pathlib", "email/message"):
+        src = (lib / f"{mod}.py").read_text(encoding="utf-8")
+        code.append(src)
+        prose += [d for n in ast.walk(ast.parse(src)) if isinstance(n, (ast.FunctionDef, ast.ClassDef))
+                  for d in [ast.get_docstring(n)] if d]
+    parts, size = [], 0
+    while size < n_bytes:
+        k = rng.random()
+        if k < 0.35:
+            s = rng.choice(prose)
+        elif k < 0.6:
+            s = rng.choice(code)[rng.randrange(20000):][:rng.randrange(200, 3000)]
+        elif k < 0.75:
+            s = " ".join(rng.choice([str(rng.randrange(10 ** rng.randrange(1, 12))),
+                                     f"{rng.uniform(-1e4, 1e4):.{rng.randrange(6)}f}",
+                                     f"{rng.randrange(1900, 2100)}-{rng.randrange(1, 13):02d}-"
+                                     f"{rng.randrange(1, 29):02d}"]) for _ in range(rng.randrange(5, 60)))
+        elif k < 0.9:
+            s = "".join(rng.sample(CJK, len(CJK) // 2))
+        else:
+            s = " ".join(rng.choice(EMOJI) + rng.choice(["ok", "yes!", "lol", "", "wow"])
+                         for _ in range(rng.randrange(3, 20)))
+        s += rng.choice(["\n", "\n\n", " ", "\t"])
+        parts.append(s)
+        size += len(s.encode())
+    return "".join(parts).encode()[:n_bytes].decode("utf-8", "ignore")
+
+
+def tokenizer_speed(repeat=3):
+    """Encode 1 MB of mixed text with the Llama 3 vocabulary (cold cache each time; best of
+    `repeat`) next to tiktoken with Meta's tokenizer.model; ids must agree."""
+    import time
+    import tiktoken
+    import llama_models
+    from tiktoken.load import load_tiktoken_bpe
+    from pyllama.tokenizers.bpe import PRE_TOKENIZERS
+    tok = pyllama.load_tokenizer(SHARED / "models" / "bpe" / "llama3-tiny-f16.gguf")
+    ranks = load_tiktoken_bpe(str(Path(llama_models.__file__).parent / "llama3" / "tokenizer.model"))
+    enc = tiktoken.Encoding("llama3", pat_str=PRE_TOKENIZERS["llama-bpe"][0][0],
+                            mergeable_ranks=ranks, special_tokens={})
+    text = mixed_text()
+    ours, theirs = [], []
+    for _ in range(repeat):
+        tok._cache.clear()
+        t = time.perf_counter()
+        ids = tok.encode(text, bos=False)
+        ours.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        ref = enc.encode_ordinary(text)
+        theirs.append(time.perf_counter() - t)
+    t = time.perf_counter()
+    tok.encode(text, bos=False)
+    warm = time.perf_counter() - t
+    print(f"\ntokenizer: 1 MB mixed text, Llama 3 vocabulary: pyllama {min(ours):.3f} s (cold cache; "
+          f"{warm:.3f} s warm), tiktoken {min(theirs):.3f} s ({min(ours) / min(theirs):.1f}x), "
+          f"{len(ids)} tokens, ids {'identical' if ids == ref else 'DIFFERENT'}")
 
 
 if __name__ == "__main__":

@@ -48,9 +48,9 @@ check_abi(_core.lib)
 
 from .formats import load  # noqa: E402
 from .llama import Llama, load_tokenizer  # noqa: E402
-from .tokenizer import Tokenizer  # noqa: E402
+from .tokenizers import BPETokenizer, Tokenizer  # noqa: E402
 
-__all__ = ["Llama", "Tokenizer", "load", "load_tokenizer", "FormatError", "ParameterError", "PyllamaError",
+__all__ = ["Llama", "Tokenizer", "BPETokenizer", "load", "load_tokenizer", "FormatError", "ParameterError", "PyllamaError",
            "TokenizerError", "__version__", "build_info"]
 
 

@@ -219,8 +219,12 @@ def cmd_run(args, out, err):
         return _chat(model, sampler, _argv_text(args.prompt), _argv_text(args.system, "--system"), steps,
                      out)
     tok = model.tokenizer
-    ids = encode_prompt(tok, _argv_text(args.prompt) or "", limit)
+    # BOS always for .bin files (llama2.c, stop_ids None); where the file says for GGUF files
+    ids = encode_prompt(tok, _argv_text(args.prompt) or "", limit,
+                        bos=True if model.stop_ids is None else None)
     start, n = None, 0
+    if model.stop_ids is not None and ids:  # GGUF: the first prompt token may be text (no BOS)
+        out.write(tok.safe_piece(None, ids[0]))
     for prev, token in model.generate_tokens(ids, steps, args.temperature, args.topp, seed):
         out.write(tok.safe_piece(prev, token))
         out.flush()

@@ -1,6 +1,8 @@
 """create_completion: OpenAI/llama-cpp-python-shaped completions, streaming, stop rules, logprobs.
 
-The one generation path of the embedding API (and of chat completions and the CLI's chat mode):
+The one generation path of the embedding API, of chat completions, the CLI's chat mode and the
+server: a request is a Completion (its per-token logic), driven here by run() on a Llama's single
+sequence, or by pyllama.engine as a request's policy (pyllama/server.py):
 
     prompt ids -> kvcache.evaluate (prefix reuse) -> [sample (sampling.ChainSampler) -> stop id?
     -> incremental UTF-8 text -> stop string? -> forward] ...

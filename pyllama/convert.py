@@ -141,7 +141,7 @@ def _canonical_order(model):
 
 # ====================================================================== tokenizer metadata
 def _tokenizer_from_bin(path, vocab_size):
-    from .tokenizer import CONTROL, Tokenizer
+    from .tokenizers.spm import CONTROL, Tokenizer
     tok = Tokenizer.from_llama2c(path, vocab_size)
     tokens = []
     for i, (piece, t) in enumerate(zip(tok.pieces, tok.token_types.tolist())):
@@ -290,7 +290,7 @@ def convert(src_path, dst_path, type="f32", tokenizer=None, pure=False, progress
     ftype, base = _check_type(type)
     type = type.lower()
     _check_output(dst_path)
-    model = load(src_path, tokenizer=False)  # the vocabulary is copied as metadata
+    model = load(src_path)  # the vocabulary is copied as metadata
     if not model.has_weights:
         raise FormatError(f"{src_path}: has no tensors (a vocab-only GGUF); nothing to convert")
     cfg = model.config

@@ -56,16 +56,13 @@ def describe(path):
     version, meta, infos = read_metadata(path, mm, problems)  # raises if not even well-formed
     tensors = [{"name": t.name, "type": type_name(t.type), "shape": list(reversed(t.ne)),
                 "bytes": t.nbytes, "offset": t.offset} for t in infos]
-    tokens = meta.get("tokenizer.ggml.tokens")
     arch = meta.get("general.architecture")
     return _finish({
         "file": path, "format": "gguf", "version": version, "file_bytes": int(mm.size),
         "architecture": arch if isinstance(arch, str) else None,
         "runnable": False, "cannot_run": reason, "problems": problems, "config": None,
         "shared_classifier": None,
-        "tokenizer": None if "tokenizer.ggml.model" not in meta else {
-            "source": "embedded", "model": _summarise(meta["tokenizer.ggml.model"]),
-            "tokens": len(tokens) if isinstance(tokens, list) else None},
+        "tokenizer": _tokenizer_info(meta, path),
         "tensors": tensors,
         "parameters": sum(int(np.prod(t.ne, dtype=object)) for t in infos),
     }, meta)
@@ -74,19 +71,18 @@ def describe(path):
 def _runnable(mf):
     tensors = [{"name": t.name, "type": t.type_name, "shape": list(t.shape), "bytes": t.nbytes,
                 "offset": t.offset} for t in mf.tensors.values()]
-    tok = mf.tokenizer
+    tok = _tokenizer_info(mf.metadata, mf.path)
+    refused = tok.get("error") if tok else None
     return _finish({
         "file": mf.path, "format": mf.format, "version": mf.version, "file_bytes": mf.file_size,
-        "architecture": "llama", "runnable": mf.has_weights,
-        "cannot_run": None if mf.has_weights else "no tensors: a vocab-only file (its tokenizer "
-                                                  "is usable: pyllama.load_tokenizer)",
+        "architecture": mf.arch, "runnable": mf.has_weights and not refused,
+        "cannot_run": refused or (None if mf.has_weights else "no tensors: a vocab-only file (its "
+                                  "tokenizer is usable: pyllama.load_tokenizer)"),
         "problems": [],
         "config": {k: (float(v) if isinstance(v, float) else int(v))
                    for k, v in mf.config.items()},
         "shared_classifier": mf.shared_classifier if mf.has_weights else None,
-        "tokenizer": None if tok is None else {
-            "source": "embedded", "tokens": tok.vocab_size, "bos_id": tok.bos_id,
-            "eos_id": tok.eos_id},
+        "tokenizer": tok,
         "tensors": tensors,
         "parameters": sum(int(np.prod(t["shape"])) for t in tensors),
     }, mf.metadata)
@@ -135,6 +131,36 @@ def _show(value):
     return _clean(value)
 
 
+def _tokenizer_info(meta, path):
+    """The embedded tokenizer: kind (spm, bpe), pre-tokenizer, special ids, add_bos, whether
+    a chat template is present; {"error": ...} when its vocabulary is refused."""
+    from .tokenizers import from_gguf_metadata
+    if "tokenizer.ggml.model" not in meta:
+        return None
+    try:
+        tok = from_gguf_metadata(meta, path)
+    except FormatError as e:
+        return {"source": "embedded", "model": _summarise(meta["tokenizer.ggml.model"]),
+                "error": str(e).removeprefix(f"{path}: ")}
+    return {"source": "embedded", "kind": tok.kind, "pre": tok.pre, "tokens": tok.vocab_size,
+            "bos_id": tok.bos_id, "eos_id": tok.eos_id, "eot_id": tok.eot_id,
+            "eom_id": tok.eom_id, "stop_ids": sorted(tok.stop_ids), "add_bos": tok.add_bos,
+            "chat_template": isinstance(meta.get("tokenizer.chat_template"), str)}
+
+
+def _tokenizer_line(tok):
+    if tok is None:
+        return "none in the file"
+    if "error" in tok:
+        return f"refused: {_clean(tok['error'])}"
+    kind = {"spm": "SentencePiece BPE", "bpe": "byte-level BPE"}[tok["kind"]]
+    pre = f", pre-tokenizer {_clean(tok['pre'])}" if tok["pre"] else ""
+    return (f"{kind}{pre}, {tok['tokens']} tokens (bos {tok['bos_id']}, eos {tok['eos_id']}, "
+            f"stop at {', '.join(map(str, tok['stop_ids']))}; add_bos "
+            f"{'yes' if tok['add_bos'] else 'no'}; chat template "
+            f"{'present' if tok['chat_template'] else 'absent'})")
+
+
 def render_text(info):
     lines = [f"file:         {_clean(info['file'])}",
              f"format:       {info['format']} (version {info['version']}), "
@@ -148,14 +174,7 @@ def render_text(info):
     if info["shared_classifier"] is not None:
         lines.append(f"  {'classifier':<12} "
                      f"{'shared with token_embd' if info['shared_classifier'] else 'separate'}")
-    tok = info["tokenizer"]
-    if tok is None:
-        lines.append("tokenizer:    none in the file")
-    elif "bos_id" in tok:
-        lines.append(f"tokenizer:    {tok['tokens']} tokens (bos {tok['bos_id']}, "
-                     f"eos {tok['eos_id']})")
-    else:
-        lines.append(f"tokenizer:    {_show(tok['model'])}, {tok['tokens']} tokens")
+    lines.append("tokenizer:    " + _tokenizer_line(info["tokenizer"]))
     if info["metadata"]:
         lines.append("metadata:")
         lines += [f"  {_clean(k)} = {_show(v)}" for k, v in info["metadata"].items()]

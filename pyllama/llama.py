@@ -5,9 +5,9 @@ from . import validate
 from .errors import FormatError, ParameterError, PyllamaError, TokenizerError
 from .formats import GGUF_MAGIC, ModelFile, load, open_map
 from .generate import (check_prompt_length, encode_prompt, generate_tokens, make_sampler,
-                       resolve_steps, stream_text)
+                       resolve_steps, stop_rule, stream_text)
 from .model import Transformer
-from .tokenizer import Tokenizer
+from .tokenizers import BaseTokenizer, Tokenizer, from_gguf_metadata
 
 CONFIG_ATTRS = ("dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "seq_len")
 
@@ -22,16 +22,14 @@ def find_tokenizer(model_path):
 
 
 def load_tokenizer(path, vocab_size=None):
-    """A Tokenizer from a GGUF file (its embedded vocabulary; vocab-only files too) or from a
-    llama2.c tokenizer.bin (which does not store its size: give the model's vocab_size)."""
+    """A tokenizer from a GGUF file (its embedded vocabulary, whatever the architecture; vocab-only
+    files too) or from a llama2.c tokenizer.bin (which does not store its size: give the model's
+    vocab_size)."""
     path = os.fspath(path)
     mm = open_map(path)
     if bytes(mm[:4]) == GGUF_MAGIC:
-        from .formats.gguf import read_gguf
-        tok = read_gguf(path, mm).tokenizer
-        if tok is None:
-            raise FormatError(f"{path}: this GGUF file has no tokenizer (tokenizer.ggml.model)")
-        return tok
+        from .formats.gguf import read_metadata
+        return from_gguf_metadata(read_metadata(path, mm)[1], source=path)
     if vocab_size is None:
         raise TokenizerError(f"{path}: a llama2.c tokenizer.bin does not store its size; "
                              f"pass the model's vocab_size")
@@ -85,12 +83,12 @@ class Llama:
             setattr(self, key, self.file.config[key])
 
     def _resolve_tokenizer(self, tokenizer):
-        if isinstance(tokenizer, Tokenizer):
+        if isinstance(tokenizer, BaseTokenizer):
             tok = tokenizer
         elif tokenizer is not None:
             tok = load_tokenizer(tokenizer, self.file.config["vocab_size"])
-        elif self.file.tokenizer is not None:
-            tok = self.file.tokenizer
+        elif "tokenizer.ggml.model" in self.file.metadata:
+            tok = from_gguf_metadata(self.file.metadata, source=self.path)
         else:
             found = find_tokenizer(self.path)
             try:
@@ -139,10 +137,19 @@ class Llama:
         return self.tokenizer
 
     # -- text ------------------------------------------------------------------------------------
-    def tokenize(self, text, bos=True, eos=False):
-        """Token ids of `text` (str, or UTF-8 bytes)."""
+    def tokenize(self, text, bos=True, eos=False, special=False):
+        """Token ids of `text` (str, or UTF-8 bytes). bos=True adds BOS where the file says so
+        (Llama 2 and 3 yes, Qwen2 no; as llama.cpp's add_special); special=True turns control
+        token texts such as "<|eot_id|>" into their ids."""
         tok = self._tok()
-        return tok.encode(text, bos=validate.boolean(bos, "bos"), eos=validate.boolean(eos, "eos"))
+        bos = validate.boolean(bos, "bos")
+        return tok.encode(text, bos=None if bos else False, eos=validate.boolean(eos, "eos"),
+                          special=validate.boolean(special, "special"))
+
+    @property
+    def stop_ids(self):
+        """Sampled ids that end generation (None: llama2.c's rule, BOS, for .bin files)."""
+        return stop_rule(self.file, self.tokenizer)
 
     def detokenize(self, ids):
         """Text of a sequence of token ids (a list of ints or a 1-D integer array)."""
@@ -168,13 +175,14 @@ class Llama:
         """Stream text as it is generated, as llama2.c's `run` does.
 
         steps counts positions including the prompt's tokens (0 = the model's context); generation
-        stops early when BOS is sampled. temperature 0 is greedy; seed None or 0 means fresh
-        random bits for every call (an int reproduces a run: the same as `pyllama run -s SEED`).
-        Yields the continuation's text pieces (with echo=True, the prompt's first).
+        stops early when BOS is sampled (.bin files, as llama2.c) or at EOS/EOT/EOM (GGUF files).
+        temperature 0 is greedy; seed None or 0 means fresh random bits for every call (an int
+        reproduces a run: the same as `pyllama run -s SEED`). Yields the continuation's text
+        pieces (with echo=True, the prompt's first).
         """
         echo = validate.boolean(echo, "echo")
         tok = self._tok()
-        ids = encode_prompt(tok, prompt, self.n_ctx)
+        ids = encode_prompt(tok, prompt, self.n_ctx, bos=True if self.stop_ids is None else None)
         pairs = self.generate_tokens(ids, steps, temperature, topp, seed)
         return stream_text(tok, pairs, skip=0 if echo else len(ids) - 1)
 
@@ -183,19 +191,22 @@ class Llama:
         prompt's pairs first, then the sampled ones (what `generate` decodes).
 
         prompt is text (encoded with BOS) or token ids (BOS included if wanted); the positions
-        that run, min(len(prompt), steps), must fit n_ctx. stop=False never ends early at BOS
-        (steps positions always run). The other arguments are those of generate()."""
+        that run, min(len(prompt), steps), must fit n_ctx. stop=False never ends early (steps
+        positions always run); otherwise BOS ends a .bin file's run, the tokenizer's stop_ids
+        (EOS, EOT, EOM) a GGUF file's. The other arguments are those of generate()."""
         model = self._live()
         steps = resolve_steps(steps, model.n_ctx)
         sampler = make_sampler(model, temperature, topp, seed)
         stop = validate.boolean(stop, "stop")
         if isinstance(prompt, (str, bytes, bytearray)):
-            ids = encode_prompt(self._tok(), prompt, model.n_ctx)
+            ids = encode_prompt(self._tok(), prompt, model.n_ctx,
+                                bos=True if self.stop_ids is None else None)
         else:
             ids = validate.token_ids(prompt, self.vocab_size, name="prompt", allow_empty=False)
             check_prompt_length(min(len(ids), steps), model.n_ctx)
         bos = (self.tokenizer.bos_id if self.tokenizer is not None else 1) if stop else None
-        return generate_tokens(model, ids, steps, sampler, bos_id=bos)
+        return generate_tokens(model, ids, steps, sampler, bos_id=bos,
+                               stop_ids=self.stop_ids if stop else None)
 
     # -- completions, chat, state (pyllama/completion.py, chat.py, kvcache.py) ----------------------
     def create_completion(self, prompt, max_tokens=16, temperature=0.8, top_p=0.95, top_k=40,

@@ -61,8 +61,11 @@ def _bad_argument(e, fields, prompt_field):
     """A ParameterError as a 400 naming the field its message starts with."""
     msg = str(e)
     m = re.match(r"([a-z_]+)", msg)
+    if msg.startswith("the prompt") and "context" in msg:  # (context_shift is not served)
+        return HTTPError(400, msg.split(" (lower")[0] + " (lower max_tokens or shorten the prompt)",
+                         prompt_field, "context_length_exceeded")
     if msg.startswith("the prompt"):
-        return HTTPError(400, msg, prompt_field, "context_length_exceeded")
+        return HTTPError(400, msg, prompt_field, "invalid_value")
     return HTTPError(400, msg, m.group(1) if m and m.group(1) in fields else None, "invalid_value")
 
 
@@ -124,7 +127,7 @@ class Server:
             key = (route, status[0])
             self.requests[key] = self.requests.get(key, 0) + 1
             usage = scope.get("pyllama.usage") or {}
-            log.info("%s %s %s %d %.1f ms prompt=%s completion=%s", scope.get("client", ("-",))[0],
+            log.info("%s %s %s %d %.1f ms prompt=%s completion=%s", (scope.get("client") or ("-",))[0],
                      scope["method"], path, status[0], 1e3 * (time.monotonic() - t0),
                      usage.get("prompt_tokens", "-"), usage.get("completion_tokens", "-"))
 
@@ -162,6 +165,7 @@ class Server:
         for name in body:
             if name not in fields:
                 raise HTTPError(400, f"{name}: unknown parameter", name, "unknown_parameter")
+        body = {k: v for k, v in body.items() if v is not None}  # null: the field's default
         need = "messages" if chat else "prompt"
         if need not in body:
             raise HTTPError(400, f"{need}: required", need, "missing_required_parameter")

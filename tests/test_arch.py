@@ -75,7 +75,7 @@ def golden(name):
     c = bpe_case(name)
     ids = as_list(c["ids"])
     rows = c.get("rows") or list(range(len(ids)))
-    return (read_gguf(shared_path(c["model"]), tokenizer=False), ids, rows,
+    return (read_gguf(shared_path(c["model"])), ids, rows,
             np.load(shared_path("golden/" + c["logits"])))
 
 
@@ -169,7 +169,7 @@ def converted(tmp_path_factory):
 @pytest.mark.parametrize("qtype", QTYPES)
 def test_quantized_golden_files_agree_with_f16(gold, converted, qtype):
     name, mf, ids, rows, ref = gold
-    q = read_gguf(converted(mf.path, qtype), tokenizer=False)
+    q = read_gguf(converted(mf.path, qtype))
     assert q.arch == mf.arch and q.config == mf.config
     assert ("rope_freqs.weight" in q.tensors) == (name == "llama3")
     f16 = logits_at(mf, ids, rows)
@@ -187,7 +187,7 @@ def test_every_quant_type_on_both_archs(make_llama3, converted, arch, qtype):
     src = make_llama3(f"{arch}-256", "--arch", arch, "--dim", "256", "--ffn", "512",
                       "--heads", "4", "--kv", "2")
     path = converted(src, qtype)
-    q = read_gguf(path, tokenizer=False)
+    q = read_gguf(path)
     want = {"q8_0": 8, "q4_0": 2, "q4_k_m": 12, "q6_k": 14}[qtype]
     assert q.tensors["blk.0.attn_q.weight"].type == want
     ids = list(range(0, 1000, 37))
@@ -209,7 +209,7 @@ def test_every_quant_type_on_both_archs(make_llama3, converted, arch, qtype):
                          ids=["untied", "no-scaling", "qwen2-untied", "mha", "mqa"])
 def test_make_llama3_variants(make_llama3, args):
     src = make_llama3("-".join(a.strip("-") for a in args), *args)
-    mf = read_gguf(src, tokenizer=False)
+    mf = read_gguf(src)
     assert mf.shared_classifier == ("--untied" not in args)
     assert ("rope_freqs.weight" in mf.tensors) == (mf.arch == "llama" and "--no-scaling" not in args)
     ids = list(range(3, 1000, 13))
@@ -248,7 +248,7 @@ def test_convert_round_trip_keeps_everything(tmp_path):
     src = shared_path("models/bpe/llama3-tiny-f16.gguf")
     dst = tmp_path / "q8.gguf"
     convert(src, dst, "q8_0")
-    a, b = read_gguf(src, tokenizer=False), read_gguf(dst, tokenizer=False)
+    a, b = read_gguf(src), read_gguf(dst)
     for k, v in a.metadata.items():
         if k.startswith("tokenizer.") or k.startswith("llama."):
             w = b.metadata[k]
@@ -280,9 +280,9 @@ def test_cli_convert_and_info(tmp_path):
     for line in ("architecture: qwen2", "qwen2.rope.freq_base = 1000000.0",
                  "tokenizer.ggml.pre = qwen2", "blk.1.attn_v.bias"):
         assert line in info.stdout, line
-    m = pyllama.Llama(read_gguf(dst, tokenizer=False), threads=1)
+    m = pyllama.Llama(read_gguf(dst), threads=1)
     c = bpe_case("qwen2")
     ids = as_list(c["ids"])
-    ref = logits_at(read_gguf(src, tokenizer=False), ids, range(len(ids)))
+    ref = logits_at(read_gguf(src), ids, range(len(ids)))
     rms, mx = rel_err(m.logits(ids), ref)
     assert rms <= QUANT_NOISE["q4_0"][0] and mx <= QUANT_NOISE["q4_0"][1], (rms, mx)

@@ -36,6 +36,12 @@ def shared():
     return shared_path()
 
 
+def _tokenizer_of(mf):
+    """The tokenizer pyllama.tokenizers builds from a ModelFile's metadata (the reader does not)."""
+    from pyllama.tokenizers import from_gguf_metadata
+    return from_gguf_metadata(mf.metadata, mf.path)
+
+
 def _reaches(arr, base):
     """True when `base` is on arr's .base chain (a view, not a copy)."""
     while arr is not None:
@@ -110,11 +116,11 @@ def test_shared_file_matches_gguf_reader(shared, path):
     if ref.tensors:
         assert cfg["vocab_size"] == int(by_name["token_embd.weight"].shape[1])
         common.check_config(str(path), cfg)
-    assert mf.tokenizer is not None
+    assert _tokenizer_of(mf).vocab_size == cfg["vocab_size"]
 
 
 def test_vocab_only_file(shared):
-    mf = read_gguf(shared / "models" / "llama2-vocab.gguf", tokenizer=False)
+    mf = read_gguf(shared / "models" / "llama2-vocab.gguf")
     assert not mf.has_weights and mf.mmap is None
     assert mf.config["vocab_size"] == 32000 and mf.config["dim"] == 4096
     toks = mf.metadata["tokenizer.ggml.tokens"]
@@ -131,9 +137,10 @@ def test_vocab_parses_fast(shared):
 
 
 def test_tokenizer_built_from_metadata(shared):
+    """The reader returns metadata only (no tokenizer attribute); the factory builds one."""
     mf = read_gguf(shared / "models" / "stories260K-f32.gguf")
-    assert mf.tokenizer is not None
-    assert read_gguf(shared / "models" / "stories260K-f32.gguf", tokenizer=False).tokenizer is None
+    assert not hasattr(mf, "tokenizer")
+    assert _tokenizer_of(mf).vocab_size == 512
 
 
 def _timed(fn, *args):
@@ -211,7 +218,7 @@ def test_round_trip_weights(tmp_path, wtype):
     cfg = dict(TINY, dim=256, hidden_dim=512) if gguf.GGML_QUANT_SIZES[wtype][0] == 256 else TINY
     path = tmp_path / "m.gguf"
     written = write_llama(path, cfg, wtype)
-    mf = read_gguf(path, tokenizer=False)
+    mf = read_gguf(path)
     assert mf.config == dict(cfg, rms_eps=float(np.float32(1e-6)), rope_theta=500000.0,
                              head_dim=cfg["dim"] // cfg["n_heads"])
     assert set(mf.tensors) == set(written) and not mf.shared_classifier
@@ -226,7 +233,7 @@ def test_callers_map_is_used(tmp_path):
     path = tmp_path / "m.gguf"
     write_llama(path)
     mm = np.memmap(path, dtype=np.uint8, mode="r")
-    mf = read_gguf(path, mm, tokenizer=False)
+    mf = read_gguf(path, mm)
     assert mf.mmap is mm and all(_reaches(t.data, mm) for t in mf.tensors.values())
     assert [t.offset for t in read_metadata(path, mm)[2]] == [t.offset for t in read_metadata(path)[2]]
 
@@ -234,7 +241,7 @@ def test_callers_map_is_used(tmp_path):
 def test_round_trip_tied_and_alignment(tmp_path):
     path = tmp_path / "m.gguf"
     written = write_llama(path, tied=True, alignment=256)
-    mf = read_gguf(path, tokenizer=False)
+    mf = read_gguf(path)
     assert mf.shared_classifier and mf.metadata["general.alignment"] == 256
     for name, t in mf.tensors.items():
         assert (t.offset - mf.tensors["token_embd.weight"].offset) % 256 == 0
@@ -280,7 +287,7 @@ def test_round_trip_metadata_all_types(tmp_path, version):
         raw = bytearray(path.read_bytes())
         raw[4:8] = struct.pack("<I", 2)
         path.write_bytes(bytes(raw))
-    mf = read_gguf(path, tokenizer=False)
+    mf = read_gguf(path)
     assert mf.version == version
     for key, (val, vtype, sub) in ALL_VALUES.items():
         got = mf.metadata[key]
@@ -395,7 +402,7 @@ def bad(tmp_path, content, *fragments, name="bad.gguf"):
     path = tmp_path / name
     path.write_bytes(content if isinstance(content, bytes) else content.build())
     with pytest.raises(FormatError) as e:
-        read_gguf(path, tokenizer=False)
+        read_gguf(path)
     msg = str(e.value)
     assert str(path) in msg
     for frag in fragments:
@@ -404,7 +411,7 @@ def bad(tmp_path, content, *fragments, name="bad.gguf"):
 
 
 def test_small_model_is_valid(tmp_path):
-    mf = read_gguf(Model().write(tmp_path / "ok.gguf"), tokenizer=False)
+    mf = read_gguf(Model().write(tmp_path / "ok.gguf"))
     assert mf.config == dict(SMALL, rms_eps=float(np.float32(1e-5)), rope_theta=10000.0, head_dim=8)
     assert mf.tensors["blk.0.attn_q.weight"].type_name == "Q8_0"
     assert _plain(mf.metadata["t.nested"]) == [[7], [True, False]]
@@ -500,7 +507,7 @@ def test_nested_array_depth(tmp_path):
 
     m = Model()
     m.kvs.append(kv("x.deep", 9, nested(MAX_ARRAY_DEPTH)))
-    value = read_gguf(m.write(tmp_path / "ok.gguf"), tokenizer=False).metadata["x.deep"]
+    value = read_gguf(m.write(tmp_path / "ok.gguf")).metadata["x.deep"]
     for _ in range(MAX_ARRAY_DEPTH - 1):
         value = value[0]
     assert value.tolist() == [7]
@@ -543,7 +550,7 @@ def test_bad_dims(tmp_path):
     bad(tmp_path, m, "tensor 'token_embd.weight'", "outside the file")
     m = Model()  # an unused tensor may have a zero dim (it is 0 bytes)
     m.tensors.append(dict(name="unused.weight", ne=[0], type=0, offset=None))
-    mf = read_gguf(m.write(tmp_path / "ok.gguf"), tokenizer=False)
+    mf = read_gguf(m.write(tmp_path / "ok.gguf"))
     assert "unused.weight" not in mf.tensors
     assert "unused.weight" in [t.name for t in read_metadata(tmp_path / "ok.gguf")[2]]
 
@@ -564,7 +571,7 @@ def test_unsupported_and_unknown_tensor_types(tmp_path):
 def test_unused_tensor_of_unsupported_type_is_ignored(tmp_path):
     m = Model()
     m.tensors.append(dict(name="extra.weight", ne=[32, 2], type=28, offset=None))  # F64
-    mf = read_gguf(m.write(tmp_path / "ok.gguf"), tokenizer=False)
+    mf = read_gguf(m.write(tmp_path / "ok.gguf"))
     assert "extra.weight" not in mf.tensors
 
 
@@ -605,7 +612,7 @@ def test_other_alignment(tmp_path):
     m = Model()
     m.alignment = 64
     m.kvs.append(kv_u32("general.alignment", 64))
-    assert read_gguf(m.write(tmp_path / "ok.gguf"), tokenizer=False).has_weights
+    assert read_gguf(m.write(tmp_path / "ok.gguf")).has_weights
 
 
 def test_row_length_not_multiple_of_block(tmp_path):
@@ -650,7 +657,7 @@ def test_config_keys(tmp_path):
     m = Model()
     m.kvs.append(kv("llama.rope.freq_base", 6, struct.pack("<f", 1e6)))
     m.kvs.append(kv("llama.vocab_size", 10, struct.pack("<Q", 16)))
-    cfg = read_gguf(m.write(tmp_path / "ok.gguf"), tokenizer=False).config
+    cfg = read_gguf(m.write(tmp_path / "ok.gguf")).config
     assert cfg["rope_theta"] == 1e6 and cfg["vocab_size"] == 16
     assert list(cfg) == list(common.CONFIG_KEYS)
 
@@ -676,7 +683,7 @@ def test_rope(tmp_path):
     m.kvs += [kv_str("llama.rope.scaling.type", "none"),
               kv("llama.rope.scaling.factor", 6, struct.pack("<f", 4.0)),
               kv_u32("llama.rope.dimension_count", 8)]
-    assert read_gguf(m.write(tmp_path / "ok.gguf"), tokenizer=False).has_weights
+    assert read_gguf(m.write(tmp_path / "ok.gguf")).has_weights
     m = Model()
     m.kvs.append(kv_u32("llama.rope.dimension_count", 4))
     bad(tmp_path, m, "llama.rope.dimension_count = 4", "partial RoPE")
@@ -715,7 +722,7 @@ def test_norms_must_be_f32(tmp_path):
 def test_trailing_unit_dims_accepted(tmp_path):
     m = Model()
     m.tensors[1]["ne"] = [32, 1, 1]
-    mf = read_gguf(m.write(tmp_path / "ok.gguf"), tokenizer=False)
+    mf = read_gguf(m.write(tmp_path / "ok.gguf"))
     assert mf.tensors["output_norm.weight"].shape == (32,)
 
 
@@ -723,7 +730,7 @@ def test_vocab_only_partial_config(tmp_path):
     m = Model()
     m.tensors = []
     del m.kvs[1:5]  # no context_length, embedding_length, block_count, feed_forward_length
-    mf = read_gguf(m.write(tmp_path / "v.gguf"), tokenizer=False)
+    mf = read_gguf(m.write(tmp_path / "v.gguf"))
     assert not mf.has_weights and mf.mmap is None and mf.tensors == {}
     assert mf.config == dict(n_heads=4, n_kv_heads=2, vocab_size=16,
                              rms_eps=float(np.float32(1e-5)), rope_theta=10000.0)
@@ -735,9 +742,9 @@ def test_big_file_is_not_read(tmp_path):
                vocab_size=32000, seq_len=2048)
     path = Model(cfg).write_sparse(tmp_path / "big.gguf")
     assert path.stat().st_size > 400e6
-    best = min(_timed(lambda: read_gguf(path, tokenizer=False)) for _ in range(3))
+    best = min(_timed(lambda: read_gguf(path)) for _ in range(3))
     assert best < 0.25, f"read_gguf on a {path.stat().st_size >> 20} MB file took {best:.3f} s"
-    mf = read_gguf(path, tokenizer=False)
+    mf = read_gguf(path)
     assert mf.tensors["token_embd.weight"].data.shape == (32000, 2048 * 4)
 
 
@@ -770,7 +777,9 @@ def test_mutations(tmp_path):
         path.write_bytes(bytes(raw))
         t = time.perf_counter()
         try:
-            read_gguf(path)  # with the tokenizer: it must also answer with FormatError
+            mf = read_gguf(path)  # the tokenizer must also answer with FormatError
+            if "tokenizer.ggml.model" in mf.metadata:
+                _tokenizer_of(mf)
             read_metadata(path)
             outcomes["ok"] += 1
         except FormatError as e:

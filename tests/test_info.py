@@ -54,11 +54,17 @@ def _info(path):
 
 
 def test_other_architecture(tmp_path):
-    text, info = _info(shared_path("models/bpe/qwen2-tiny-f16.gguf"))
-    assert info["runnable"] is False and "unsupported architecture 'qwen2'" in info["cannot_run"]
-    assert info["architecture"] == "qwen2" and info["metadata"]["qwen2.block_count"] == 2
+    # the Qwen2 file (runnable since issue 10) renamed to an architecture pyllama does not know
+    arch = b"general.architecture\x08\x00\x00\x00\x05\x00\x00\x00\x00\x00\x00\x00qwen"
+    data = shared_path("models/bpe/qwen2-tiny-f16.gguf").read_bytes()
+    assert data.count(arch + b"2") == 1
+    path = tmp_path / "qwen9.gguf"
+    path.write_bytes(data.replace(arch + b"2", arch + b"9"))
+    text, info = _info(path)
+    assert info["runnable"] is False and "unsupported architecture 'qwen9'" in info["cannot_run"]
+    assert info["architecture"] == "qwen9" and info["metadata"]["qwen2.block_count"] == 2
     assert len(info["tensors"]) == 26 and info["types"] == {"F32": 11, "F16": 15}
-    assert "pyllama cannot run this file: unsupported architecture 'qwen2'" in text
+    assert "pyllama cannot run this file: unsupported architecture 'qwen9'" in text
     assert "blk.1.ffn_down.weight" in text and "qwen2.embedding_length = 128" in text
 
 

@@ -9,6 +9,7 @@ free port of 127.0.0.1; the `openai` package and httpx are the clients.
 """
 import concurrent.futures
 import contextlib
+import io
 import json
 import os
 import re
@@ -162,6 +163,15 @@ def test_chat_completions_with_and_without_stream(client, ref):
     assert chunks[-2].choices[0].finish_reason == "length" and chunks[-1].usage.completion_tokens == 16
 
 
+def test_null_fields_take_their_defaults(url, ref):
+    body = dict(prompt="The cat sat", temperature=0, max_tokens=None, stop=None, seed=None, logprobs=None, n=None)
+    got = post(url, "/v1/completions", body).json()["choices"][0]
+    assert got["text"] == ref.create_completion("The cat sat", temperature=0)["choices"][0]["text"]  # 16 tokens
+    r = post(url, "/v1/chat/completions", dict(messages=[{"role": "user", "content": "x"}], max_tokens=3,
+                                                temperature=0, logprobs=None, top_logprobs=None))
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 3
+
+
 def test_stream_is_server_sent_events_ending_with_done(url):
     with httpx.stream("POST", url + "/v1/completions", json=dict(prompt="a", max_tokens=4, stream=True),
                       headers=auth(), timeout=60) as r:
@@ -169,6 +179,40 @@ def test_stream_is_server_sent_events_ending_with_done(url):
         body = r.read().decode()
     events = body.split("\n\n")
     assert events[-2:] == ["data: [DONE]", ""] and all(e.startswith("data: {") for e in events[:-2])
+
+
+def test_the_readme_client_snippet_runs_as_shown(url, ref):
+    """README.md, "Serving": its python block against this server prints the Python API's texts."""
+    from conftest import ROOT
+    section = (ROOT / "README.md").read_text().split("## Serving", 1)[1].split("\n## ", 1)[0]
+    (code,) = re.findall(r"```python\n(.*?)```", section, re.S)
+    assert "http://127.0.0.1:8080/v1" in code and '"sk-anything"' in code
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        exec(code.replace("http://127.0.0.1:8080/v1", url + "/v1").replace('"sk-anything"', repr(KEY)), {})
+    chat = ref.create_chat_completion([{"role": "user", "content": "Tell me a story"}], max_tokens=32, temperature=0)
+    text = ref.create_completion("Once upon a time", max_tokens=16, temperature=0)
+    assert out.getvalue() == chat["choices"][0]["message"]["content"] + "\n" + text["choices"][0]["text"] + "\n"
+
+
+@pytest.mark.parametrize("name", ["bpe/llama3-tiny-f16.gguf", "bpe/qwen2-tiny-f16.gguf"])
+def test_byte_level_bpe_models_with_their_own_chat_templates(name):
+    """Llama 3 and Qwen2 GGUFs (byte-level BPE, the file's chat template, EOT stop ids): streamed
+    chat over HTTP equals the Python API (float weights: greedy on short outputs, no near ties)."""
+    path = str(shared_path("models/" + name))
+    m = pyllama.Llama(path, threads=1, n_ctx=256)
+    try:
+        messages = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Héllo 👋"}]
+        want = m.create_chat_completion(messages, max_tokens=12, temperature=0)["choices"][0]
+        assert want["message"]["content"]  # (a synthetic model: some text, not meaning)
+        with running(build_app(m, parallel=2, threads=1)) as base:
+            c = openai.OpenAI(base_url=base + "/v1", api_key="none", max_retries=0, timeout=60)
+            chunks = list(c.chat.completions.create(model="m", messages=messages, max_tokens=12,
+                                                    temperature=0, stream=True))
+        assert "".join(ch.choices[0].delta.content or "" for ch in chunks) == want["message"]["content"]
+        assert chunks[-1].choices[0].finish_reason == want["finish_reason"]
+    finally:
+        m.close()
 
 
 # -- errors in OpenAI's shape ---------------------------------------------------------------------------
@@ -197,6 +241,11 @@ def test_a_missing_or_wrong_key_is_401(url):
     ("/v1/completions", dict(prompt="a", n=2), "n"),
     ("/v1/completions", dict(prompt="a", stream="yes"), "stream"),
     ("/v1/completions", dict(prompt=[1, 99999]), "prompt"),
+    ("/v1/completions", dict(prompt=[]), "prompt"),
+    ("/v1/completions", dict(prompt={"text": "a"}), "prompt"),
+    ("/v1/completions", dict(prompt="a", seed=1.5), "seed"),
+    ("/v1/completions", dict(prompt="a", stream_options={"x": 1}), "stream_options"),
+    ("/v1/completions", dict(prompt="a", model=3), "model"),
     ("/v1/completions", dict(prompt="a", echo=True, logprobs=2), "echo"),
     ("/v1/completions", dict(max_tokens=2), "prompt"),
     ("/v1/chat/completions", dict(messages=[{"content": "hi"}]), "messages"),
@@ -235,7 +284,7 @@ def test_a_body_over_the_limit_is_413(url):
     error_of(httpx.post(url + "/v1/completions", content=chunks(), headers=auth(**{"Content-Type": "application/json"})), 413)
 
 
-def wait_idle(base, seconds=10):
+def wait_idle(base, seconds=30):
     deadline = time.monotonic() + seconds
     while (h := httpx.get(base + "/health").json())["slots_processing"] or h["queue"]:
         assert time.monotonic() < deadline, "a request still runs after its client left"

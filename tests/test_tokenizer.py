@@ -1,4 +1,4 @@
-"""Tests of pyllama.tokenizer.
+"""Tests of pyllama.tokenizers.spm (the SentencePiece tokenizer).
 
 Expected values come from (see ../shared/golden/README.md):
   * golden/manifest.json "encode": llama2.c's encode() with models/tokenizer.bin;
@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from conftest import SHARED, shared_path
 
 from pyllama.errors import FormatError, TokenizerError
-from pyllama.tokenizer import Tokenizer
+from pyllama.tokenizers import Tokenizer
 
 HYPOTHESIS = settings(max_examples=300, deadline=None, database=None,
                       suppress_health_check=[HealthCheck.too_slow])
@@ -539,3 +539,40 @@ def test_gguf_metadata_errors(changes, match):
     with pytest.raises(FormatError, match=match) as info:
         Tokenizer.from_gguf_metadata(_meta(**changes), "model.gguf")
     assert "model.gguf" in str(info.value)
+
+
+# ---------------------------------------------------------------------- the common contract
+def test_special_texts_become_control_ids(gguf_tok, tok):
+    """encode(special=True) as llama.cpp's parse_special: "<s>"/"</s>" are their ids and each plain
+    fragment gets the dummy-prefix space (ids from llama.cpp's SPM rule, spelled out here)."""
+    assert gguf_tok.encode("a</s>b", special=True) == [1, 263, 2] + gguf_tok.encode("b", bos=False)
+    assert gguf_tok.encode("a</s>b") == gguf_tok.encode("a</s>b", special=False)
+    assert 2 not in gguf_tok.encode("a</s>b")
+    # a tokenizer.bin's control pieces read "\n<s>\n": llama2.c parses no special texts, nor do we
+    assert tok.encode("<s>hi</s>", bos=False, special=True) == tok.encode("<s>hi</s>", bos=False)
+
+
+def test_stop_ids_and_token_bytes(tok, gguf_tok):
+    assert tok.stop_ids == gguf_tok.stop_ids == {2}
+    assert tok.token_bytes(2) == b"" and tok.token_bytes(3 + 0x41) == b"A"  # <0x41> is id 68
+    assert tok.token_bytes(tok.encode("hello", bos=False)[0]) == b" hello"
+    with pytest.raises(TokenizerError, match="out of range"):
+        tok.token_bytes(32000)
+
+
+@HYPOTHESIS
+@given(text=TEXTS)
+def test_decoder_joins_to_decode(tok, text):
+    """The incremental decoder: no half characters, and together the same text as decode()."""
+    ids = tok.encode(text)
+    d = tok.decoder()
+    pieces = [d.feed(i) for i in ids]
+    assert "".join(pieces) + d.flush() == tok.decode(ids)
+    assert all("\ufffd" not in p for p in pieces) or "\ufffd" in text
+
+
+def test_decoder_holds_split_characters(tok):
+    ids = tok.encode("🦙", bos=False)  # " " (29871, the dummy prefix, dropped), four byte tokens
+    assert ids[0] == 29871 and len(ids) == 5
+    d = tok.decoder()
+    assert [d.feed(i) for i in ids] == ["", "", "", "", "🦙"] and d.flush() == ""

@@ -60,13 +60,13 @@ def open_map(path, mmap=True):
     return data
 
 
-def load(path, mmap=True, tokenizer=True) -> ModelFile:
+def load(path, mmap=True) -> ModelFile:
     """Read a model file (llama2.c legacy/V1/V2 .bin or GGUF) into a ModelFile of views into one
-    read-only map of it (or, with mmap=False, one in-memory copy). tokenizer=False: a GGUF
-    file's vocabulary is not turned into a Tokenizer (its metadata is still there)."""
+    read-only map of it (or, with mmap=False, one in-memory copy). A GGUF file's vocabulary stays
+    metadata: pyllama.tokenizers builds the tokenizer from it."""
     path = os.fspath(path)
     mm = open_map(path, mmap)
     if bytes(mm[:4]) == GGUF_MAGIC:
         from .gguf import read_gguf
-        return read_gguf(path, mm, tokenizer=tokenizer)
+        return read_gguf(path, mm)
     return read_llama2c(path, mm)

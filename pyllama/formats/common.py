@@ -89,7 +89,8 @@ class Tensor:
 
 @dataclass
 class ModelFile:
-    """What a format reader returns: config, tensors by canonical name, optional tokenizer data."""
+    """What a format reader returns: config, tensors by canonical name, metadata (the tokenizer
+    is built from the metadata by pyllama.tokenizers, not by the reader)."""
     path: str
     format: str                 # "llama2c-legacy", "llama2c-v1", "llama2c-v2", "gguf"
     version: int
@@ -97,13 +98,12 @@ class ModelFile:
     tensors: dict               # name -> Tensor
     mmap: Optional[np.ndarray]  # the one read-only map every view points into (None if no tensors)
     metadata: dict = field(default_factory=dict)  # GGUF key -> value (empty for .bin)
-    tokenizer: Optional[object] = None           # a pyllama.tokenizer.Tokenizer from the file (GGUF)
     file_size: int = 0
     arch: str = "llama"                          # an arch.ARCHS key (llama2.c files: llama)
 
     @property
     def has_weights(self):
-        """False for a vocab-only file (GGUF with no tensors): tokenizer + partial config only."""
+        """False for a vocab-only file (GGUF with no tensors): metadata + partial config only."""
         return bool(self.tensors)
 
     @property

@@ -1,10 +1,10 @@
 """GGUF reader (versions 2 and 3): one read-only np.memmap, header parsed from bounded slices.
 
-    read_gguf(path, mm=None, tokenizer=True) -> ModelFile   a llama model (or vocab-only, below)
+    read_gguf(path, mm=None) -> ModelFile   a llama model (or vocab-only, below)
     read_metadata(path, mm=None) -> (version, metadata, [TensorInfo])   structure only
 
 `mm` is the file's map when the caller already made one (formats.load does); otherwise it is made
-here.
+here. The reader returns the metadata; pyllama.tokenizers builds the tokenizer from it.
 
 Every length and count is checked against the bytes that remain BEFORE anything is sliced or
 allocated, so a hostile file ends in FormatError (naming file, field/offset, expected vs found) —
@@ -16,7 +16,7 @@ or bools -> 1-D numpy arrays (copied out of the map, so they outlive it), arrays
 list[str], arrays of arrays -> list. v2 and v3 are the same layout for us (v1 had u32 counts).
 
 Vocab-only files (tensor count 0, e.g. llama.cpp's ggml-vocab-*.gguf): read_gguf returns a
-ModelFile with `tensors == {}` (`has_weights` False), `mmap None`, the tokenizer, and a PARTIAL
+ModelFile with `tensors == {}` (`has_weights` False), `mmap None`, the metadata, and a PARTIAL
 config — the keys present in the metadata plus defaults, type-checked but not check_config'ed.
 Callers that need weights must test `model_file.has_weights`. A file that has tensors is always
 checked in full: config, every used tensor's type and shape, missing tensors.
@@ -424,9 +424,9 @@ def _bind(path, mm, cfg, infos, arch):
     return tensors
 
 
-def read_gguf(path, mm=None, tokenizer=True):
-    """Read a GGUF model of a supported architecture; `tokenizer=False` skips building the
-    Tokenizer from the metadata."""
+def read_gguf(path, mm=None):
+    """Read a GGUF model of a supported architecture: config, tensors (views into the map) and
+    metadata (pyllama.tokenizers builds the tokenizer from it)."""
     path = os.fspath(path)
     if mm is None:
         mm = _map(path)
@@ -434,10 +434,6 @@ def read_gguf(path, mm=None, tokenizer=True):
     arch = _check_arch(path, meta)
     cfg = _config(path, meta, infos, arch)
     tensors = _bind(path, mm, cfg, infos, arch) if infos else {}
-    tok = None
-    if tokenizer and "tokenizer.ggml.model" in meta:
-        from ..tokenizer import Tokenizer
-        tok = Tokenizer.from_gguf_metadata(meta, source=path)
     return ModelFile(path=path, format="gguf", version=version, config=cfg, tensors=tensors,
-                     mmap=mm if infos else None, metadata=meta, tokenizer=tok,
+                     mmap=mm if infos else None, metadata=meta,
                      file_size=int(mm.size), arch=arch.name)

@@ -217,6 +217,22 @@ def _kquant_blocks(rng, rows, cols, qtype):
     return raw.reshape(rows, cols // 256 * size)
 
 
+def _add_bpe_vocab(w, v):
+    """A byte-level BPE (gpt2, llama-bpe) vocabulary of v tokens: the 256 byte tokens, merged
+    letter pairs, then BOS and EOT control tokens."""
+    from pyllama.tokenizers.bpe import BYTE_TO_CHAR
+    letters = "etaoinshrdlucmfw"
+    pairs = [a + b for a in letters for b in letters][:v - 258]
+    w.add_tokenizer_model("gpt2")
+    w.add_string("tokenizer.ggml.pre", "llama-bpe")
+    w.add_token_list(list(BYTE_TO_CHAR) + pairs + ["<|begin_of_text|>", "<|eot_id|>"])
+    w.add_token_types([1] * (v - 2) + [3, 3])
+    w.add_token_merges([f"{p[0]} {p[1]}" for p in pairs])
+    w.add_bos_token_id(v - 2)
+    w.add_eos_token_id(v - 1)
+    w.add_add_bos_token(True)
+
+
 def write_gguf(path, rng, cfg, wtype, tied=False, per_tensor=None, tokens=True, tensors=True,
                alignment=None, arch="llama", head_dim=None, rope_freqs=False, biases=False):
     """head_dim: written as attention.key_length/value_length (q: heads*head_dim rows);
@@ -242,7 +258,9 @@ def write_gguf(path, rng, cfg, wtype, tied=False, per_tensor=None, tokens=True, 
     w.add_file_type(int(wtype))
     if alignment:
         w.add_custom_alignment(alignment)
-    if tokens:
+    if tokens == "bpe":
+        _add_bpe_vocab(w, v)
+    elif tokens:
         pieces = vocab_pieces()[:v]
         text = []
         types = []
@@ -421,6 +439,7 @@ def gguf_seeds(rng, tmp):
         ("gguf-q4_k_m.gguf", kq, GT.Q4_K, dict(per_tensor={"ffn_down": GT.Q6_K, "attn_v": GT.Q6_K,
                                                            "output": GT.Q6_K})),
         ("gguf-vocab-only.gguf", small, GT.F32, dict(tensors=False)),
+        ("gguf-bpe-f16.gguf", small, GT.F16, dict(tokens="bpe")),
         # issue 10's architectures: Llama 3 (rope_freqs, head_dim != dim/heads), Qwen2 (biases)
         ("gguf-llama3-f16.gguf", small, GT.F16, dict(tied=True, head_dim=16, rope_freqs=True)),
         ("gguf-qwen2-q8_0.gguf", small, GT.Q8_0, dict(arch="qwen2", biases=True)),

@@ -26,7 +26,6 @@ vocabulary, e.g. before " x" after a non-space) and words are cached.
 from __future__ import annotations
 
 import heapq
-import operator
 import os
 import re
 import struct
@@ -34,11 +33,12 @@ from typing import Iterable, Optional
 
 import numpy as np
 
-from .errors import FormatError, ParameterError, TokenizerError
-from .formats import read_file
+from ..errors import FormatError, ParameterError
+from ..formats import read_file
+from .base import (BYTE, CONTROL, NORMAL, UNKNOWN, UNUSED, USER_DEFINED, BaseTokenizer,
+                   as_text as _as_text, check_types, end_of_generation, optional_ids,
+                   specials_by_length, split_special, vector as _vector)
 
-# GGUF token types (llama.cpp's llama_token_type); 0 "undefined" is treated as normal.
-NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 _MERGEABLE = (0, NORMAL, USER_DEFINED, UNUSED)  # pieces BPE may produce (SentencePiece's pieces_)
 
 GGUF_KEYS = {  # metadata key -> default (None = required)
@@ -65,12 +65,15 @@ _CACHE_MAX, _CACHED_WORD_MAX = 1 << 16, 64
 _HEADER, _RECORD = struct.Struct("<I"), struct.Struct("<fI")
 
 
-class Tokenizer:
+class Tokenizer(BaseTokenizer):
     """A SentencePiece BPE vocabulary: ``pieces[i]`` (bytes, real spaces) with ``scores[i]``."""
+
+    kind = "spm"
+    pre = None
 
     def __init__(self, pieces: list, scores, token_types=None, bos_id: int = 1, eos_id: int = 2,
                  unk_id: int = 0, add_bos: bool = True, add_space_prefix: bool = True,
-                 source: str = "<tokenizer>"):
+                 source: str = "<tokenizer>", eot_id=None, eom_id=None):
         n = len(pieces)
         self.source = source
         if n == 0:
@@ -85,6 +88,7 @@ class Tokenizer:
             if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or not 0 <= v < n:
                 raise FormatError(f"{source}: {name} must be a token id in [0, {n}), found {v!r}")
         self.bos_id, self.eos_id, self.unk_id = int(bos_id), int(eos_id), int(unk_id)
+        self.eot_id, self.eom_id = eot_id, eom_id
         self.add_bos, self.add_space_prefix = bool(add_bos), bool(add_space_prefix)
         # llama2.c prints control pieces as text ("\n</s>\n"); GGUF runners print nothing
         self.prints_control = token_types is None
@@ -96,10 +100,7 @@ class Tokenizer:
             types[self.bos_id] = types[self.eos_id] = CONTROL
             token_types = types
         self.token_types = _vector(token_types, n, np.int32, "token_type", source)
-        bad = np.flatnonzero((self.token_types < 0) | (self.token_types > BYTE))
-        if bad.size:
-            raise FormatError(f"{source}: token {bad[0]}: token type must be 0..6, "
-                              f"found {self.token_types[bad[0]]}")
+        check_types(self.token_types, source)
         self._types = self.token_types.tolist()
         self._merge_scores = (-self.scores).tolist()  # heap order: max score first
         self._byte_value: dict = {}     # byte token id -> its byte
@@ -132,6 +133,15 @@ class Tokenizer:
         self._split_words = not _any_crosses_word(self._ids)
         self.max_piece_chars = max(map(len, self._ids), default=1)
         self._cache: dict = {}
+        # what encode(special=True) recognises in text: GGUF control/unknown pieces ("<s>");
+        # none for a tokenizer.bin, whose control pieces read "\n<s>\n" (llama2.c parses none)
+        specials = [] if self.prints_control else \
+            np.flatnonzero(np.isin(self.token_types, (CONTROL, UNKNOWN))).tolist()
+        self._specials = specials_by_length(
+            (t, i) for t, i in zip(_decode_each([self._pieces[i] for i in specials]), specials)
+            if t is not None)
+        self._eog_ids = end_of_generation((t, i) for t, i in self._specials
+                                          if self._types[i] == CONTROL)
 
     # ------------------------------------------------------------------ constructors
     @classmethod
@@ -206,7 +216,8 @@ class Tokenizer:
             ids.append(int(x))
         return cls(pieces, v["tokenizer.ggml.scores"], types if len(types) else None,
                    *ids, add_bos=bool(v["tokenizer.ggml.add_bos_token"]),
-                   add_space_prefix=bool(v["tokenizer.ggml.add_space_prefix"]), source=source)
+                   add_space_prefix=bool(v["tokenizer.ggml.add_space_prefix"]), source=source,
+                   **optional_ids(meta, len(pieces), source))
 
     # ------------------------------------------------------------------ properties
     @property
@@ -222,10 +233,21 @@ class Tokenizer:
         return f"Tokenizer({self.source!r}, vocab_size={self.vocab_size})"
 
     # ------------------------------------------------------------------ encoding
-    def encode(self, text, bos: Optional[bool] = None, eos: bool = False) -> list:
-        """Token ids of ``text`` (str, or UTF-8 bytes); ``bos=None`` means ``self.add_bos``."""
+    def encode(self, text, bos: Optional[bool] = None, eos: bool = False,
+               special: bool = False) -> list:
+        """Token ids of ``text`` (str, or UTF-8 bytes); ``bos=None`` means ``self.add_bos``.
+        ``special=True``: control-token texts ("<s>", "</s>") become their ids, and each plain
+        fragment gets the dummy-prefix space (as llama.cpp's parse_special)."""
         text = _as_text(text)
-        ids = [self.bos_id] if (self.add_bos if bos is None else bos) else []
+        ids = self._bos(bos)
+        for frag in (split_special(text, self._specials) if special else (text,)):
+            if frag.__class__ is str:
+                self._encode_plain(frag, ids)
+            else:
+                ids.append(frag)
+        return ids + self._eos(eos)
+
+    def _encode_plain(self, text: str, ids: list) -> None:
         if text:
             text = text.replace(_SPM_SPACE, " ")
             if self.add_space_prefix:
@@ -240,9 +262,6 @@ class Tokenizer:
                             cache.clear()
                         cache[word] = word_ids
                 ids.extend(word_ids)
-        if eos:
-            ids.append(self.eos_id)
-        return ids
 
     def _bpe(self, text: str) -> list:
         """SentencePiece BPE of one word. A symbol is the span [start, end[start]) of ``text``."""
@@ -310,40 +329,6 @@ class Tokenizer:
             out.append(tid)
 
     # ------------------------------------------------------------------ decoding
-    def check_ids(self, ids: Iterable) -> list:
-        """``ids`` as a list of ints, or TokenizerError naming the first invalid one."""
-        if isinstance(ids, np.ndarray) and ids.dtype.kind in "iu" and ids.ndim == 1:
-            if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
-                bad = ids[(ids < 0) | (ids >= self.vocab_size)][0]
-                raise TokenizerError(f"token id {bad} out of range [0, {self.vocab_size}) "
-                                     f"of {self.source}")
-            return ids.tolist()
-        try:
-            return [self._check_id(i) for i in ids]
-        except TypeError:
-            raise TokenizerError(f"token ids must be an iterable of ints, found "
-                                 f"{type(ids).__name__}") from None
-
-    def ids_valid(self, ids: Iterable) -> bool:
-        """Whether every id in ``ids`` is an int in [0, vocab_size)."""
-        try:
-            self.check_ids(ids)
-        except TokenizerError:
-            return False
-        return True
-
-    def _check_id(self, tid) -> int:
-        try:
-            if isinstance(tid, bool):
-                raise TypeError
-            v = operator.index(tid)
-        except TypeError:
-            raise TokenizerError(f"token id {tid!r} is not an integer") from None
-        if not 0 <= v < len(self._pieces):
-            raise TokenizerError(f"token id {v} out of range [0, {len(self._pieces)}) "
-                                 f"of {self.source}")
-        return v
-
     def decode_piece(self, prev_id, tid) -> bytes:
         """llama2.c's decode(): the bytes of ``tid`` following ``prev_id``.
 
@@ -373,6 +358,18 @@ class Tokenizer:
         if len(piece) == 1 and piece[0] not in _PRINTABLE:
             return b""
         return piece
+
+    def _piece(self, tid: int, first: bool) -> bytes:
+        """The bytes of ``tid`` in decode()'s text; ``first``: nothing visible before it."""
+        t = self._types[tid]
+        if t == CONTROL:
+            return b""
+        if t == BYTE:
+            return bytes((self._byte_value[tid],))
+        if t == UNKNOWN:
+            return _UNK_SURFACE.encode()
+        piece = self._pieces[tid]
+        return piece[1:] if first and piece[:1] == b" " else piece
 
     def decode(self, ids: Iterable) -> str:
         """Text of ``ids``, as SentencePiece's DecodeIds gives it (see the module docstring)."""
@@ -477,40 +474,7 @@ def _decode_each(pieces) -> list:
     return out
 
 
-def _as_text(text) -> str:
-    """``text`` as a str that has a UTF-8 encoding, else TokenizerError."""
-    if isinstance(text, (bytes, bytearray, memoryview)):
-        try:
-            return bytes(text).decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise TokenizerError(f"text is not valid UTF-8: byte 0x{e.object[e.start]:02x} at "
-                                 f"byte offset {e.start} ({e.reason})") from None
-    if not isinstance(text, str):
-        raise TokenizerError(f"text must be str or bytes, found {type(text).__name__}")
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise TokenizerError(f"text has a lone surrogate U+{ord(text[e.start]):04X} at character "
-                             f"index {e.start}, which has no UTF-8 encoding") from None
-    return text
-
-
 def _utf8(data) -> str:
     """Decode UTF-8 as SentencePiece does: each byte that does not start a valid sequence becomes
     one U+FFFD (Python's errors="replace" would turn some multi-byte runs into a single one)."""
     return bytes(data).decode("utf-8", "surrogateescape").translate(_ESCAPED_TO_FFFD)
-
-
-def _vector(values, n: int, dtype, name: str, source: str) -> np.ndarray:
-    """``values`` as a 1-D array of ``n`` numbers of ``dtype``, else FormatError."""
-    try:
-        a = np.asarray(values)
-    except (TypeError, ValueError) as e:
-        raise FormatError(f"{source}: {name}: expected {n} numbers ({e})") from None
-    if a.ndim != 1 or len(a) != n:
-        raise FormatError(f"{source}: {name}: expected {n} values (one per token), "
-                          f"found shape {a.shape}")
-    if a.size and a.dtype.kind not in ("iuf" if dtype == np.float32 else "iu"):
-        raise FormatError(f"{source}: {name}: expected {np.dtype(dtype).name} values, "
-                          f"found {a.dtype}")
-    return a.astype(dtype)

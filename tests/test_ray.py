@@ -15,7 +15,7 @@ from ray import cloudpickle
 import pyllama
 import pyllama.ray as pray
 from pyllama import ParameterError
-from pyllama.tokenizer import Tokenizer
+from pyllama import Tokenizer
 
 from conftest import shared_path
 

@@ -40,8 +40,8 @@ def _split(options):
 
 def _request(llama, prompt, n_ctx, sampling):
     from .completion import Completion
-    if isinstance(prompt, bytes):
-        raise ParameterError(f"prompt: expected a string or token ids, found bytes {prompt[:20]!r}")
+    if prompt is None or isinstance(prompt, bytes):  # a null cell; bytes are not text
+        raise ParameterError(f"prompt: expected a string or token ids, found {prompt!r:.40}")
     return Completion(llama, prompt, n_ctx=n_ctx, **sampling)
 
 

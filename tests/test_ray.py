@@ -118,13 +118,18 @@ def test_an_actor_killed_mid_batch_has_its_rows_retried(cluster, files, referenc
 
 def test_a_bad_row_gets_an_error_not_a_failed_job(cluster, files, reference):
     ps = prompts(12)
-    rows = ps[:5] + ["Once upon a time " * 200] + ps[5:]  # 800+ tokens: the context holds 512
+    # 800+ tokens (the context holds 512), then a null prompt
+    rows = ps[:5] + ["Once upon a time " * 200] + ps[5:9] + [None] + ps[9:]
     out = pray.generate(dataset(rows), files[0], tokenizer=files[1], batch_size=4,
                         max_tokens=MAX_TOKENS, temperature=0).take_all()
-    bad = out[5]
-    assert bad["text"] is None and bad["finish_reason"] is None
-    assert bad["error"].startswith("ParameterError: the prompt (") and "the context holds 512" in bad["error"]
-    good = out[:5] + out[6:]
+    assert [r["id"] for r in out] == list(range(len(rows)))
+    too_long, null = out[5], out[10]
+    assert too_long["text"] is None and too_long["finish_reason"] is None
+    assert too_long["error"].startswith("ParameterError: the prompt (") and \
+        "the context holds 512" in too_long["error"]
+    assert null["prompt"] is None and null["text"] is None and null["finish_reason"] is None
+    assert null["error"] == "ParameterError: prompt: expected a string or token ids, found None"
+    good = out[:5] + out[6:10] + out[11:]
     assert [(r["prompt"], r["text"], r["finish_reason"], r["error"]) for r in good] == \
         [(p, *reference[p], None) for p in ps]
 

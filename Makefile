@@ -5,8 +5,8 @@ PIP := $(PYTHON) -m pip install --quiet --disable-pip-version-check
 
 .PHONY: install demo test bench bench-contention bench-compare bench-serve man clean
 
-install:            ## build the C core for this CPU and install pyllama (editable) with test and server deps
-	$(PIP) -e '.[test,server]'
+install:            ## build the C core for this CPU and install pyllama (editable) with test, server and ray deps
+	$(PIP) -e '.[test,server,ray]'
 
 demo: install       ## generate a story with the best model found
 	@if [ -f stories15M.bin ]; then \

@@ -93,9 +93,22 @@ def main():
             m.close()
     crows = contention_rows(args.repeat)
     tokenizer_speed()
+    prefix = prefix_cache_row(args.repeat)
     if args.json:
         Path(args.json).write_text(json.dumps(dict(cpu=cpu_line(), read_bandwidth=bw, rows=rows,
-                                                   contention=crows), indent=2))
+                                                   contention=crows, prefix_cache=prefix), indent=2))
+
+
+def prefix_cache_row(repeat):
+    """Time to first token of a chat's second turn after ~1,000 tokens of history: with the
+    prefix cache (only the new message is evaluated) vs cold (goal: >= 10x)."""
+    from prefix_cache import prefix_cache_speedup
+    r = prefix_cache_speedup(model_file("stories15M", "bin"), SHARED / "models" / "tokenizer.bin",
+                             history_tokens=1000, repeat=repeat)
+    print(f"\nprefix cache: stories15M shape, second chat turn after {r['history_tokens']} tokens: "
+          f"time to first token cold {r['cold_s'] * 1e3:.1f} ms, cached {r['warm_s'] * 1e3:.1f} ms "
+          f"({r['new_tokens']} tokens evaluated): {r['speedup']:.1f}x (goal >= 10x)")
+    return r
 
 
 def contention_rows(rounds, procs=(1, 2, 4), seconds=3.0):

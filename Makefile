@@ -3,7 +3,7 @@ PYTHON ?= python3
 SHARED ?= $(or $(PYLLAMA_SHARED),../shared)
 PIP := $(PYTHON) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: install demo test bench bench-contention bench-compare man clean
+.PHONY: install demo test bench bench-contention bench-compare bench-big man clean
 
 install:            ## build the C core for this CPU and install pyllama (editable) with test deps
 	$(PIP) -e '.[test]'
@@ -29,6 +29,11 @@ bench-contention: install  ## only the contention rows of make bench: 1, 2 and 4
 
 bench-compare: install  ## pyllama vs llama-cpp-python on the same GGUF files (pip install -e '.[bench]' first)
 	PYLLAMA_SHARED=$(SHARED) $(PYTHON) benchmarks/compare.py $(if $(LLAMA_PYTHON),--llama-python $(LLAMA_PYTHON))
+
+bench-big: install  ## only the Llama-3.2-1B-shaped rows of make bench (makes the files on first use, ~8 GB), then side by side
+	PYLLAMA_SHARED=$(SHARED) $(PYTHON) benchmarks/bench.py --big
+	PYLLAMA_SHARED=$(SHARED) $(PYTHON) benchmarks/compare.py --big --rounds 2 $(if $(LLAMA_PYTHON),--llama-python $(LLAMA_PYTHON))
+	PYLLAMA_SHARED=$(SHARED) $(PYTHON) benchmarks/compare.py --big --prompt 512 --gen 16 $(if $(LLAMA_PYTHON),--llama-python $(LLAMA_PYTHON))
 
 man: install        ## the man page pyllama.1, from the argparse parser
 	$(PIP) 'argparse-manpage>=4'

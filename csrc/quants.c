@@ -480,7 +480,14 @@ static inline void step_q4_0(const void *row, const act_view *a, int i, __m256 *
 {
     (void)side;
     const blk_q4_0 *b = (const blk_q4_0 *)row + i;
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__) /* nibbles · x with −8·Σx per lane to start */
+    __m256i x = load_q8(a, i);
+    __m256i c = _mm256_sub_epi32(_mm256_setzero_si256(),
+                                 _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_set1_epi8(8), x));
+    __m256i p = _mm256_dpbusd_epi32(c, nibbles(b->qs), x);
+#else
     __m256i p = dot_i8(_mm256_sub_epi8(nibbles(b->qs), _mm256_set1_epi8(8)), load_q8(a, i));
+#endif
     *acc = _mm256_fmadd_ps(_mm256_set1_ps(pli_fp16(b->d) * a->ds[2 * i]), _mm256_cvtepi32_ps(p), *acc);
 }
 #endif
@@ -1321,7 +1328,8 @@ static tile_fn tile_of(int type)
  * the odd ones (acc1); a lane's integer sum is exact however it is formed, and each lane takes
  * the same f32 multiply-add (scale fp16(d)·xd, then fma) in the same block order. vpdpbusd wants
  * unsigned × signed bytes: Q4_0 nibbles are unsigned, with −8·Σx per lane as the start value;
- * Q8_0 weights become w+128 (xor 0x80), with −128·Σx per lane as the start value. */
+ * Q8_0 weights become w+128 (xor 0x80), with −128·Σx per lane as the start value. Decoding keeps
+ * dot32 (one row at a time streams from memory best); the tile's sums equal its sums bit for bit. */
 #define VR 4
 #define VT 4
 #define VROWS 64 /* rows per pass over all token tiles: their weights stay in L2 */
@@ -1416,17 +1424,6 @@ v_batch(int type, const pl_tensor *w, const void *xq, long long stride, int ntok
     }
 }
 
-/* One token (decoding): the same tile with VT = 1, so a token's batched result is its own. */
-static inline __attribute__((always_inline)) void
-v_rows(int type, const pl_tensor *w, const act_view *a, float *out, long long r0, long long r1)
-{
-    const int nb = (int)(w->cols / QK);
-    const size_t rb = (size_t)nb * block_bytes(type);
-    const char *base = (const char *)w->data;
-    long long r = r0;
-    for (; r + VR <= r1; r += VR) v_tile(type, base + (size_t)r * rb, rb, VR, 1, a, nb, out + r, 0);
-    if (r < r1) v_tile(type, base + (size_t)r * rb, rb, (int)(r1 - r), 1, a, nb, out + r, 0); /* 1-3 rows */
-}
 #endif
 
 void pli_matmul_batch(const pl_tensor *w, const void *xq, long long stride, int ntok, float *out,
@@ -1464,10 +1461,6 @@ void pli_matvec_rows(const pl_tensor *w, const void *xq, float *out, long long r
             q8g_dots(q + r * w->cols, w->scales + r * gpr, &a, 1, (int)w->cols, w->group_size, out + r, 0);
         return;
     }
-#ifdef PL_VNNI512
-    if (w->type == PL_Q8_0) return v_rows(PL_Q8_0, w, &a, out, r0, r1);
-    if (w->type == PL_Q4_0) return v_rows(PL_Q4_0, w, &a, out, r0, r1);
-#endif
     dot_fn dot = dot_of(w->type);
     if (!dot) {
         for (long long r = r0; r < r1; r++) out[r] = NAN;

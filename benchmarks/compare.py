@@ -1,7 +1,7 @@
 """`make bench-compare`: pyllama and llama-cpp-python on the same GGUF files, side by side.
 
 For each file: load time, prompt processing (128 tokens) and streaming generation through each
-project's public Python API (pyllama `Llama.generate`, llama-cpp-python
+project's public Python API (pyllama `Llama.generate_tokens`, llama-cpp-python
 `create_completion(stream=True)`), greedy, 2 threads, medians; the first line of the output names
 the CPU. llama-cpp-python runs in a child process of the Python given by --llama-python (default:
 this one; install it with `pip install -e '.[bench]'`, which builds llama.cpp from source and
@@ -55,19 +55,17 @@ def pyllama_run(path, n_gen, n_prompt, threads, repeat):
     import numpy as np
     import pyllama
     t0 = time.perf_counter()
-    m = pyllama.Llama(path, threads=threads, n_ctx=max(512, n_prompt + n_gen + 16))
+    m = pyllama.Llama(pyllama.load(path, tokenizer=False), threads=threads, n_ctx=max(512, n_prompt + n_gen + 16))
     res = {"load_s": time.perf_counter() - t0, "gen": [], "prompt": []}
     rng = np.random.default_rng(0)
     ids = [1] + rng.integers(3, m.vocab_size, size=n_prompt - 1).tolist()
-    n_ids = len(m.tokenize(PROMPT))
     for _ in range(repeat):
         t0 = time.perf_counter()
         m.logits(ids, last_only=True)  # the prompt's prefill
         res["prompt"].append(n_prompt / (time.perf_counter() - t0))
         t0 = time.perf_counter()
-        pieces = sum(1 for _ in m.generate(PROMPT, steps=n_ids - 1 + n_gen, temperature=0))
-        res["gen"].append(n_gen / (time.perf_counter() - t0))
-        assert pieces <= n_gen
+        n = sum(1 for _ in m.generate_tokens([1], n_gen, temperature=0.0, seed=1, stop=False))
+        res["gen"].append(n / (time.perf_counter() - t0))
     return res
 
 

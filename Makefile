@@ -3,7 +3,7 @@ PYTHON ?= python3
 SHARED ?= $(or $(PYLLAMA_SHARED),../shared)
 PIP := $(PYTHON) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: install demo test bench bench-contention bench-compare bench-serve man clean
+.PHONY: install demo test bench bench-contention bench-compare bench-big bench-serve man clean
 
 install:            ## build the C core for this CPU and install pyllama (editable) with test, server and ray deps
 	$(PIP) -e '.[test,server,ray]'
@@ -32,6 +32,11 @@ bench-compare: install  ## pyllama vs llama-cpp-python on the same GGUF files (p
 
 bench-serve: install  ## `pyllama serve`: aggregate tokens/s of 1, 2, 4, 8 streaming HTTP clients (15M Q8_0 shape)
 	PYLLAMA_SHARED=$(SHARED) $(PYTHON) benchmarks/serve_clients.py
+
+bench-big: install  ## only the Llama-3.2-1B-shaped rows of make bench (makes the files on first use, ~8 GB), then side by side
+	PYLLAMA_SHARED=$(SHARED) $(PYTHON) benchmarks/bench.py --big
+	PYLLAMA_SHARED=$(SHARED) $(PYTHON) benchmarks/compare.py --big --rounds 2 $(if $(LLAMA_PYTHON),--llama-python $(LLAMA_PYTHON))
+	PYLLAMA_SHARED=$(SHARED) $(PYTHON) benchmarks/compare.py --big --prompt 512 --gen 16 $(if $(LLAMA_PYTHON),--llama-python $(LLAMA_PYTHON))
 
 man: install        ## the man page pyllama.1, from the argparse parser
 	$(PIP) 'argparse-manpage>=4'

@@ -54,17 +54,101 @@ def model_file(name, fmt):
     return out
 
 
+LLAMA3_1B = ["--dim", "2048", "--layers", "16", "--heads", "32", "--kv", "8", "--ffn", "8192"]
+
+
+def llama3_1b(fmt):
+    """The Llama-3.2-1B-shaped file (random weights, Meta's vocabulary, tied classifier) as `fmt`,
+    made on demand in build/bench-models: make_llama3.py writes F32, `pyllama convert` quantizes."""
+    MODELS.mkdir(parents=True, exist_ok=True)
+    src = MODELS / "llama3-1b-f32.gguf"
+    if not src.exists():
+        import llama_models  # pip install llama-models: Meta's tokenizer.model
+        tok = Path(llama_models.__file__).parent / "llama3" / "tokenizer.model"
+        print(f"making {src.name} (make_llama3.py {' '.join(LLAMA3_1B)}; ~5 GB)", file=sys.stderr)
+        tmp = src.with_suffix(".tmp")
+        subprocess.run([sys.executable, str(SHARED / "tools" / "make_llama3.py"), *LLAMA3_1B, str(tok),
+                        str(tmp)], check=True)
+        tmp.replace(src)
+    out = MODELS / f"llama3-1b-{fmt}.gguf"
+    if not out.exists():
+        print(f"converting {src.name} to {out.name}", file=sys.stderr)
+        from pyllama.convert import convert
+        convert(src, out, type=fmt)
+    return out
+
+
+def tensor_rates(path, names, threads, repeat=5):
+    """(type, GB/s, seconds, bytes) of one-token pl_matmul over each named tensor (best of
+    `repeat`): the classifier's share of a token's time should not pass its share of the bytes."""
+    import time
+    import numpy as np
+    from pyllama._core import ffi, lib
+    from pyllama.formats.gguf import read_gguf
+    mf = read_gguf(path)
+    rates = {}
+    for name in names:
+        t = mf.tensors[name]
+        pt = ffi.new("pl_tensor *")
+        buf = ffi.from_buffer(t.data)
+        pt.data, pt.scales, pt.type, pt.group_size = ffi.cast("void *", buf), ffi.NULL, t.type, 0
+        pt.rows, pt.cols = t.shape
+        x = np.random.default_rng(0).standard_normal(t.shape[1]).astype(np.float32)
+        out = np.empty(t.shape[0], np.float32)
+        scratch = np.zeros(lib.pl_matmul_scratch_bytes(pt, 1) + 64, np.uint8)
+        args = (ffi.cast("float *", ffi.from_buffer(out)), ffi.cast("float *", ffi.from_buffer(x)), 1, pt,
+                ffi.from_buffer(scratch), threads)
+        best = float("inf")
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            lib.pl_matmul(*args)
+            best = min(best, time.perf_counter() - t0)
+        rates[name] = (t.type_name, t.data.nbytes / best / 1e9, best, t.data.nbytes)
+    mf.close()
+    return rates
+
+
+def big_rows(repeat, bw):
+    """The Llama-3.2-1B-shaped rows (issue 10 item 5): generation at 1 and 2 threads, prompt 128
+    and 512 at 2 threads, the bandwidth fraction, and the classifier's read rate against a layer's."""
+    print(f"\nLlama-3.2-1B shape ({' '.join(LLAMA3_1B)}, vocab 128256, tied), 2 threads unless said")
+    head = (f"{'format':7} {'MB/tok':>7} {'gen 1t':>7} {'gen 2t':>7} {'[min..max 2t]':>15} {'%bw':>4} "
+            f"{'pp128':>7} {'pp512':>7}  classifier: type, share of bytes / of a token's time")
+    print(head)
+    print("-" * len(head))
+    rows = []
+    for fmt in ("q8_0", "q4_0", "q4_k_m"):
+        path = llama3_1b(fmt)
+        m = pyllama.Llama(path, n_ctx=640)
+        r1 = bench(m, 1, 16, 32, repeat)
+        r2 = bench(m, 2, 128, 64, repeat)
+        r5 = bench(m, 2, 512, 1, repeat)
+        m.close()
+        ct, cr, cs, cb = tensor_rates(path, ["token_embd.weight"], 2)["token_embd.weight"]
+        g2 = r2["gen_tok_s"]["median"]
+        frac = g2 * r2["bytes_per_token"] / bw[2]
+        print(f"{fmt:7} {r2['bytes_per_token'] / 1e6:7.1f} {r1['gen_tok_s']['median']:7.1f} {g2:7.1f} "
+              f"{'[%.1f..%.1f]' % (r2['gen_tok_s']['min'], r2['gen_tok_s']['max']):>15} {frac * 100:4.0f} "
+              f"{r2['prompt_tok_s']['median']:7.1f} {r5['prompt_tok_s']['median']:7.1f}  "
+              f"{ct} {cb / r2['bytes_per_token'] * 100:.0f}% / {cs * g2 * 100:.0f}%", flush=True)
+        rows.append(dict(model="llama3-1b", format=fmt, one_thread=r1, two_threads=r2, prompt512=r5,
+                         bandwidth_fraction=frac, classifier_gb_s=cr, classifier_bytes=cb,
+                         classifier_time_share=cs * g2))
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="stories260K and stories15M only")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
     ap.add_argument("--contention", action="store_true", help="the contention rows only")
+    ap.add_argument("--big", action="store_true", help="the Llama-3.2-1B-shaped rows only")
     args = ap.parse_args()
     if args.contention:
         print(cpu_line())
         return contention_rows(args.repeat)
-    shapes = ["stories260K", "stories15M"] + ([] if args.quick else ["stories110M"])
+    shapes = [] if args.big else ["stories260K", "stories15M"] + ([] if args.quick else ["stories110M"])
     formats = ["bin", "v2", "f32", "q8_0", "q4_0", "q4_k_m"]
     print(cpu_line())
     print(f"pyllama {pyllama.__version__} ({pyllama.build_info()})")
@@ -91,6 +175,9 @@ def main():
             rows.append(dict(model=name, format=fmt, one_thread=r1, two_threads=r2,
                              time_to_first_token_ms=ttft * 1000, bandwidth_fraction=frac))
             m.close()
+    if args.big:
+        return big_rows(args.repeat, bw)
+    rows += [] if args.quick else big_rows(args.repeat, bw)
     crows = contention_rows(args.repeat)
     tokenizer_speed()
     prefix = prefix_cache_row(args.repeat)

@@ -1,7 +1,7 @@
 """`make bench-compare`: pyllama and llama-cpp-python on the same GGUF files, side by side.
 
 For each file: load time, prompt processing (128 tokens) and streaming generation through each
-project's public Python API (pyllama `Llama.generate`, llama-cpp-python
+project's public Python API (pyllama `Llama.generate_tokens`, llama-cpp-python
 `create_completion(stream=True)`), greedy, 2 threads, medians; the first line of the output names
 the CPU. llama-cpp-python runs in a child process of the Python given by --llama-python (default:
 this one; install it with `pip install -e '.[bench]'`, which builds llama.cpp from source and
@@ -29,7 +29,8 @@ import numpy as np
 from llama_cpp import Llama
 path, n_gen, n_prompt, threads, repeat = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
 t0 = time.perf_counter()
-llm = Llama(model_path=path, n_ctx=512, n_threads=threads, n_threads_batch=threads, n_batch=512, verbose=False)
+llm = Llama(model_path=path, n_ctx=max(512, n_prompt + n_gen + 16), n_threads=threads, n_threads_batch=threads,
+            n_batch=512, n_ubatch=512, verbose=False)
 load = time.perf_counter() - t0
 res = {"load_s": load, "gen": [], "prompt": []}
 rng = np.random.default_rng(0)
@@ -54,19 +55,17 @@ def pyllama_run(path, n_gen, n_prompt, threads, repeat):
     import numpy as np
     import pyllama
     t0 = time.perf_counter()
-    m = pyllama.Llama(path, threads=threads, n_ctx=512)
+    m = pyllama.Llama(path, threads=threads, n_ctx=max(512, n_prompt + n_gen + 16))
     res = {"load_s": time.perf_counter() - t0, "gen": [], "prompt": []}
     rng = np.random.default_rng(0)
     ids = [1] + rng.integers(3, m.vocab_size, size=n_prompt - 1).tolist()
-    n_ids = len(m.tokenize(PROMPT))
     for _ in range(repeat):
         t0 = time.perf_counter()
         m.logits(ids, last_only=True)  # the prompt's prefill
         res["prompt"].append(n_prompt / (time.perf_counter() - t0))
         t0 = time.perf_counter()
-        pieces = sum(1 for _ in m.generate(PROMPT, steps=n_ids - 1 + n_gen, temperature=0))
-        res["gen"].append(n_gen / (time.perf_counter() - t0))
-        assert pieces <= n_gen
+        n = sum(1 for _ in m.generate_tokens([1], n_gen, temperature=0.0, seed=1, stop=False))
+        res["gen"].append(n / (time.perf_counter() - t0))
     return res
 
 
@@ -78,25 +77,36 @@ def main():
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="skip the stories110M files")
+    ap.add_argument("--big", action="store_true",
+                    help="only the Llama-3.2-1B-shaped files (`benchmarks/bench.py --big` makes them)")
+    ap.add_argument("--rounds", type=int, default=1, help="alternate the two projects this many times")
+    ap.add_argument("files", nargs="*", type=Path, help="GGUF files (default: the bench files)")
     args = ap.parse_args()
     files = [SHARED / "models" / "stories260K-f32.gguf"]
     for name in ["stories15M"] + ([] if args.quick else ["stories110M"]):
         files += [MODELS / f"{name}-{t}.gguf" for t in ("f32", "q8_0", "q4_0", "q4_k_m")]
+    if args.big:
+        files = [MODELS / f"llama3-1b-{t}.gguf" for t in ("q8_0", "q4_0", "q4_k_m")]
+    files = args.files or files
     missing = [str(f) for f in files if not f.exists()]
     if missing:
         sys.exit(f"missing {missing}: run `make bench` first (it makes and converts the models)")
     print(cpu_line())
-    print(f"side by side in this run (each file: llama-cpp-python, then pyllama), {args.threads} threads, "
-          f"medians of {args.repeat}")
+    print(f"side by side in this run (each file: llama-cpp-python, then pyllama, {args.rounds} round(s)), "
+          f"{args.threads} threads, prompt {args.prompt} tokens, medians of {args.repeat * args.rounds}")
     print(f"{'file':26} {'':10} {'load ms':>8} {'prompt tok/s':>13} {'stream tok/s':>13}")
     for f in files:
-        rows = {}
-        proc = subprocess.run([args.llama_python, "-c", CHILD, str(f), str(args.gen), str(args.prompt),
-                               str(args.threads), str(args.repeat)], capture_output=True, text=True)
-        if proc.returncode:
-            sys.exit(f"llama-cpp-python failed on {f}:\n{proc.stderr[-2000:]}")
-        rows["llama-cpp"] = json.loads(proc.stdout.strip().splitlines()[-1])
-        rows["pyllama"] = pyllama_run(f, args.gen, args.prompt, args.threads, args.repeat)
+        rows = {"llama-cpp": {"prompt": [], "gen": []}, "pyllama": {"prompt": [], "gen": []}}
+        for _ in range(args.rounds):  # interleaved: the shared machine's load hits both alike
+            proc = subprocess.run([args.llama_python, "-c", CHILD, str(f), str(args.gen), str(args.prompt),
+                                   str(args.threads), str(args.repeat)], capture_output=True, text=True)
+            if proc.returncode:
+                sys.exit(f"llama-cpp-python failed on {f}:\n{proc.stderr[-2000:]}")
+            for who, r in (("llama-cpp", json.loads(proc.stdout.strip().splitlines()[-1])),
+                           ("pyllama", pyllama_run(f, args.gen, args.prompt, args.threads, args.repeat))):
+                rows[who]["load_s"] = r["load_s"]
+                rows[who]["prompt"] += r["prompt"]
+                rows[who]["gen"] += r["gen"]
         for who, r in rows.items():
             print(f"{f.name:26} {who:10} {r['load_s'] * 1000:8.1f} {statistics.median(r['prompt']):13.1f} "
                   f"{statistics.median(r['gen']):13.1f}")

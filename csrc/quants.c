@@ -475,18 +475,27 @@ static void deq_q4_0(const void *row, int nb, float *y)
     }
 }
 
-#ifdef PL_AVX2 /* unsigned nibbles · q8, minus 8·Σq8 per block */
+#ifdef PL_AVX2 /* (nibbles − 8) · q8 summed exactly in integers, as the scalar code and the VNNI tile */
 static inline void step_q4_0(const void *row, const act_view *a, int i, __m256 *acc, __m128 *side)
 {
+    (void)side;
     const blk_q4_0 *b = (const blk_q4_0 *)row + i;
-    accumulate32(scale_d(&b->d, a, i), dot_u8(nibbles(b->qs), load_q8(a, i)), acc, side);
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__) /* nibbles · x with −8·Σx per lane to start */
+    __m256i x = load_q8(a, i);
+    __m256i c = _mm256_sub_epi32(_mm256_setzero_si256(),
+                                 _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_set1_epi8(8), x));
+    __m256i p = _mm256_dpbusd_epi32(c, nibbles(b->qs), x);
+#else
+    __m256i p = dot_i8(_mm256_sub_epi8(nibbles(b->qs), _mm256_set1_epi8(8)), load_q8(a, i));
+#endif
+    *acc = _mm256_fmadd_ps(_mm256_set1_ps(pli_fp16(b->d) * a->ds[2 * i]), _mm256_cvtepi32_ps(p), *acc);
 }
 #endif
 
 static float dot_q4_0(const void *row, const act_view *a, int nb)
 {
 #ifdef PL_AVX2
-    return dot32(row, a, nb, step_q4_0, -8.0f);
+    return dot32(row, a, nb, step_q4_0, 0.0f);
 #else
     const blk_q4_0 *b = (const blk_q4_0 *)row;
     float sum = 0.0f;
@@ -1235,7 +1244,7 @@ tile32(const pl_tensor *w, const act_view *a, float *out, long long ldo, long lo
 
 static void tile_q4_0(const pl_tensor *w, const act_view *a, float *out, long long ldo, long long r0, long long r1)
 {
-    tile32(w, a, out, ldo, r0, r1, step_q4_0, -8.0f, dot_q4_0);
+    tile32(w, a, out, ldo, r0, r1, step_q4_0, 0.0f, dot_q4_0);
 }
 static void tile_q8_0(const pl_tensor *w, const act_view *a, float *out, long long ldo, long long r0, long long r1)
 {
@@ -1312,13 +1321,125 @@ static tile_fn tile_of(int type)
 }
 #endif
 
+#if defined(PL_AVX2) && defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#define PL_VNNI512 1
+/* Q8_0 and Q4_0 prompts with AVX-512 VNNI: tiles of VR rows x VT tokens, two blocks per 512-bit
+ * register. Bit for bit dot32: the low 8 lanes carry the even blocks (dot32's acc0), the high 8
+ * the odd ones (acc1); a lane's integer sum is exact however it is formed, and each lane takes
+ * the same f32 multiply-add (scale fp16(d)·xd, then fma) in the same block order. vpdpbusd wants
+ * unsigned × signed bytes: Q4_0 nibbles are unsigned, with −8·Σx per lane as the start value;
+ * Q8_0 weights become w+128 (xor 0x80), with −128·Σx per lane as the start value. Decoding keeps
+ * dot32 (one row at a time streams from memory best); the tile's sums equal its sums bit for bit. */
+#define VR 4
+#define VT 4
+#define VROWS 64 /* rows per pass over all token tiles: their weights stay in L2 */
+
+typedef struct {
+    __m512i u;   /* the weights of a block pair as unsigned bytes, in q8 order */
+    __m512 d;    /* fp16(d) of block i in lanes 0-7, of block i+1 in lanes 8-15 */
+} vpair;
+
+static inline __m512 v_d2(uint16_t d0, uint16_t d1)
+{
+    return _mm512_cvtph_ps(_mm256_set_m128i(_mm_set1_epi16((short)d1), _mm_set1_epi16((short)d0)));
+}
+
+static inline __attribute__((always_inline)) vpair
+v_weights(int type, const char *row, int i, int two)
+{
+    vpair v;
+    if (type == PL_Q8_0) {
+        const blk_q8_0 *b = (const blk_q8_0 *)row + i;
+        __m256i lo = _mm256_loadu_si256((const __m256i *)b[0].qs);
+        __m256i hi = two ? _mm256_loadu_si256((const __m256i *)b[1].qs) : _mm256_setzero_si256();
+        v.u = _mm512_xor_si512(_mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1), _mm512_set1_epi8((char)0x80));
+        v.d = v_d2(b[0].d, two ? b[1].d : 0);
+    } else {
+        const blk_q4_0 *b = (const blk_q4_0 *)row + i;
+        __m128i lo = _mm_loadu_si128((const __m128i *)b[0].qs);
+        __m128i hi = two ? _mm_loadu_si128((const __m128i *)b[1].qs) : _mm_setzero_si128();
+        __m256i q = _mm256_set_m128i(hi, lo);
+        __m512i z = _mm512_inserti64x4(_mm512_castsi256_si512(q), _mm256_srli_epi16(q, 4), 1);
+        z = _mm512_shuffle_i64x2(z, z, _MM_SHUFFLE(3, 1, 2, 0)); /* lo_i hi_i lo_i+1 hi_i+1 */
+        v.u = _mm512_and_si512(z, _mm512_set1_epi8(15));
+        v.d = v_d2(b[0].d, two ? b[1].d : 0);
+    }
+    return v;
+}
+
+static inline __attribute__((always_inline)) void
+v_tile(int type, const char *base, size_t rb, int nr, int nt, const act_view *a, int nb, float *out,
+       long long ldo)
+{
+    __m512 acc[VR][VT];
+    for (int r = 0; r < VR; r++)
+        for (int t = 0; t < VT; t++) acc[r][t] = _mm512_setzero_ps();
+    const __m512i kx = _mm512_set1_epi8(type == PL_Q8_0 ? 1 : 8);
+    const int shift = type == PL_Q8_0 ? 7 : 0;
+    const __m512i xidx = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 2, 2, 2, 2, 2, 2, 2, 2);
+    for (int i = 0; i < nb; i += 2) {
+        const int two = i + 1 < nb;
+        vpair w[VR];
+        for (int r = 0; r < nr; r++) w[r] = v_weights(type, base + r * rb, i, two);
+        for (int t = 0; t < nt; t++) {
+            __m512i x;
+            __m512 xd;
+            if (two) {
+                x = _mm512_loadu_si512((const void *)(a[t].q + QK * i));
+                xd = _mm512_permutexvar_ps(xidx, _mm512_castps128_ps512(_mm_loadu_ps(a[t].ds + 2 * i)));
+            } else {
+                x = _mm512_zextsi256_si512(_mm256_loadu_si256((const __m256i *)(a[t].q + QK * i)));
+                xd = _mm512_permutexvar_ps(xidx, _mm512_castps128_ps512(_mm_set_ss(a[t].ds[2 * i])));
+            }
+            __m512i c = _mm512_sub_epi32(_mm512_setzero_si512(),
+                                         _mm512_slli_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), kx, x), shift));
+            for (int r = 0; r < nr; r++) {
+                __m512i p = _mm512_dpbusd_epi32(c, w[r].u, x);
+                acc[r][t] = _mm512_fmadd_ps(_mm512_mul_ps(w[r].d, xd), _mm512_cvtepi32_ps(p), acc[r][t]);
+            }
+        }
+    }
+    for (int r = 0; r < nr; r++)
+        for (int t = 0; t < nt; t++)
+            out[t * ldo + r] = pli_hsum8(_mm256_add_ps(_mm512_castps512_ps256(acc[r][t]),
+                                                       _mm512_extractf32x8_ps(acc[r][t], 1)));
+}
+
+static inline __attribute__((always_inline)) void
+v_batch(int type, const pl_tensor *w, const void *xq, long long stride, int ntok, float *out,
+        long long ldo, long long r0, long long r1)
+{
+    const int nb = (int)(w->cols / QK);
+    const size_t rb = (size_t)nb * block_bytes(type);
+    const char *base = (const char *)w->data;
+    for (long long rc = r0; rc < r1; rc += VROWS) {
+        long long rend = rc + VROWS < r1 ? rc + VROWS : r1;
+        for (int t = 0; t + VT <= ntok; t += VT) {
+            act_view a[VT];
+            for (int k = 0; k < VT; k++) a[k] = act_layout(w, (const char *)xq + (t + k) * stride);
+            long long r = rc;
+            for (; r + VR <= rend; r += VR) v_tile(type, base + r * rb, rb, VR, VT, a, nb, out + t * ldo + r, ldo);
+            if (r < rend) v_tile(type, base + r * rb, rb, (int)(rend - r), VT, a, nb, out + t * ldo + r, ldo);
+        }
+    }
+}
+
+#endif
+
 void pli_matmul_batch(const pl_tensor *w, const void *xq, long long stride, int ntok, float *out,
                       long long ldo, long long r0, long long r1)
 {
     int t = 0;
+#ifdef PL_VNNI512
+    if (w->type == PL_Q8_0 || w->type == PL_Q4_0) {
+        if (w->type == PL_Q8_0) v_batch(PL_Q8_0, w, xq, stride, ntok, out, ldo, r0, r1);
+        else v_batch(PL_Q4_0, w, xq, stride, ntok, out, ldo, r0, r1);
+        t = ntok / VT * VT;
+    }
+#endif
 #ifdef PL_AVX2
     tile_fn tile = tile_of(w->type);
-    if (tile) {
+    if (tile && t == 0) {
         for (; t + 4 <= ntok; t += 4) {
             act_view a[4];
             for (int k = 0; k < 4; k++) a[k] = act_layout(w, (const char *)xq + (t + k) * stride);

@@ -28,6 +28,18 @@ def shared_path(rel=""):
     return SHARED / rel
 
 
+def assert_refused(path, read, *fragments):
+    """read(path) must raise FormatError naming the file and every fragment; returns the message."""
+    from pyllama.errors import FormatError
+    with pytest.raises(FormatError) as e:
+        read(path)
+    msg = str(e.value)
+    assert str(path) in msg, msg
+    for f in fragments:
+        assert f in msg, msg
+    return msg
+
+
 def manifest():
     return json.loads(shared_path("golden/manifest.json").read_text())
 

@@ -37,7 +37,6 @@ from pyllama.convert import convert
 from pyllama.formats.gguf import read_gguf
 from pyllama.model import Transformer
 
-gguf = pytest.importorskip("gguf")
 from test_gguf_parity import dequantized_by_gguf  # noqa: E402
 
 TOL_FLOAT = (1.5e-3, 1.2e-2)    # issue 10: float files against llama.cpp

@@ -99,12 +99,15 @@ CASES = [dict(prompt="Once upon a time", max_tokens=20, temperature=0),
          dict(prompt="The cat sat", max_tokens=24, temperature=0.9, seed=5, top_k=0, min_p=0.0),
          dict(prompt=[1, 40, 50, 60], max_tokens=16, temperature=0, stop=[" her", "!"]),
          dict(prompt="One day", max_tokens=12, temperature=0, logprobs=3, repeat_penalty=1.3),
-         dict(prompt="a", max_tokens=10, temperature=0, echo=True, stop_token_ids=[375])]
+         dict(prompt="a", max_tokens=10, temperature=0, echo=True, stop_token_ids=[375]),
+         dict(prompt="Tom and Lily went", max_tokens=6, temperature=0, echo=True, logprobs=2),
+         dict(prompt="The sun", max_tokens=150, temperature=0.8, seed=3, context_shift=True, n_keep=3)]
 
 
 def test_the_engine_runs_the_same_completion_as_the_python_api(ref):
     """Completion as the engine's policy (batched with the others) gives create_completion's
-    pieces exactly: text split, logprobs, finish reasons."""
+    pieces exactly: text split, logprobs (echo: the prompt's too), finish reasons, a context
+    shift past the 128 positions."""
     with Engine(ref, slots=3, threads=1) as engine:
         reqs = [Completion(ref, **c) for c in CASES]
         handles = [engine.submit(r.ids, r) for r in reqs]
@@ -237,7 +240,15 @@ def test_a_missing_or_wrong_key_is_401(url):
     ("/v1/completions", dict(prompt="a", top_p=0), "top_p"),
     ("/v1/completions", dict(prompt="a", stop=5), "stop"),
     ("/v1/completions", dict(prompt="a", logit_bias={"9999": 1}), "logit_bias"),
-    ("/v1/completions", dict(prompt="a", n=2), "n"),
+    ("/v1/completions", dict(prompt="a", n=0), "n"),
+    ("/v1/completions", dict(prompt="a", n=17), "n"),
+    ("/v1/chat/completions", dict(messages=[{"role": "user", "content": "x"}], n="2"), "n"),
+    ("/v1/completions", dict(prompt="a", context_shift="yes"), "context_shift"),
+    ("/v1/completions", dict(prompt="a", context_shift=True, n_keep=-1), "n_keep"),
+    ("/v1/completions", dict(prompt="a", context_shift=True, n_keep=128), "n_keep"),
+    ("/v1/completions", dict(prompt="a", logprobs=21), "logprobs"),
+    ("/v1/completions", dict(prompt="a", echo="yes"), "echo"),
+    ("/v1/chat/completions", dict(messages=[{"role": "user", "content": "x"}], logprobs=3), "logprobs"),
     ("/v1/completions", dict(prompt="a", stream="yes"), "stream"),
     ("/v1/completions", dict(prompt=[1, 99999]), "prompt"),
     ("/v1/completions", dict(prompt=[]), "prompt"),
@@ -245,7 +256,6 @@ def test_a_missing_or_wrong_key_is_401(url):
     ("/v1/completions", dict(prompt="a", seed=1.5), "seed"),
     ("/v1/completions", dict(prompt="a", stream_options={"x": 1}), "stream_options"),
     ("/v1/completions", dict(prompt="a", model=3), "model"),
-    ("/v1/completions", dict(prompt="a", echo=True, logprobs=2), "echo"),
     ("/v1/completions", dict(max_tokens=2), "prompt"),
     ("/v1/chat/completions", dict(messages=[{"content": "hi"}]), "messages"),
     ("/v1/chat/completions", dict(messages=[], max_tokens=2), "messages"),

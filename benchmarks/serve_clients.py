@@ -53,15 +53,24 @@ def stream_one(http, server, prompt, gen):
     body = dict(prompt=prompt, max_tokens=gen, temperature=0, stream=True, **server.extra)
     with http.stream("POST", server.url + "/v1/completions", json=body) as r:
         r.raise_for_status()
-        for line in r.iter_lines():
-            if not line.startswith("data: {"):
-                continue
-            event = json.loads(line[6:])
+        for event in sse_events(r.iter_bytes()):
             if event["choices"] and first is None:
                 first = time.perf_counter() - t0
             if event.get("usage"):
                 n = event["usage"]["completion_tokens"]
     return n, first, time.perf_counter() - t0
+
+
+def sse_events(chunks):
+    """The JSON `data:` events of a server-sent event stream, split at line feeds only (as the
+    SSE format says: a text may hold U+2028 or \x1c, where str.splitlines would cut it)."""
+    buf = b""
+    for chunk in chunks:
+        buf += chunk
+        *lines, buf = buf.split(b"\n")
+        for line in lines:
+            if line.startswith(b"data: {"):
+                yield json.loads(line[6:])
 
 
 def run_clients(server, k, prompts, gen):

@@ -238,6 +238,12 @@ def _cancel(handles):
 async def _events(handles):
     """(i, False) for each token choice i's handle delivers, (i, True) once it has ended, in the
     order they happen (None: a choice that ended before it started)."""
+    if len(handles) == 1:  # (the common case: no task in between)
+        if handles[0] is not None:
+            async for _ in handles[0]:
+                yield 0, False
+        yield 0, True
+        return
     q = asyncio.Queue()
 
     async def pump(i, h):

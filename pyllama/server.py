@@ -210,6 +210,7 @@ class Server:
                 ("prompt_tokens_evaluated_total", "counter", s["prompt_tokens"], "prompt tokens the engine evaluated"),
                 ("prompt_tokens_reused_total", "counter", s["reused_tokens"], "prompt tokens a slot's cache already held"),
                 ("engine_steps_total", "counter", s["steps"], "batched forward passes"),
+                ("context_shifts_total", "counter", s["shifts"], "context shifts of full slots (context_shift)"),
                 ("queue_length", "gauge", s["waiting"], "requests waiting for a slot"),
                 ("slots_in_use", "gauge", s["slots_in_use"], "slots running a request"),
                 ("slots", "gauge", s["slots"], "slots (--parallel)"),

@@ -6,6 +6,7 @@ context 128; /work/shared/golden/README.md). Servers and clients as in test_serv
 """
 import concurrent.futures
 import json
+import re
 
 import httpx
 import numpy as np
@@ -164,6 +165,8 @@ def test_context_shift_over_http_equals_the_python_api(client, url, ref):
     got = client.chat.completions.create(model="x", messages=MESSAGES, max_tokens=150, temperature=0,
                                          extra_body=dict(context_shift=True)).choices[0]
     assert got.message.content == want["message"]["content"]
+    shifts = re.search(r"^pyllama_context_shifts_total (\d+)$", httpx.get(url + "/metrics").text, re.M)
+    assert int(shifts.group(1)) >= 5  # (5 requests of 150..200 tokens in 128 positions: one or more each)
     r = httpx.post(url + "/v1/completions", json=dict(cases[0], context_shift=False), timeout=60)
     assert r.status_code == 400 and "context_shift: true" in r.json()["error"]["message"]
 
@@ -194,3 +197,25 @@ def test_an_engine_without_context_shift_ends_a_full_slot_with_length(ref):
         a, b = engine.submit(plain.ids, plain), engine.submit(shifting.ids, shifting)
         assert len(a.result(60)) == 16 - len(plain.ids) and a.finish_reason == "length"
         assert len(b.result(60)) == 30 and engine.stats()["shifts"] >= 2
+
+
+def test_prompt_rows_come_in_order_across_chunks(ref):
+    """A prompt fed in chunks of a few tokens per step, beside another request, still gives the
+    echo records of the prompt evaluated at once (the Python API's)."""
+    from pyllama.completion import Completion
+    kw = dict(prompt="Tom and Lily went to the park and saw a big red ball", max_tokens=5, temperature=0,
+              echo=True, logprobs=2)
+    want = ref.create_completion(**kw)["choices"][0]
+    with Engine(ref, slots=2, threads=1, step_tokens=4) as engine:
+        other = Completion(ref, "Once upon a time", max_tokens=20, temperature=0)
+        req = Completion(ref, **kw)
+        assert len(req.ids) > 3 * 4
+        engine.submit(other.ids, other)
+        h = engine.submit(req.ids, req)
+        h.result(60)
+        req.finish(h.finish_reason)
+        pieces = req.take()
+    records = [r for _, recs, _ in pieces for r in recs]
+    assert "".join(p[0] for p in pieces) == want["text"]
+    assert [r[2] for r in records] == want["logprobs"]["token_logprobs"]
+    assert [r[3] for r in records] == want["logprobs"]["top_logprobs"]

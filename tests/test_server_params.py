@@ -20,7 +20,7 @@ from pyllama.engine import Engine
 from pyllama.model import Transformer
 from pyllama.server import build_app
 
-from test_server import model_path, running
+from test_server import model_path, running, wait_idle
 
 MESSAGES = [{"role": "user", "content": "Tell a story"}]
 
@@ -140,6 +140,17 @@ def test_more_choices_than_the_queue_holds_is_503_and_leaves_nothing_running(ref
                           timeout=60).status_code == 200
         health = httpx.get(base + "/health").json()
         assert health["slots_processing"] == health["queue"] == 0
+
+
+def test_a_client_leaving_an_n_choice_stream_frees_every_slot(url):
+    with httpx.stream("POST", url + "/v1/completions", timeout=60,
+                      json=dict(prompt="Once", n=3, max_tokens=10 ** 6, context_shift=True, temperature=0,
+                                stream=True)) as r:  # (endless unless cancelled)
+        lines = r.iter_lines()
+        next(lines), next(lines)
+    wait_idle(url)
+    empty = httpx.post(url + "/v1/completions", json=dict(prompt="Once", n=2, max_tokens=0), timeout=60).json()
+    assert [(c["index"], c["text"], c["finish_reason"]) for c in empty["choices"]] == [(0, "", "length"), (1, "", "length")]
 
 
 # -- context shift -------------------------------------------------------------------------------------

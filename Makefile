@@ -32,7 +32,7 @@ bench-compare: install  ## pyllama vs llama-cpp-python on the same GGUF files (p
 
 bench-serve: install  ## `pyllama serve`: aggregate tokens/s of 1, 2, 4, 8 streaming HTTP clients (15M, 110M, 1B Q8_0 shapes); LLAMA_SERVER=path/to/llama-server: side by side
 	PYLLAMA_SHARED=$(SHARED) $(PYTHON) benchmarks/serve_clients.py --model stories15M,stories110M --repeat 2 $(if $(LLAMA_SERVER),--llama-server $(LLAMA_SERVER))
-	PYLLAMA_SHARED=$(SHARED) $(PYTHON) benchmarks/serve_clients.py --model llama3-1b --gen 32 --repeat 1 $(if $(LLAMA_SERVER),--llama-server $(LLAMA_SERVER))
+	PYLLAMA_SHARED=$(SHARED) $(PYTHON) benchmarks/serve_clients.py --model llama3-1b --gen 64 --repeat 2 $(if $(LLAMA_SERVER),--llama-server $(LLAMA_SERVER))
 
 bench-big: install  ## only the Llama-3.2-1B-shaped rows of make bench (makes the files on first use, ~8 GB), then side by side
 	PYLLAMA_SHARED=$(SHARED) $(PYTHON) benchmarks/bench.py --big

@@ -30,8 +30,9 @@ bench-contention: install  ## only the contention rows of make bench: 1, 2 and 4
 bench-compare: install  ## pyllama vs llama-cpp-python on the same GGUF files (pip install -e '.[bench]' first)
 	PYLLAMA_SHARED=$(SHARED) $(PYTHON) benchmarks/compare.py $(if $(LLAMA_PYTHON),--llama-python $(LLAMA_PYTHON))
 
-bench-serve: install  ## `pyllama serve`: aggregate tokens/s of 1, 2, 4, 8 streaming HTTP clients (15M Q8_0 shape)
-	PYLLAMA_SHARED=$(SHARED) $(PYTHON) benchmarks/serve_clients.py
+bench-serve: install  ## `pyllama serve`: aggregate tokens/s of 1, 2, 4, 8 streaming HTTP clients (15M, 110M, 1B Q8_0 shapes); LLAMA_SERVER=path/to/llama-server: side by side
+	PYLLAMA_SHARED=$(SHARED) $(PYTHON) benchmarks/serve_clients.py --model stories15M,stories110M --repeat 2 $(if $(LLAMA_SERVER),--llama-server $(LLAMA_SERVER))
+	PYLLAMA_SHARED=$(SHARED) $(PYTHON) benchmarks/serve_clients.py --model llama3-1b --gen 64 --repeat 2 $(if $(LLAMA_SERVER),--llama-server $(LLAMA_SERVER))
 
 bench-big: install  ## only the Llama-3.2-1B-shaped rows of make bench (makes the files on first use, ~8 GB), then side by side
 	PYLLAMA_SHARED=$(SHARED) $(PYTHON) benchmarks/bench.py --big

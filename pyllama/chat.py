@@ -179,7 +179,7 @@ class ChatShape(TextShape):
     def _chunk(self, delta, records, finish):
         return {"id": self.id, "object": "chat.completion.chunk", "created": self.created,
                 "model": self.model,
-                "choices": [{"index": 0, "delta": delta, "logprobs": self._lp(records), "finish_reason": finish}]}
+                "choices": [{"index": self.index, "delta": delta, "logprobs": self._lp(records), "finish_reason": finish}]}
 
     def start(self):
         return [self._chunk({"role": "assistant"}, [], None)]
@@ -194,7 +194,7 @@ class ChatShape(TextShape):
             texts.append(piece)
             records += recs
         return {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(texts)},
+                "choices": [{"index": self.index, "message": {"role": "assistant", "content": "".join(texts)},
                              "logprobs": self._lp(records), "finish_reason": finish}],
                 "usage": self.req.usage}
 

@@ -97,6 +97,13 @@ def prompt_ids(llama, prompt, special=False, n_ctx=None):
     return ids
 
 
+def choice_seed(seed, index):
+    """The seed of choice `index` of a request for n choices with `seed`: seed + index (mod 2**64),
+    so choice 0 is the request with n=1 and choice i is the request with seed + i alone. None
+    stays None: each choice draws a fresh seed."""
+    return None if seed is None else (V.integer(seed, "seed") + index) % (1 << 64)
+
+
 def _transformer(llama):
     return llama._live()  # PyllamaError once the model is closed
 
@@ -153,10 +160,18 @@ class Completion:
         self._entry = self._scratch = None
         self._out = collections.deque()
         self._dec = decoder_of(tok)
-        self._text = "".join(self._dec.feed(t) for t in ids) if self.echo else ""
+        pieces = [self._dec.feed(t) for t in ids] if self.echo else []
+        self._text = "".join(pieces)
         if not self.echo:
             self._dec = decoder_of(tok, ids[-1])
-        self.records = []          # (offset, token text, logprob, top); run() adds the prompt's
+        self.records = []          # (offset, token text, logprob, top): prompt_row() adds the prompt's
+        self.prompt_rows = self.echo and self.n_top is not None  # echo with logprobs
+        if self.prompt_rows:       # the first prompt token has no logprob (nothing precedes it)
+            offsets = [0]
+            for p in pieces[:-1]:
+                offsets.append(offsets[-1] + len(p))
+            self._prompt_pieces = list(zip(offsets, pieces))
+            self.records = [self._prompt_pieces[0] + (None, None)]
         self._sent, self._start = 0, len(self._text)  # echo: the prompt goes out with the first piece
 
     @property
@@ -164,27 +179,47 @@ class Completion:
         n_in, n_out = len(self.ids), len(self.tokens)
         return {"prompt_tokens": n_in, "completion_tokens": n_out, "total_tokens": n_in + n_out}
 
+    def _logprobs(self, ptr, token):
+        if self._scratch is None:
+            self._scratch = ffi.new("pl_probindex[]", self.vocab_size)
+        lp, top = logprobs_of(ptr, self.vocab_size, token, self.n_top, self._scratch)
+        return lp, {token_text(self.tok, t): v for t, v in top.items()}
+
     def choose(self, logits):
-        ptr = logits if isinstance(logits, ffi.CData) else ffi.from_buffer("float[]", logits)
+        ptr = _float_ptr(logits)
         token = self.sampler.sample(ptr, self.history)
         if self.n_top is not None:
-            if self._scratch is None:
-                self._scratch = ffi.new("pl_probindex[]", self.vocab_size)
-            self._entry = logprobs_of(ptr, self.vocab_size, token, self.n_top, self._scratch)
+            self._entry = self._logprobs(ptr, token)
         return token
+
+    def prompt_row(self, i, logits):
+        """Echo with logprobs: logits is the row after prompt token i (0 <= i < len(ids) - 1),
+        the distribution of token i + 1, whose record it makes. Rows come in order, all of them
+        before the first choose()."""
+        offset, piece = self._prompt_pieces[i + 1]
+        self.records.append((offset, piece) + self._logprobs(_float_ptr(logits), self.ids[i + 1]))
+
+    def make_room(self, pos):
+        """The context is full at pos positions: (n_keep, n_discard) of the context shift that
+        makes room for the next token (llama.cpp's: keep the first n_keep, drop half of the
+        rest), or None without context_shift (then the request ends with "length")."""
+        if not self.context_shift:
+            return None
+        keep = min(self.n_keep, pos - 1)
+        return keep, max(1, (pos - keep) // 2)
 
     def accept(self, token):
         if self.finish_reason is not None:
             return self.finish_reason
+        if len(self.tokens) >= self.max_tokens:  # max_tokens 0 (run for the prompt's logprobs)
+            return self.finish("length")
         if token in self.stop_ids:
             return self.finish("stop")
         self.tokens.append(token)
         self.history.append(token)
         piece = self._dec.feed(token)
         if self._entry is not None:
-            lp, top = self._entry
-            self.records.append((len(self._text), piece, lp,
-                                 {token_text(self.tok, t): v for t, v in top.items()}))
+            self.records.append((len(self._text), piece) + self._entry)
             self._entry = None
         reason = self._emit(piece, None)
         if reason is None and len(self.tokens) >= self.max_tokens:
@@ -223,9 +258,10 @@ def run(llama, req):
     """Drive a Completion on the Llama's own sequence (prefix reuse, context shift); yields its
     pieces. Holds the model's lock while running."""
     tf = _transformer(llama)
-    if req.echo and req.n_top is not None:
-        req.records = _prompt_records(llama, req.tok, req.ids, req.n_top)
     with tf._lock:
+        if req.prompt_rows:
+            for i, row in enumerate(kvcache.evaluate(tf, req.ids, all_logits=True)[:-1]):
+                req.prompt_row(i, row)
         kvcache.evaluate(tf, req.ids)
         reason = None if req.max_tokens else req.finish("length")
         while reason is None:
@@ -234,9 +270,7 @@ def run(llama, req):
             if reason is None:
                 pos = len(tf.tokens)
                 if pos >= tf.n_ctx:  # context_shift (else the checks keep pos < n_ctx)
-                    keep = min(req.n_keep, pos - 1)
-                    kvcache.shift(tf, keep, max(1, (pos - keep) // 2))
-                    pos = len(tf.tokens)
+                    pos = kvcache.shift(tf, *req.make_room(pos))
                 tf.forward(req.tokens[-1], pos)
     yield from req.take()
 
@@ -273,22 +307,8 @@ def _find_stop(text, stops, start):
     return min(hits) if hits else None
 
 
-def _prompt_records(llama, tok, ids, n_top):
-    """Logprob records of the prompt's tokens (echo with logprobs): the first has none."""
-    tf = _transformer(llama)
-    with tf._lock:
-        rows = kvcache.evaluate(tf, ids, all_logits=True)
-    dec, out, offset = decoder_of(tok), [], 0
-    for i, t in enumerate(ids):
-        piece = dec.feed(t)
-        if i == 0:
-            out.append((offset, piece, None, None))
-        else:
-            row = ffi.from_buffer("float[]", rows[i - 1])
-            lp, top = logprobs_of(row, llama.vocab_size, t, n_top)
-            out.append((offset, piece, lp, {token_text(tok, k): v for k, v in top.items()}))
-        offset += len(piece)
-    return out
+def _float_ptr(logits):
+    return logits if isinstance(logits, ffi.CData) else ffi.from_buffer("float[]", logits)
 
 
 # -- OpenAI shapes -----------------------------------------------------------------------------------
@@ -299,19 +319,21 @@ def _logprobs_obj(records):
 
 class TextShape:
     """A Completion's pieces as OpenAI "text_completion" objects: stream chunks (start() first,
-    then chunks() of each piece) or the whole response (whole(): all pieces, then the usage)."""
+    then chunks() of each piece) or the whole response (whole(): all pieces, then the usage).
+    index: the choice it is (n > 1: one shape per choice, all with first's id and time)."""
     prefix = "cmpl"
 
-    def __init__(self, model, req):
-        self.id, self.created = f"{self.prefix}-{uuid.uuid4()}", int(time.time())
-        self.model, self.req, self.want_lp = model, req, req.n_top is not None
+    def __init__(self, model, req, index=0, first=None):
+        self.id, self.created = (first.id, first.created) if first is not None else \
+            (f"{self.prefix}-{uuid.uuid4()}", int(time.time()))
+        self.model, self.req, self.want_lp, self.index = model, req, req.n_top is not None, index
 
     def start(self):
         return []
 
     def chunks(self, text, records, finish):
         return [{"id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
-                 "choices": [{"text": text, "index": 0,
+                 "choices": [{"text": text, "index": self.index,
                               "logprobs": _logprobs_obj(records) if self.want_lp else None,
                               "finish_reason": finish}]}]
 

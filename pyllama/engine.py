@@ -13,6 +13,12 @@ request its logits. Per-request logic lives in a policy object with two methods,
 engine thread:
     choose(logits) -> token      logits: this request's float32 row (scratch: may be overwritten)
     accept(token) -> reason|None a finish reason ("stop", "length", ...) ends the request
+and two optional ones:
+    prompt_row(i, logits)        with the attribute prompt_rows true: the row after each prompt
+                                 token i but the last, in order (echo with logprobs); such a
+                                 request evaluates its whole prompt (no cached prefix)
+    make_room(pos) -> (n_keep, n_discard) or None   when the slot's context is full: the context
+                                 shift to apply (kvcache.shift on the slot); None ends it "length"
 GreedyPolicy below is the plug-in default (pyllama's llama2.c sampler, a token limit, stop ids);
 pyllama.completion.Completion (sampler chain, stop strings, detokenizer, logprobs) is the policy
 the server uses: the same object Llama.create_completion drives. accept() runs before the token
@@ -27,7 +33,7 @@ import queue
 import threading
 import time
 
-from . import validate
+from . import kvcache, validate
 from ._core import ffi
 from .errors import BusyError, ParameterError, PyllamaError
 from .model import Transformer
@@ -128,7 +134,8 @@ class Handle:
 class _Slot:
     def __init__(self, index):
         self.index = index
-        self.held = []     # token ids whose keys/values the slot's cache holds
+        self.held = []     # token ids whose keys/values the slot's cache holds (-1: after a
+        #                    context shift, positions whose values saw dropped tokens: not reusable)
         self.req = None    # the active request's handle
 
 
@@ -165,7 +172,7 @@ class Engine:
         self._waiting = collections.deque()
         self._cv = threading.Condition()
         self._closed = False
-        self.counters = dict(steps=0, prompt_tokens=0, reused_tokens=0, generated=0)
+        self.counters = dict(steps=0, prompt_tokens=0, reused_tokens=0, generated=0, shifts=0)
         self._thread = None
         if start:
             self._thread = threading.Thread(target=self._run, name="pyllama-engine", daemon=True)
@@ -177,13 +184,13 @@ class Engine:
         GreedyPolicy()). loop: an asyncio loop to deliver to (then `async for` the handle).
         Raises BusyError when max_queue requests already wait."""
         prompt = validate.token_ids(prompt, self.model.vocab_size, "prompt", allow_empty=False)
-        if len(prompt) >= self.n_ctx:
-            raise ParameterError(f"the prompt is {len(prompt)} tokens; the context of "
-                                 f"{self.n_ctx} positions leaves no room to generate")
         policy = GreedyPolicy() if policy is None else policy
         if not (callable(getattr(policy, "choose", None)) and callable(getattr(policy, "accept", None))):
             raise ParameterError(f"policy: expected an object with choose(logits) and accept(token), "
                                  f"found {policy!r}")
+        if len(prompt) > self.n_ctx or len(prompt) == self.n_ctx and _room(policy, self.n_ctx) is None:
+            raise ParameterError(f"the prompt is {len(prompt)} tokens; the context of "
+                                 f"{self.n_ctx} positions leaves no room to generate")
         handle = Handle(self, prompt, policy, loop)
         with self._cv:
             if self._closed:
@@ -269,9 +276,10 @@ class Engine:
             while self._waiting and self._free_slots():
                 h = self._waiting.popleft()
                 best, best_n = None, -1
+                limit = 0 if getattr(h.policy, "prompt_rows", False) else len(h.prompt) - 1
                 for s in self._slots:
                     if s.req is None:
-                        n = _common_prefix(s.held, h.prompt, len(h.prompt) - 1)
+                        n = _common_prefix(s.held, h.prompt, limit)
                         if n > best_n:
                             best, best_n = s, n
                 self.model.truncate(best.index, best_n)
@@ -289,33 +297,51 @@ class Engine:
         tokens, slots, want, owners = [], [], [], []
         for s in active:  # decoding requests: their last sampled token
             if s.req._next is not None:
-                tokens.append(s.req._next), slots.append(s.index), want.append(True), owners.append(s)
+                tokens.append(s.req._next), slots.append(s.index), want.append(True), owners.append((s, None))
         budget = self.step_tokens - len(tokens)
         for s in active:  # prompts, oldest slot first, in chunks within the step budget
             h = s.req
             if h._next is None and budget > 0:
-                chunk = h.prompt[h._fed:h._fed + budget]
+                start, chunk = h._fed, h.prompt[h._fed:h._fed + budget]
                 h._fed += len(chunk)
                 budget -= len(chunk)
                 self.counters["prompt_tokens"] += len(chunk)
                 tokens += chunk
                 slots += [s.index] * len(chunk)
-                want += [False] * (len(chunk) - 1) + [h._fed == len(h.prompt)]
-                owners += [None] * (len(chunk) - 1) + [s]
+                every = getattr(h.policy, "prompt_rows", False)
+                for i in range(start, h._fed):
+                    last = i == len(h.prompt) - 1
+                    want.append(last or every)
+                    owners.append((s, None if last else i))
         logits = self.model.forward_batch(tokens, slots, want)
         for tok, s in zip(tokens, slots):
             self._slots[s].held.append(tok)
         self.counters["steps"] += 1
         row = 0
-        for s, w in zip(owners, want):
+        for owner, w in zip(owners, want):
             if w:
-                self._hand_out(s, logits[row])
+                s, i = owner
+                if i is None:
+                    self._hand_out(s, logits[row])
+                else:
+                    self._prompt_row(s, i, logits[row])
                 row += 1
         return True
 
+    def _prompt_row(self, s, i, logits):
+        h = s.req
+        if h is None or h._cancelled:
+            return
+        try:
+            h.policy.prompt_row(i, logits)
+        except Exception as e:  # a broken policy ends its own request, not the engine
+            with self._cv:  # (its later rows this step find the slot empty)
+                s.req = None
+                self._finish(h, "error", e)
+
     def _hand_out(self, s, logits):
         h = s.req
-        if h._cancelled:
+        if h is None or h._cancelled:
             return  # _admit finishes it at the start of the next step
         try:
             token = h.policy.choose(logits)
@@ -327,8 +353,8 @@ class Engine:
         else:
             error = None
             h._deliver(token)  # (text, for a Completion) is ready when the client hears of it
-            if not reason and len(s.held) >= self.n_ctx:
-                reason = "length"  # the slot's context is full: no position for the next token
+            if not reason and len(s.held) >= self.n_ctx:  # no position for the next token
+                reason, error = self._make_room(s, h.policy)
         self.counters["generated"] += 1
         if reason:
             with self._cv:
@@ -336,6 +362,26 @@ class Engine:
                 self._finish(h, reason, error)
         else:
             h._next = token
+
+
+    def _make_room(self, s, policy):
+        """The slot is full: shift its context as the policy says; (finish reason, error)."""
+        try:
+            room = _room(policy, len(s.held))
+            if room is None:
+                return "length", None
+            keep, drop = room
+            kvcache.shift(self.model, keep, drop, slot=s.index)
+        except Exception as e:  # a bad shift from a policy: its request ends with the error
+            return "error", e
+        s.held[keep:] = [-1] * (len(s.held) - keep - drop)
+        self.counters["shifts"] += 1
+        return None, None
+
+
+def _room(policy, pos):
+    make_room = getattr(policy, "make_room", None)
+    return make_room(pos) if make_room is not None else None
 
 
 def _common_prefix(a, b, limit):

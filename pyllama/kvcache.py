@@ -17,6 +17,7 @@ import struct
 
 import numpy as np
 
+from . import validate
 from ._core import lib
 from .errors import ParameterError, PyllamaError
 
@@ -45,17 +46,32 @@ def evaluate(tf, ids, all_logits=False):
     return tf.prefill(ids[keep:], keep, all_logits=all_logits)
 
 
-def shift(tf, n_keep, n_discard):
+def shift(tf, n_keep, n_discard, slot=None):
     """Drop cached positions [n_keep, n_keep + n_discard); the rest moves down. Returns the new
-    number of cached positions."""
-    n = len(tf.tokens)
+    number of cached positions. slot None: the API's sequence (slot 0, Transformer.tokens); a
+    number: that slot of an engine's Transformer (its length is slot_len[slot])."""
+    if slot is not None:
+        slot = validate.integer(slot, "slot", 0, tf.n_slots - 1)
+    n = len(tf.tokens) if slot is None else tf.slot_len[slot]
     if not (0 <= n_keep and 1 <= n_discard and n_keep + n_discard <= n):
         raise ParameterError(f"context shift: cannot drop {n_discard} positions after {n_keep} "
                              f"of {n}")
     src = n_keep + n_discard
-    lib.pl_kv_shift(tf._weights, tf._state, src, n_keep, n - src)
-    tf.tokens[n_keep:src] = []
-    return len(tf.tokens)
+    s = tf._state
+    if slot is None:
+        lib.pl_kv_shift(tf._weights, s, src, n_keep, n - src)
+        tf.tokens[n_keep:src] = []
+        return len(tf.tokens)
+    # the C function works on the cache its state points at: point it at this slot's block
+    kc, vc = s.key_cache, s.value_cache
+    block = tf._bufs["key_cache"][0].size
+    try:
+        s.key_cache, s.value_cache = kc + slot * block, vc + slot * block
+        lib.pl_kv_shift(tf._weights, s, src, n_keep, n - src)
+    finally:
+        s.key_cache, s.value_cache = kc, vc
+    tf.slot_len[slot] = n - n_discard
+    return n - n_discard
 
 
 def model_identity(tf):

@@ -5,9 +5,11 @@
 
 build_app(model_or_path, **options) -> ASGI app is the stable entry point (pyllama.ray wraps it
 in Ray Serve); its keywords are SERVE_OPTIONS below. The app owns an Engine (app.state.engine,
-closed when the ASGI lifespan ends) and a Llama for text (app.state.llama): every request is a
-pyllama.completion.Completion, the object Llama.create_completion drives, here driven by the
-engine as the request's policy, so a request gives the same text from Python and over HTTP.
+closed when the ASGI lifespan ends) and a Llama for text (app.state.llama): every choice of a
+request is a pyllama.completion.Completion, the object Llama.create_completion drives, here
+driven by the engine as the request's policy, so a request gives the same text from Python and
+over HTTP (echo with logprobs, context shift included). The body's fields are checked, and the
+Completions made, in pyllama/server_request.py; n choices run as n engine requests at once.
 
 Why Starlette + uvicorn: Starlette is small (one dependency, anyio), well kept, and has what an
 OpenAI-style API needs (routing, JSON, server-sent events through StreamingResponse, lifespan);
@@ -26,47 +28,17 @@ import contextlib
 import hmac
 import json
 import logging
-import re
 import time
 
 from . import validate as V
-from .chat import ChatShape, chat_request
-from .completion import MAX_LOGPROBS, Completion, TextShape
 from .errors import BusyError, ParameterError, PyllamaError
+from .server_request import FIELDS, HTTPError, parse, read_json
 
 log = logging.getLogger("pyllama.server")
 
 SERVE_OPTIONS = dict(parallel=4, ctx_size=None, threads=None, api_key=None, max_queue=64,
                      tokenizer=None, chat_template=None, max_body=1 << 20, model_name=None)
 DEFAULT_CTX = 4096  # ctx_size None: the model's context, at most this (each slot holds one)
-SAMPLING = {"max_tokens", "temperature", "top_p", "top_k", "min_p", "typical_p", "repeat_penalty",
-            "repeat_last_n", "frequency_penalty", "presence_penalty", "logit_bias", "stop",
-            "stop_token_ids", "seed"}
-COMMON = SAMPLING | {"model", "stream", "stream_options", "n", "user"}
-FIELDS = {"/v1/completions": COMMON | {"prompt", "logprobs", "echo"},
-          "/v1/chat/completions": COMMON | {"messages", "logprobs", "top_logprobs",
-                                            "max_completion_tokens"}}
-
-
-class HTTPError(Exception):
-    def __init__(self, status, message, param=None, code=None, kind="invalid_request_error", headers=None):
-        super().__init__(message)
-        self.status, self.param, self.code, self.kind, self.headers = status, param, code, kind, headers
-
-    def body(self):
-        return {"error": {"message": str(self), "type": self.kind, "param": self.param, "code": self.code}}
-
-
-def _bad_argument(e, fields, prompt_field):
-    """A ParameterError as a 400 naming the field its message starts with."""
-    msg = str(e)
-    m = re.match(r"([a-z_]+)", msg)
-    if msg.startswith("the prompt") and "context" in msg:  # (context_shift is not served)
-        return HTTPError(400, msg.split(" (lower")[0] + " (lower max_tokens or shorten the prompt)",
-                         prompt_field, "context_length_exceeded")
-    if msg.startswith("the prompt"):
-        return HTTPError(400, msg, prompt_field, "invalid_value")
-    return HTTPError(400, msg, m.group(1) if m and m.group(1) in fields else None, "invalid_value")
 
 
 class Server:
@@ -136,132 +108,72 @@ class Server:
         return hmac.compare_digest(got, b"Bearer " + self.api_key.encode())
 
     # -- requests ------------------------------------------------------------------------------------
-    async def _json(self, request):
-        n = request.headers.get("content-length", "")
-        if n.isdigit() and int(n) > self.max_body:
-            raise HTTPError(413, f"the body is {n} bytes, the limit is {self.max_body}", code="request_too_large")
-        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        if kind != "application/json":
-            raise HTTPError(415, f"expected a JSON body (Content-Type: application/json), found "
-                                 f"{kind or 'no content type'!r}", code="unsupported_media_type")
-        data = bytearray()
-        async for chunk in request.stream():
-            data += chunk
-            if len(data) > self.max_body:
-                raise HTTPError(413, f"the body exceeds the limit of {self.max_body} bytes",
-                                code="request_too_large")
+    def _submit(self, reqs):
+        """The engine's handles of a request's choices (None for one with max_tokens 0 and no
+        prompt logprobs to compute); 503 when the queue cannot take them all."""
+        handles = []
         try:
-            body = json.loads(data)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise HTTPError(400, f"malformed JSON: {e}", code="invalid_json") from None
-        if not isinstance(body, dict):
-            raise HTTPError(400, f"expected a JSON object, found {type(body).__name__}", code="invalid_json")
-        return body
-
-    def _request(self, path, body):
-        """Check the body's fields; the request's Completion, its shape and stream options."""
-        fields = FIELDS[path]
-        chat = path == "/v1/chat/completions"
-        for name in body:
-            if name not in fields:
-                raise HTTPError(400, f"{name}: unknown parameter", name, "unknown_parameter")
-        body = {k: v for k, v in body.items() if v is not None}  # null: the field's default
-        need = "messages" if chat else "prompt"
-        if need not in body:
-            raise HTTPError(400, f"{need}: required", need, "missing_required_parameter")
-        kw = {k: body[k] for k in SAMPLING if k in body}
-        try:
-            V.optional(V.text, body.get("model"), "model")
-            V.optional(V.text, body.get("user"), "user")
-            V.integer(body.get("n", 1), "n", lo=1, hi=1)
-            stream = V.boolean(body.get("stream", False), "stream")
-            opts = body.get("stream_options") or {}
-            if not isinstance(opts, dict) or set(opts) - {"include_usage"}:
-                raise ParameterError(f"stream_options: expected {{'include_usage': bool}}, found {opts!r:.60}")
-            usage = V.boolean(opts.get("include_usage", False), "stream_options")
-            if chat:
-                if "max_completion_tokens" in body:
-                    kw["max_tokens"] = body["max_completion_tokens"]
-                kw.setdefault("max_tokens", None)
-                top = V.optional(V.integer, body.get("top_logprobs"), "top_logprobs", lo=0, hi=MAX_LOGPROBS)
-                if V.boolean(body.get("logprobs", False), "logprobs"):
-                    kw["logprobs"] = top or 0
-                req = chat_request(self.llama, body["messages"], n_ctx=self.engine.n_ctx, **kw)
-                shape = ChatShape(self.model_name, req)
-            else:
-                prompt = body["prompt"]
-                if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-                    prompt = prompt[0]
-                if body.get("echo") and body.get("logprobs") is not None:
-                    raise ParameterError("echo: with logprobs it is not served (use the Python API)")
-                req = Completion(self.llama, prompt, logprobs=body.get("logprobs"),
-                                 echo=body.get("echo", False), n_ctx=self.engine.n_ctx, **kw)
-                shape = TextShape(self.model_name, req)
-        except ParameterError as e:
-            raise _bad_argument(e, fields, need) from None
-        except PyllamaError as e:  # a chat template that fails on these messages
-            raise HTTPError(400, str(e), need, "invalid_value") from None
-        return req, shape, stream, usage
-
-    def _submit(self, req):
-        if req.max_tokens == 0:
-            req.finish("length")
-            return None
-        try:
-            return self.engine.submit_async(req.ids, req)
+            for req in reqs:
+                if req.max_tokens == 0 and not req.prompt_rows:
+                    req.finish("length")
+                    handles.append(None)
+                else:
+                    handles.append(self.engine.submit_async(req.ids, req))
         except BusyError as e:
+            for h in handles:
+                if h is not None:
+                    h.cancel()
             raise HTTPError(503, str(e), code="server_busy", kind="server_error",
                             headers={"Retry-After": "1"}) from None
+        return handles
 
-    def _done(self, scope, req, handle):
-        """After the engine let go of the request: its last piece, the token counts."""
+    def _done(self, req, handle):
+        """After the engine let go of a choice: its last piece, the token counts; its error."""
         if handle is not None:
             req.finish(handle.finish_reason)
-        scope["pyllama.usage"] = req.usage
         self.tokens["prompt"] += req.usage["prompt_tokens"]
         self.tokens["generated"] += req.usage["completion_tokens"]
         return handle.error if handle is not None else None
 
     async def completion(self, request):
         from starlette.responses import JSONResponse, StreamingResponse
-        req, shape, stream, usage = self._request(request.url.path, await self._json(request))
-        handle = self._submit(req)
-        if not stream:
-            watch = asyncio.ensure_future(_cancel_on_disconnect(request, handle))
+        r = parse(self.llama, self.model_name, self.engine.n_ctx, request.url.path,
+                  await read_json(request, self.max_body))
+        handles = self._submit(r.reqs)
+        errors = []
+        if not r.stream:
+            watch = asyncio.ensure_future(_cancel_on_disconnect(request, handles))
             try:
-                if handle is not None:
-                    async for _ in handle:
-                        pass
+                async for i, end in _events(handles):
+                    if end:
+                        errors.append(self._done(r.reqs[i], handles[i]))
             finally:
                 watch.cancel()
-            error = self._done(request.scope, req, handle)
+                _cancel(handles)
+            request.scope["pyllama.usage"] = r.usage
+            error = next((e for e in errors if e is not None), None)
             if error is not None:
                 raise HTTPError(500, f"generation failed: {error}", kind="server_error")
-            return JSONResponse(shape.whole(req.take()))
+            return JSONResponse(r.whole())
 
         async def events():
             try:
-                for chunk in shape.start():
-                    yield _sse(chunk)
-                if handle is not None:
-                    async for _ in handle:
-                        for piece in req.take():
-                            for chunk in shape.chunks(*piece):
-                                yield _sse(chunk)
-                error = self._done(request.scope, req, handle)
-                for piece in req.take():
-                    for chunk in shape.chunks(*piece):
+                for shape in r.shapes:
+                    for chunk in shape.start():
                         yield _sse(chunk)
-                if error is not None:
-                    yield _sse(HTTPError(500, f"generation failed: {error}", kind="server_error").body())
-                if usage:
-                    yield _sse({"id": shape.id, "object": shape.chunks("", [], None)[0]["object"],
-                                "created": shape.created, "model": shape.model, "choices": [],
-                                "usage": req.usage})
+                async for i, end in _events(handles):
+                    error = self._done(r.reqs[i], handles[i]) if end else None
+                    for piece in r.reqs[i].take():
+                        for chunk in r.shapes[i].chunks(*piece):
+                            yield _sse(chunk)
+                    if error is not None:
+                        yield _sse(HTTPError(500, f"generation failed: {error}", kind="server_error").body())
+                request.scope["pyllama.usage"] = r.usage
+                if r.include_usage:
+                    yield _sse(r.usage_chunk())
                 yield "data: [DONE]\n\n"
-            finally:  # the client went away (or we are done): free the slot within one step
-                if handle is not None and handle.finish_reason is None:
-                    handle.cancel()
+            finally:  # the client went away (or we are done): free the slots within one step
+                _cancel(handles)
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
 
@@ -298,6 +210,7 @@ class Server:
                 ("prompt_tokens_evaluated_total", "counter", s["prompt_tokens"], "prompt tokens the engine evaluated"),
                 ("prompt_tokens_reused_total", "counter", s["reused_tokens"], "prompt tokens a slot's cache already held"),
                 ("engine_steps_total", "counter", s["steps"], "batched forward passes"),
+                ("context_shifts_total", "counter", s["shifts"], "context shifts of full slots (context_shift)"),
                 ("queue_length", "gauge", s["waiting"], "requests waiting for a slot"),
                 ("slots_in_use", "gauge", s["slots_in_use"], "slots running a request"),
                 ("slots", "gauge", s["slots"], "slots (--parallel)"),
@@ -311,12 +224,46 @@ def _sse(obj):
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
-async def _cancel_on_disconnect(request, handle):
-    if handle is None:
-        return
+async def _cancel_on_disconnect(request, handles):
     while (await request.receive())["type"] != "http.disconnect":
         pass
-    handle.cancel()
+    _cancel(handles)
+
+
+def _cancel(handles):
+    for h in handles:
+        if h is not None and h.finish_reason is None:
+            h.cancel()
+
+
+async def _events(handles):
+    """(i, False) for each token choice i's handle delivers, (i, True) once it has ended, in the
+    order they happen (None: a choice that ended before it started)."""
+    if len(handles) == 1:  # (the common case: no task in between)
+        if handles[0] is not None:
+            async for _ in handles[0]:
+                yield 0, False
+        yield 0, True
+        return
+    q = asyncio.Queue()
+
+    async def pump(i, h):
+        try:
+            if h is not None:
+                async for _ in h:
+                    q.put_nowait((i, False))
+        finally:
+            q.put_nowait((i, True))
+    tasks = [asyncio.ensure_future(pump(i, h)) for i, h in enumerate(handles)]
+    try:
+        left = len(handles)
+        while left:
+            i, end = await q.get()
+            left -= end
+            yield i, end
+    finally:
+        for t in tasks:
+            t.cancel()
 
 
 async def _respond_error(err, scope, receive, send):

@@ -99,12 +99,15 @@ CASES = [dict(prompt="Once upon a time", max_tokens=20, temperature=0),
          dict(prompt="The cat sat", max_tokens=24, temperature=0.9, seed=5, top_k=0, min_p=0.0),
          dict(prompt=[1, 40, 50, 60], max_tokens=16, temperature=0, stop=[" her", "!"]),
          dict(prompt="One day", max_tokens=12, temperature=0, logprobs=3, repeat_penalty=1.3),
-         dict(prompt="a", max_tokens=10, temperature=0, echo=True, stop_token_ids=[375])]
+         dict(prompt="a", max_tokens=10, temperature=0, echo=True, stop_token_ids=[375]),
+         dict(prompt="Tom and Lily went", max_tokens=6, temperature=0, echo=True, logprobs=2),
+         dict(prompt="The sun", max_tokens=150, temperature=0.8, seed=3, context_shift=True, n_keep=3)]
 
 
 def test_the_engine_runs_the_same_completion_as_the_python_api(ref):
     """Completion as the engine's policy (batched with the others) gives create_completion's
-    pieces exactly: text split, logprobs, finish reasons."""
+    pieces exactly: text split, logprobs (echo: the prompt's too), finish reasons, a context
+    shift past the 128 positions."""
     with Engine(ref, slots=3, threads=1) as engine:
         reqs = [Completion(ref, **c) for c in CASES]
         handles = [engine.submit(r.ids, r) for r in reqs]
@@ -237,7 +240,15 @@ def test_a_missing_or_wrong_key_is_401(url):
     ("/v1/completions", dict(prompt="a", top_p=0), "top_p"),
     ("/v1/completions", dict(prompt="a", stop=5), "stop"),
     ("/v1/completions", dict(prompt="a", logit_bias={"9999": 1}), "logit_bias"),
-    ("/v1/completions", dict(prompt="a", n=2), "n"),
+    ("/v1/completions", dict(prompt="a", n=0), "n"),
+    ("/v1/completions", dict(prompt="a", n=17), "n"),
+    ("/v1/chat/completions", dict(messages=[{"role": "user", "content": "x"}], n="2"), "n"),
+    ("/v1/completions", dict(prompt="a", context_shift="yes"), "context_shift"),
+    ("/v1/completions", dict(prompt="a", context_shift=True, n_keep=-1), "n_keep"),
+    ("/v1/completions", dict(prompt="a", context_shift=True, n_keep=128), "n_keep"),
+    ("/v1/completions", dict(prompt="a", logprobs=21), "logprobs"),
+    ("/v1/completions", dict(prompt="a", echo="yes"), "echo"),
+    ("/v1/chat/completions", dict(messages=[{"role": "user", "content": "x"}], logprobs=3), "logprobs"),
     ("/v1/completions", dict(prompt="a", stream="yes"), "stream"),
     ("/v1/completions", dict(prompt=[1, 99999]), "prompt"),
     ("/v1/completions", dict(prompt=[]), "prompt"),
@@ -245,7 +256,6 @@ def test_a_missing_or_wrong_key_is_401(url):
     ("/v1/completions", dict(prompt="a", seed=1.5), "seed"),
     ("/v1/completions", dict(prompt="a", stream_options={"x": 1}), "stream_options"),
     ("/v1/completions", dict(prompt="a", model=3), "model"),
-    ("/v1/completions", dict(prompt="a", echo=True, logprobs=2), "echo"),
     ("/v1/completions", dict(max_tokens=2), "prompt"),
     ("/v1/chat/completions", dict(messages=[{"content": "hi"}]), "messages"),
     ("/v1/chat/completions", dict(messages=[], max_tokens=2), "messages"),
@@ -427,13 +437,53 @@ def test_serve_arguments_are_checked(args, message):
     assert r.returncode == 1 and r.stderr.startswith(f"pyllama: error: {message}"), r.stderr
 
 
+FAKE_LLAMA_SERVER = r"""#!PYTHON
+# a stand-in for llama.cpp's llama-server: notes its arguments, streams max_tokens chunks
+import http.server, json, sys
+open(sys.argv[0] + ".args", "w").write(json.dumps(sys.argv[1:]))
+port = int(sys.argv[sys.argv.index("--port") + 1])
+
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200); self.end_headers(); self.wfile.write(b"{}")
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        assert body["ignore_eos"] is True and isinstance(body["logit_bias"], list)
+        self.send_response(200); self.send_header("Content-Type", "text/event-stream"); self.end_headers()
+        n = body["max_tokens"]
+        for i in range(n):
+            self.wfile.write(b'data: {"choices": [{"text": "x", "index": 0}]}\n\n')
+        usage = {"completion_tokens": n, "prompt_tokens": len(body["prompt"]), "total_tokens": 0}
+        self.wfile.write(("data: " + json.dumps({"choices": [], "usage": usage}) + "\n\ndata: [DONE]\n\n").encode())
+    def log_message(self, *a):
+        pass
+http.server.ThreadingHTTPServer(("127.0.0.1", port), H).serve_forever()
+"""
+
+
 def test_bench_serve_runs_and_prints_its_table(tmp_path):
-    """`make bench-serve`'s script, tiny: every client count gets a row of tokens it received."""
+    """`make bench-serve`'s script, tiny: every client count gets a row of tokens it received;
+    with --llama-server (here a stand-in that streams what it is asked for) it is started with
+    -np/-c/-t as documented and each row gets the ratio pyllama / llama-server."""
     out = tmp_path / "serve.json"
-    r = subprocess.run([sys.executable, "benchmarks/serve_clients.py", "--model", model_path(), "--clients", "1,2",
-                        "--gen", "8", "--repeat", "1", "--threads", "1", "--json", str(out)],
-                       capture_output=True, text=True, timeout=300, cwd=str(ROOT))
+    cmd = [sys.executable, "benchmarks/serve_clients.py", "--model", model_path(), "--clients", "1,2",
+           "--gen", "8", "--repeat", "1", "--threads", "1", "--json", str(out)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=str(ROOT))
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("CPU: ") and "llama-server was not measured" in r.stdout
-    rows = json.loads(out.read_text())["rows"]
+    rows = json.loads(out.read_text())["models"][0]["rows"]
     assert [(row["clients"], row["tokens"]) for row in rows] == [(1, 8), (2, 16)]
+    fake = tmp_path / "llama-server"
+    fake.write_text(FAKE_LLAMA_SERVER.replace("PYTHON", sys.executable))
+    fake.chmod(0o755)
+    r = subprocess.run(cmd + ["--llama-server", str(fake)], capture_output=True, text=True, timeout=300,
+                       cwd=str(ROOT))
+    assert r.returncode == 0, r.stderr
+    assert "pyllama/l-s" in r.stdout and "not measured" not in r.stdout
+    args = json.loads((tmp_path / "llama-server.args").read_text())
+    ctx = 16 + 8 + 8  # --prompt 16, --gen 8, 8 spare
+    assert args[args.index("-np") + 1] == "2" and args[args.index("-c") + 1] == str(2 * ctx)
+    assert args[args.index("-t") + 1] == "1" and args[args.index("-m") + 1] == model_path()
+    rows = json.loads(out.read_text())["models"][0]["rows"]
+    assert [(row["clients"], row["llama_server_tokens"]) for row in rows] == [(1, 8), (2, 16)]
+    assert all(row["vs_llama_server"] == row["tok_s"] / row["llama_server_tok_s"] for row in rows)

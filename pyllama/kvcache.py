@@ -7,6 +7,8 @@ date by forward() and prefill() whoever calls them) and counts evaluated tokens 
   evaluated again, so its logits are fresh in the logits buffer.
 - shift(): llama.cpp's context shift: positions [n_keep, n_keep + n_discard) are dropped and the
   ones after move down, their keys re-rotated by -n_discard positions of RoPE (C: pl_kv_shift).
+  The moved positions are then no longer offered for prefix reuse (their values saw the dropped
+  tokens), nor are the tokens generated after them.
 - save()/load(): a state as bytes: a header naming the model (its config and a hash of its tensor
   layout and first weight bytes), the context size, the cached token ids, then the used positions
   of the key and value caches. load() refuses a state of another model, format or size.
@@ -60,7 +62,10 @@ def shift(tf, n_keep, n_discard, slot=None):
     s = tf._state
     if slot is None:
         lib.pl_kv_shift(tf._weights, s, src, n_keep, n - src)
-        tf.tokens[n_keep:src] = []
+        # the moved positions were computed with the dropped tokens in view: not a prefix a new
+        # prompt may reuse (-1: unknown), so the next evaluate() recomputes them
+        del tf.tokens[n_keep:src]
+        tf.tokens[n_keep:] = [-1] * (len(tf.tokens) - n_keep)
         return len(tf.tokens)
     # the C function works on the cache its state points at: point it at this slot's block
     kc, vc = s.key_cache, s.value_cache

@@ -223,12 +223,31 @@ def test_kv_shift_rerotates_keys(shared):
         tf.prefill(ids, 0)
         kvcache.shift(tf, 2, 5)
         kept = ids[:2] + ids[7:]
-        assert tf.tokens == kept
+        assert tf.tokens == ids[:2] + [-1] * (len(kept) - 2)  # moved positions: never reused
         k = tf._bufs["key_cache"][0, 0, :len(kept)].copy()
         v = tf._bufs["value_cache"][0, 0, :len(kept)].copy()
         tf.prefill(kept, 0)
         np.testing.assert_allclose(k, tf._bufs["key_cache"][0, 0, :len(kept)], atol=2e-4)
         np.testing.assert_allclose(v, tf._bufs["value_cache"][0, 0, :len(kept)], atol=1e-6)
+
+
+def test_shifted_positions_are_not_a_reusable_prefix(shared):
+    """After a context shift the moved positions' values saw the dropped tokens: a later prompt
+    equal to the shifted sequence must be evaluated again, giving a fresh run's logits (reusing
+    the shifted cache would give other logits from layer 1 on)."""
+    from pyllama import kvcache
+    with pyllama.Llama(shared / "models/stories260K.bin", tokenizer=shared / "models/tok512.bin",
+                       n_ctx=64) as s:
+        ids = s.tokenize("Once upon a time there was a big red dog who liked to run")
+        tf = s._model
+        tf.prefill(ids, 0)
+        kvcache.shift(tf, 2, 5)
+        kept = ids[:2] + ids[7:]
+        kvcache.evaluate(tf, kept)
+        after_shift = tf.logits_buffer[0].copy()
+        assert tf.tokens == kept  # evaluated again: reusable from now on
+        tf.prefill(kept, 0)
+        np.testing.assert_allclose(after_shift, tf.logits_buffer[0], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("kw, match", [

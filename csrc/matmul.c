@@ -207,7 +207,7 @@ static void split_rows(long long rows, int tid, int nth, long long *r0, long lon
 static long long chunk_rows(const pl_tensor *w, int n)
 {
     if (n == 1) return 1LL << 40; /* one token: no reuse, no chunking */
-    if (row_group(w) > 2) return row_group(w); /* repacked: one group of rows per chunk */
+    if (row_group(w) > 2) return 1LL << 40; /* repacked: r16 tiles keep a group in cache */
     long long ch = 32768 / (w->cols > 0 ? w->cols : 1);
     ch = ch < 2 ? 2 : ch > 64 ? 64 : ch;
     return ch & ~1LL;

@@ -1528,9 +1528,9 @@ r16_rows(int type, const pl_tensor *w, const act_view *acts, int ntok, float *ou
 static void r16_batch(const pl_tensor *w, const void *xq, long long stride, int ntok, float *out,
                       long long ldo, long long r0, long long r1)
 {
-    for (int t0 = 0; t0 < ntok; t0 += 64) { /* act views on the stack, 64 tokens at a time */
-        act_view acts[64];
-        int n = ntok - t0 < 64 ? ntok - t0 : 64;
+    for (int t0 = 0; t0 < ntok; t0 += 256) { /* act views on the stack, 256 tokens at a time */
+        act_view acts[256];
+        int n = ntok - t0 < 256 ? ntok - t0 : 256;
         for (int t = 0; t < n; t++) acts[t] = act_layout(w, (const char *)xq + (t0 + t) * stride);
         if (w->type == PL_Q8_0_R16) r16_rows(PL_Q8_0_R16, w, acts, n, out + t0 * ldo, ldo, r0, r1);
         else r16_rows(PL_Q4_0_R16, w, acts, n, out + t0 * ldo, ldo, r0, r1);
@@ -1539,24 +1539,25 @@ static void r16_batch(const pl_tensor *w, const void *xq, long long stride, int 
 
 static void r16_repack_groups(const pl_tensor *w, char *dst, long long g0, long long g1)
 {
-    const int nb = (int)(w->cols / QK), q8 = w->type == PL_Q8_0;
-    const size_t bb = block_bytes(w->type), qb = q8 ? 512 : 256, gbytes = (size_t)nb * RG * bb;
+    const int nb = (int)(w->cols / QK), nk = w->type == PL_Q8_0 ? 8 : 4; /* 4-byte chunks per block */
+    const uint32_t flip = w->type == PL_Q8_0 ? 0x80808080u : 0; /* Q8_0: w + 128, unsigned */
+    const size_t bb = block_bytes(w->type), gbytes = (size_t)nb * RG * bb;
     for (long long g = g0; g < g1; g++) {
-        char *grp = dst + g * gbytes;
-        for (int r = 0; r < RG; r++) {
-            const char *row = (const char *)w->data + (size_t)(g * RG + r) * nb * bb;
-            for (int b = 0; b < nb; b++) {
-                const char *blk = row + b * bb;
-                memcpy(grp + nb * qb + 32 * b + 2 * r, blk, 2); /* d */
-                for (int k = 0; k < (int)(qb / 64); k++) {
-                    uint8_t *o = (uint8_t *)grp + b * qb + 64 * k + 4 * r;
-                    for (int j = 0; j < 4; j++) o[j] = (uint8_t)blk[2 + 4 * k + j] ^ (q8 ? 0x80 : 0);
+        const char *rows = (const char *)w->data + (size_t)g * gbytes; /* 16 rows in a row */
+        char *q = dst + g * gbytes, *d = q + (size_t)nb * nk * 64;
+        for (int b = 0; b < nb; b++)
+            for (int r = 0; r < RG; r++) {
+                const char *blk = rows + ((size_t)r * nb + b) * bb;
+                memcpy(d + 32 * b + 2 * r, blk, 2);
+                for (int k = 0; k < nk; k++) {
+                    uint32_t v;
+                    memcpy(&v, blk + 2 + 4 * k, 4);
+                    v ^= flip;
+                    memcpy(q + (size_t)b * nk * 64 + 64 * k + 4 * r, &v, 4);
                 }
             }
-        }
     }
 }
-
 #endif
 
 long long pli_repack_bytes(const pl_tensor *w)

@@ -28,6 +28,9 @@
  * that of the single-token kernel (the K-quants and Q8_G: the same function with NT = 4; the
  * 32-value types: the same step with the same even/odd accumulators), so batched and
  * token-by-token results are bit-identical.
+ *
+ * With AVX-512 VNNI, Q4_0 and Q8_0 matrices are repacked at load time (pl_repack, 16 rows
+ * interleaved, see "Repacked" below): one kernel family then serves one token and batches alike.
  */
 #include <math.h>
 #include <string.h>

@@ -103,3 +103,24 @@ def test_models_run_repacked(shared, name):
             for f in ("wq", "wk", "wv", "wo", "w1", "w2", "w3")]
     assert {m.type for m in mats} <= set(REPACKED.values())
     assert w.token_embedding.type in (lib.PL_Q4_0, lib.PL_Q8_0, lib.PL_Q6_K, lib.PL_F32, lib.PL_F16)
+
+
+@needs_vnni
+@pytest.mark.parametrize("budget", (0, 700_000))
+def test_memory_budget_leaves_the_rest_in_the_file_layout(shared, monkeypatch, budget):
+    """Repacked copies stop at half the memory available at load (here: none, or a few matrices
+    of quant-base-q8_0, whose wcls comes first): the rest runs in the file's layout, and a batch
+    still equals the same tokens one by one, bit for bit, across the mix."""
+    from pyllama import model as model_mod
+    monkeypatch.setattr(model_mod, "repack_budget", lambda: budget)
+    tr = Transformer(load(shared / "models" / "quant-base-q8_0.gguf"), n_ctx=64)
+    w = tr._weights
+    types = [w.wcls.type] + [getattr(w.layers[l], f).type for l in range(tr.config["n_layers"])
+                             for f in ("wq", "wk", "wv", "wo", "w1", "w2", "w3")]
+    n_packed = sum(t == lib.PL_Q8_0_R16 for t in types)
+    assert (n_packed == 0) if budget == 0 else (0 < n_packed < len(types))
+    assert set(types) <= {lib.PL_Q8_0, lib.PL_Q8_0_R16}
+    ids = [1] + np.random.default_rng(budget).integers(3, tr.vocab_size, size=20).tolist()
+    batched = tr.prefill(ids, 0, all_logits=True).copy()
+    stepwise = np.array([tr.forward(tok, pos).copy() for pos, tok in enumerate(ids)])
+    np.testing.assert_array_equal(batched, stepwise)

@@ -1497,6 +1497,43 @@ r16_tile(int type, const char *g0, size_t gbytes, int ng, int nt, const act_view
 
 /* Rows [r0, r1) (multiples of 16) for ntok tokens: groups outer, tiles of up to 8 tokens inner
  * (a group's weights stay in L1/L2 while the tokens stream by). One token: 4 groups at a time. */
+/* One group of 16 rows for ntok tokens, in tiles of up to 8 tokens. */
+static inline __attribute__((always_inline)) void
+r16_group(int type, const char *grp, const act_view *acts, int ntok, int nb, float *out, long long ldo)
+{
+    for (int t = 0; t < ntok; t += 8) {
+        float *o = out + t * ldo;
+        switch (ntok - t) {
+        case 1: r16_tile(type, grp, 0, 1, 1, acts + t, nb, o, ldo); break;
+        case 2: r16_tile(type, grp, 0, 1, 2, acts + t, nb, o, ldo); break;
+        case 3: r16_tile(type, grp, 0, 1, 3, acts + t, nb, o, ldo); break;
+        case 4: r16_tile(type, grp, 0, 1, 4, acts + t, nb, o, ldo); break;
+        case 5: r16_tile(type, grp, 0, 1, 5, acts + t, nb, o, ldo); break;
+        case 6: r16_tile(type, grp, 0, 1, 6, acts + t, nb, o, ldo); break;
+        case 7: r16_tile(type, grp, 0, 1, 7, acts + t, nb, o, ldo); break;
+        default: r16_tile(type, grp, 0, 1, 8, acts + t, nb, o, ldo); break;
+        }
+    }
+}
+
+/* A Q4_0 group as the Q8_0 layout reads it: nibbles as bytes 0..15 (chunk k: values 4k..4k+3),
+ * the same scales plane. The start value of each block's sum (corr = −8·Σq) is unchanged. */
+#define R16_UNPACK_NB 256 /* up to 8192 columns: 139 KB per thread (thread-local, not stack) */
+static _Thread_local _Alignas(64) char unpacked[R16_UNPACK_NB * 544];
+
+static void unpack_q4(const char *grp, int nb, char *dst)
+{
+    const __m512i m4 = _mm512_set1_epi8(15);
+    for (int b = 0; b < nb; b++)
+        for (int k = 0; k < 4; k++) {
+            __m512i z = _mm512_loadu_si512((const void *)(grp + 256 * b + 64 * k));
+            _mm512_store_si512((void *)(dst + 512 * b + 64 * k), _mm512_and_si512(z, m4));
+            _mm512_store_si512((void *)(dst + 512 * b + 64 * (k + 4)),
+                               _mm512_and_si512(_mm512_srli_epi16(z, 4), m4));
+        }
+    memcpy(dst + 512 * (size_t)nb, grp + 256 * (size_t)nb, 32 * (size_t)nb);
+}
+
 static inline __attribute__((always_inline)) void
 r16_rows(int type, const pl_tensor *w, const act_view *acts, int ntok, float *out, long long ldo,
          long long r0, long long r1)
@@ -1512,18 +1549,12 @@ r16_rows(int type, const pl_tensor *w, const act_view *acts, int ntok, float *ou
     }
     for (; g < g1; g++) {
         const char *grp = base + g * gbytes;
-        for (int t = 0; t < ntok; t += 8) {
-            float *o = out + t * ldo + g * RG;
-            switch (ntok - t) {
-            case 1: r16_tile(type, grp, gbytes, 1, 1, acts + t, nb, o, ldo); break;
-            case 2: r16_tile(type, grp, gbytes, 1, 2, acts + t, nb, o, ldo); break;
-            case 3: r16_tile(type, grp, gbytes, 1, 3, acts + t, nb, o, ldo); break;
-            case 4: r16_tile(type, grp, gbytes, 1, 4, acts + t, nb, o, ldo); break;
-            case 5: r16_tile(type, grp, gbytes, 1, 5, acts + t, nb, o, ldo); break;
-            case 6: r16_tile(type, grp, gbytes, 1, 6, acts + t, nb, o, ldo); break;
-            case 7: r16_tile(type, grp, gbytes, 1, 7, acts + t, nb, o, ldo); break;
-            default: r16_tile(type, grp, gbytes, 1, 8, acts + t, nb, o, ldo); break;
-            }
+        if (type == PL_Q4_0_R16 && ntok > 8 && nb <= R16_UNPACK_NB) {
+            /* many token tiles: unpack the group's nibbles once, then read them as Q8_0 does */
+            unpack_q4(grp, nb, unpacked);
+            r16_group(PL_Q8_0_R16, unpacked, acts, ntok, nb, out + g * RG, ldo);
+        } else {
+            r16_group(type, grp, acts, ntok, nb, out + g * RG, ldo);
         }
     }
 }

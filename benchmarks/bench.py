@@ -1,8 +1,8 @@
 """`make bench`: pyllama's speed on llama2.c's published shapes, as the issue's table.
 
 Models: stories260K (real, ../shared), stories15M and stories110M shapes with synthetic weights
-(../shared/tools/make_model.py --shared), as llama2.c .bin, as llama2.c V2 int8 and as GGUF F32,
-Q8_0, Q4_0 and Q4_K_M, the last five made by `pyllama convert` (all cached in build/bench-models/). For each: generation tok/s
+(../shared/tools/make_model.py --shared), as llama2.c .bin, as llama2.c V2 int8 and as GGUF F32, F16,
+Q8_0, Q4_0 and Q4_K_M, the last six made by `pyllama convert` (all cached in build/bench-models/). For each: generation tok/s
 (256 tokens, temperature 0) at 1 and 2 threads, prompt tok/s (128 tokens, batched), min/median/max
 over --repeat runs, bytes read per token, the fraction of the read bandwidth measured in the
 same run, and the time to first token (a fresh Llama each time, median of 5). Then the contention
@@ -149,7 +149,7 @@ def main():
         print(cpu_line())
         return contention_rows(args.repeat)
     shapes = [] if args.big else ["stories260K", "stories15M"] + ([] if args.quick else ["stories110M"])
-    formats = ["bin", "v2", "f32", "q8_0", "q4_0", "q4_k_m"]
+    formats = ["bin", "v2", "f32", "f16", "q8_0", "q4_0", "q4_k_m"]
     print(cpu_line())
     print(f"pyllama {pyllama.__version__} ({pyllama.build_info()})")
     bw = {t: read_bandwidth(t, 1 << 30) for t in (1, 2)}

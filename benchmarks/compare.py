@@ -84,7 +84,7 @@ def main():
     args = ap.parse_args()
     files = [SHARED / "models" / "stories260K-f32.gguf"]
     for name in ["stories15M"] + ([] if args.quick else ["stories110M"]):
-        files += [MODELS / f"{name}-{t}.gguf" for t in ("f32", "q8_0", "q4_0", "q4_k_m")]
+        files += [MODELS / f"{name}-{t}.gguf" for t in ("f32", "f16", "q8_0", "q4_0", "q4_k_m")]
     if args.big:
         files = [MODELS / f"llama3-1b-{t}.gguf" for t in ("q8_0", "q4_0", "q4_k_m")]
     files = args.files or files

@@ -77,6 +77,11 @@ void pli_matvec_rows(const pl_tensor *w, const void *xq, float *out, long long r
 void pli_matmul_batch(const pl_tensor *w, const void *xq, long long stride, int ntok, float *out,
                       long long ldo, long long r0, long long r1);
 
+/* Bytes of w's repacked layout (0: none for its type/shape in this build), and the repack of
+ * groups [g0, g1) of 16 rows into dst (the whole layout's base); returns the repacked type. */
+long long pli_repack_bytes(const pl_tensor *w);
+int pli_repack(const pl_tensor *w, void *dst, long long g0, long long g1);
+
 /* out[w->cols] = row `row` of w, dequantized. */
 void pli_dequantize_row(const pl_tensor *w, long long row, float *out);
 

@@ -182,6 +182,12 @@ static void matvec_rows(const pl_tensor *w, const void *xin, float *out, long lo
     }
 }
 
+/* Rows a thread's range must start and end on (repacked layouts interleave groups of 16). */
+static long long row_group(const pl_tensor *w)
+{
+    return w->type == PL_Q4_0_R16 || w->type == PL_Q8_0_R16 ? 16 : 2;
+}
+
 /* Row range of thread `tid` of `nth`: even split, rounded to pairs of rows. */
 static void split_rows(long long rows, int tid, int nth, long long *r0, long long *r1)
 {
@@ -201,6 +207,7 @@ static void split_rows(long long rows, int tid, int nth, long long *r0, long lon
 static long long chunk_rows(const pl_tensor *w, int n)
 {
     if (n == 1) return 1LL << 40; /* one token: no reuse, no chunking */
+    if (row_group(w) > 2) return 1LL << 40; /* repacked: r16 tiles keep a group in cache */
     long long ch = 32768 / (w->cols > 0 ? w->cols : 1);
     ch = ch < 2 ? 2 : ch > 64 ? 64 : ch;
     return ch & ~1LL;
@@ -280,6 +287,10 @@ void pl__team_matmuls(const float *x, int n, const pl__mm *mm, int nmm, void *sc
             hi = b - base < 0 ? 0 : b - base > w->rows ? w->rows : b - base;
             base += w->rows;
         }
+        if (row_group(w) > 2) { /* the same rounding on both sides of a split: every row once */
+            lo &= ~(row_group(w) - 1);
+            hi = hi == w->rows ? hi : hi & ~(row_group(w) - 1);
+        }
         r0[i] = lo;
         r1[i] = hi;
         long long ch = chunk_rows(w, n);
@@ -322,6 +333,23 @@ void pl_matmul(float *xout, const float *x, int n, const pl_tensor *w, void *scr
 long long pl__act_bytes(const pl_tensor *w)
 {
     return pli_is_quant(w->type) ? pli_act_bytes(w) : 0;
+}
+
+long long pl_repack_bytes(const pl_tensor *w)
+{
+    return pli_repack_bytes(w);
+}
+
+int pl_repack(const pl_tensor *w, void *dst, int n_threads)
+{
+    long long groups = w->rows / 16;
+    int type = w->type;
+#pragma omp parallel for num_threads(n_threads) if (n_threads > 1) schedule(static)
+    for (long long g = 0; g < groups; g++) {
+        int t = pli_repack(w, dst, g, g + 1);
+        if (g == 0) type = t;
+    }
+    return groups > 0 ? type : w->type;
 }
 
 long long pl_matmul_scratch_bytes(const pl_tensor *w, int n)

@@ -9,7 +9,7 @@
  * owns every buffer (numpy arrays kept alive by the Python objects that hold these structs).
  */
 
-#define PL_ABI_VERSION 8
+#define PL_ABI_VERSION 9
 
 /* Tensor types: ggml's type numbers, plus one of our own for llama2.c V2 checkpoints. The types
  * the core computes with are exactly these; Python reads their numbers from the compiled core
@@ -29,6 +29,13 @@
 #define PL_Q6_K 14
 #define PL_BF16 30
 #define PL_Q8_G 1000   /* llama2.c V2: int8 values, f32 scale per group_size values in `scales` */
+
+/* Weight layouts made at load time by pl_repack (never read from or written to a file): Q4_0 or
+ * Q8_0 with 16 rows interleaved, so that one 512-bit VNNI register holds 4 values of 16 rows and
+ * every kernel (one token or a batch) computes 16 rows per instruction. Only builds with AVX-512
+ * VNNI make them (pl_repack_bytes > 0). */
+#define PL_Q4_0_R16 1002
+#define PL_Q8_0_R16 1008
 
 /* A 2-D weight matrix, row-major: `rows` rows of `cols` elements (cols = the input length). */
 typedef struct {
@@ -155,6 +162,12 @@ void pl_forward_batch(const pl_weights *w, pl_state *s, const pl_batch *b);
  * W.cols must be a multiple of the block. */
 void pl_matmul(float *xout, const float *x, int n, const pl_tensor *w, void *scratch, int n_threads);
 long long pl_matmul_scratch_bytes(const pl_tensor *w, int n);
+
+/* Bytes of W in its repacked layout, or 0 when this build has none for W's type and shape. */
+long long pl_repack_bytes(const pl_tensor *w);
+/* Writes W's repacked layout to dst (pl_repack_bytes(w) bytes, 64-byte aligned) with n_threads
+ * threads; returns the type of the repacked tensor (data = dst, same rows and cols). */
+int pl_repack(const pl_tensor *w, void *dst, int n_threads);
 
 /* out(cols) = row `row` of W, dequantized to f32. */
 void pl_dequantize_row(const pl_tensor *w, long long row, float *out);

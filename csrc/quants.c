@@ -28,6 +28,9 @@
  * that of the single-token kernel (the K-quants and Q8_G: the same function with NT = 4; the
  * 32-value types: the same step with the same even/odd accumulators), so batched and
  * token-by-token results are bit-identical.
+ *
+ * With AVX-512 VNNI, Q4_0 and Q8_0 matrices are repacked at load time (pl_repack, 16 rows
+ * interleaved, see "Repacked" below): one kernel family then serves one token and batches alike.
  */
 #include <math.h>
 #include <string.h>
@@ -152,7 +155,7 @@ int pli_is_quant(int type)
     switch (type) {
     case PL_Q4_0: case PL_Q4_1: case PL_Q5_0: case PL_Q5_1: case PL_Q8_0:
     case PL_Q2_K: case PL_Q3_K: case PL_Q4_K: case PL_Q5_K: case PL_Q6_K:
-    case PL_Q8_G:
+    case PL_Q8_G: case PL_Q4_0_R16: case PL_Q8_0_R16:
         return 1;
     default:
         return 0;
@@ -172,11 +175,11 @@ static int block_values(const pl_tensor *w)
 static size_t block_bytes(int type)
 {
     switch (type) {
-    case PL_Q4_0: return sizeof(blk_q4_0);
+    case PL_Q4_0: case PL_Q4_0_R16: return sizeof(blk_q4_0);
     case PL_Q4_1: return sizeof(blk_q4_1);
     case PL_Q5_0: return sizeof(blk_q5_0);
     case PL_Q5_1: return sizeof(blk_q5_1);
-    case PL_Q8_0: return sizeof(blk_q8_0);
+    case PL_Q8_0: case PL_Q8_0_R16: return sizeof(blk_q8_0);
     case PL_Q2_K: return sizeof(blk_q2_K);
     case PL_Q3_K: return sizeof(blk_q3_K);
     case PL_Q4_K: return sizeof(blk_q4_K);
@@ -187,6 +190,7 @@ static size_t block_bytes(int type)
 }
 
 static int is_k(int type) { return type >= PL_Q2_K && type <= PL_Q6_K; }
+static int is_r16(int type) { return type == PL_Q4_0_R16 || type == PL_Q8_0_R16; }
 
 /* ------------------------------------------------------------------------------------------------
  * activations */
@@ -196,6 +200,7 @@ typedef struct {
     float *d;       /* K blocks, Q8_G groups: (cols/block,) x ≈ d·q */
     float *ds;      /* 32-blocks: (cols/32, 2) pairs d, d·Σq (llama.cpp's q8_1 d and s) */
     int16_t *bsums; /* K blocks: (cols/16,) Σq per 16 values */
+    int32_t *corr;  /* repacked Q4_0/Q8_0: (cols/32,) −k·Σq, k the weights' unsigned offset */
 } act_view;
 
 static size_t align64(size_t n) { return (n + 63) & ~(size_t)63; }
@@ -209,6 +214,7 @@ static act_view act_layout(const pl_tensor *w, const void *xq)
     a.d = (float *)(p + align64(cols));
     a.ds = a.d;
     a.bsums = (int16_t *)(a.d + nb);
+    a.corr = (int32_t *)(a.ds + 2 * nb);
     return a;
 }
 
@@ -217,6 +223,7 @@ long long pli_act_bytes(const pl_tensor *w)
     if (!pli_is_quant(w->type)) return 0;
     long long cols = w->cols, nb = cols / block_values(w);
     long long extra = w->type == PL_Q8_G ? 0 : is_k(w->type) ? cols / 16 * 2 : nb * 4; /* s or bsums */
+    if (is_r16(w->type)) extra += nb * 4; /* corr */
     return (long long)align64((size_t)cols) + nb * 4 + extra;
 }
 
@@ -316,6 +323,7 @@ void pli_quantize_act(const pl_tensor *w, const float *x, void *xq)
             int s = 0;
             for (int l = 0; l < QK; l++) s += a.q[QK * b + l];
             a.ds[2 * b + 1] = a.ds[2 * b] * (float)s;
+            if (is_r16(w->type)) a.corr[b] = -(w->type == PL_Q8_0_R16 ? 128 : 8) * s;
         }
     }
 }
@@ -1424,13 +1432,199 @@ v_batch(int type, const pl_tensor *w, const void *xq, long long stride, int ntok
     }
 }
 
+/* ------------------------------------------------------------------------------------------------
+ * Repacked Q4_0 / Q8_0 (PL_Q4_0_R16, PL_Q8_0_R16), made at load time by pl_repack.
+ *
+ * Rows go in groups of 16; a group holds the same bytes as its 16 rows, rearranged:
+ *   quants plane: for each block b, chunks k of 64 bytes, row r's 4 bytes at 4r:
+ *     Q8_0: 8 chunks, chunk k = values 4k..4k+3 as unsigned bytes (w xor 0x80 = w + 128);
+ *     Q4_0: 4 chunks, chunk k = qs[4k..4k+3] (low nibbles: values 4k.., high: values 16+4k..);
+ *   then the scales plane: for each block b, the 16 rows' fp16 d.
+ * One vpdpbusd of a chunk with 4 activation bytes broadcast adds 4 products to each of 16 rows,
+ * so a block's integer sum s (exact) lands in the lane of its row, with no horizontal sums, and
+ * every (row, token) computes  acc = fma(fp16(d)·xd, (float)s, acc)  block after block from 0.
+ * Every kernel below (one token, or a tile of 1-8 tokens) does exactly that per row and token,
+ * so batched results equal single-token ones bit for bit. The unsigned offset (128 or 8) comes
+ * back through corr = −offset·Σq, the start value of each block's integer sum. */
+#define RG 16
+
+static inline size_t r16_qbytes(int type) { return type == PL_Q8_0_R16 ? 512 : 256; } /* per block */
+
+static inline __attribute__((always_inline)) void
+r16_tile(int type, const char *g0, size_t gbytes, int ng, int nt, const act_view *a, int nb,
+         float *out, long long ldo)
+{
+    const size_t qb = r16_qbytes(type);
+    const int split = ng * nt < 4; /* few chains: two integer accumulators hide the latency */
+    __m512 acc[4][8];
+    for (int g = 0; g < ng; g++)
+        for (int t = 0; t < nt; t++) acc[g][t] = _mm512_setzero_ps();
+    for (int b = 0; b < nb; b++) {
+        for (int g = 0; g < ng; g++) {
+            const char *grp = g0 + g * gbytes;
+            const char *q = grp + b * qb;
+            __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(grp + nb * qb + 32 * b)));
+            __m512i w[8];
+            if (type == PL_Q8_0_R16) {
+                for (int k = 0; k < 8; k++) w[k] = _mm512_loadu_si512((const void *)(q + 64 * k));
+            } else {
+                const __m512i m4 = _mm512_set1_epi8(15);
+                for (int k = 0; k < 4; k++) {
+                    __m512i z = _mm512_loadu_si512((const void *)(q + 64 * k));
+                    w[k] = _mm512_and_si512(z, m4);
+                    w[k + 4] = _mm512_and_si512(_mm512_srli_epi16(z, 4), m4);
+                }
+            }
+            for (int t = 0; t < nt; t++) {
+                const int8_t *x = a[t].q + QK * b;
+                int32_t xv[8];
+                memcpy(xv, x, 32);
+                __m512i s0 = _mm512_set1_epi32(a[t].corr[b]);
+                __m512i s1 = _mm512_setzero_si512();
+                for (int k = 0; k < 8; k++) {
+                    if (split && (k & 1)) s1 = _mm512_dpbusd_epi32(s1, w[k], _mm512_set1_epi32(xv[k]));
+                    else s0 = _mm512_dpbusd_epi32(s0, w[k], _mm512_set1_epi32(xv[k]));
+                }
+                if (split) s0 = _mm512_add_epi32(s0, s1);
+                __m512 sc = _mm512_mul_ps(dw, _mm512_set1_ps(a[t].ds[2 * b]));
+                acc[g][t] = _mm512_fmadd_ps(sc, _mm512_cvtepi32_ps(s0), acc[g][t]);
+            }
+        }
+    }
+    for (int g = 0; g < ng; g++)
+        for (int t = 0; t < nt; t++) _mm512_storeu_ps(out + t * ldo + RG * g, acc[g][t]);
+}
+
+/* Rows [r0, r1) (multiples of 16) for ntok tokens: groups outer, tiles of up to 8 tokens inner
+ * (a group's weights stay in L1/L2 while the tokens stream by). One token: 4 groups at a time. */
+/* One group of 16 rows for ntok tokens, in tiles of up to 8 tokens. */
+static inline __attribute__((always_inline)) void
+r16_group(int type, const char *grp, const act_view *acts, int ntok, int nb, float *out, long long ldo)
+{
+    for (int t = 0; t < ntok; t += 8) {
+        float *o = out + t * ldo;
+        switch (ntok - t) {
+        case 1: r16_tile(type, grp, 0, 1, 1, acts + t, nb, o, ldo); break;
+        case 2: r16_tile(type, grp, 0, 1, 2, acts + t, nb, o, ldo); break;
+        case 3: r16_tile(type, grp, 0, 1, 3, acts + t, nb, o, ldo); break;
+        case 4: r16_tile(type, grp, 0, 1, 4, acts + t, nb, o, ldo); break;
+        case 5: r16_tile(type, grp, 0, 1, 5, acts + t, nb, o, ldo); break;
+        case 6: r16_tile(type, grp, 0, 1, 6, acts + t, nb, o, ldo); break;
+        case 7: r16_tile(type, grp, 0, 1, 7, acts + t, nb, o, ldo); break;
+        default: r16_tile(type, grp, 0, 1, 8, acts + t, nb, o, ldo); break;
+        }
+    }
+}
+
+/* A Q4_0 group as the Q8_0 layout reads it: nibbles as bytes 0..15 (chunk k: values 4k..4k+3),
+ * the same scales plane. The start value of each block's sum (corr = −8·Σq) is unchanged. */
+#define R16_UNPACK_NB 256 /* up to 8192 columns: 139 KB per thread (thread-local, not stack) */
+static _Thread_local _Alignas(64) char unpacked[R16_UNPACK_NB * 544];
+
+static void unpack_q4(const char *grp, int nb, char *dst)
+{
+    const __m512i m4 = _mm512_set1_epi8(15);
+    for (int b = 0; b < nb; b++)
+        for (int k = 0; k < 4; k++) {
+            __m512i z = _mm512_loadu_si512((const void *)(grp + 256 * b + 64 * k));
+            _mm512_store_si512((void *)(dst + 512 * b + 64 * k), _mm512_and_si512(z, m4));
+            _mm512_store_si512((void *)(dst + 512 * b + 64 * (k + 4)),
+                               _mm512_and_si512(_mm512_srli_epi16(z, 4), m4));
+        }
+    memcpy(dst + 512 * (size_t)nb, grp + 256 * (size_t)nb, 32 * (size_t)nb);
+}
+
+static inline __attribute__((always_inline)) void
+r16_rows(int type, const pl_tensor *w, const act_view *acts, int ntok, float *out, long long ldo,
+         long long r0, long long r1)
+{
+    const int nb = (int)(w->cols / QK);
+    const size_t gbytes = (size_t)nb * RG * block_bytes(type);
+    const char *base = (const char *)w->data;
+    long long g = r0 / RG, g1 = r1 / RG;
+    if (ntok == 1) {
+        for (; g + 4 <= g1; g += 4) r16_tile(type, base + g * gbytes, gbytes, 4, 1, acts, nb, out + g * RG, ldo);
+        for (; g < g1; g++) r16_tile(type, base + g * gbytes, gbytes, 1, 1, acts, nb, out + g * RG, ldo);
+        return;
+    }
+    for (; g < g1; g++) {
+        const char *grp = base + g * gbytes;
+        if (type == PL_Q4_0_R16 && ntok > 8 && nb <= R16_UNPACK_NB) {
+            /* many token tiles: unpack the group's nibbles once, then read them as Q8_0 does */
+            unpack_q4(grp, nb, unpacked);
+            r16_group(PL_Q8_0_R16, unpacked, acts, ntok, nb, out + g * RG, ldo);
+        } else {
+            r16_group(type, grp, acts, ntok, nb, out + g * RG, ldo);
+        }
+    }
+}
+
+static void r16_batch(const pl_tensor *w, const void *xq, long long stride, int ntok, float *out,
+                      long long ldo, long long r0, long long r1)
+{
+    for (int t0 = 0; t0 < ntok; t0 += 256) { /* act views on the stack, 256 tokens at a time */
+        act_view acts[256];
+        int n = ntok - t0 < 256 ? ntok - t0 : 256;
+        for (int t = 0; t < n; t++) acts[t] = act_layout(w, (const char *)xq + (t0 + t) * stride);
+        if (w->type == PL_Q8_0_R16) r16_rows(PL_Q8_0_R16, w, acts, n, out + t0 * ldo, ldo, r0, r1);
+        else r16_rows(PL_Q4_0_R16, w, acts, n, out + t0 * ldo, ldo, r0, r1);
+    }
+}
+
+static void r16_repack_groups(const pl_tensor *w, char *dst, long long g0, long long g1)
+{
+    const int nb = (int)(w->cols / QK), nk = w->type == PL_Q8_0 ? 8 : 4; /* 4-byte chunks per block */
+    const uint32_t flip = w->type == PL_Q8_0 ? 0x80808080u : 0; /* Q8_0: w + 128, unsigned */
+    const size_t bb = block_bytes(w->type), gbytes = (size_t)nb * RG * bb;
+    for (long long g = g0; g < g1; g++) {
+        const char *rows = (const char *)w->data + (size_t)g * gbytes; /* 16 rows in a row */
+        char *q = dst + g * gbytes, *d = q + (size_t)nb * nk * 64;
+        for (int b = 0; b < nb; b++)
+            for (int r = 0; r < RG; r++) {
+                const char *blk = rows + ((size_t)r * nb + b) * bb;
+                memcpy(d + 32 * b + 2 * r, blk, 2);
+                for (int k = 0; k < nk; k++) {
+                    uint32_t v;
+                    memcpy(&v, blk + 2 + 4 * k, 4);
+                    v ^= flip;
+                    memcpy(q + (size_t)b * nk * 64 + 64 * k + 4 * r, &v, 4);
+                }
+            }
+    }
+}
 #endif
+
+long long pli_repack_bytes(const pl_tensor *w)
+{
+#ifdef PL_VNNI512
+    if ((w->type == PL_Q4_0 || w->type == PL_Q8_0) && w->rows % RG == 0 && w->cols % QK == 0)
+        return w->rows * (w->cols / QK) * (long long)block_bytes(w->type);
+#endif
+    (void)w;
+    return 0;
+}
+
+int pli_repack(const pl_tensor *w, void *dst, long long g0, long long g1)
+{
+#ifdef PL_VNNI512
+    if (pli_repack_bytes(w) > 0) {
+        r16_repack_groups(w, (char *)dst, g0, g1);
+        return w->type == PL_Q8_0 ? PL_Q8_0_R16 : PL_Q4_0_R16;
+    }
+#endif
+    (void)dst, (void)g0, (void)g1;
+    return w->type;
+}
 
 void pli_matmul_batch(const pl_tensor *w, const void *xq, long long stride, int ntok, float *out,
                       long long ldo, long long r0, long long r1)
 {
     int t = 0;
 #ifdef PL_VNNI512
+    if (is_r16(w->type)) {
+        r16_batch(w, xq, stride, ntok, out, ldo, r0, r1);
+        return;
+    }
     if (w->type == PL_Q8_0 || w->type == PL_Q4_0) {
         if (w->type == PL_Q8_0) v_batch(PL_Q8_0, w, xq, stride, ntok, out, ldo, r0, r1);
         else v_batch(PL_Q4_0, w, xq, stride, ntok, out, ldo, r0, r1);
@@ -1454,6 +1648,12 @@ void pli_matmul_batch(const pl_tensor *w, const void *xq, long long stride, int 
 void pli_matvec_rows(const pl_tensor *w, const void *xq, float *out, long long r0, long long r1)
 {
     act_view a = act_layout(w, xq);
+#ifdef PL_VNNI512
+    if (is_r16(w->type)) {
+        r16_batch(w, xq, 0, 1, out, 0, r0, r1);
+        return;
+    }
+#endif
     if (w->type == PL_Q8_G) {
         const int8_t *q = (const int8_t *)w->data;
         long long gpr = w->cols / w->group_size; /* groups per row */

@@ -52,6 +52,9 @@ const char *pl_build_info(void)
 #ifdef __AVX512F__
            " avx512f"
 #endif
+#if defined(__AVX2__) && defined(__AVX512BW__) && defined(__AVX512VNNI__) /* quants.c's PL_VNNI512 */
+           " avx512vnni"
+#endif
         ;
 }
 

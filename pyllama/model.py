@@ -84,6 +84,13 @@ def available_memory():
     return None
 
 
+def repack_budget():
+    """Bytes of repacked weight copies a model may make at load (Transformer._matrix): half the
+    memory available now, or None (no limit) when that is unknown."""
+    avail = available_memory()
+    return None if avail is None else avail // 2
+
+
 class ModelLock:
     """A Transformer's KV cache belongs to one generation at a time. Other threads wait for it;
     the thread that holds it (e.g. a second generate() started while a first one is still being
@@ -132,6 +139,7 @@ class Transformer:
         # evaluated in all: the prefix cache of pyllama/kvcache.py reads them
         self.tokens = []
         self.n_evaluated = 0
+        self._repack_budget = repack_budget()
         self._weights = self._bind_weights(model_file)
         self._alloc_state(threads)
         _live.add(self)
@@ -157,6 +165,24 @@ class Transformer:
             dst.scales = ffi.NULL
             dst.group_size = 0
 
+    def _matrix(self, dst, t):
+        """A matmul weight: bound as the file has it, then repacked where this build's kernels
+        have a layout of their own for its type (pl_repack: Q4_0 and Q8_0 with AVX-512 VNNI; a
+        copy as large as the tensor, made once at load time) while the copies fit in half the
+        memory available at load (beyond that the file's layout runs, slower, from the page
+        cache). The embedding rows stay in the file."""
+        self._tensor(dst, t)
+        p = ffi.addressof(dst)
+        n = int(lib.pl_repack_bytes(p))
+        if n and (self._repack_budget is None or n <= self._repack_budget):
+            if self._repack_budget is not None:
+                self._repack_budget -= n
+            buf = np.empty(n + 64, np.uint8)
+            off = -buf.ctypes.data % 64
+            ptr = self._ptr(buf[off:off + n])
+            dst.type = lib.pl_repack(p, ptr, 1 if _forked else default_threads())
+            dst.data = ptr
+
     def _vector(self, t):
         """A float vector (norm, bias, rope_freqs) or NULL for an absent optional tensor."""
         if t is None:
@@ -180,7 +206,7 @@ class Transformer:
         c.rope_style = {"norm": lib.PL_ROPE_NORM, "neox": lib.PL_ROPE_NEOX}[arch.rope_style]
         self._tensor(w.token_embedding, T["token_embd.weight"])
         w.rms_final = self._vector(T["output_norm.weight"])
-        self._tensor(w.wcls, T.get("output.weight", T["token_embd.weight"]))
+        self._matrix(w.wcls, T.get("output.weight", T["token_embd.weight"]))
         w.rope_freqs = self._vector(T.get("rope_freqs.weight"))
         fields = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
         for l in range(cfg["n_layers"]):
@@ -188,7 +214,7 @@ class Transformer:
             L.rms_att = self._vector(T[blk + "attn_norm.weight"])
             L.rms_ffn = self._vector(T[blk + "ffn_norm.weight"])
             for field, name in zip(fields, archs.LAYER_MATRICES):
-                self._tensor(getattr(L, field), T[f"{blk}{name}.weight"])
+                self._matrix(getattr(L, field), T[f"{blk}{name}.weight"])
             for field, name in zip(("bq", "bk", "bv"), archs.BIASES):
                 setattr(L, field, self._vector(T.get(blk + name)))
         w.layers = layers

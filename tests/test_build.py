@@ -39,7 +39,8 @@ def _build_copy(tmp_path, **env):
     return tree, proc
 
 
-KERNEL_TESTS = ("tests/test_quants.py", "tests/test_prefill.py", "tests/test_kernel_guards.py")
+KERNEL_TESTS = ("tests/test_quants.py", "tests/test_prefill.py", "tests/test_kernel_guards.py",
+                "tests/test_kernels_repack.py")
 
 
 def _core_of(tree, env):

@@ -1,0 +1,126 @@
+"""Q4_0 and Q8_0 repacked at load time (pl_repack: 16 rows interleaved, csrc/quants.c "Repacked").
+
+Expected values come from:
+- the plain-layout kernels of the same core (pl_matmul on the file's bytes, themselves checked
+  against gguf-py in tests/test_quants.py): the repacked kernels sum the same exact integers per
+  block and differ only in the order of the f32 adds, so the two agree to f32 rounding;
+- the repacked single-token kernel itself: every batch size (1-8 token tiles, the decode path's
+  4-group tiles and their leftovers, 2 threads splitting rows at group boundaries) must give each
+  token exactly its single-token result, bit for bit (issue 12/13: batched == alone);
+- /proc/cpuinfo and the core's build flags: a build for AVX-512 VNNI makes the layout, others not.
+"""
+import numpy as np
+import pytest
+
+from pyllama import _core
+from pyllama.formats import load
+from pyllama.model import Transformer
+
+from test_build import _cpu_flags
+from test_quants import TYPES, Tensor, _activations, _rng, _weights
+
+ffi, lib = _core.ffi, _core.lib
+VNNI = "avx512vnni" in ffi.string(lib.pl_build_info()).decode().split()
+REPACKED = {"Q4_0": lib.PL_Q4_0_R16, "Q8_0": lib.PL_Q8_0_R16}
+
+
+def _repacked(t, n_threads=2):
+    """A Tensor holding t's repacked layout (64-byte aligned, as pyllama/model.py makes it)."""
+    n = lib.pl_repack_bytes(t.t)
+    assert n == t.t.rows * t.t.cols // 32 * (18 if t.t.type == lib.PL_Q4_0 else 34)
+    buf = np.zeros(n + 64, np.uint8)
+    off = -buf.ctypes.data % 64
+    packed = buf[off:off + n]
+    ptype = lib.pl_repack(t.t, ffi.cast("void *", ffi.from_buffer(packed)), n_threads)
+    r = Tensor(ptype, packed, t.t.rows, t.t.cols)
+    r.keep.append(buf)
+    return r
+
+
+def test_native_build_repacks_where_the_cpu_has_vnni():
+    flags = set(_cpu_flags())
+    native = "avx512f" in ffi.string(lib.pl_build_info()).decode()
+    if native:  # -march=native on an AVX-512 CPU: VNNI kernels exactly when the CPU has VNNI
+        assert VNNI == ({"avx512_vnni", "avx512bw"} <= flags)
+    for name in REPACKED:
+        ptype, _, _, nbytes, _ = TYPES[name]
+        t = Tensor(ptype, _weights(name, 32, 64, "random", _rng(name, "bytes")), 32, 64)
+        assert (lib.pl_repack_bytes(t.t) > 0) == VNNI
+        odd = Tensor(ptype, _weights(name, 33, 64, "random", _rng(name, "odd")), 33, 64)
+        assert lib.pl_repack_bytes(odd.t) == 0  # rows not a multiple of 16: left as they are
+
+
+needs_vnni = pytest.mark.skipif(not VNNI, reason="this build has no AVX-512 VNNI kernels "
+                                "(test_native_build_repacks_where_the_cpu_has_vnni checks why)")
+
+
+@needs_vnni
+@pytest.mark.parametrize("n_threads", (1, 2))
+@pytest.mark.parametrize("cols", (32, 96, 768))
+@pytest.mark.parametrize("rows", (16, 80, 112))
+@pytest.mark.parametrize("name", sorted(REPACKED))
+def test_repacked_matches_plain_layout(name, rows, cols, n_threads):
+    ptype, _, block, _, _ = TYPES[name]
+    rng = _rng(name, rows, cols, "repack")
+    plain = Tensor(ptype, _weights(name, rows, cols, "gguf", rng), rows, cols)
+    packed = _repacked(plain, n_threads)
+    assert packed.t.type == REPACKED[name]
+    x = np.stack([_activations(rng, cols, block) for _ in range(3)])
+    want = plain.matmul(x, n_threads).astype(np.float64)
+    got = packed.matmul(x, n_threads).astype(np.float64)
+    assert np.all(np.isfinite(got))
+    # the same integer sums per block; f32 adds in another order: a few ulps of Σ|terms|
+    w = plain.dequantize_rows().astype(np.float64)
+    scale = np.abs(x.astype(np.float64)) @ np.abs(w).T + 1e-30
+    np.testing.assert_array_less(np.abs(got - want), 2e-6 * scale)
+
+
+@needs_vnni
+@pytest.mark.parametrize("n_threads", (1, 2))
+@pytest.mark.parametrize("name", sorted(REPACKED))
+def test_repacked_batches_are_bit_identical_to_single(name, n_threads):
+    """Token tiles of 1-8 (every leftover width), more than 8 tokens, the one-token path's groups
+    of 4 and its leftover groups (80 rows = 5 groups), split over 2 threads at group edges."""
+    ptype, _, block, _, _ = TYPES[name]
+    rows, cols = 80, 96
+    rng = _rng(name, "batch-r16")
+    packed = _repacked(Tensor(ptype, _weights(name, rows, cols, "random", rng), rows, cols))
+    for n in (1, 2, 3, 4, 5, 6, 7, 8, 9, 17):
+        x = np.stack([_activations(rng, cols, block) for _ in range(n)])
+        single = np.stack([packed.matmul(x[i], n_threads) for i in range(n)])
+        assert np.all(np.isfinite(single))
+        np.testing.assert_array_equal(packed.matmul(x, n_threads), single)
+
+
+@needs_vnni
+@pytest.mark.parametrize("name", ("quant-base-q4_0.gguf", "quant-base-q8_0.gguf"))
+def test_models_run_repacked(shared, name):
+    """The files tests/test_prefill.py runs take the repacked kernels (so its batched == stepwise
+    check covers them), while the embedding keeps the file's layout."""
+    tr = Transformer(load(shared / "models" / name), n_ctx=32)
+    w = tr._weights
+    mats = [getattr(w.layers[l], f) for l in range(tr.config["n_layers"])
+            for f in ("wq", "wk", "wv", "wo", "w1", "w2", "w3")]
+    assert {m.type for m in mats} <= set(REPACKED.values())
+    assert w.token_embedding.type in (lib.PL_Q4_0, lib.PL_Q8_0, lib.PL_Q6_K, lib.PL_F32, lib.PL_F16)
+
+
+@needs_vnni
+@pytest.mark.parametrize("budget", (0, 700_000))
+def test_memory_budget_leaves_the_rest_in_the_file_layout(shared, monkeypatch, budget):
+    """Repacked copies stop at half the memory available at load (here: none, or a few matrices
+    of quant-base-q8_0, whose wcls comes first): the rest runs in the file's layout, and a batch
+    still equals the same tokens one by one, bit for bit, across the mix."""
+    from pyllama import model as model_mod
+    monkeypatch.setattr(model_mod, "repack_budget", lambda: budget)
+    tr = Transformer(load(shared / "models" / "quant-base-q8_0.gguf"), n_ctx=64)
+    w = tr._weights
+    types = [w.wcls.type] + [getattr(w.layers[l], f).type for l in range(tr.config["n_layers"])
+                             for f in ("wq", "wk", "wv", "wo", "w1", "w2", "w3")]
+    n_packed = sum(t == lib.PL_Q8_0_R16 for t in types)
+    assert (n_packed == 0) if budget == 0 else (0 < n_packed < len(types))
+    assert set(types) <= {lib.PL_Q8_0, lib.PL_Q8_0_R16}
+    ids = [1] + np.random.default_rng(budget).integers(3, tr.vocab_size, size=20).tolist()
+    batched = tr.prefill(ids, 0, all_logits=True).copy()
+    stepwise = np.array([tr.forward(tok, pos).copy() for pos, tok in enumerate(ids)])
+    np.testing.assert_array_equal(batched, stepwise)

@@ -77,6 +77,9 @@ void pli_matvec_rows(const pl_tensor *w, const void *xq, float *out, long long r
 void pli_matmul_batch(const pl_tensor *w, const void *xq, long long stride, int ntok, float *out,
                       long long ldo, long long r0, long long r1);
 
+/* 1 when pli_matmul_batch blocks w's rows itself and wants a thread's whole row range at once. */
+int pli_batch_all_rows(int type);
+
 /* out[w->cols] = row `row` of w, dequantized. */
 void pli_dequantize_row(const pl_tensor *w, long long row, float *out);
 

@@ -196,6 +196,7 @@ typedef struct {
     float *d;       /* K blocks, Q8_G groups: (cols/block,) x ≈ d·q */
     float *ds;      /* 32-blocks: (cols/32, 2) pairs d, d·Σq (llama.cpp's q8_1 d and s) */
     int16_t *bsums; /* K blocks: (cols/16,) Σq per 16 values */
+    int16_t *bs32;  /* K blocks: (cols/32,) Σq per 32 values (after bsums) */
 } act_view;
 
 static size_t align64(size_t n) { return (n + 63) & ~(size_t)63; }
@@ -209,6 +210,7 @@ static act_view act_layout(const pl_tensor *w, const void *xq)
     a.d = (float *)(p + align64(cols));
     a.ds = a.d;
     a.bsums = (int16_t *)(a.d + nb);
+    a.bs32 = a.bsums + cols / 16;
     return a;
 }
 
@@ -216,7 +218,7 @@ long long pli_act_bytes(const pl_tensor *w)
 {
     if (!pli_is_quant(w->type)) return 0;
     long long cols = w->cols, nb = cols / block_values(w);
-    long long extra = w->type == PL_Q8_G ? 0 : is_k(w->type) ? cols / 16 * 2 : nb * 4; /* s or bsums */
+    long long extra = w->type == PL_Q8_G ? 0 : is_k(w->type) ? cols / 16 * 3 : nb * 4; /* s or bsums, bs32 */
     return (long long)align64((size_t)cols) + nb * 4 + extra;
 }
 
@@ -310,6 +312,7 @@ void pli_quantize_act(const pl_tensor *w, const float *x, void *xq)
             for (int l = 0; l < 16; l++) s += a.q[16 * k + l];
             a.bsums[k] = (int16_t)s;
         }
+        for (int k = 0; k < n / 32; k++) a.bs32[k] = (int16_t)(a.bsums[2 * k] + a.bsums[2 * k + 1]);
     } else {
         quantize_blocks(x, n, QK, a.q, a.ds, 2);
         for (int b = 0; b < n / QK; b++) {
@@ -883,17 +886,34 @@ static void deq_q4_K(const void *row, int nb, float *y)
 }
 
 #ifdef PL_AVX2
+/* The K-quants' float arithmetic, one formula per super-block that every SIMD kernel follows bit
+ * for bit (the row-at-a-time kernels here, the 16-rows-in-lanes VNNI tiles below): the super-
+ * block's integer sums I = Σ sc·q·q8 and M = Σ m·bsums are exact however they are formed, then
+ * Q4_K/Q5_K: acc = fma(fma(d, I, −dmin·M), xd, acc);  Q6_K: acc = fma(I, d·xd, acc). */
+static inline float k4_step(float acc, int32_t I, int32_t M, float d, float dmin, float xd)
+{
+    __m128 y = _mm_fmsub_ss(_mm_set_ss(d), _mm_set_ss((float)I), _mm_set_ss(dmin * (float)M));
+    return _mm_cvtss_f32(_mm_fmadd_ss(y, _mm_set_ss(xd), _mm_set_ss(acc)));
+}
+
+static inline float k6_step(float acc, int32_t I, float d, float xd)
+{
+    return _mm_cvtss_f32(_mm_fmadd_ss(_mm_set_ss((float)I), _mm_set_ss(d * xd), _mm_set_ss(acc)));
+}
+
+static inline int32_t hsum_epi32_256(__m256i v)
+{
+    return hsum_epi32_128(_mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1)));
+}
+
 /* Q4_K (five = 0) and Q5_K (five = 1, the 5th bits shifted down 2 per 64 values) rows · NT token
- * activations, out[t·ldo] for token t. Decoding calls it with NT = 1 and the prefill tile with
- * NT = 4: one code path, so a token's batched sum is bit for bit its single-token sum, and each
- * weight block is unpacked once for all NT tokens. Per token: unsigned q · q8 scaled by sc[s] in
- * integers, one f32 multiply-add per super-block, minus dmin·Σ m[s]·bsums. */
+ * activations, out[t·ldo] for token t. Decoding calls it with NT = 1 and the AVX2 prefill tile
+ * with NT = 4, each weight block unpacked once for all NT tokens. Per token: unsigned q · q8
+ * scaled by sc[s] in integers, Σ m[s]·bsums, then k4_step per super-block. */
 static inline __attribute__((always_inline)) void
 k45_dots(const void *row, const act_view *a, int nb, int NT, int five, float *out, long long ldo)
 {
-    __m256 acc[4];
-    __m128 accm[4];
-    for (int t = 0; t < NT; t++) acc[t] = _mm256_setzero_ps(), accm[t] = _mm_setzero_ps();
+    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
     const __m256i m4 = _mm256_set1_epi8(15), b4 = _mm256_set1_epi8(16);
     const size_t bb = five ? sizeof(blk_q5_K) : sizeof(blk_q4_K);
     for (int i = 0; i < nb; i++) {
@@ -904,11 +924,11 @@ k45_dots(const void *row, const act_view *a, int nb, int NT, int five, float *ou
         __m256i scales = _mm256_broadcastsi128_si256(_mm256_castsi256_si128(sm16));
         float d = pli_fp16(b->d), dmin = pli_fp16(b->dmin);
         __m256i sumi[4];
+        int32_t msum[4];
         for (int t = 0; t < NT; t++) { /* mins: Σ_s m[s]·(bsum[2s] + bsum[2s+1]) */
             __m256i bs = _mm256_loadu_si256((const __m256i *)(a[t].bsums + 16 * i));
             __m128i bs32 = _mm_hadd_epi16(_mm256_castsi256_si128(bs), _mm256_extracti128_si256(bs, 1));
-            __m128i pm = _mm_madd_epi16(mins, bs32);
-            accm[t] = _mm_fmadd_ps(_mm_set1_ps(a[t].d[i] * dmin), _mm_cvtepi32_ps(pm), accm[t]);
+            msum[t] = hsum_epi32_128(_mm_madd_epi16(mins, bs32));
             sumi[t] = _mm256_setzero_si256();
         }
         __m256i hb = five ? _mm256_loadu_si256((const __m256i *)((const blk_q5_K *)b)->qh) : m4;
@@ -929,14 +949,9 @@ k45_dots(const void *row, const act_view *a, int nb, int NT, int five, float *ou
                 sumi[t] = _mm256_add_epi32(sumi[t], _mm256_add_epi32(_mm256_madd_epi16(sl, pl), _mm256_madd_epi16(sh, ph)));
             }
         }
-        for (int t = 0; t < NT; t++)
-            acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(a[t].d[i] * d), _mm256_cvtepi32_ps(sumi[t]), acc[t]);
+        for (int t = 0; t < NT; t++) acc[t] = k4_step(acc[t], hsum_epi32_256(sumi[t]), msum[t], d, dmin, a[t].d[i]);
     }
-    for (int t = 0; t < NT; t++) {
-        __m128 m = _mm_add_ps(accm[t], _mm_movehl_ps(accm[t], accm[t]));
-        m = _mm_add_ss(m, _mm_movehdup_ps(m));
-        out[t * ldo] = pli_hsum8(acc[t]) - _mm_cvtss_f32(m);
-    }
+    for (int t = 0; t < NT; t++) out[t * ldo] = acc[t];
 }
 #endif
 
@@ -1043,13 +1058,12 @@ static void deq_q6_K(const void *row, int nb, float *y)
 
 #ifdef PL_AVX2
 /* Q6_K rows · NT token activations, as k45_dots: unsigned q in [0, 63] · q8 scaled per 16 values,
- * minus 32·Σ scale·bsums, one f32 multiply-add per super-block. */
+ * minus 32·Σ scale·bsums, then k6_step per super-block. */
 static inline __attribute__((always_inline)) void
 q6_dots(const void *row, const act_view *a, int nb, int NT, float *out, long long ldo)
 {
     const blk_q6_K *b = (const blk_q6_K *)row;
-    __m256 acc[4];
-    for (int t = 0; t < NT; t++) acc[t] = _mm256_setzero_ps();
+    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
     const __m256i m4 = _mm256_set1_epi8(15), m30 = _mm256_set1_epi8(0x30);
     for (int i = 0; i < nb; i++) {
         __m128i sc = _mm_loadu_si128((const __m128i *)b[i].scales);
@@ -1079,10 +1093,9 @@ q6_dots(const void *row, const act_view *a, int nb, int NT, float *out, long lon
             }
         }
         float d = pli_fp16(b[i].d);
-        for (int t = 0; t < NT; t++)
-            acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(a[t].d[i] * d), _mm256_cvtepi32_ps(sumi[t]), acc[t]);
+        for (int t = 0; t < NT; t++) acc[t] = k6_step(acc[t], hsum_epi32_256(sumi[t]), d, a[t].d[i]);
     }
-    for (int t = 0; t < NT; t++) out[t * ldo] = pli_hsum8(acc[t]);
+    for (int t = 0; t < NT; t++) out[t * ldo] = acc[t];
 }
 #endif
 
@@ -1108,6 +1121,227 @@ static float dot_q6_K(const void *row, const act_view *a, int nb)
     return sum;
 #endif
 }
+
+/* ------------------------------------------------------------------------------------------------
+ * Q4_K and Q6_K prompts with AVX-512 VNNI: 16 rows in the 16 lanes of a register. For each group
+ * of 16 rows and each super-block, the weights are unpacked once (kq_unpack: gathers lane r from
+ * row r, 4 values per lane as unsigned bytes, the scales as int32 lanes) and then every token of
+ * the batch runs over them: vpdpbusd with the token's 4 activation bytes broadcast adds the 4
+ * products of each row to its lane, one sub-block at a time, scaled by vpmulld. The super-block's
+ * integer sums are exactly those of the row-at-a-time kernels, and each lane then takes k4_step /
+ * k6_step's operations, so every token's result is bit for bit its single-token one. The output
+ * rows of a token (16 contiguous floats) hold the running sums between super-blocks. */
+#if defined(PL_AVX2) && defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__) && \
+    defined(__F16C__)
+#define PL_KQ512 1
+#define KT 4 /* tokens at a time over an unpacked super-block */
+
+typedef struct {
+    __m512i u[64];  /* values 4j..4j+3 of each row, unsigned bytes */
+    __m512i sc[16]; /* per-sub-block scale of each row (Q4_K: 8 sub-blocks of 32, Q6_K: 16 of 16) */
+    __m512i sp[8];  /* int16 pairs: Q4_K (m[2p], m[2p+1]) for p < 4, Q6_K (sc[2p], sc[2p+1]) */
+    __m512 d, dmin;
+} kq_unpacked;
+
+/* 16 x 16 dwords transposed in place: afterwards r[p] holds dword p of every former r[lane]. */
+static inline __attribute__((always_inline)) void kq_transpose(__m512i r[16])
+{
+    __m512i t[16], u[16];
+    for (int i = 0; i < 8; i++) { /* lane L of t[2i]: a_4L b_4L a_4L+1 b_4L+1; of t[2i+1]: dwords 2, 3 */
+        t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+    }
+    for (int q = 0; q < 4; q++) { /* u[4q + d], lane L: dword 4L + d of rows 4q..4q+3 */
+        u[4 * q + 0] = _mm512_unpacklo_epi64(t[4 * q], t[4 * q + 2]);
+        u[4 * q + 1] = _mm512_unpackhi_epi64(t[4 * q], t[4 * q + 2]);
+        u[4 * q + 2] = _mm512_unpacklo_epi64(t[4 * q + 1], t[4 * q + 3]);
+        u[4 * q + 3] = _mm512_unpackhi_epi64(t[4 * q + 1], t[4 * q + 3]);
+    }
+    for (int d = 0; d < 4; d++) { /* r[4L + d] = lane L of u[d], u[4 + d], u[8 + d], u[12 + d] */
+        __m512i v0 = _mm512_shuffle_i32x4(u[d], u[4 + d], _MM_SHUFFLE(1, 0, 1, 0));
+        __m512i v1 = _mm512_shuffle_i32x4(u[d], u[4 + d], _MM_SHUFFLE(3, 2, 3, 2));
+        __m512i v2 = _mm512_shuffle_i32x4(u[8 + d], u[12 + d], _MM_SHUFFLE(1, 0, 1, 0));
+        __m512i v3 = _mm512_shuffle_i32x4(u[8 + d], u[12 + d], _MM_SHUFFLE(3, 2, 3, 2));
+        r[d] = _mm512_shuffle_i32x4(v0, v2, _MM_SHUFFLE(2, 0, 2, 0));
+        r[4 + d] = _mm512_shuffle_i32x4(v0, v2, _MM_SHUFFLE(3, 1, 3, 1));
+        r[8 + d] = _mm512_shuffle_i32x4(v1, v3, _MM_SHUFFLE(2, 0, 2, 0));
+        r[12 + d] = _mm512_shuffle_i32x4(v1, v3, _MM_SHUFFLE(3, 1, 3, 1));
+    }
+}
+
+/* Dwords [16c, 16c + 16) of the 16 rows' super-blocks (row r at base + r·rb, bytes < `bytes`
+ * only), transposed: r[p] lane q = dword 16c + p of row q; rows outside the mask read as 0. */
+static inline __attribute__((always_inline)) void
+kq_columns(const char *base, size_t rb, int nr, int c, int bytes, __m512i r[16])
+{
+    int n = bytes - 64 * c;
+    __mmask64 lm = n >= 64 ? ~(__mmask64)0 : ((__mmask64)1 << n) - 1;
+    for (int q = 0; q < 16; q++)
+        r[q] = q < nr ? _mm512_maskz_loadu_epi8(lm, base + q * rb + 64 * c) : _mm512_setzero_si512();
+    kq_transpose(r);
+}
+
+static inline __m512i kq_byte(__m512i v, int k) /* byte k of each lane, zero-extended */
+{
+    return _mm512_and_si512(_mm512_srli_epi32(v, 8 * k), _mm512_set1_epi32(0xff));
+}
+
+static inline __m512i kq_pair(__m512i lo, __m512i hi) /* int16 lo | hi << 16 */
+{
+    return _mm512_or_si512(_mm512_and_si512(lo, _mm512_set1_epi32(0xffff)), _mm512_slli_epi32(hi, 16));
+}
+
+/* Super-block `base` (row 0's) of nr <= 16 rows `rb` bytes apart. */
+static void kq_unpack_q4(const char *base, size_t rb, int nr, kq_unpacked *k)
+{
+    const __m512i lo4 = _mm512_set1_epi8(15), lo6 = _mm512_set1_epi8(0x3f), lo2 = _mm512_set1_epi8(3);
+    __m512i c[16];
+    kq_columns(base, rb, nr, 0, 144, c); /* d|dmin, scales (3 dwords), qs dwords 0-11 */
+    k->d = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(c[0]));
+    k->dmin = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(c[0], 16)));
+    __m512i a0 = c[1], a1 = c[2], a2 = c[3];
+    __m512i sc03 = _mm512_and_si512(a0, lo6), m03 = _mm512_and_si512(a1, lo6);
+    __m512i sc47 = _mm512_or_si512(_mm512_and_si512(a2, lo4),
+                                   _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(a0, 6), lo2), 4));
+    __m512i m47 = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi32(a2, 4), lo4),
+                                  _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(a1, 6), lo2), 4));
+    for (int s = 0; s < 4; s++) k->sc[s] = kq_byte(sc03, s), k->sc[4 + s] = kq_byte(sc47, s);
+    k->sp[0] = kq_pair(kq_byte(m03, 0), kq_byte(m03, 1));
+    k->sp[1] = kq_pair(kq_byte(m03, 2), kq_byte(m03, 3));
+    k->sp[2] = kq_pair(kq_byte(m47, 0), kq_byte(m47, 1));
+    k->sp[3] = kq_pair(kq_byte(m47, 2), kq_byte(m47, 3));
+    for (int b = 0; b < 3; b++) {
+        if (b) kq_columns(base, rb, nr, b, 144, c);
+        for (int e = b ? 0 : 4; e < (b == 2 ? 4 : 16); e++) {
+            /* qs dword p = bytes 32c + 4l of chunk c = p/8: values 64c + 4l.. (low nibbles), +32 (high) */
+            int p = 16 * b + e - 4, ch = p / 8, l = p % 8;
+            k->u[16 * ch + l] = _mm512_and_si512(c[e], lo4);
+            k->u[16 * ch + 8 + l] = _mm512_and_si512(_mm512_srli_epi32(c[e], 4), lo4);
+        }
+    }
+}
+
+static void kq_unpack_q6(const char *base, size_t rb, int nr, kq_unpacked *k)
+{
+    const __m512i lo4 = _mm512_set1_epi8(15), hi2 = _mm512_set1_epi8(0x30);
+    __m512i qh[16], c[16];
+    kq_columns(base, rb, nr, 3, 210, c); /* scales (dwords 48-51), d (low half of dword 52) */
+    k->d = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(c[4]));
+    for (int q = 0; q < 4; q++)
+        for (int b = 0; b < 4; b++) k->sc[4 * q + b] = _mm512_srai_epi32(_mm512_slli_epi32(c[q], 24 - 8 * b), 24);
+    for (int p = 0; p < 8; p++) k->sp[p] = kq_pair(k->sc[2 * p], k->sc[2 * p + 1]);
+    kq_columns(base, rb, nr, 2, 210, qh); /* qh dwords 0-15 */
+    for (int b = 0; b < 2; b++) {
+        kq_columns(base, rb, nr, b, 210, c);
+        for (int e = 0; e < 16; e++) { /* ql dword p: bytes 64h + 32c + 4l, h = p/16, c = (p/8)%2 */
+            int p = 16 * b + e, h = p / 16, cc = (p / 8) % 2, l = p % 8;
+            __m512i hb = qh[8 * h + l];
+            for (int j = cc; j < 4; j += 2) { /* values 128h + 32j + 4l.. : nibble j >= 2, bits 2j of qh */
+                __m512i lo = _mm512_and_si512(j >= 2 ? _mm512_srli_epi32(c[e], 4) : c[e], lo4);
+                __m512i hi = _mm512_and_si512(2 * j <= 4 ? _mm512_slli_epi32(hb, 4 - 2 * j) : _mm512_srli_epi32(hb, 2 * j - 4), hi2);
+                k->u[32 * h + 8 * j + l] = _mm512_or_si512(lo, hi);
+            }
+        }
+    }
+}
+
+static inline __m512i kq_x4(const int8_t *p) /* 4 activation bytes in every lane */
+{
+    int32_t v;
+    memcpy(&v, p, 4);
+    return _mm512_set1_epi32(v);
+}
+
+/* T <= KT tokens over unpacked super-block i of a Q4_K row group: out[t·ldo + lane]. */
+static inline __attribute__((always_inline)) void
+kq_tokens_q4(const kq_unpacked *k, const act_view *a, int i, int T, float *out, long long ldo, __mmask16 m, int first)
+{
+    __m512i I[KT], M[KT];
+    for (int t = 0; t < T; t++) I[t] = M[t] = _mm512_setzero_si512();
+    for (int s = 0; s < 8; s++) {
+        __m512i p[KT];
+        for (int t = 0; t < T; t++) p[t] = _mm512_setzero_si512();
+        for (int j = 0; j < 8; j++) {
+            __m512i u = k->u[8 * s + j];
+            for (int t = 0; t < T; t++) p[t] = _mm512_dpbusd_epi32(p[t], u, kq_x4(a[t].q + QK_K * i + 32 * s + 4 * j));
+        }
+        for (int t = 0; t < T; t++) I[t] = _mm512_add_epi32(I[t], _mm512_mullo_epi32(p[t], k->sc[s]));
+    }
+    for (int p = 0; p < 4; p++)
+        for (int t = 0; t < T; t++) M[t] = _mm512_dpwssd_epi32(M[t], k->sp[p], kq_x4((const int8_t *)(a[t].bs32 + 8 * i + 2 * p)));
+    for (int t = 0; t < T; t++) {
+        __m512 y = _mm512_fmsub_ps(k->d, _mm512_cvtepi32_ps(I[t]), _mm512_mul_ps(k->dmin, _mm512_cvtepi32_ps(M[t])));
+        __m512 acc = first ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(m, out + t * ldo);
+        _mm512_mask_storeu_ps(out + t * ldo, m, _mm512_fmadd_ps(y, _mm512_set1_ps(a[t].d[i]), acc));
+    }
+}
+
+static inline __attribute__((always_inline)) void
+kq_tokens_q6(const kq_unpacked *k, const act_view *a, int i, int T, float *out, long long ldo, __mmask16 m, int first)
+{
+    __m512i I[KT], S[KT];
+    for (int t = 0; t < T; t++) I[t] = S[t] = _mm512_setzero_si512();
+    for (int s = 0; s < 16; s++) {
+        __m512i p[KT];
+        for (int t = 0; t < T; t++) p[t] = _mm512_setzero_si512();
+        for (int j = 0; j < 4; j++) {
+            __m512i u = k->u[4 * s + j];
+            for (int t = 0; t < T; t++) p[t] = _mm512_dpbusd_epi32(p[t], u, kq_x4(a[t].q + QK_K * i + 16 * s + 4 * j));
+        }
+        for (int t = 0; t < T; t++) I[t] = _mm512_add_epi32(I[t], _mm512_mullo_epi32(p[t], k->sc[s]));
+    }
+    for (int p = 0; p < 8; p++)
+        for (int t = 0; t < T; t++) S[t] = _mm512_dpwssd_epi32(S[t], k->sp[p], kq_x4((const int8_t *)(a[t].bsums + 16 * i + 2 * p)));
+    for (int t = 0; t < T; t++) {
+        __m512 fi = _mm512_cvtepi32_ps(_mm512_sub_epi32(I[t], _mm512_slli_epi32(S[t], 5)));
+        __m512 acc = first ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(m, out + t * ldo);
+        _mm512_mask_storeu_ps(out + t * ldo, m, _mm512_fmadd_ps(fi, _mm512_mul_ps(k->d, _mm512_set1_ps(a[t].d[i])), acc));
+    }
+}
+
+static inline __attribute__((always_inline)) void
+kq_batch(int type, const pl_tensor *w, const void *xq, long long stride, int ntok, float *out, long long ldo,
+         long long r0, long long r1)
+{
+    const int nb = (int)(w->cols / QK_K);
+    const size_t bb = block_bytes(type), rb = (size_t)nb * bb;
+    const char *base = (const char *)w->data;
+    kq_unpacked k __attribute__((aligned(64)));
+    act_view a[ntok];
+    for (int t = 0; t < ntok; t++) a[t] = act_layout(w, (const char *)xq + t * stride);
+    for (long long r = r0; r < r1; r += 16) {
+        int nr = r1 - r >= 16 ? 16 : (int)(r1 - r);
+        __mmask16 m = (__mmask16)((1u << nr) - 1);
+        for (int i = 0; i < nb; i++) {
+            if (type == PL_Q4_K) kq_unpack_q4(base + r * rb + i * bb, rb, nr, &k);
+            else kq_unpack_q6(base + r * rb + i * bb, rb, nr, &k);
+            for (int t = 0; t < ntok; t += KT) {
+                int T = ntok - t < KT ? ntok - t : KT;
+                float *o = out + t * ldo + r;
+                if (type == PL_Q4_K) {
+                    if (T == KT) kq_tokens_q4(&k, a + t, i, KT, o, ldo, m, i == 0);
+                    else for (int e = 0; e < T; e++) kq_tokens_q4(&k, a + t + e, i, 1, o + e * ldo, ldo, m, i == 0);
+                } else {
+                    if (T == KT) kq_tokens_q6(&k, a + t, i, KT, o, ldo, m, i == 0);
+                    else for (int e = 0; e < T; e++) kq_tokens_q6(&k, a + t + e, i, 1, o + e * ldo, ldo, m, i == 0);
+                }
+            }
+        }
+    }
+}
+
+static void kq_batch_q4_K(const pl_tensor *w, const void *xq, long long stride, int ntok, float *out, long long ldo,
+                          long long r0, long long r1)
+{
+    kq_batch(PL_Q4_K, w, xq, stride, ntok, out, ldo, r0, r1);
+}
+
+static void kq_batch_q6_K(const pl_tensor *w, const void *xq, long long stride, int ntok, float *out, long long ldo,
+                          long long r0, long long r1)
+{
+    kq_batch(PL_Q6_K, w, xq, stride, ntok, out, ldo, r0, r1);
+}
+#endif
 
 /* ------------------------------------------------------------------------------------------------
  * PL_Q8_G (llama2.c V2): row r = int8 data[r·cols …], its scales from scales[r·cols/gs]. The dot
@@ -1426,10 +1660,27 @@ v_batch(int type, const pl_tensor *w, const void *xq, long long stride, int ntok
 
 #endif
 
+int pli_batch_all_rows(int type)
+{
+#ifdef PL_KQ512
+    return type == PL_Q4_K || type == PL_Q6_K;
+#else
+    (void)type;
+    return 0;
+#endif
+}
+
 void pli_matmul_batch(const pl_tensor *w, const void *xq, long long stride, int ntok, float *out,
                       long long ldo, long long r0, long long r1)
 {
     int t = 0;
+#ifdef PL_KQ512
+    if (w->type == PL_Q4_K || w->type == PL_Q6_K) {
+        if (w->type == PL_Q4_K) kq_batch_q4_K(w, xq, stride, ntok, out, ldo, r0, r1);
+        else kq_batch_q6_K(w, xq, stride, ntok, out, ldo, r0, r1);
+        return;
+    }
+#endif
 #ifdef PL_VNNI512
     if (w->type == PL_Q8_0 || w->type == PL_Q4_0) {
         if (w->type == PL_Q8_0) v_batch(PL_Q8_0, w, xq, stride, ntok, out, ldo, r0, r1);

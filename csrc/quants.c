@@ -30,6 +30,7 @@
  * token-by-token results are bit-identical.
  */
 #include <math.h>
+#include <stddef.h>
 #include <string.h>
 #include "kernels.h" /* PL_AVX2, immintrin.h */
 
@@ -1122,6 +1123,132 @@ static float dot_q6_K(const void *row, const act_view *a, int nb)
 #endif
 }
 
+#ifdef PL_AVX2
+/* Decoding Q4_K and Q6_K, 4 rows at a time: each row's integer sums as in k45_dots / q6_dots
+ * (scales as broadcast int16 pairs, vpdpwssd where the compiler targets VNNI), the 4 rows'
+ * super-block sums side by side in one register, then k4_step / k6_step in its 4 lanes. */
+static inline __m256i madd_acc(__m256i acc, __m256i p, __m256i s)
+{
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__) && !defined(KQ_NO_DPW)
+    return _mm256_dpwssd_epi32(acc, p, s);
+#else
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(p, s));
+#endif
+}
+
+static inline __m128i hsum4_epi32(const __m256i s[4]) /* lane r = Σ lanes of s[r] */
+{
+    __m128i h[4];
+    for (int r = 0; r < 4; r++) h[r] = _mm_add_epi32(_mm256_castsi256_si128(s[r]), _mm256_extracti128_si256(s[r], 1));
+    return _mm_hadd_epi32(_mm_hadd_epi32(h[0], h[1]), _mm_hadd_epi32(h[2], h[3]));
+}
+
+static inline __m128 fp16x4(const void *p0, const void *p1, const void *p2, const void *p3, size_t off)
+{
+    uint16_t h[4];
+    memcpy(h, (const char *)p0 + off, 2), memcpy(h + 1, (const char *)p1 + off, 2);
+    memcpy(h + 2, (const char *)p2 + off, 2), memcpy(h + 3, (const char *)p3 + off, 2);
+#ifdef __F16C__
+    return _mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)h));
+#else
+    return _mm_setr_ps(pli_fp16(h[0]), pli_fp16(h[1]), pli_fp16(h[2]), pli_fp16(h[3]));
+#endif
+}
+
+#define KSB 32 /* super-blocks per pass over a row: each row is read front to back, as one stream */
+
+static void k4_rows4(const char *row0, size_t rb, const act_view *a, int nb, float *out)
+{
+    __m128 acc = _mm_setzero_ps();
+    const __m256i m4 = _mm256_set1_epi8(15);
+    __m256i sv[KSB][4];
+    __m128i mv[KSB][4];
+    for (int i0 = 0; i0 < nb; i0 += KSB) {
+        int n = nb - i0 < KSB ? nb - i0 : KSB;
+        for (int r = 0; r < 4; r++)
+            for (int e = 0; e < n; e++) {
+                const int i = i0 + e;
+                const blk_q4_K *b = (const blk_q4_K *)(row0 + r * rb) + i;
+                const int8_t *q8 = a->q + QK_K * i;
+                __m256i sm16 = _mm256_cvtepu8_epi16(k4_scales_avx2(b->scales));
+                __m128i s16 = _mm256_castsi256_si128(sm16);
+                mv[e][r] = _mm_madd_epi16(_mm256_extracti128_si256(sm16, 1), _mm_loadu_si128((const __m128i *)(a->bs32 + 8 * i)));
+                int32_t sc2[8] __attribute__((aligned(32))); /* (sc[s], sc[s]) int16 pairs */
+                _mm256_store_si256((__m256i *)sc2, _mm256_set_m128i(_mm_unpackhi_epi16(s16, s16), _mm_unpacklo_epi16(s16, s16)));
+                __m256i s[4]; /* four sums: the multiply-adds' latency overlaps */
+                for (int k = 0; k < 4; k++) {
+                    __m256i q = _mm256_loadu_si256((const __m256i *)(b->qs + 32 * k));
+                    __m256i pl = _mm256_maddubs_epi16(_mm256_and_si256(q, m4), _mm256_loadu_si256((const __m256i *)(q8 + 64 * k)));
+                    __m256i ph = _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(q, 4), m4),
+                                                      _mm256_loadu_si256((const __m256i *)(q8 + 64 * k + 32)));
+                    s[k] = madd_acc(_mm256_madd_epi16(pl, _mm256_set1_epi32(sc2[2 * k])), ph, _mm256_set1_epi32(sc2[2 * k + 1]));
+                }
+                sv[e][r] = _mm256_add_epi32(_mm256_add_epi32(s[0], s[1]), _mm256_add_epi32(s[2], s[3]));
+            }
+        for (int e = 0; e < n; e++) {
+            const int i = i0 + e;
+            const blk_q4_K *b0 = (const blk_q4_K *)row0 + i, *b1 = (const blk_q4_K *)(row0 + rb) + i;
+            const blk_q4_K *b2 = (const blk_q4_K *)(row0 + 2 * rb) + i, *b3 = (const blk_q4_K *)(row0 + 3 * rb) + i;
+            __m128 fi = _mm_cvtepi32_ps(hsum4_epi32(sv[e]));
+            __m128 fm = _mm_cvtepi32_ps(_mm_hadd_epi32(_mm_hadd_epi32(mv[e][0], mv[e][1]), _mm_hadd_epi32(mv[e][2], mv[e][3])));
+            __m128 d = fp16x4(b0, b1, b2, b3, 0), dmin = fp16x4(b0, b1, b2, b3, 2);
+            acc = _mm_fmadd_ps(_mm_fmsub_ps(d, fi, _mm_mul_ps(dmin, fm)), _mm_set1_ps(a->d[i]), acc);
+        }
+    }
+    _mm_storeu_ps(out, acc);
+}
+
+static void q6_rows4(const char *row0, size_t rb, const act_view *a, int nb, float *out)
+{
+    __m128 acc = _mm_setzero_ps();
+    const __m256i m4 = _mm256_set1_epi8(15), m30 = _mm256_set1_epi8(0x30);
+    __m256i sv[KSB][4];
+    for (int i0 = 0; i0 < nb; i0 += KSB) {
+        int n = nb - i0 < KSB ? nb - i0 : KSB;
+        for (int r = 0; r < 4; r++)
+            for (int e = 0; e < n; e++) {
+                const int i = i0 + e;
+                const blk_q6_K *b = (const blk_q6_K *)(row0 + r * rb) + i;
+                __m256i sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)b->scales));
+                __m256i bs = _mm256_loadu_si256((const __m256i *)(a->bsums + 16 * i));
+                __m256i s2[4] = {_mm256_sub_epi32(_mm256_setzero_si256(), _mm256_slli_epi32(_mm256_madd_epi16(sc16, bs), 5)),
+                                 _mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256()};
+                for (int h = 0; h < 2; h++) {
+                    const int8_t *q8 = a->q + QK_K * i + 128 * h;
+                    __m256i la = _mm256_loadu_si256((const __m256i *)(b->ql + 64 * h));
+                    __m256i lb = _mm256_loadu_si256((const __m256i *)(b->ql + 64 * h + 32));
+                    __m256i hq = _mm256_loadu_si256((const __m256i *)(b->qh + 32 * h));
+                    __m256i sh = _mm256_permute2x128_si256(sc16, sc16, h ? 0x11 : 0x00); /* sc[8h..8h+7] twice */
+                    __m256i q[4];
+                    q[0] = _mm256_or_si256(_mm256_and_si256(la, m4), _mm256_and_si256(_mm256_slli_epi16(hq, 4), m30));
+                    q[1] = _mm256_or_si256(_mm256_and_si256(lb, m4), _mm256_and_si256(_mm256_slli_epi16(hq, 2), m30));
+                    q[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(la, 4), m4), _mm256_and_si256(hq, m30));
+                    q[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(lb, 4), m4),
+                                           _mm256_and_si256(_mm256_srli_epi16(hq, 2), m30));
+                    for (int j = 0; j < 4; j++) { /* words: sc[8h + 2j] x 8, then sc[8h + 2j + 1] x 8 */
+                        __m256i idx = _mm256_setr_epi8(4 * j, 4 * j + 1, 4 * j, 4 * j + 1, 4 * j, 4 * j + 1, 4 * j, 4 * j + 1,
+                                                       4 * j, 4 * j + 1, 4 * j, 4 * j + 1, 4 * j, 4 * j + 1, 4 * j, 4 * j + 1,
+                                                       4 * j + 2, 4 * j + 3, 4 * j + 2, 4 * j + 3, 4 * j + 2, 4 * j + 3, 4 * j + 2, 4 * j + 3,
+                                                       4 * j + 2, 4 * j + 3, 4 * j + 2, 4 * j + 3, 4 * j + 2, 4 * j + 3, 4 * j + 2, 4 * j + 3);
+                        __m256i p = _mm256_maddubs_epi16(q[j], _mm256_loadu_si256((const __m256i *)(q8 + 32 * j)));
+                        s2[j] = madd_acc(s2[j], p, _mm256_shuffle_epi8(sh, idx));
+                    }
+                }
+                sv[e][r] = _mm256_add_epi32(_mm256_add_epi32(s2[0], s2[1]), _mm256_add_epi32(s2[2], s2[3]));
+            }
+        for (int e = 0; e < n; e++) {
+            const int i = i0 + e;
+            const blk_q6_K *b0 = (const blk_q6_K *)row0 + i, *b1 = (const blk_q6_K *)(row0 + rb) + i;
+            const blk_q6_K *b2 = (const blk_q6_K *)(row0 + 2 * rb) + i, *b3 = (const blk_q6_K *)(row0 + 3 * rb) + i;
+            __m128 fi = _mm_cvtepi32_ps(hsum4_epi32(sv[e]));
+            __m128 d = fp16x4(b0, b1, b2, b3, offsetof(blk_q6_K, d));
+            acc = _mm_fmadd_ps(fi, _mm_mul_ps(d, _mm_set1_ps(a->d[i])), acc);
+        }
+    }
+    _mm_storeu_ps(out, acc);
+}
+#endif
+
 /* ------------------------------------------------------------------------------------------------
  * Q4_K and Q6_K prompts with AVX-512 VNNI: 16 rows in the 16 lanes of a register. For each group
  * of 16 rows and each super-block, the weights are unpacked once (kq_unpack: gathers lane r from
@@ -1720,6 +1847,11 @@ void pli_matvec_rows(const pl_tensor *w, const void *xq, float *out, long long r
     int nb = (int)(w->cols / block_values(w));
     size_t row_bytes = (size_t)nb * block_bytes(w->type);
     const char *base = (const char *)w->data;
+#if defined(PL_AVX2) && !defined(KQ_NO_ROWS4)
+    if (w->type == PL_Q4_K || w->type == PL_Q6_K) /* 4 rows at a time, the rest one by one */
+        for (; r0 + 4 <= r1; r0 += 4)
+            (w->type == PL_Q4_K ? k4_rows4 : q6_rows4)(base + (size_t)r0 * row_bytes, row_bytes, &a, nb, out + r0);
+#endif
     for (long long r = r0; r < r1; r++) out[r] = dot(base + (size_t)r * row_bytes, &a, nb);
 }
 

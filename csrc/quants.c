@@ -9,6 +9,7 @@
  *                     int8 q[cols] | f32 (d, s)[cols/32],  x ≈ d·q, s = d·Σq
  *   q8 blocks of 256  for the K-quants (llama.cpp's q8_K):
  *                     int8 q[cols] | f32 d[cols/256] | int16 bsums[cols/16] (Σq per 16 values)
+ *                     | int16 bs32[cols/32] (Σq per 32 values)
  *   q8 groups         for PL_Q8_G (llama2.c's runq.c, mirrored exactly):
  *                     int8 q[cols] | f32 d[cols/group_size]
  * 32- and 256-blocks round x·(127/amax) to nearest-even (identical in the scalar and AVX2 code);
@@ -27,7 +28,8 @@
  * that unpacks each weight block once for the 4 tokens and keeps each token's arithmetic exactly
  * that of the single-token kernel (the K-quants and Q8_G: the same function with NT = 4; the
  * 32-value types: the same step with the same even/odd accumulators), so batched and
- * token-by-token results are bit-identical.
+ * token-by-token results are bit-identical. With AVX-512 VNNI, Q8_0/Q4_0 (v_tile) and Q4_K/Q6_K
+ * (kq_batch: 16 rows in the lanes of a register) have wider tiles, bit-identical as well.
  */
 #include <math.h>
 #include <stddef.h>
@@ -1155,97 +1157,99 @@ static inline __m128 fp16x4(const void *p0, const void *p1, const void *p2, cons
 #endif
 }
 
+/* One row's super-block i for k_rows4: the 8 lanes of Σ sc·q·q8 (Q4_K: and the 4 of Σ m·bs32). */
+static inline __attribute__((always_inline)) void
+k4_sums(const blk_q4_K *b, const act_view *a, int i, __m256i *sum, __m128i *msum)
+{
+    const __m256i m4 = _mm256_set1_epi8(15);
+    const int8_t *q8 = a->q + QK_K * i;
+    __m256i sm16 = _mm256_cvtepu8_epi16(k4_scales_avx2(b->scales));
+    __m128i s16 = _mm256_castsi256_si128(sm16);
+    *msum = _mm_madd_epi16(_mm256_extracti128_si256(sm16, 1), _mm_loadu_si128((const __m128i *)(a->bs32 + 8 * i)));
+    int32_t sc2[8] __attribute__((aligned(32))); /* (sc[s], sc[s]) int16 pairs */
+    _mm256_store_si256((__m256i *)sc2, _mm256_set_m128i(_mm_unpackhi_epi16(s16, s16), _mm_unpacklo_epi16(s16, s16)));
+    __m256i s[4]; /* four sums: the multiply-adds' latency overlaps */
+    for (int k = 0; k < 4; k++) {
+        __m256i q = _mm256_loadu_si256((const __m256i *)(b->qs + 32 * k));
+        __m256i pl = _mm256_maddubs_epi16(_mm256_and_si256(q, m4), _mm256_loadu_si256((const __m256i *)(q8 + 64 * k)));
+        __m256i ph = _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(q, 4), m4),
+                                          _mm256_loadu_si256((const __m256i *)(q8 + 64 * k + 32)));
+        s[k] = madd_acc(_mm256_madd_epi16(pl, _mm256_set1_epi32(sc2[2 * k])), ph, _mm256_set1_epi32(sc2[2 * k + 1]));
+    }
+    *sum = _mm256_add_epi32(_mm256_add_epi32(s[0], s[1]), _mm256_add_epi32(s[2], s[3]));
+}
+
+static inline __attribute__((always_inline)) void q6_sums(const blk_q6_K *b, const act_view *a, int i, __m256i *sum)
+{
+    const __m256i m4 = _mm256_set1_epi8(15), m30 = _mm256_set1_epi8(0x30);
+    __m256i sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)b->scales));
+    __m256i bs = _mm256_loadu_si256((const __m256i *)(a->bsums + 16 * i));
+    __m256i s[4] = {_mm256_sub_epi32(_mm256_setzero_si256(), _mm256_slli_epi32(_mm256_madd_epi16(sc16, bs), 5)),
+                    _mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256()};
+    for (int h = 0; h < 2; h++) {
+        const int8_t *q8 = a->q + QK_K * i + 128 * h;
+        __m256i la = _mm256_loadu_si256((const __m256i *)(b->ql + 64 * h));
+        __m256i lb = _mm256_loadu_si256((const __m256i *)(b->ql + 64 * h + 32));
+        __m256i hq = _mm256_loadu_si256((const __m256i *)(b->qh + 32 * h));
+        __m256i sh = _mm256_permute2x128_si256(sc16, sc16, h ? 0x11 : 0x00); /* sc[8h..8h+7] twice */
+        __m256i q[4];
+        q[0] = _mm256_or_si256(_mm256_and_si256(la, m4), _mm256_and_si256(_mm256_slli_epi16(hq, 4), m30));
+        q[1] = _mm256_or_si256(_mm256_and_si256(lb, m4), _mm256_and_si256(_mm256_slli_epi16(hq, 2), m30));
+        q[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(la, 4), m4), _mm256_and_si256(hq, m30));
+        q[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(lb, 4), m4), _mm256_and_si256(_mm256_srli_epi16(hq, 2), m30));
+        for (int j = 0; j < 4; j++) { /* words: sc[8h + 2j] x 8, then sc[8h + 2j + 1] x 8 */
+            const char lo = (char)(4 * j), hi = (char)(4 * j + 2);
+            __m256i idx = _mm256_setr_epi8(lo, lo + 1, lo, lo + 1, lo, lo + 1, lo, lo + 1, lo, lo + 1, lo, lo + 1, lo, lo + 1,
+                                           lo, lo + 1, hi, hi + 1, hi, hi + 1, hi, hi + 1, hi, hi + 1, hi, hi + 1, hi, hi + 1,
+                                           hi, hi + 1, hi, hi + 1);
+            __m256i p = _mm256_maddubs_epi16(q[j], _mm256_loadu_si256((const __m256i *)(q8 + 32 * j)));
+            s[j] = madd_acc(s[j], p, _mm256_shuffle_epi8(sh, idx));
+        }
+    }
+    *sum = _mm256_add_epi32(_mm256_add_epi32(s[0], s[1]), _mm256_add_epi32(s[2], s[3]));
+}
+
 #define KSB 32 /* super-blocks per pass over a row: each row is read front to back, as one stream */
 
-static void k4_rows4(const char *row0, size_t rb, const act_view *a, int nb, float *out)
+static inline __attribute__((always_inline)) void
+k_rows4(int six, const char *row0, size_t rb, const act_view *a, int nb, float *out)
 {
+    const size_t bb = six ? sizeof(blk_q6_K) : sizeof(blk_q4_K);
     __m128 acc = _mm_setzero_ps();
-    const __m256i m4 = _mm256_set1_epi8(15);
     __m256i sv[KSB][4];
     __m128i mv[KSB][4];
     for (int i0 = 0; i0 < nb; i0 += KSB) {
         int n = nb - i0 < KSB ? nb - i0 : KSB;
         for (int r = 0; r < 4; r++)
             for (int e = 0; e < n; e++) {
-                const int i = i0 + e;
-                const blk_q4_K *b = (const blk_q4_K *)(row0 + r * rb) + i;
-                const int8_t *q8 = a->q + QK_K * i;
-                __m256i sm16 = _mm256_cvtepu8_epi16(k4_scales_avx2(b->scales));
-                __m128i s16 = _mm256_castsi256_si128(sm16);
-                mv[e][r] = _mm_madd_epi16(_mm256_extracti128_si256(sm16, 1), _mm_loadu_si128((const __m128i *)(a->bs32 + 8 * i)));
-                int32_t sc2[8] __attribute__((aligned(32))); /* (sc[s], sc[s]) int16 pairs */
-                _mm256_store_si256((__m256i *)sc2, _mm256_set_m128i(_mm_unpackhi_epi16(s16, s16), _mm_unpacklo_epi16(s16, s16)));
-                __m256i s[4]; /* four sums: the multiply-adds' latency overlaps */
-                for (int k = 0; k < 4; k++) {
-                    __m256i q = _mm256_loadu_si256((const __m256i *)(b->qs + 32 * k));
-                    __m256i pl = _mm256_maddubs_epi16(_mm256_and_si256(q, m4), _mm256_loadu_si256((const __m256i *)(q8 + 64 * k)));
-                    __m256i ph = _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(q, 4), m4),
-                                                      _mm256_loadu_si256((const __m256i *)(q8 + 64 * k + 32)));
-                    s[k] = madd_acc(_mm256_madd_epi16(pl, _mm256_set1_epi32(sc2[2 * k])), ph, _mm256_set1_epi32(sc2[2 * k + 1]));
-                }
-                sv[e][r] = _mm256_add_epi32(_mm256_add_epi32(s[0], s[1]), _mm256_add_epi32(s[2], s[3]));
+                const char *b = row0 + r * rb + (i0 + e) * bb;
+                if (six) q6_sums((const blk_q6_K *)b, a, i0 + e, &sv[e][r]);
+                else k4_sums((const blk_q4_K *)b, a, i0 + e, &sv[e][r], &mv[e][r]);
             }
         for (int e = 0; e < n; e++) {
             const int i = i0 + e;
-            const blk_q4_K *b0 = (const blk_q4_K *)row0 + i, *b1 = (const blk_q4_K *)(row0 + rb) + i;
-            const blk_q4_K *b2 = (const blk_q4_K *)(row0 + 2 * rb) + i, *b3 = (const blk_q4_K *)(row0 + 3 * rb) + i;
-            __m128 fi = _mm_cvtepi32_ps(hsum4_epi32(sv[e]));
-            __m128 fm = _mm_cvtepi32_ps(_mm_hadd_epi32(_mm_hadd_epi32(mv[e][0], mv[e][1]), _mm_hadd_epi32(mv[e][2], mv[e][3])));
-            __m128 d = fp16x4(b0, b1, b2, b3, 0), dmin = fp16x4(b0, b1, b2, b3, 2);
-            acc = _mm_fmadd_ps(_mm_fmsub_ps(d, fi, _mm_mul_ps(dmin, fm)), _mm_set1_ps(a->d[i]), acc);
+            const char *b0 = row0 + i * bb, *b1 = b0 + rb, *b2 = b1 + rb, *b3 = b2 + rb;
+            __m128 fi = _mm_cvtepi32_ps(hsum4_epi32(sv[e])), xd = _mm_set1_ps(a->d[i]);
+            if (six) { /* k6_step */
+                acc = _mm_fmadd_ps(fi, _mm_mul_ps(fp16x4(b0, b1, b2, b3, offsetof(blk_q6_K, d)), xd), acc);
+            } else { /* k4_step */
+                __m128 fm = _mm_cvtepi32_ps(_mm_hadd_epi32(_mm_hadd_epi32(mv[e][0], mv[e][1]), _mm_hadd_epi32(mv[e][2], mv[e][3])));
+                __m128 d = fp16x4(b0, b1, b2, b3, 0), dmin = fp16x4(b0, b1, b2, b3, 2);
+                acc = _mm_fmadd_ps(_mm_fmsub_ps(d, fi, _mm_mul_ps(dmin, fm)), xd, acc);
+            }
         }
     }
     _mm_storeu_ps(out, acc);
 }
 
+static void k4_rows4(const char *row0, size_t rb, const act_view *a, int nb, float *out)
+{
+    k_rows4(0, row0, rb, a, nb, out);
+}
+
 static void q6_rows4(const char *row0, size_t rb, const act_view *a, int nb, float *out)
 {
-    __m128 acc = _mm_setzero_ps();
-    const __m256i m4 = _mm256_set1_epi8(15), m30 = _mm256_set1_epi8(0x30);
-    __m256i sv[KSB][4];
-    for (int i0 = 0; i0 < nb; i0 += KSB) {
-        int n = nb - i0 < KSB ? nb - i0 : KSB;
-        for (int r = 0; r < 4; r++)
-            for (int e = 0; e < n; e++) {
-                const int i = i0 + e;
-                const blk_q6_K *b = (const blk_q6_K *)(row0 + r * rb) + i;
-                __m256i sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)b->scales));
-                __m256i bs = _mm256_loadu_si256((const __m256i *)(a->bsums + 16 * i));
-                __m256i s2[4] = {_mm256_sub_epi32(_mm256_setzero_si256(), _mm256_slli_epi32(_mm256_madd_epi16(sc16, bs), 5)),
-                                 _mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256()};
-                for (int h = 0; h < 2; h++) {
-                    const int8_t *q8 = a->q + QK_K * i + 128 * h;
-                    __m256i la = _mm256_loadu_si256((const __m256i *)(b->ql + 64 * h));
-                    __m256i lb = _mm256_loadu_si256((const __m256i *)(b->ql + 64 * h + 32));
-                    __m256i hq = _mm256_loadu_si256((const __m256i *)(b->qh + 32 * h));
-                    __m256i sh = _mm256_permute2x128_si256(sc16, sc16, h ? 0x11 : 0x00); /* sc[8h..8h+7] twice */
-                    __m256i q[4];
-                    q[0] = _mm256_or_si256(_mm256_and_si256(la, m4), _mm256_and_si256(_mm256_slli_epi16(hq, 4), m30));
-                    q[1] = _mm256_or_si256(_mm256_and_si256(lb, m4), _mm256_and_si256(_mm256_slli_epi16(hq, 2), m30));
-                    q[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(la, 4), m4), _mm256_and_si256(hq, m30));
-                    q[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(lb, 4), m4),
-                                           _mm256_and_si256(_mm256_srli_epi16(hq, 2), m30));
-                    for (int j = 0; j < 4; j++) { /* words: sc[8h + 2j] x 8, then sc[8h + 2j + 1] x 8 */
-                        __m256i idx = _mm256_setr_epi8(4 * j, 4 * j + 1, 4 * j, 4 * j + 1, 4 * j, 4 * j + 1, 4 * j, 4 * j + 1,
-                                                       4 * j, 4 * j + 1, 4 * j, 4 * j + 1, 4 * j, 4 * j + 1, 4 * j, 4 * j + 1,
-                                                       4 * j + 2, 4 * j + 3, 4 * j + 2, 4 * j + 3, 4 * j + 2, 4 * j + 3, 4 * j + 2, 4 * j + 3,
-                                                       4 * j + 2, 4 * j + 3, 4 * j + 2, 4 * j + 3, 4 * j + 2, 4 * j + 3, 4 * j + 2, 4 * j + 3);
-                        __m256i p = _mm256_maddubs_epi16(q[j], _mm256_loadu_si256((const __m256i *)(q8 + 32 * j)));
-                        s2[j] = madd_acc(s2[j], p, _mm256_shuffle_epi8(sh, idx));
-                    }
-                }
-                sv[e][r] = _mm256_add_epi32(_mm256_add_epi32(s2[0], s2[1]), _mm256_add_epi32(s2[2], s2[3]));
-            }
-        for (int e = 0; e < n; e++) {
-            const int i = i0 + e;
-            const blk_q6_K *b0 = (const blk_q6_K *)row0 + i, *b1 = (const blk_q6_K *)(row0 + rb) + i;
-            const blk_q6_K *b2 = (const blk_q6_K *)(row0 + 2 * rb) + i, *b3 = (const blk_q6_K *)(row0 + 3 * rb) + i;
-            __m128 fi = _mm_cvtepi32_ps(hsum4_epi32(sv[e]));
-            __m128 d = fp16x4(b0, b1, b2, b3, offsetof(blk_q6_K, d));
-            acc = _mm_fmadd_ps(fi, _mm_mul_ps(d, _mm_set1_ps(a->d[i])), acc);
-        }
-    }
-    _mm_storeu_ps(out, acc);
+    k_rows4(1, row0, rb, a, nb, out);
 }
 #endif
 
@@ -1379,50 +1383,39 @@ static inline __m512i kq_x4(const int8_t *p) /* 4 activation bytes in every lane
     return _mm512_set1_epi32(v);
 }
 
-/* T <= KT tokens over unpacked super-block i of a Q4_K row group: out[t·ldo + lane]. */
+/* T <= KT tokens over unpacked super-block i of a row group, out[t·ldo + lane]. Q4_K (six = 0):
+ * 8 sub-blocks of 32, M = Σ m·bs32; Q6_K (six = 1): 16 sub-blocks of 16, M = Σ sc·bsums, the
+ * −32 offset of its values. */
 static inline __attribute__((always_inline)) void
-kq_tokens_q4(const kq_unpacked *k, const act_view *a, int i, int T, float *out, long long ldo, __mmask16 m, int first)
+kq_tokens(int six, const kq_unpacked *k, const act_view *a, int i, int T, float *out, long long ldo, __mmask16 m,
+          int first)
 {
+    const int nsub = six ? 16 : 8, len = QK_K / nsub; /* sub-blocks, values per sub-block */
     __m512i I[KT], M[KT];
     for (int t = 0; t < T; t++) I[t] = M[t] = _mm512_setzero_si512();
-    for (int s = 0; s < 8; s++) {
+    for (int s = 0; s < nsub; s++) {
         __m512i p[KT];
         for (int t = 0; t < T; t++) p[t] = _mm512_setzero_si512();
-        for (int j = 0; j < 8; j++) {
-            __m512i u = k->u[8 * s + j];
-            for (int t = 0; t < T; t++) p[t] = _mm512_dpbusd_epi32(p[t], u, kq_x4(a[t].q + QK_K * i + 32 * s + 4 * j));
+        for (int j = 0; j < len / 4; j++) {
+            __m512i u = k->u[len / 4 * s + j];
+            for (int t = 0; t < T; t++) p[t] = _mm512_dpbusd_epi32(p[t], u, kq_x4(a[t].q + QK_K * i + len * s + 4 * j));
         }
         for (int t = 0; t < T; t++) I[t] = _mm512_add_epi32(I[t], _mm512_mullo_epi32(p[t], k->sc[s]));
     }
-    for (int p = 0; p < 4; p++)
-        for (int t = 0; t < T; t++) M[t] = _mm512_dpwssd_epi32(M[t], k->sp[p], kq_x4((const int8_t *)(a[t].bs32 + 8 * i + 2 * p)));
-    for (int t = 0; t < T; t++) {
-        __m512 y = _mm512_fmsub_ps(k->d, _mm512_cvtepi32_ps(I[t]), _mm512_mul_ps(k->dmin, _mm512_cvtepi32_ps(M[t])));
-        __m512 acc = first ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(m, out + t * ldo);
-        _mm512_mask_storeu_ps(out + t * ldo, m, _mm512_fmadd_ps(y, _mm512_set1_ps(a[t].d[i]), acc));
-    }
-}
-
-static inline __attribute__((always_inline)) void
-kq_tokens_q6(const kq_unpacked *k, const act_view *a, int i, int T, float *out, long long ldo, __mmask16 m, int first)
-{
-    __m512i I[KT], S[KT];
-    for (int t = 0; t < T; t++) I[t] = S[t] = _mm512_setzero_si512();
-    for (int s = 0; s < 16; s++) {
-        __m512i p[KT];
-        for (int t = 0; t < T; t++) p[t] = _mm512_setzero_si512();
-        for (int j = 0; j < 4; j++) {
-            __m512i u = k->u[4 * s + j];
-            for (int t = 0; t < T; t++) p[t] = _mm512_dpbusd_epi32(p[t], u, kq_x4(a[t].q + QK_K * i + 16 * s + 4 * j));
+    for (int p = 0; p < nsub / 2; p++)
+        for (int t = 0; t < T; t++) {
+            const int16_t *bs = six ? a[t].bsums + 16 * i : a[t].bs32 + 8 * i;
+            M[t] = _mm512_dpwssd_epi32(M[t], k->sp[p], kq_x4((const int8_t *)(bs + 2 * p)));
         }
-        for (int t = 0; t < T; t++) I[t] = _mm512_add_epi32(I[t], _mm512_mullo_epi32(p[t], k->sc[s]));
-    }
-    for (int p = 0; p < 8; p++)
-        for (int t = 0; t < T; t++) S[t] = _mm512_dpwssd_epi32(S[t], k->sp[p], kq_x4((const int8_t *)(a[t].bsums + 16 * i + 2 * p)));
     for (int t = 0; t < T; t++) {
-        __m512 fi = _mm512_cvtepi32_ps(_mm512_sub_epi32(I[t], _mm512_slli_epi32(S[t], 5)));
-        __m512 acc = first ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(m, out + t * ldo);
-        _mm512_mask_storeu_ps(out + t * ldo, m, _mm512_fmadd_ps(fi, _mm512_mul_ps(k->d, _mm512_set1_ps(a[t].d[i])), acc));
+        __m512 acc = first ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(m, out + t * ldo), xd = _mm512_set1_ps(a[t].d[i]);
+        if (six) /* k6_step */
+            acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(I[t], _mm512_slli_epi32(M[t], 5))),
+                                  _mm512_mul_ps(k->d, xd), acc);
+        else /* k4_step */
+            acc = _mm512_fmadd_ps(_mm512_fmsub_ps(k->d, _mm512_cvtepi32_ps(I[t]), _mm512_mul_ps(k->dmin, _mm512_cvtepi32_ps(M[t]))),
+                                  xd, acc);
+        _mm512_mask_storeu_ps(out + t * ldo, m, acc);
     }
 }
 
@@ -1445,13 +1438,9 @@ kq_batch(int type, const pl_tensor *w, const void *xq, long long stride, int nto
             for (int t = 0; t < ntok; t += KT) {
                 int T = ntok - t < KT ? ntok - t : KT;
                 float *o = out + t * ldo + r;
-                if (type == PL_Q4_K) {
-                    if (T == KT) kq_tokens_q4(&k, a + t, i, KT, o, ldo, m, i == 0);
-                    else for (int e = 0; e < T; e++) kq_tokens_q4(&k, a + t + e, i, 1, o + e * ldo, ldo, m, i == 0);
-                } else {
-                    if (T == KT) kq_tokens_q6(&k, a + t, i, KT, o, ldo, m, i == 0);
-                    else for (int e = 0; e < T; e++) kq_tokens_q6(&k, a + t + e, i, 1, o + e * ldo, ldo, m, i == 0);
-                }
+                const int six = type == PL_Q6_K;
+                if (T == KT) kq_tokens(six, &k, a + t, i, KT, o, ldo, m, i == 0);
+                else for (int e = 0; e < T; e++) kq_tokens(six, &k, a + t + e, i, 1, o + e * ldo, ldo, m, i == 0);
             }
         }
     }

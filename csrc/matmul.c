@@ -200,7 +200,8 @@ static void split_rows(long long rows, int tid, int nth, long long *r0, long lon
  * every token of the batch is multiplied with it (weight reuse for prompt processing). */
 static long long chunk_rows(const pl_tensor *w, int n)
 {
-    if (n == 1 || pli_batch_all_rows(w->type)) return 1LL << 40; /* no reuse / its own blocking */
+    if (n == 1) return 1LL << 40; /* one token: no reuse, no chunking */
+    if (pli_batch_all_rows(w->type)) return 1LL << 40; /* K-quant VNNI tiles: their own blocking */
     long long ch = 32768 / (w->cols > 0 ? w->cols : 1);
     ch = ch < 2 ? 2 : ch > 64 ? 64 : ch;
     return ch & ~1LL;

@@ -1154,11 +1154,8 @@ static inline __m128i hsum4_epi32(const __m256i s[4]) /* lane r = Σ lanes of s[
     return _mm_hadd_epi32(_mm_hadd_epi32(h[0], h[1]), _mm_hadd_epi32(h[2], h[3]));
 }
 
-static inline __m128 fp16x4(const void *p0, const void *p1, const void *p2, const void *p3, size_t off)
+static inline __m128 fp16x4(const uint16_t h[4])
 {
-    uint16_t h[4];
-    memcpy(h, (const char *)p0 + off, 2), memcpy(h + 1, (const char *)p1 + off, 2);
-    memcpy(h + 2, (const char *)p2 + off, 2), memcpy(h + 3, (const char *)p3 + off, 2);
 #ifdef __F16C__
     return _mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)h));
 #else
@@ -1227,24 +1224,28 @@ k_rows4(int six, const char *row0, size_t rb, const act_view *a, int nb, float *
     __m128 acc = _mm_setzero_ps();
     __m256i sv[KSB][4];
     __m128i mv[KSB][4];
+    uint16_t d[KSB][4], dmin[KSB][4]; /* kept from the pass: the rows are not read again */
     for (int i0 = 0; i0 < nb; i0 += KSB) {
         int n = nb - i0 < KSB ? nb - i0 : KSB;
         for (int r = 0; r < 4; r++)
             for (int e = 0; e < n; e++) {
                 const char *b = row0 + r * rb + (i0 + e) * bb;
-                if (six) q6_sums((const blk_q6_K *)b, a, i0 + e, &sv[e][r]);
-                else k4_sums((const blk_q4_K *)b, a, i0 + e, &sv[e][r], &mv[e][r]);
+                if (six) {
+                    q6_sums((const blk_q6_K *)b, a, i0 + e, &sv[e][r]);
+                    d[e][r] = ((const blk_q6_K *)b)->d;
+                } else {
+                    k4_sums((const blk_q4_K *)b, a, i0 + e, &sv[e][r], &mv[e][r]);
+                    d[e][r] = ((const blk_q4_K *)b)->d, dmin[e][r] = ((const blk_q4_K *)b)->dmin;
+                }
             }
         for (int e = 0; e < n; e++) {
             const int i = i0 + e;
-            const char *b0 = row0 + i * bb, *b1 = b0 + rb, *b2 = b1 + rb, *b3 = b2 + rb;
             __m128 fi = _mm_cvtepi32_ps(hsum4_epi32(sv[e])), xd = _mm_set1_ps(a->d[i]);
             if (six) { /* k6_step */
-                acc = _mm_fmadd_ps(fi, _mm_mul_ps(fp16x4(b0, b1, b2, b3, offsetof(blk_q6_K, d)), xd), acc);
+                acc = _mm_fmadd_ps(fi, _mm_mul_ps(fp16x4(d[e]), xd), acc);
             } else { /* k4_step */
                 __m128 fm = _mm_cvtepi32_ps(_mm_hadd_epi32(_mm_hadd_epi32(mv[e][0], mv[e][1]), _mm_hadd_epi32(mv[e][2], mv[e][3])));
-                __m128 d = fp16x4(b0, b1, b2, b3, 0), dmin = fp16x4(b0, b1, b2, b3, 2);
-                acc = _mm_fmadd_ps(_mm_fmsub_ps(d, fi, _mm_mul_ps(dmin, fm)), xd, acc);
+                acc = _mm_fmadd_ps(_mm_fmsub_ps(fp16x4(d[e]), fi, _mm_mul_ps(fp16x4(dmin[e]), fm)), xd, acc);
             }
         }
     }

@@ -1229,25 +1229,25 @@ k_rows4(int six, const char *row0, size_t rb, const act_view *a, int nb, float *
         int n = nb - i0 < KSB ? nb - i0 : KSB;
         for (int r = 0; r < 4; r++)
             for (int e = 0; e < n; e++) {
-                const char *b = row0 + r * rb + (i0 + e) * bb;
+                const int i = i0 + e;
+                const char *b = row0 + r * rb + i * bb;
                 if (six) {
-                    q6_sums((const blk_q6_K *)b, a, i0 + e, &sv[e][r]);
+                    q6_sums((const blk_q6_K *)b, a, i, &sv[e][r]);
                     d[e][r] = ((const blk_q6_K *)b)->d;
                 } else {
-                    k4_sums((const blk_q4_K *)b, a, i0 + e, &sv[e][r], &mv[e][r]);
+                    k4_sums((const blk_q4_K *)b, a, i, &sv[e][r], &mv[e][r]);
                     d[e][r] = ((const blk_q4_K *)b)->d, dmin[e][r] = ((const blk_q4_K *)b)->dmin;
                 }
+                if (r < 3) continue;
+                /* the 4 rows' super-block e is complete: its float step here, between the loads */
+                __m128 fi = _mm_cvtepi32_ps(hsum4_epi32(sv[e])), xd = _mm_set1_ps(a->d[i]);
+                if (six) { /* k6_step */
+                    acc = _mm_fmadd_ps(fi, _mm_mul_ps(fp16x4(d[e]), xd), acc);
+                } else { /* k4_step */
+                    __m128 fm = _mm_cvtepi32_ps(_mm_hadd_epi32(_mm_hadd_epi32(mv[e][0], mv[e][1]), _mm_hadd_epi32(mv[e][2], mv[e][3])));
+                    acc = _mm_fmadd_ps(_mm_fmsub_ps(fp16x4(d[e]), fi, _mm_mul_ps(fp16x4(dmin[e]), fm)), xd, acc);
+                }
             }
-        for (int e = 0; e < n; e++) {
-            const int i = i0 + e;
-            __m128 fi = _mm_cvtepi32_ps(hsum4_epi32(sv[e])), xd = _mm_set1_ps(a->d[i]);
-            if (six) { /* k6_step */
-                acc = _mm_fmadd_ps(fi, _mm_mul_ps(fp16x4(d[e]), xd), acc);
-            } else { /* k4_step */
-                __m128 fm = _mm_cvtepi32_ps(_mm_hadd_epi32(_mm_hadd_epi32(mv[e][0], mv[e][1]), _mm_hadd_epi32(mv[e][2], mv[e][3])));
-                acc = _mm_fmadd_ps(_mm_fmsub_ps(fp16x4(d[e]), fi, _mm_mul_ps(fp16x4(dmin[e]), fm)), xd, acc);
-            }
-        }
     }
     _mm_storeu_ps(out, acc);
 }

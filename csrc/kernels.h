@@ -81,6 +81,8 @@ void pli_matmul_batch(const pl_tensor *w, const void *xq, long long stride, int 
  * groups [g0, g1) of 16 rows into dst (the whole layout's base); returns the repacked type. */
 long long pli_repack_bytes(const pl_tensor *w);
 int pli_repack(const pl_tensor *w, void *dst, long long g0, long long g1);
+/* 1 when pli_matmul_batch blocks w's rows itself and wants a thread's whole row range at once. */
+int pli_batch_all_rows(int type);
 
 /* out[w->cols] = row `row` of w, dequantized. */
 void pli_dequantize_row(const pl_tensor *w, long long row, float *out);

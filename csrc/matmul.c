@@ -208,6 +208,7 @@ static long long chunk_rows(const pl_tensor *w, int n)
 {
     if (n == 1) return 1LL << 40; /* one token: no reuse, no chunking */
     if (row_group(w) > 2) return 1LL << 40; /* repacked: r16 tiles keep a group in cache */
+    if (pli_batch_all_rows(w->type)) return 1LL << 40; /* K-quant VNNI tiles: their own blocking */
     long long ch = 32768 / (w->cols > 0 ? w->cols : 1);
     ch = ch < 2 ? 2 : ch > 64 ? 64 : ch;
     return ch & ~1LL;

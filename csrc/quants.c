@@ -9,6 +9,7 @@
  *                     int8 q[cols] | f32 (d, s)[cols/32],  x ≈ d·q, s = d·Σq
  *   q8 blocks of 256  for the K-quants (llama.cpp's q8_K):
  *                     int8 q[cols] | f32 d[cols/256] | int16 bsums[cols/16] (Σq per 16 values)
+ *                     | int16 bs32[cols/32] (Σq per 32 values)
  *   q8 groups         for PL_Q8_G (llama2.c's runq.c, mirrored exactly):
  *                     int8 q[cols] | f32 d[cols/group_size]
  * 32- and 256-blocks round x·(127/amax) to nearest-even (identical in the scalar and AVX2 code);
@@ -27,12 +28,14 @@
  * that unpacks each weight block once for the 4 tokens and keeps each token's arithmetic exactly
  * that of the single-token kernel (the K-quants and Q8_G: the same function with NT = 4; the
  * 32-value types: the same step with the same even/odd accumulators), so batched and
- * token-by-token results are bit-identical.
+ * token-by-token results are bit-identical. With AVX-512 VNNI, Q4_K/Q6_K (and Q5_0, v_tile) have
+ * wider tiles (kq_batch: 16 rows in the lanes of a register), bit-identical as well.
  *
  * With AVX-512 VNNI, Q4_0 and Q8_0 matrices are repacked at load time (pl_repack, 16 rows
  * interleaved, see "Repacked" below): one kernel family then serves one token and batches alike.
  */
 #include <math.h>
+#include <stddef.h>
 #include <string.h>
 #include "kernels.h" /* PL_AVX2, immintrin.h */
 
@@ -201,6 +204,7 @@ typedef struct {
     float *ds;      /* 32-blocks: (cols/32, 2) pairs d, d·Σq (llama.cpp's q8_1 d and s) */
     int16_t *bsums; /* K blocks: (cols/16,) Σq per 16 values */
     int32_t *corr;  /* repacked Q4_0/Q8_0: (cols/32,) −k·Σq, k the weights' unsigned offset */
+    int16_t *bs32;  /* K blocks: (cols/32,) Σq per 32 values (after bsums) */
 } act_view;
 
 static size_t align64(size_t n) { return (n + 63) & ~(size_t)63; }
@@ -215,6 +219,7 @@ static act_view act_layout(const pl_tensor *w, const void *xq)
     a.ds = a.d;
     a.bsums = (int16_t *)(a.d + nb);
     a.corr = (int32_t *)(a.ds + 2 * nb);
+    a.bs32 = a.bsums + cols / 16;
     return a;
 }
 
@@ -222,7 +227,7 @@ long long pli_act_bytes(const pl_tensor *w)
 {
     if (!pli_is_quant(w->type)) return 0;
     long long cols = w->cols, nb = cols / block_values(w);
-    long long extra = w->type == PL_Q8_G ? 0 : is_k(w->type) ? cols / 16 * 2 : nb * 4; /* s or bsums */
+    long long extra = w->type == PL_Q8_G ? 0 : is_k(w->type) ? cols / 16 * 3 : nb * 4; /* s or bsums, bs32 */
     if (is_r16(w->type)) extra += nb * 4; /* corr */
     return (long long)align64((size_t)cols) + nb * 4 + extra;
 }
@@ -317,6 +322,7 @@ void pli_quantize_act(const pl_tensor *w, const float *x, void *xq)
             for (int l = 0; l < 16; l++) s += a.q[16 * k + l];
             a.bsums[k] = (int16_t)s;
         }
+        for (int k = 0; k < n / 32; k++) a.bs32[k] = (int16_t)(a.bsums[2 * k] + a.bsums[2 * k + 1]);
     } else {
         quantize_blocks(x, n, QK, a.q, a.ds, 2);
         for (int b = 0; b < n / QK; b++) {
@@ -576,19 +582,28 @@ static void deq_q5_0(const void *row, int nb, float *y)
     }
 }
 
-#ifdef PL_AVX2 /* unsigned 5-bit values · q8, minus 16·Σq8 per block */
+#ifdef PL_AVX2 /* (5-bit values − 16) · q8 summed exactly in integers, as Q4_0 (and its VNNI tile) */
 static inline void step_q5_0(const void *row, const act_view *a, int i, __m256 *acc, __m128 *side)
 {
+    (void)side;
     const blk_q5_0 *b = (const blk_q5_0 *)row + i;
     __m256i w = _mm256_or_si256(nibbles(b->qs), bit4_of(b->qh));
-    accumulate32(scale_d(&b->d, a, i), dot_u8(w, load_q8(a, i)), acc, side);
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__) /* unsigned values · x with −16·Σx per lane to start */
+    __m256i x = load_q8(a, i);
+    __m256i c = _mm256_sub_epi32(_mm256_setzero_si256(),
+                                 _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_set1_epi8(16), x));
+    __m256i p = _mm256_dpbusd_epi32(c, w, x);
+#else
+    __m256i p = dot_i8(_mm256_sub_epi8(w, _mm256_set1_epi8(16)), load_q8(a, i));
+#endif
+    *acc = _mm256_fmadd_ps(_mm256_set1_ps(pli_fp16(b->d) * a->ds[2 * i]), _mm256_cvtepi32_ps(p), *acc);
 }
 #endif
 
 static float dot_q5_0(const void *row, const act_view *a, int nb)
 {
 #ifdef PL_AVX2
-    return dot32(row, a, nb, step_q5_0, -16.0f);
+    return dot32(row, a, nb, step_q5_0, 0.0f);
 #else
     const blk_q5_0 *b = (const blk_q5_0 *)row;
     float sum = 0.0f;
@@ -891,17 +906,34 @@ static void deq_q4_K(const void *row, int nb, float *y)
 }
 
 #ifdef PL_AVX2
+/* The K-quants' float arithmetic, one formula per super-block that every SIMD kernel follows bit
+ * for bit (the row-at-a-time kernels here, the 16-rows-in-lanes VNNI tiles below): the super-
+ * block's integer sums I = Σ sc·q·q8 and M = Σ m·bsums are exact however they are formed, then
+ * Q4_K/Q5_K: acc = fma(fma(d, I, −dmin·M), xd, acc);  Q6_K: acc = fma(I, d·xd, acc). */
+static inline float k4_step(float acc, int32_t I, int32_t M, float d, float dmin, float xd)
+{
+    __m128 y = _mm_fmsub_ss(_mm_set_ss(d), _mm_set_ss((float)I), _mm_set_ss(dmin * (float)M));
+    return _mm_cvtss_f32(_mm_fmadd_ss(y, _mm_set_ss(xd), _mm_set_ss(acc)));
+}
+
+static inline float k6_step(float acc, int32_t I, float d, float xd)
+{
+    return _mm_cvtss_f32(_mm_fmadd_ss(_mm_set_ss((float)I), _mm_set_ss(d * xd), _mm_set_ss(acc)));
+}
+
+static inline int32_t hsum_epi32_256(__m256i v)
+{
+    return hsum_epi32_128(_mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1)));
+}
+
 /* Q4_K (five = 0) and Q5_K (five = 1, the 5th bits shifted down 2 per 64 values) rows · NT token
- * activations, out[t·ldo] for token t. Decoding calls it with NT = 1 and the prefill tile with
- * NT = 4: one code path, so a token's batched sum is bit for bit its single-token sum, and each
- * weight block is unpacked once for all NT tokens. Per token: unsigned q · q8 scaled by sc[s] in
- * integers, one f32 multiply-add per super-block, minus dmin·Σ m[s]·bsums. */
+ * activations, out[t·ldo] for token t. Decoding calls it with NT = 1 and the AVX2 prefill tile
+ * with NT = 4, each weight block unpacked once for all NT tokens. Per token: unsigned q · q8
+ * scaled by sc[s] in integers, Σ m[s]·bsums, then k4_step per super-block. */
 static inline __attribute__((always_inline)) void
 k45_dots(const void *row, const act_view *a, int nb, int NT, int five, float *out, long long ldo)
 {
-    __m256 acc[4];
-    __m128 accm[4];
-    for (int t = 0; t < NT; t++) acc[t] = _mm256_setzero_ps(), accm[t] = _mm_setzero_ps();
+    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
     const __m256i m4 = _mm256_set1_epi8(15), b4 = _mm256_set1_epi8(16);
     const size_t bb = five ? sizeof(blk_q5_K) : sizeof(blk_q4_K);
     for (int i = 0; i < nb; i++) {
@@ -912,11 +944,11 @@ k45_dots(const void *row, const act_view *a, int nb, int NT, int five, float *ou
         __m256i scales = _mm256_broadcastsi128_si256(_mm256_castsi256_si128(sm16));
         float d = pli_fp16(b->d), dmin = pli_fp16(b->dmin);
         __m256i sumi[4];
+        int32_t msum[4];
         for (int t = 0; t < NT; t++) { /* mins: Σ_s m[s]·(bsum[2s] + bsum[2s+1]) */
             __m256i bs = _mm256_loadu_si256((const __m256i *)(a[t].bsums + 16 * i));
             __m128i bs32 = _mm_hadd_epi16(_mm256_castsi256_si128(bs), _mm256_extracti128_si256(bs, 1));
-            __m128i pm = _mm_madd_epi16(mins, bs32);
-            accm[t] = _mm_fmadd_ps(_mm_set1_ps(a[t].d[i] * dmin), _mm_cvtepi32_ps(pm), accm[t]);
+            msum[t] = hsum_epi32_128(_mm_madd_epi16(mins, bs32));
             sumi[t] = _mm256_setzero_si256();
         }
         __m256i hb = five ? _mm256_loadu_si256((const __m256i *)((const blk_q5_K *)b)->qh) : m4;
@@ -937,14 +969,9 @@ k45_dots(const void *row, const act_view *a, int nb, int NT, int five, float *ou
                 sumi[t] = _mm256_add_epi32(sumi[t], _mm256_add_epi32(_mm256_madd_epi16(sl, pl), _mm256_madd_epi16(sh, ph)));
             }
         }
-        for (int t = 0; t < NT; t++)
-            acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(a[t].d[i] * d), _mm256_cvtepi32_ps(sumi[t]), acc[t]);
+        for (int t = 0; t < NT; t++) acc[t] = k4_step(acc[t], hsum_epi32_256(sumi[t]), msum[t], d, dmin, a[t].d[i]);
     }
-    for (int t = 0; t < NT; t++) {
-        __m128 m = _mm_add_ps(accm[t], _mm_movehl_ps(accm[t], accm[t]));
-        m = _mm_add_ss(m, _mm_movehdup_ps(m));
-        out[t * ldo] = pli_hsum8(acc[t]) - _mm_cvtss_f32(m);
-    }
+    for (int t = 0; t < NT; t++) out[t * ldo] = acc[t];
 }
 #endif
 
@@ -1051,13 +1078,12 @@ static void deq_q6_K(const void *row, int nb, float *y)
 
 #ifdef PL_AVX2
 /* Q6_K rows · NT token activations, as k45_dots: unsigned q in [0, 63] · q8 scaled per 16 values,
- * minus 32·Σ scale·bsums, one f32 multiply-add per super-block. */
+ * minus 32·Σ scale·bsums, then k6_step per super-block. */
 static inline __attribute__((always_inline)) void
 q6_dots(const void *row, const act_view *a, int nb, int NT, float *out, long long ldo)
 {
     const blk_q6_K *b = (const blk_q6_K *)row;
-    __m256 acc[4];
-    for (int t = 0; t < NT; t++) acc[t] = _mm256_setzero_ps();
+    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
     const __m256i m4 = _mm256_set1_epi8(15), m30 = _mm256_set1_epi8(0x30);
     for (int i = 0; i < nb; i++) {
         __m128i sc = _mm_loadu_si128((const __m128i *)b[i].scales);
@@ -1087,10 +1113,9 @@ q6_dots(const void *row, const act_view *a, int nb, int NT, float *out, long lon
             }
         }
         float d = pli_fp16(b[i].d);
-        for (int t = 0; t < NT; t++)
-            acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(a[t].d[i] * d), _mm256_cvtepi32_ps(sumi[t]), acc[t]);
+        for (int t = 0; t < NT; t++) acc[t] = k6_step(acc[t], hsum_epi32_256(sumi[t]), d, a[t].d[i]);
     }
-    for (int t = 0; t < NT; t++) out[t * ldo] = pli_hsum8(acc[t]);
+    for (int t = 0; t < NT; t++) out[t * ldo] = acc[t];
 }
 #endif
 
@@ -1116,6 +1141,341 @@ static float dot_q6_K(const void *row, const act_view *a, int nb)
     return sum;
 #endif
 }
+
+#ifdef PL_AVX2
+/* Decoding Q4_K and Q6_K, 4 rows at a time: each row's integer sums as in k45_dots / q6_dots
+ * (scales as broadcast int16 pairs, vpdpwssd where the compiler targets VNNI), the 4 rows'
+ * super-block sums side by side in one register, then k4_step / k6_step in its 4 lanes. */
+static inline __m256i madd_acc(__m256i acc, __m256i p, __m256i s)
+{
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__) && !defined(KQ_NO_DPW)
+    return _mm256_dpwssd_epi32(acc, p, s);
+#else
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(p, s));
+#endif
+}
+
+static inline __m128i hsum4_epi32(const __m256i s[4]) /* lane r = Σ lanes of s[r] */
+{
+    __m128i h[4];
+    for (int r = 0; r < 4; r++) h[r] = _mm_add_epi32(_mm256_castsi256_si128(s[r]), _mm256_extracti128_si256(s[r], 1));
+    return _mm_hadd_epi32(_mm_hadd_epi32(h[0], h[1]), _mm_hadd_epi32(h[2], h[3]));
+}
+
+static inline __m128 fp16x4(const uint16_t h[4])
+{
+#ifdef __F16C__
+    return _mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)h));
+#else
+    return _mm_setr_ps(pli_fp16(h[0]), pli_fp16(h[1]), pli_fp16(h[2]), pli_fp16(h[3]));
+#endif
+}
+
+/* One row's super-block i for k_rows4: the 8 lanes of Σ sc·q·q8 (Q4_K: and the 4 of Σ m·bs32). */
+static inline __attribute__((always_inline)) void
+k4_sums(const blk_q4_K *b, const act_view *a, int i, __m256i *sum, __m128i *msum)
+{
+    const __m256i m4 = _mm256_set1_epi8(15);
+    const int8_t *q8 = a->q + QK_K * i;
+    __m256i sm16 = _mm256_cvtepu8_epi16(k4_scales_avx2(b->scales));
+    __m128i s16 = _mm256_castsi256_si128(sm16);
+    *msum = _mm_madd_epi16(_mm256_extracti128_si256(sm16, 1), _mm_loadu_si128((const __m128i *)(a->bs32 + 8 * i)));
+    int32_t sc2[8] __attribute__((aligned(32))); /* (sc[s], sc[s]) int16 pairs */
+    _mm256_store_si256((__m256i *)sc2, _mm256_set_m128i(_mm_unpackhi_epi16(s16, s16), _mm_unpacklo_epi16(s16, s16)));
+    __m256i s[4]; /* four sums: the multiply-adds' latency overlaps */
+    for (int k = 0; k < 4; k++) {
+        __m256i q = _mm256_loadu_si256((const __m256i *)(b->qs + 32 * k));
+        __m256i pl = _mm256_maddubs_epi16(_mm256_and_si256(q, m4), _mm256_loadu_si256((const __m256i *)(q8 + 64 * k)));
+        __m256i ph = _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(q, 4), m4),
+                                          _mm256_loadu_si256((const __m256i *)(q8 + 64 * k + 32)));
+        s[k] = madd_acc(_mm256_madd_epi16(pl, _mm256_set1_epi32(sc2[2 * k])), ph, _mm256_set1_epi32(sc2[2 * k + 1]));
+    }
+    *sum = _mm256_add_epi32(_mm256_add_epi32(s[0], s[1]), _mm256_add_epi32(s[2], s[3]));
+}
+
+static inline __attribute__((always_inline)) void q6_sums(const blk_q6_K *b, const act_view *a, int i, __m256i *sum)
+{
+    const __m256i m4 = _mm256_set1_epi8(15), m30 = _mm256_set1_epi8(0x30);
+    __m256i sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)b->scales));
+    __m256i bs = _mm256_loadu_si256((const __m256i *)(a->bsums + 16 * i));
+    __m256i s[4] = {_mm256_sub_epi32(_mm256_setzero_si256(), _mm256_slli_epi32(_mm256_madd_epi16(sc16, bs), 5)),
+                    _mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256()};
+    for (int h = 0; h < 2; h++) {
+        const int8_t *q8 = a->q + QK_K * i + 128 * h;
+        __m256i la = _mm256_loadu_si256((const __m256i *)(b->ql + 64 * h));
+        __m256i lb = _mm256_loadu_si256((const __m256i *)(b->ql + 64 * h + 32));
+        __m256i hq = _mm256_loadu_si256((const __m256i *)(b->qh + 32 * h));
+        __m256i sh = _mm256_permute2x128_si256(sc16, sc16, h ? 0x11 : 0x00); /* sc[8h..8h+7] twice */
+        __m256i q[4];
+        q[0] = _mm256_or_si256(_mm256_and_si256(la, m4), _mm256_and_si256(_mm256_slli_epi16(hq, 4), m30));
+        q[1] = _mm256_or_si256(_mm256_and_si256(lb, m4), _mm256_and_si256(_mm256_slli_epi16(hq, 2), m30));
+        q[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(la, 4), m4), _mm256_and_si256(hq, m30));
+        q[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(lb, 4), m4), _mm256_and_si256(_mm256_srli_epi16(hq, 2), m30));
+        for (int j = 0; j < 4; j++) { /* words: sc[8h + 2j] x 8, then sc[8h + 2j + 1] x 8 */
+            const char lo = (char)(4 * j), hi = (char)(4 * j + 2);
+            __m256i idx = _mm256_setr_epi8(lo, lo + 1, lo, lo + 1, lo, lo + 1, lo, lo + 1, lo, lo + 1, lo, lo + 1, lo, lo + 1,
+                                           lo, lo + 1, hi, hi + 1, hi, hi + 1, hi, hi + 1, hi, hi + 1, hi, hi + 1, hi, hi + 1,
+                                           hi, hi + 1, hi, hi + 1);
+            __m256i p = _mm256_maddubs_epi16(q[j], _mm256_loadu_si256((const __m256i *)(q8 + 32 * j)));
+            s[j] = madd_acc(s[j], p, _mm256_shuffle_epi8(sh, idx));
+        }
+    }
+    *sum = _mm256_add_epi32(_mm256_add_epi32(s[0], s[1]), _mm256_add_epi32(s[2], s[3]));
+}
+
+#define KSB 32 /* super-blocks per pass over a row: each row is read front to back, as one stream */
+
+static inline __attribute__((always_inline)) void
+k_rows4(int six, const char *row0, size_t rb, const act_view *a, int nb, float *out)
+{
+    const size_t bb = six ? sizeof(blk_q6_K) : sizeof(blk_q4_K);
+    __m128 acc = _mm_setzero_ps();
+    __m256i sv[KSB][4];
+    __m128i mv[KSB][4];
+    uint16_t d[KSB][4], dmin[KSB][4]; /* kept from the pass: the rows are not read again */
+    for (int i0 = 0; i0 < nb; i0 += KSB) {
+        int n = nb - i0 < KSB ? nb - i0 : KSB;
+        for (int r = 0; r < 4; r++)
+            for (int e = 0; e < n; e++) {
+                const int i = i0 + e;
+                const char *b = row0 + r * rb + i * bb;
+                if (six) {
+                    q6_sums((const blk_q6_K *)b, a, i, &sv[e][r]);
+                    d[e][r] = ((const blk_q6_K *)b)->d;
+                } else {
+                    k4_sums((const blk_q4_K *)b, a, i, &sv[e][r], &mv[e][r]);
+                    d[e][r] = ((const blk_q4_K *)b)->d, dmin[e][r] = ((const blk_q4_K *)b)->dmin;
+                }
+                if (r < 3) continue;
+                /* the 4 rows' super-block e is complete: its float step here, between the loads */
+                __m128 fi = _mm_cvtepi32_ps(hsum4_epi32(sv[e])), xd = _mm_set1_ps(a->d[i]);
+                if (six) { /* k6_step */
+                    acc = _mm_fmadd_ps(fi, _mm_mul_ps(fp16x4(d[e]), xd), acc);
+                } else { /* k4_step */
+                    __m128 fm = _mm_cvtepi32_ps(_mm_hadd_epi32(_mm_hadd_epi32(mv[e][0], mv[e][1]), _mm_hadd_epi32(mv[e][2], mv[e][3])));
+                    acc = _mm_fmadd_ps(_mm_fmsub_ps(fp16x4(d[e]), fi, _mm_mul_ps(fp16x4(dmin[e]), fm)), xd, acc);
+                }
+            }
+    }
+    _mm_storeu_ps(out, acc);
+}
+
+static void k4_rows4(const char *row0, size_t rb, const act_view *a, int nb, float *out)
+{
+    k_rows4(0, row0, rb, a, nb, out);
+}
+
+static void q6_rows4(const char *row0, size_t rb, const act_view *a, int nb, float *out)
+{
+    k_rows4(1, row0, rb, a, nb, out);
+}
+#endif
+
+/* ------------------------------------------------------------------------------------------------
+ * Q4_K and Q6_K prompts with AVX-512 VNNI: 16 rows in the 16 lanes of a register. For each group
+ * of 16 rows and each super-block, the weights are unpacked once (kq_unpack: gathers lane r from
+ * row r, 4 values per lane as unsigned bytes, the scales as int32 lanes) and then every token of
+ * the batch runs over them: vpdpbusd with the token's 4 activation bytes broadcast adds the 4
+ * products of each row to its lane, one sub-block at a time, scaled by vpmulld. The super-block's
+ * integer sums are exactly those of the row-at-a-time kernels, and each lane then takes k4_step /
+ * k6_step's operations, so every token's result is bit for bit its single-token one. The output
+ * rows of a token (16 contiguous floats) hold the running sums between super-blocks. */
+#if defined(PL_AVX2) && defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__) && \
+    defined(__F16C__)
+#define PL_KQ512 1
+#define KT 4 /* tokens at a time over an unpacked super-block */
+
+typedef struct {
+    __m512i u[64];  /* values 4j..4j+3 of each row, unsigned bytes */
+    __m512i sc[16]; /* per-sub-block scale of each row (Q4_K: 8 sub-blocks of 32, Q6_K: 16 of 16) */
+    __m512i sp[8];  /* int16 pairs: Q4_K (m[2p], m[2p+1]) for p < 4, Q6_K (sc[2p], sc[2p+1]) */
+    __m512 d, dmin;
+} kq_unpacked;
+
+/* 16 x 16 dwords transposed in place: afterwards r[p] holds dword p of every former r[lane]. */
+static inline __attribute__((always_inline)) void kq_transpose(__m512i r[16])
+{
+    __m512i t[16], u[16];
+    for (int i = 0; i < 8; i++) { /* lane L of t[2i]: a_4L b_4L a_4L+1 b_4L+1; of t[2i+1]: dwords 2, 3 */
+        t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+    }
+    for (int q = 0; q < 4; q++) { /* u[4q + d], lane L: dword 4L + d of rows 4q..4q+3 */
+        u[4 * q + 0] = _mm512_unpacklo_epi64(t[4 * q], t[4 * q + 2]);
+        u[4 * q + 1] = _mm512_unpackhi_epi64(t[4 * q], t[4 * q + 2]);
+        u[4 * q + 2] = _mm512_unpacklo_epi64(t[4 * q + 1], t[4 * q + 3]);
+        u[4 * q + 3] = _mm512_unpackhi_epi64(t[4 * q + 1], t[4 * q + 3]);
+    }
+    for (int d = 0; d < 4; d++) { /* r[4L + d] = lane L of u[d], u[4 + d], u[8 + d], u[12 + d] */
+        __m512i v0 = _mm512_shuffle_i32x4(u[d], u[4 + d], _MM_SHUFFLE(1, 0, 1, 0));
+        __m512i v1 = _mm512_shuffle_i32x4(u[d], u[4 + d], _MM_SHUFFLE(3, 2, 3, 2));
+        __m512i v2 = _mm512_shuffle_i32x4(u[8 + d], u[12 + d], _MM_SHUFFLE(1, 0, 1, 0));
+        __m512i v3 = _mm512_shuffle_i32x4(u[8 + d], u[12 + d], _MM_SHUFFLE(3, 2, 3, 2));
+        r[d] = _mm512_shuffle_i32x4(v0, v2, _MM_SHUFFLE(2, 0, 2, 0));
+        r[4 + d] = _mm512_shuffle_i32x4(v0, v2, _MM_SHUFFLE(3, 1, 3, 1));
+        r[8 + d] = _mm512_shuffle_i32x4(v1, v3, _MM_SHUFFLE(2, 0, 2, 0));
+        r[12 + d] = _mm512_shuffle_i32x4(v1, v3, _MM_SHUFFLE(3, 1, 3, 1));
+    }
+}
+
+/* Dwords [16c, 16c + 16) of the 16 rows' super-blocks (row r at base + r·rb, bytes < `bytes`
+ * only), transposed: r[p] lane q = dword 16c + p of row q; rows outside the mask read as 0. */
+static inline __attribute__((always_inline)) void
+kq_columns(const char *base, size_t rb, int nr, int c, int bytes, __m512i r[16])
+{
+    int n = bytes - 64 * c;
+    __mmask64 lm = n >= 64 ? ~(__mmask64)0 : ((__mmask64)1 << n) - 1;
+    for (int q = 0; q < 16; q++)
+        r[q] = q < nr ? _mm512_maskz_loadu_epi8(lm, base + q * rb + 64 * c) : _mm512_setzero_si512();
+    kq_transpose(r);
+}
+
+static inline __m512i kq_byte(__m512i v, int k) /* byte k of each lane, zero-extended */
+{
+    return _mm512_and_si512(_mm512_srli_epi32(v, 8 * k), _mm512_set1_epi32(0xff));
+}
+
+static inline __m512i kq_pair(__m512i lo, __m512i hi) /* int16 lo | hi << 16 */
+{
+    return _mm512_or_si512(_mm512_and_si512(lo, _mm512_set1_epi32(0xffff)), _mm512_slli_epi32(hi, 16));
+}
+
+/* Super-block `base` (row 0's) of nr <= 16 rows `rb` bytes apart. */
+static void kq_unpack_q4(const char *base, size_t rb, int nr, kq_unpacked *k)
+{
+    const __m512i lo4 = _mm512_set1_epi8(15), lo6 = _mm512_set1_epi8(0x3f), lo2 = _mm512_set1_epi8(3);
+    __m512i c[16];
+    kq_columns(base, rb, nr, 0, 144, c); /* d|dmin, scales (3 dwords), qs dwords 0-11 */
+    k->d = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(c[0]));
+    k->dmin = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(c[0], 16)));
+    __m512i a0 = c[1], a1 = c[2], a2 = c[3];
+    __m512i sc03 = _mm512_and_si512(a0, lo6), m03 = _mm512_and_si512(a1, lo6);
+    __m512i sc47 = _mm512_or_si512(_mm512_and_si512(a2, lo4),
+                                   _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(a0, 6), lo2), 4));
+    __m512i m47 = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi32(a2, 4), lo4),
+                                  _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(a1, 6), lo2), 4));
+    for (int s = 0; s < 4; s++) k->sc[s] = kq_byte(sc03, s), k->sc[4 + s] = kq_byte(sc47, s);
+    k->sp[0] = kq_pair(kq_byte(m03, 0), kq_byte(m03, 1));
+    k->sp[1] = kq_pair(kq_byte(m03, 2), kq_byte(m03, 3));
+    k->sp[2] = kq_pair(kq_byte(m47, 0), kq_byte(m47, 1));
+    k->sp[3] = kq_pair(kq_byte(m47, 2), kq_byte(m47, 3));
+    for (int b = 0; b < 3; b++) {
+        if (b) kq_columns(base, rb, nr, b, 144, c);
+        for (int e = b ? 0 : 4; e < (b == 2 ? 4 : 16); e++) {
+            /* qs dword p = bytes 32c + 4l of chunk c = p/8: values 64c + 4l.. (low nibbles), +32 (high) */
+            int p = 16 * b + e - 4, ch = p / 8, l = p % 8;
+            k->u[16 * ch + l] = _mm512_and_si512(c[e], lo4);
+            k->u[16 * ch + 8 + l] = _mm512_and_si512(_mm512_srli_epi32(c[e], 4), lo4);
+        }
+    }
+}
+
+static void kq_unpack_q6(const char *base, size_t rb, int nr, kq_unpacked *k)
+{
+    const __m512i lo4 = _mm512_set1_epi8(15), hi2 = _mm512_set1_epi8(0x30);
+    __m512i qh[16], c[16];
+    kq_columns(base, rb, nr, 3, 210, c); /* scales (dwords 48-51), d (low half of dword 52) */
+    k->d = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(c[4]));
+    for (int q = 0; q < 4; q++)
+        for (int b = 0; b < 4; b++) k->sc[4 * q + b] = _mm512_srai_epi32(_mm512_slli_epi32(c[q], 24 - 8 * b), 24);
+    for (int p = 0; p < 8; p++) k->sp[p] = kq_pair(k->sc[2 * p], k->sc[2 * p + 1]);
+    kq_columns(base, rb, nr, 2, 210, qh); /* qh dwords 0-15 */
+    for (int b = 0; b < 2; b++) {
+        kq_columns(base, rb, nr, b, 210, c);
+        for (int e = 0; e < 16; e++) { /* ql dword p: bytes 64h + 32c + 4l, h = p/16, c = (p/8)%2 */
+            int p = 16 * b + e, h = p / 16, cc = (p / 8) % 2, l = p % 8;
+            __m512i hb = qh[8 * h + l];
+            for (int j = cc; j < 4; j += 2) { /* values 128h + 32j + 4l.. : nibble j >= 2, bits 2j of qh */
+                __m512i lo = _mm512_and_si512(j >= 2 ? _mm512_srli_epi32(c[e], 4) : c[e], lo4);
+                __m512i hi = _mm512_and_si512(2 * j <= 4 ? _mm512_slli_epi32(hb, 4 - 2 * j) : _mm512_srli_epi32(hb, 2 * j - 4), hi2);
+                k->u[32 * h + 8 * j + l] = _mm512_or_si512(lo, hi);
+            }
+        }
+    }
+}
+
+static inline __m512i kq_x4(const int8_t *p) /* 4 activation bytes in every lane */
+{
+    int32_t v;
+    memcpy(&v, p, 4);
+    return _mm512_set1_epi32(v);
+}
+
+/* T <= KT tokens over unpacked super-block i of a row group, out[t·ldo + lane]. Q4_K (six = 0):
+ * 8 sub-blocks of 32, M = Σ m·bs32; Q6_K (six = 1): 16 sub-blocks of 16, M = Σ sc·bsums, the
+ * −32 offset of its values. */
+static inline __attribute__((always_inline)) void
+kq_tokens(int six, const kq_unpacked *k, const act_view *a, int i, int T, float *out, long long ldo, __mmask16 m,
+          int first)
+{
+    const int nsub = six ? 16 : 8, len = QK_K / nsub; /* sub-blocks, values per sub-block */
+    __m512i I[KT], M[KT];
+    for (int t = 0; t < T; t++) I[t] = M[t] = _mm512_setzero_si512();
+    for (int s = 0; s < nsub; s++) {
+        __m512i p[KT];
+        for (int t = 0; t < T; t++) p[t] = _mm512_setzero_si512();
+        for (int j = 0; j < len / 4; j++) {
+            __m512i u = k->u[len / 4 * s + j];
+            for (int t = 0; t < T; t++) p[t] = _mm512_dpbusd_epi32(p[t], u, kq_x4(a[t].q + QK_K * i + len * s + 4 * j));
+        }
+        for (int t = 0; t < T; t++) I[t] = _mm512_add_epi32(I[t], _mm512_mullo_epi32(p[t], k->sc[s]));
+    }
+    for (int p = 0; p < nsub / 2; p++)
+        for (int t = 0; t < T; t++) {
+            const int16_t *bs = six ? a[t].bsums + 16 * i : a[t].bs32 + 8 * i;
+            M[t] = _mm512_dpwssd_epi32(M[t], k->sp[p], kq_x4((const int8_t *)(bs + 2 * p)));
+        }
+    for (int t = 0; t < T; t++) {
+        __m512 acc = first ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(m, out + t * ldo), xd = _mm512_set1_ps(a[t].d[i]);
+        if (six) /* k6_step */
+            acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(I[t], _mm512_slli_epi32(M[t], 5))),
+                                  _mm512_mul_ps(k->d, xd), acc);
+        else /* k4_step */
+            acc = _mm512_fmadd_ps(_mm512_fmsub_ps(k->d, _mm512_cvtepi32_ps(I[t]), _mm512_mul_ps(k->dmin, _mm512_cvtepi32_ps(M[t]))),
+                                  xd, acc);
+        _mm512_mask_storeu_ps(out + t * ldo, m, acc);
+    }
+}
+
+static inline __attribute__((always_inline)) void
+kq_batch(int type, const pl_tensor *w, const void *xq, long long stride, int ntok, float *out, long long ldo,
+         long long r0, long long r1)
+{
+    const int nb = (int)(w->cols / QK_K);
+    const size_t bb = block_bytes(type), rb = (size_t)nb * bb;
+    const char *base = (const char *)w->data;
+    kq_unpacked k __attribute__((aligned(64)));
+    act_view a[ntok];
+    for (int t = 0; t < ntok; t++) a[t] = act_layout(w, (const char *)xq + t * stride);
+    for (long long r = r0; r < r1; r += 16) {
+        int nr = r1 - r >= 16 ? 16 : (int)(r1 - r);
+        __mmask16 m = (__mmask16)((1u << nr) - 1);
+        for (int i = 0; i < nb; i++) {
+            if (type == PL_Q4_K) kq_unpack_q4(base + r * rb + i * bb, rb, nr, &k);
+            else kq_unpack_q6(base + r * rb + i * bb, rb, nr, &k);
+            for (int t = 0; t < ntok; t += KT) {
+                int T = ntok - t < KT ? ntok - t : KT;
+                float *o = out + t * ldo + r;
+                const int six = type == PL_Q6_K;
+                if (T == KT) kq_tokens(six, &k, a + t, i, KT, o, ldo, m, i == 0);
+                else for (int e = 0; e < T; e++) kq_tokens(six, &k, a + t + e, i, 1, o + e * ldo, ldo, m, i == 0);
+            }
+        }
+    }
+}
+
+static void kq_batch_q4_K(const pl_tensor *w, const void *xq, long long stride, int ntok, float *out, long long ldo,
+                          long long r0, long long r1)
+{
+    kq_batch(PL_Q4_K, w, xq, stride, ntok, out, ldo, r0, r1);
+}
+
+static void kq_batch_q6_K(const pl_tensor *w, const void *xq, long long stride, int ntok, float *out, long long ldo,
+                          long long r0, long long r1)
+{
+    kq_batch(PL_Q6_K, w, xq, stride, ntok, out, ldo, r0, r1);
+}
+#endif
 
 /* ------------------------------------------------------------------------------------------------
  * PL_Q8_G (llama2.c V2): row r = int8 data[r·cols …], its scales from scales[r·cols/gs]. The dot
@@ -1264,7 +1624,7 @@ static void tile_q4_1(const pl_tensor *w, const act_view *a, float *out, long lo
 }
 static void tile_q5_0(const pl_tensor *w, const act_view *a, float *out, long long ldo, long long r0, long long r1)
 {
-    tile32(w, a, out, ldo, r0, r1, step_q5_0, -16.0f, dot_q5_0);
+    tile32(w, a, out, ldo, r0, r1, step_q5_0, 0.0f, dot_q5_0);
 }
 static void tile_q5_1(const pl_tensor *w, const act_view *a, float *out, long long ldo, long long r0, long long r1)
 {
@@ -1331,11 +1691,12 @@ static tile_fn tile_of(int type)
 
 #if defined(PL_AVX2) && defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
 #define PL_VNNI512 1
-/* Q8_0 and Q4_0 prompts with AVX-512 VNNI: tiles of VR rows x VT tokens, two blocks per 512-bit
+/* Q8_0, Q4_0 and Q5_0 prompts with AVX-512 VNNI: tiles of VR rows x VT tokens, two blocks per 512-bit
  * register. Bit for bit dot32: the low 8 lanes carry the even blocks (dot32's acc0), the high 8
  * the odd ones (acc1); a lane's integer sum is exact however it is formed, and each lane takes
  * the same f32 multiply-add (scale fp16(d)·xd, then fma) in the same block order. vpdpbusd wants
- * unsigned × signed bytes: Q4_0 nibbles are unsigned, with −8·Σx per lane as the start value;
+ * unsigned × signed bytes: Q4_0 nibbles are unsigned, with −8·Σx per lane as the start value
+ * (Q5_0's 5-bit values: −16·Σx);
  * Q8_0 weights become w+128 (xor 0x80), with −128·Σx per lane as the start value. Decoding keeps
  * dot32 (one row at a time streams from memory best); the tile's sums equal its sums bit for bit. */
 #define VR 4
@@ -1362,6 +1723,12 @@ v_weights(int type, const char *row, int i, int two)
         __m256i hi = two ? _mm256_loadu_si256((const __m256i *)b[1].qs) : _mm256_setzero_si256();
         v.u = _mm512_xor_si512(_mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1), _mm512_set1_epi8((char)0x80));
         v.d = v_d2(b[0].d, two ? b[1].d : 0);
+    } else if (type == PL_Q5_0) { /* 5-bit values as unsigned bytes, −16·Σx to start */
+        const blk_q5_0 *b = (const blk_q5_0 *)row + i;
+        __m256i lo = _mm256_or_si256(nibbles(b[0].qs), bit4_of(b[0].qh));
+        __m256i hi = two ? _mm256_or_si256(nibbles(b[1].qs), bit4_of(b[1].qh)) : _mm256_setzero_si256();
+        v.u = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+        v.d = v_d2(b[0].d, two ? b[1].d : 0);
     } else {
         const blk_q4_0 *b = (const blk_q4_0 *)row + i;
         __m128i lo = _mm_loadu_si128((const __m128i *)b[0].qs);
@@ -1382,7 +1749,7 @@ v_tile(int type, const char *base, size_t rb, int nr, int nt, const act_view *a,
     __m512 acc[VR][VT];
     for (int r = 0; r < VR; r++)
         for (int t = 0; t < VT; t++) acc[r][t] = _mm512_setzero_ps();
-    const __m512i kx = _mm512_set1_epi8(type == PL_Q8_0 ? 1 : 8);
+    const __m512i kx = _mm512_set1_epi8(type == PL_Q8_0 ? 1 : type == PL_Q5_0 ? 16 : 8);
     const int shift = type == PL_Q8_0 ? 7 : 0;
     const __m512i xidx = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 2, 2, 2, 2, 2, 2, 2, 2);
     for (int i = 0; i < nb; i += 2) {
@@ -1616,17 +1983,35 @@ int pli_repack(const pl_tensor *w, void *dst, long long g0, long long g1)
     return w->type;
 }
 
+int pli_batch_all_rows(int type)
+{
+#ifdef PL_KQ512
+    return type == PL_Q4_K || type == PL_Q6_K;
+#else
+    (void)type;
+    return 0;
+#endif
+}
+
 void pli_matmul_batch(const pl_tensor *w, const void *xq, long long stride, int ntok, float *out,
                       long long ldo, long long r0, long long r1)
 {
     int t = 0;
+#ifdef PL_KQ512
+    if (w->type == PL_Q4_K || w->type == PL_Q6_K) {
+        if (w->type == PL_Q4_K) kq_batch_q4_K(w, xq, stride, ntok, out, ldo, r0, r1);
+        else kq_batch_q6_K(w, xq, stride, ntok, out, ldo, r0, r1);
+        return;
+    }
+#endif
 #ifdef PL_VNNI512
     if (is_r16(w->type)) {
         r16_batch(w, xq, stride, ntok, out, ldo, r0, r1);
         return;
     }
-    if (w->type == PL_Q8_0 || w->type == PL_Q4_0) {
+    if (w->type == PL_Q8_0 || w->type == PL_Q4_0 || w->type == PL_Q5_0) {
         if (w->type == PL_Q8_0) v_batch(PL_Q8_0, w, xq, stride, ntok, out, ldo, r0, r1);
+        else if (w->type == PL_Q5_0) v_batch(PL_Q5_0, w, xq, stride, ntok, out, ldo, r0, r1);
         else v_batch(PL_Q4_0, w, xq, stride, ntok, out, ldo, r0, r1);
         t = ntok / VT * VT;
     }
@@ -1669,6 +2054,11 @@ void pli_matvec_rows(const pl_tensor *w, const void *xq, float *out, long long r
     int nb = (int)(w->cols / block_values(w));
     size_t row_bytes = (size_t)nb * block_bytes(w->type);
     const char *base = (const char *)w->data;
+#if defined(PL_AVX2) && !defined(KQ_NO_ROWS4)
+    if (w->type == PL_Q4_K || w->type == PL_Q6_K) /* 4 rows at a time, the rest one by one */
+        for (; r0 + 4 <= r1; r0 += 4)
+            (w->type == PL_Q4_K ? k4_rows4 : q6_rows4)(base + (size_t)r0 * row_bytes, row_bytes, &a, nb, out + r0);
+#endif
     for (long long r = r0; r < r1; r++) out[r] = dot(base + (size_t)r * row_bytes, &a, nb);
 }
 

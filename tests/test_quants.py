@@ -192,6 +192,23 @@ def test_batched_matmul_is_bit_identical_to_single(name, cols, rows, n_threads):
         np.testing.assert_array_equal(t.matmul(x, n_threads), single)
 
 
+@pytest.mark.parametrize("n_threads", THREADS)
+@pytest.mark.parametrize("name", ["Q4_K", "Q6_K"])
+def test_k_quant_prompt_tiles_are_bit_identical(name, n_threads):
+    """The AVX-512 VNNI prompt tiles of Q4_K/Q6_K hold 16 rows in the lanes of a register and run
+    4 tokens at a time over each unpacked super-block: 70 rows (4 full row groups per thread and
+    partial ones) x 37 tokens (9 groups of 4 and a single one) against token-by-token results,
+    which the decode kernels compute 4 rows at a time (the last rows one by one)."""
+    ptype, _, block, _, _ = TYPES[name]
+    rng = _rng(name, "tiles")
+    rows, cols, n = 70, 1024, 37
+    t = Tensor(ptype, _weights(name, rows, cols, "random", rng), rows, cols)
+    x = np.stack([_activations(rng, cols, block) for _ in range(n)])
+    single = np.stack([t.matmul(x[i], n_threads) for i in range(n)])
+    assert np.all(np.isfinite(single))
+    np.testing.assert_array_equal(t.matmul(x, n_threads), single)
+
+
 # ---------------------------------------------------------------------------------------------
 # PL_Q8_G: llama2.c V2 checkpoints, runq.c arithmetic
 

@@ -579,8 +579,15 @@ static inline void step_q5_0(const void *row, const act_view *a, int i, __m256 *
 {
     (void)side;
     const blk_q5_0 *b = (const blk_q5_0 *)row + i;
-    __m256i w = _mm256_or_si256(nibbles(b->qs), bit4_of(b->qh)); /* per lane the sum the tile's has */
+    __m256i w = _mm256_or_si256(nibbles(b->qs), bit4_of(b->qh));
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__) /* unsigned values · x with −16·Σx per lane to start */
+    __m256i x = load_q8(a, i);
+    __m256i c = _mm256_sub_epi32(_mm256_setzero_si256(),
+                                 _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_set1_epi8(16), x));
+    __m256i p = _mm256_dpbusd_epi32(c, w, x);
+#else
     __m256i p = dot_i8(_mm256_sub_epi8(w, _mm256_set1_epi8(16)), load_q8(a, i));
+#endif
     *acc = _mm256_fmadd_ps(_mm256_set1_ps(pli_fp16(b->d) * a->ds[2 * i]), _mm256_cvtepi32_ps(p), *acc);
 }
 #endif

@@ -28,7 +28,7 @@
  * that unpacks each weight block once for the 4 tokens and keeps each token's arithmetic exactly
  * that of the single-token kernel (the K-quants and Q8_G: the same function with NT = 4; the
  * 32-value types: the same step with the same even/odd accumulators), so batched and
- * token-by-token results are bit-identical. With AVX-512 VNNI, Q4_K/Q6_K (and Q5_0, v_tile) have
+ * token-by-token results are bit-identical. With AVX-512 VNNI, Q4_K/Q6_K have
  * wider tiles (kq_batch: 16 rows in the lanes of a register), bit-identical as well.
  *
  * With AVX-512 VNNI, Q4_0 and Q8_0 matrices are repacked at load time (pl_repack, 16 rows
@@ -582,28 +582,19 @@ static void deq_q5_0(const void *row, int nb, float *y)
     }
 }
 
-#ifdef PL_AVX2 /* (5-bit values − 16) · q8 summed exactly in integers, as Q4_0 (and its VNNI tile) */
+#ifdef PL_AVX2 /* unsigned 5-bit values · q8, minus 16·Σq8 per block */
 static inline void step_q5_0(const void *row, const act_view *a, int i, __m256 *acc, __m128 *side)
 {
-    (void)side;
     const blk_q5_0 *b = (const blk_q5_0 *)row + i;
     __m256i w = _mm256_or_si256(nibbles(b->qs), bit4_of(b->qh));
-#if defined(__AVX512VNNI__) && defined(__AVX512VL__) /* unsigned values · x with −16·Σx per lane to start */
-    __m256i x = load_q8(a, i);
-    __m256i c = _mm256_sub_epi32(_mm256_setzero_si256(),
-                                 _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_set1_epi8(16), x));
-    __m256i p = _mm256_dpbusd_epi32(c, w, x);
-#else
-    __m256i p = dot_i8(_mm256_sub_epi8(w, _mm256_set1_epi8(16)), load_q8(a, i));
-#endif
-    *acc = _mm256_fmadd_ps(_mm256_set1_ps(pli_fp16(b->d) * a->ds[2 * i]), _mm256_cvtepi32_ps(p), *acc);
+    accumulate32(scale_d(&b->d, a, i), dot_u8(w, load_q8(a, i)), acc, side);
 }
 #endif
 
 static float dot_q5_0(const void *row, const act_view *a, int nb)
 {
 #ifdef PL_AVX2
-    return dot32(row, a, nb, step_q5_0, 0.0f);
+    return dot32(row, a, nb, step_q5_0, -16.0f);
 #else
     const blk_q5_0 *b = (const blk_q5_0 *)row;
     float sum = 0.0f;
@@ -1624,7 +1615,7 @@ static void tile_q4_1(const pl_tensor *w, const act_view *a, float *out, long lo
 }
 static void tile_q5_0(const pl_tensor *w, const act_view *a, float *out, long long ldo, long long r0, long long r1)
 {
-    tile32(w, a, out, ldo, r0, r1, step_q5_0, 0.0f, dot_q5_0);
+    tile32(w, a, out, ldo, r0, r1, step_q5_0, -16.0f, dot_q5_0);
 }
 static void tile_q5_1(const pl_tensor *w, const act_view *a, float *out, long long ldo, long long r0, long long r1)
 {
@@ -1691,12 +1682,11 @@ static tile_fn tile_of(int type)
 
 #if defined(PL_AVX2) && defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
 #define PL_VNNI512 1
-/* Q8_0, Q4_0 and Q5_0 prompts with AVX-512 VNNI: tiles of VR rows x VT tokens, two blocks per 512-bit
+/* Q8_0 and Q4_0 prompts with AVX-512 VNNI: tiles of VR rows x VT tokens, two blocks per 512-bit
  * register. Bit for bit dot32: the low 8 lanes carry the even blocks (dot32's acc0), the high 8
  * the odd ones (acc1); a lane's integer sum is exact however it is formed, and each lane takes
  * the same f32 multiply-add (scale fp16(d)·xd, then fma) in the same block order. vpdpbusd wants
- * unsigned × signed bytes: Q4_0 nibbles are unsigned, with −8·Σx per lane as the start value
- * (Q5_0's 5-bit values: −16·Σx);
+ * unsigned × signed bytes: Q4_0 nibbles are unsigned, with −8·Σx per lane as the start value;
  * Q8_0 weights become w+128 (xor 0x80), with −128·Σx per lane as the start value. Decoding keeps
  * dot32 (one row at a time streams from memory best); the tile's sums equal its sums bit for bit. */
 #define VR 4
@@ -1723,12 +1713,6 @@ v_weights(int type, const char *row, int i, int two)
         __m256i hi = two ? _mm256_loadu_si256((const __m256i *)b[1].qs) : _mm256_setzero_si256();
         v.u = _mm512_xor_si512(_mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1), _mm512_set1_epi8((char)0x80));
         v.d = v_d2(b[0].d, two ? b[1].d : 0);
-    } else if (type == PL_Q5_0) { /* 5-bit values as unsigned bytes, −16·Σx to start */
-        const blk_q5_0 *b = (const blk_q5_0 *)row + i;
-        __m256i lo = _mm256_or_si256(nibbles(b[0].qs), bit4_of(b[0].qh));
-        __m256i hi = two ? _mm256_or_si256(nibbles(b[1].qs), bit4_of(b[1].qh)) : _mm256_setzero_si256();
-        v.u = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
-        v.d = v_d2(b[0].d, two ? b[1].d : 0);
     } else {
         const blk_q4_0 *b = (const blk_q4_0 *)row + i;
         __m128i lo = _mm_loadu_si128((const __m128i *)b[0].qs);
@@ -1749,7 +1733,7 @@ v_tile(int type, const char *base, size_t rb, int nr, int nt, const act_view *a,
     __m512 acc[VR][VT];
     for (int r = 0; r < VR; r++)
         for (int t = 0; t < VT; t++) acc[r][t] = _mm512_setzero_ps();
-    const __m512i kx = _mm512_set1_epi8(type == PL_Q8_0 ? 1 : type == PL_Q5_0 ? 16 : 8);
+    const __m512i kx = _mm512_set1_epi8(type == PL_Q8_0 ? 1 : 8);
     const int shift = type == PL_Q8_0 ? 7 : 0;
     const __m512i xidx = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 2, 2, 2, 2, 2, 2, 2, 2);
     for (int i = 0; i < nb; i += 2) {
@@ -2009,9 +1993,8 @@ void pli_matmul_batch(const pl_tensor *w, const void *xq, long long stride, int 
         r16_batch(w, xq, stride, ntok, out, ldo, r0, r1);
         return;
     }
-    if (w->type == PL_Q8_0 || w->type == PL_Q4_0 || w->type == PL_Q5_0) {
+    if (w->type == PL_Q8_0 || w->type == PL_Q4_0) {
         if (w->type == PL_Q8_0) v_batch(PL_Q8_0, w, xq, stride, ntok, out, ldo, r0, r1);
-        else if (w->type == PL_Q5_0) v_batch(PL_Q5_0, w, xq, stride, ntok, out, ldo, r0, r1);
         else v_batch(PL_Q4_0, w, xq, stride, ntok, out, ldo, r0, r1);
         t = ntok / VT * VT;
     }

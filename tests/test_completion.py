@@ -212,42 +212,42 @@ def test_context_limit_and_shift(shared):
         assert s._model.tokens[:1] == ids[:1]  # n_keep=1: BOS stays
 
 
-def test_kv_shift_rerotates_keys(shared):
-    """After dropping positions, the first layer's keys/values equal a fresh run of the kept tokens
-    at their new positions (layer 0 sees only its own token)."""
+@pytest.fixture
+def shifted(shared):
+    """stories260K after a prompt and a context shift dropping positions 2..6: (model, kept ids)."""
     from pyllama import kvcache
     with pyllama.Llama(shared / "models/stories260K.bin", tokenizer=shared / "models/tok512.bin",
                        n_ctx=64) as s:
         ids = s.tokenize("Once upon a time there was a big red dog who liked to run")
-        tf = s._model
-        tf.prefill(ids, 0)
-        kvcache.shift(tf, 2, 5)
+        s._model.prefill(ids, 0)
+        kvcache.shift(s._model, 2, 5)
         kept = ids[:2] + ids[7:]
-        assert tf.tokens == ids[:2] + [-1] * (len(kept) - 2)  # moved positions: never reused
-        k = tf._bufs["key_cache"][0, 0, :len(kept)].copy()
-        v = tf._bufs["value_cache"][0, 0, :len(kept)].copy()
-        tf.prefill(kept, 0)
-        np.testing.assert_allclose(k, tf._bufs["key_cache"][0, 0, :len(kept)], atol=2e-4)
-        np.testing.assert_allclose(v, tf._bufs["value_cache"][0, 0, :len(kept)], atol=1e-6)
+        assert s._model.tokens == ids[:2] + [-1] * (len(kept) - 2)  # moved positions: never reused
+        yield s._model, kept
 
 
-def test_shifted_positions_are_not_a_reusable_prefix(shared):
+def test_kv_shift_rerotates_keys(shifted):
+    """After dropping positions, the first layer's keys/values equal a fresh run of the kept tokens
+    at their new positions (layer 0 sees only its own token)."""
+    tf, kept = shifted
+    k = tf._bufs["key_cache"][0, 0, :len(kept)].copy()
+    v = tf._bufs["value_cache"][0, 0, :len(kept)].copy()
+    tf.prefill(kept, 0)
+    np.testing.assert_allclose(k, tf._bufs["key_cache"][0, 0, :len(kept)], atol=2e-4)
+    np.testing.assert_allclose(v, tf._bufs["value_cache"][0, 0, :len(kept)], atol=1e-6)
+
+
+def test_shifted_positions_are_not_a_reusable_prefix(shifted):
     """After a context shift the moved positions' values saw the dropped tokens: a later prompt
     equal to the shifted sequence must be evaluated again, giving a fresh run's logits (reusing
     the shifted cache would give other logits from layer 1 on)."""
     from pyllama import kvcache
-    with pyllama.Llama(shared / "models/stories260K.bin", tokenizer=shared / "models/tok512.bin",
-                       n_ctx=64) as s:
-        ids = s.tokenize("Once upon a time there was a big red dog who liked to run")
-        tf = s._model
-        tf.prefill(ids, 0)
-        kvcache.shift(tf, 2, 5)
-        kept = ids[:2] + ids[7:]
-        kvcache.evaluate(tf, kept)
-        after_shift = tf.logits_buffer[0].copy()
-        assert tf.tokens == kept  # evaluated again: reusable from now on
-        tf.prefill(kept, 0)
-        np.testing.assert_allclose(after_shift, tf.logits_buffer[0], rtol=1e-5, atol=1e-5)
+    tf, kept = shifted
+    kvcache.evaluate(tf, kept)
+    after_shift = tf.logits_buffer[0].copy()
+    assert tf.tokens == kept  # evaluated again: reusable from now on
+    tf.prefill(kept, 0)
+    np.testing.assert_allclose(after_shift, tf.logits_buffer[0], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("kw, match", [

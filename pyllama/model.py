@@ -168,20 +168,25 @@ class Transformer:
     def _matrix(self, dst, t):
         """A matmul weight: bound as the file has it, then repacked where this build's kernels
         have a layout of their own for its type (pl_repack: Q4_0 and Q8_0 with AVX-512 VNNI; a
-        copy as large as the tensor, made once at load time) while the copies fit in half the
-        memory available at load (beyond that the file's layout runs, slower, from the page
-        cache). The embedding rows stay in the file."""
+        copy as large as the tensor, made once at load time and shared by every Transformer over
+        the same ModelFile) while the copies fit in half the memory available at load (beyond
+        that the file's layout runs, slower, from the page cache). The embedding rows stay in
+        the file."""
         self._tensor(dst, t)
-        p = ffi.addressof(dst)
-        n = int(lib.pl_repack_bytes(p))
-        if n and (self._repack_budget is None or n <= self._repack_budget):
+        done = self.file.repacked.get(t.name)
+        if done is None:
+            p = ffi.addressof(dst)
+            n = int(lib.pl_repack_bytes(p))
+            if not n or (self._repack_budget is not None and n > self._repack_budget):
+                return
             if self._repack_budget is not None:
                 self._repack_budget -= n
             buf = np.empty(n + 64, np.uint8)
             off = -buf.ctypes.data % 64
-            ptr = self._ptr(buf[off:off + n])
-            dst.type = lib.pl_repack(p, ptr, 1 if _forked else default_threads())
-            dst.data = ptr
+            arr = buf[off:off + n]
+            done = self.file.repacked[t.name] = (arr, lib.pl_repack(p, self._ptr(arr), 1 if _forked
+                                                                     else default_threads()))
+        dst.data, dst.type = self._ptr(done[0]), done[1]
 
     def _vector(self, t):
         """A float vector (norm, bias, rope_freqs) or NULL for an absent optional tensor."""

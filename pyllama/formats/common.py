@@ -100,6 +100,9 @@ class ModelFile:
     metadata: dict = field(default_factory=dict)  # GGUF key -> value (empty for .bin)
     file_size: int = 0
     arch: str = "llama"                          # an arch.ARCHS key (llama2.c files: llama)
+    # tensor name -> (array, type) of its load-time repacked copy (pyllama/model.py): every
+    # Transformer over this file (a Llama and a server's engine, say) shares the one copy
+    repacked: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def has_weights(self):
@@ -115,6 +118,7 @@ class ModelFile:
         any other view of it lives (a Transformer's weights, an array a caller kept), so pointers C
         holds through a live Transformer stay valid; it is unmapped when the last view goes."""
         self.tensors = {}
+        self.repacked = {}
         self.mmap = None
 
 

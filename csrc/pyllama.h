@@ -9,7 +9,7 @@
  * owns every buffer (numpy arrays kept alive by the Python objects that hold these structs).
  */
 
-#define PL_ABI_VERSION 9
+#define PL_ABI_VERSION 10
 
 /* Tensor types: ggml's type numbers, plus one of our own for llama2.c V2 checkpoints. The types
  * the core computes with are exactly these; Python reads their numbers from the compiled core
@@ -30,11 +30,12 @@
 #define PL_BF16 30
 #define PL_Q8_G 1000   /* llama2.c V2: int8 values, f32 scale per group_size values in `scales` */
 
-/* Weight layouts made at load time by pl_repack (never read from or written to a file): Q4_0 or
- * Q8_0 with 16 rows interleaved, so that one 512-bit VNNI register holds 4 values of 16 rows and
+/* Weight layouts made at load time by pl_repack (never read from or written to a file): Q4_0,
+ * Q5_0 or Q8_0 with 16 rows interleaved, so that one 512-bit VNNI register holds 4 values of 16 rows and
  * every kernel (one token or a batch) computes 16 rows per instruction. Only builds with AVX-512
  * VNNI make them (pl_repack_bytes > 0). */
 #define PL_Q4_0_R16 1002
+#define PL_Q5_0_R16 1006
 #define PL_Q8_0_R16 1008
 
 /* A 2-D weight matrix, row-major: `rows` rows of `cols` elements (cols = the input length). */

@@ -31,7 +31,7 @@
  * token-by-token results are bit-identical. With AVX-512 VNNI, Q4_K/Q6_K have
  * wider tiles (kq_batch: 16 rows in the lanes of a register), bit-identical as well.
  *
- * With AVX-512 VNNI, Q4_0 and Q8_0 matrices are repacked at load time (pl_repack, 16 rows
+ * With AVX-512 VNNI, Q4_0, Q5_0 and Q8_0 matrices are repacked at load time (pl_repack, 16 rows
  * interleaved, see "Repacked" below): one kernel family then serves one token and batches alike.
  */
 #include <math.h>
@@ -158,7 +158,7 @@ int pli_is_quant(int type)
     switch (type) {
     case PL_Q4_0: case PL_Q4_1: case PL_Q5_0: case PL_Q5_1: case PL_Q8_0:
     case PL_Q2_K: case PL_Q3_K: case PL_Q4_K: case PL_Q5_K: case PL_Q6_K:
-    case PL_Q8_G: case PL_Q4_0_R16: case PL_Q8_0_R16:
+    case PL_Q8_G: case PL_Q4_0_R16: case PL_Q5_0_R16: case PL_Q8_0_R16:
         return 1;
     default:
         return 0;
@@ -180,7 +180,7 @@ static size_t block_bytes(int type)
     switch (type) {
     case PL_Q4_0: case PL_Q4_0_R16: return sizeof(blk_q4_0);
     case PL_Q4_1: return sizeof(blk_q4_1);
-    case PL_Q5_0: return sizeof(blk_q5_0);
+    case PL_Q5_0: case PL_Q5_0_R16: return sizeof(blk_q5_0);
     case PL_Q5_1: return sizeof(blk_q5_1);
     case PL_Q8_0: case PL_Q8_0_R16: return sizeof(blk_q8_0);
     case PL_Q2_K: return sizeof(blk_q2_K);
@@ -193,7 +193,9 @@ static size_t block_bytes(int type)
 }
 
 static int is_k(int type) { return type >= PL_Q2_K && type <= PL_Q6_K; }
-static int is_r16(int type) { return type == PL_Q4_0_R16 || type == PL_Q8_0_R16; }
+static int is_r16(int type) { return type == PL_Q4_0_R16 || type == PL_Q5_0_R16 || type == PL_Q8_0_R16; }
+/* A repacked layout's unsigned offset k: its bytes hold w + k (Q8_0: w xor 0x80; Q4_0, Q5_0: as stored). */
+static int r16_offset(int type) { return type == PL_Q8_0_R16 ? 128 : type == PL_Q5_0_R16 ? 16 : 8; }
 
 /* ------------------------------------------------------------------------------------------------
  * activations */
@@ -203,7 +205,7 @@ typedef struct {
     float *d;       /* K blocks, Q8_G groups: (cols/block,) x ≈ d·q */
     float *ds;      /* 32-blocks: (cols/32, 2) pairs d, d·Σq (llama.cpp's q8_1 d and s) */
     int16_t *bsums; /* K blocks: (cols/16,) Σq per 16 values */
-    int32_t *corr;  /* repacked Q4_0/Q8_0: (cols/32,) −k·Σq, k the weights' unsigned offset */
+    int32_t *corr;  /* repacked Q4_0/Q5_0/Q8_0: (cols/32,) −k·Σq, k the weights' unsigned offset */
     int16_t *bs32;  /* K blocks: (cols/32,) Σq per 32 values (after bsums) */
 } act_view;
 
@@ -329,7 +331,7 @@ void pli_quantize_act(const pl_tensor *w, const float *x, void *xq)
             int s = 0;
             for (int l = 0; l < QK; l++) s += a.q[QK * b + l];
             a.ds[2 * b + 1] = a.ds[2 * b] * (float)s;
-            if (is_r16(w->type)) a.corr[b] = -(w->type == PL_Q8_0_R16 ? 128 : 8) * s;
+            if (is_r16(w->type)) a.corr[b] = -r16_offset(w->type) * s;
         }
     }
 }
@@ -1794,12 +1796,15 @@ v_batch(int type, const pl_tensor *w, const void *xq, long long stride, int ntok
 }
 
 /* ------------------------------------------------------------------------------------------------
- * Repacked Q4_0 / Q8_0 (PL_Q4_0_R16, PL_Q8_0_R16), made at load time by pl_repack.
+ * Repacked Q4_0 / Q5_0 / Q8_0 (PL_Q4_0_R16, PL_Q5_0_R16, PL_Q8_0_R16), made at load time by
+ * pl_repack.
  *
  * Rows go in groups of 16; a group holds the same bytes as its 16 rows, rearranged:
  *   quants plane: for each block b, chunks k of 64 bytes, row r's 4 bytes at 4r:
  *     Q8_0: 8 chunks, chunk k = values 4k..4k+3 as unsigned bytes (w xor 0x80 = w + 128);
  *     Q4_0: 4 chunks, chunk k = qs[4k..4k+3] (low nibbles: values 4k.., high: values 16+4k..);
+ *     Q5_0: Q4_0's 4 chunks, then 8 masks of 64 bits: bit 4r+j of mask k = the 5th bit of value
+ *           4k+j of row r (bit 4k+j of its qh), i.e. one bit per byte of the unpacked chunk k;
  *   then the scales plane: for each block b, the 16 rows' fp16 d.
  * One vpdpbusd of a chunk with 4 activation bytes broadcast adds 4 products to each of 16 rows,
  * so a block's integer sum s (exact) lands in the lane of its row, with no horizontal sums, and
@@ -1809,7 +1814,11 @@ v_batch(int type, const pl_tensor *w, const void *xq, long long stride, int ntok
  * back through corr = −offset·Σq, the start value of each block's integer sum. */
 #define RG 16
 
-static inline size_t r16_qbytes(int type) { return type == PL_Q8_0_R16 ? 512 : 256; } /* per block */
+/* Quants plane bytes per block of a group (type: a repacked type or the file type it comes from) */
+static inline size_t r16_qbytes(int type)
+{
+    return type == PL_Q8_0_R16 || type == PL_Q8_0 ? 512 : type == PL_Q5_0_R16 || type == PL_Q5_0 ? 320 : 256;
+}
 
 static inline __attribute__((always_inline)) void
 r16_tile(int type, const char *g0, size_t gbytes, int ng, int nt, const act_view *a, int nb,
@@ -1834,6 +1843,11 @@ r16_tile(int type, const char *g0, size_t gbytes, int ng, int nt, const act_view
                     __m512i z = _mm512_loadu_si512((const void *)(q + 64 * k));
                     w[k] = _mm512_and_si512(z, m4);
                     w[k + 4] = _mm512_and_si512(_mm512_srli_epi16(z, 4), m4);
+                }
+                if (type == PL_Q5_0_R16) { /* + 16 where the 5th bit is set */
+                    uint64_t hm[8];
+                    memcpy(hm, q + 256, 64);
+                    for (int k = 0; k < 8; k++) w[k] = _mm512_mask_add_epi8(w[k], hm[k], w[k], _mm512_set1_epi8(16));
                 }
             }
             for (int t = 0; t < nt; t++) {
@@ -1877,22 +1891,32 @@ r16_group(int type, const char *grp, const act_view *acts, int ntok, int nb, flo
     }
 }
 
-/* A Q4_0 group as the Q8_0 layout reads it: nibbles as bytes 0..15 (chunk k: values 4k..4k+3),
- * the same scales plane. The start value of each block's sum (corr = −8·Σq) is unchanged. */
+/* A Q4_0 or Q5_0 group as the Q8_0 layout reads it: values as bytes 0..15 or 0..31 (chunk k:
+ * values 4k..4k+3), the same scales plane. The start value of each block's sum (corr = −8·Σq or
+ * −16·Σq) is unchanged. */
 #define R16_UNPACK_NB 256 /* up to 8192 columns: 139 KB per thread (thread-local, not stack) */
 static _Thread_local _Alignas(64) char unpacked[R16_UNPACK_NB * 544];
 
-static void unpack_q4(const char *grp, int nb, char *dst)
+static inline __attribute__((always_inline)) void unpack_r16(int type, const char *grp, int nb, char *dst)
 {
+    const size_t qb = r16_qbytes(type);
     const __m512i m4 = _mm512_set1_epi8(15);
-    for (int b = 0; b < nb; b++)
+    for (int b = 0; b < nb; b++) {
+        const char *q = grp + qb * b;
+        __m512i w[8];
         for (int k = 0; k < 4; k++) {
-            __m512i z = _mm512_loadu_si512((const void *)(grp + 256 * b + 64 * k));
-            _mm512_store_si512((void *)(dst + 512 * b + 64 * k), _mm512_and_si512(z, m4));
-            _mm512_store_si512((void *)(dst + 512 * b + 64 * (k + 4)),
-                               _mm512_and_si512(_mm512_srli_epi16(z, 4), m4));
+            __m512i z = _mm512_loadu_si512((const void *)(q + 64 * k));
+            w[k] = _mm512_and_si512(z, m4);
+            w[k + 4] = _mm512_and_si512(_mm512_srli_epi16(z, 4), m4);
         }
-    memcpy(dst + 512 * (size_t)nb, grp + 256 * (size_t)nb, 32 * (size_t)nb);
+        if (type == PL_Q5_0_R16) {
+            uint64_t hm[8];
+            memcpy(hm, q + 256, 64);
+            for (int k = 0; k < 8; k++) w[k] = _mm512_mask_add_epi8(w[k], hm[k], w[k], _mm512_set1_epi8(16));
+        }
+        for (int k = 0; k < 8; k++) _mm512_store_si512((void *)(dst + 512 * b + 64 * k), w[k]);
+    }
+    memcpy(dst + 512 * (size_t)nb, grp + qb * (size_t)nb, 32 * (size_t)nb);
 }
 
 static inline __attribute__((always_inline)) void
@@ -1910,9 +1934,9 @@ r16_rows(int type, const pl_tensor *w, const act_view *acts, int ntok, float *ou
     }
     for (; g < g1; g++) {
         const char *grp = base + g * gbytes;
-        if (type == PL_Q4_0_R16 && ntok > 8 && nb <= R16_UNPACK_NB) {
-            /* many token tiles: unpack the group's nibbles once, then read them as Q8_0 does */
-            unpack_q4(grp, nb, unpacked);
+        if (type != PL_Q8_0_R16 && ntok > 8 && nb <= R16_UNPACK_NB) {
+            /* many token tiles: unpack the group's values once, then read them as Q8_0 does */
+            unpack_r16(type, grp, nb, unpacked);
             r16_group(PL_Q8_0_R16, unpacked, acts, ntok, nb, out + g * RG, ldo);
         } else {
             r16_group(type, grp, acts, ntok, nb, out + g * RG, ldo);
@@ -1928,6 +1952,7 @@ static void r16_batch(const pl_tensor *w, const void *xq, long long stride, int 
         int n = ntok - t0 < 256 ? ntok - t0 : 256;
         for (int t = 0; t < n; t++) acts[t] = act_layout(w, (const char *)xq + (t0 + t) * stride);
         if (w->type == PL_Q8_0_R16) r16_rows(PL_Q8_0_R16, w, acts, n, out + t0 * ldo, ldo, r0, r1);
+        else if (w->type == PL_Q5_0_R16) r16_rows(PL_Q5_0_R16, w, acts, n, out + t0 * ldo, ldo, r0, r1);
         else r16_rows(PL_Q4_0_R16, w, acts, n, out + t0 * ldo, ldo, r0, r1);
     }
 }
@@ -1935,22 +1960,31 @@ static void r16_batch(const pl_tensor *w, const void *xq, long long stride, int 
 static void r16_repack_groups(const pl_tensor *w, char *dst, long long g0, long long g1)
 {
     const int nb = (int)(w->cols / QK), nk = w->type == PL_Q8_0 ? 8 : 4; /* 4-byte chunks per block */
+    const int q5 = w->type == PL_Q5_0, qs = q5 ? 6 : 2; /* the quants' offset in a block */
     const uint32_t flip = w->type == PL_Q8_0 ? 0x80808080u : 0; /* Q8_0: w + 128, unsigned */
-    const size_t bb = block_bytes(w->type), gbytes = (size_t)nb * RG * bb;
+    const size_t bb = block_bytes(w->type), gbytes = (size_t)nb * RG * bb, qb = r16_qbytes(w->type);
     for (long long g = g0; g < g1; g++) {
         const char *rows = (const char *)w->data + (size_t)g * gbytes; /* 16 rows in a row */
-        char *q = dst + g * gbytes, *d = q + (size_t)nb * nk * 64;
-        for (int b = 0; b < nb; b++)
+        char *q = dst + g * gbytes, *d = q + (size_t)nb * qb;
+        for (int b = 0; b < nb; b++) {
+            uint64_t hm[8] = {0};
             for (int r = 0; r < RG; r++) {
                 const char *blk = rows + ((size_t)r * nb + b) * bb;
                 memcpy(d + 32 * b + 2 * r, blk, 2);
                 for (int k = 0; k < nk; k++) {
                     uint32_t v;
-                    memcpy(&v, blk + 2 + 4 * k, 4);
+                    memcpy(&v, blk + qs + 4 * k, 4);
                     v ^= flip;
-                    memcpy(q + (size_t)b * nk * 64 + 64 * k + 4 * r, &v, 4);
+                    memcpy(q + (size_t)b * qb + 64 * k + 4 * r, &v, 4);
+                }
+                if (q5) {
+                    uint32_t qh;
+                    memcpy(&qh, blk + 2, 4);
+                    for (int k = 0; k < 8; k++) hm[k] |= (uint64_t)((qh >> 4 * k) & 15) << 4 * r;
                 }
             }
+            if (q5) memcpy(q + (size_t)b * qb + 256, hm, 64);
+        }
     }
 }
 #endif
@@ -1958,7 +1992,8 @@ static void r16_repack_groups(const pl_tensor *w, char *dst, long long g0, long 
 long long pli_repack_bytes(const pl_tensor *w)
 {
 #ifdef PL_VNNI512
-    if ((w->type == PL_Q4_0 || w->type == PL_Q8_0) && w->rows % RG == 0 && w->cols % QK == 0)
+    if ((w->type == PL_Q4_0 || w->type == PL_Q5_0 || w->type == PL_Q8_0) && w->rows % RG == 0 &&
+        w->cols % QK == 0)
         return w->rows * (w->cols / QK) * (long long)block_bytes(w->type);
 #endif
     (void)w;
@@ -1970,7 +2005,7 @@ int pli_repack(const pl_tensor *w, void *dst, long long g0, long long g1)
 #ifdef PL_VNNI512
     if (pli_repack_bytes(w) > 0) {
         r16_repack_groups(w, (char *)dst, g0, g1);
-        return w->type == PL_Q8_0 ? PL_Q8_0_R16 : PL_Q4_0_R16;
+        return w->type == PL_Q8_0 ? PL_Q8_0_R16 : w->type == PL_Q5_0 ? PL_Q5_0_R16 : PL_Q4_0_R16;
     }
 #endif
     (void)dst, (void)g0, (void)g1;

@@ -1,4 +1,4 @@
-"""Q4_0 and Q8_0 repacked at load time (pl_repack: 16 rows interleaved, csrc/quants.c "Repacked").
+"""Q4_0, Q5_0 and Q8_0 repacked at load time (pl_repack: 16 rows interleaved, csrc/quants.c "Repacked").
 
 Expected values come from:
 - the plain-layout kernels of the same core (pl_matmul on the file's bytes, themselves checked
@@ -21,13 +21,13 @@ from test_quants import TYPES, Tensor, _activations, _rng, _weights
 
 ffi, lib = _core.ffi, _core.lib
 VNNI = "avx512vnni" in ffi.string(lib.pl_build_info()).decode().split()
-REPACKED = {"Q4_0": lib.PL_Q4_0_R16, "Q8_0": lib.PL_Q8_0_R16}
+REPACKED = {"Q4_0": lib.PL_Q4_0_R16, "Q5_0": lib.PL_Q5_0_R16, "Q8_0": lib.PL_Q8_0_R16}
 
 
 def _repacked(t, n_threads=2):
     """A Tensor holding t's repacked layout (64-byte aligned, as pyllama/model.py makes it)."""
     n = lib.pl_repack_bytes(t.t)
-    assert n == t.t.rows * t.t.cols // 32 * (18 if t.t.type == lib.PL_Q4_0 else 34)
+    assert n == t.t.rows * t.t.cols // 32 * {lib.PL_Q4_0: 18, lib.PL_Q5_0: 22, lib.PL_Q8_0: 34}[t.t.type]
     buf = np.zeros(n + 64, np.uint8)
     off = -buf.ctypes.data % 64
     packed = buf[off:off + n]

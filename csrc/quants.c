@@ -584,22 +584,38 @@ static void deq_q5_0(const void *row, int nb, float *y)
     }
 }
 
-#ifdef PL_AVX2 /* unsigned 5-bit values · q8, minus 16·Σq8 per block */
-static inline void step_q5_0(const void *row, const act_view *a, int i, __m256 *acc, __m128 *side)
+/* Every Q5_0 kernel (scalar, AVX2, the AVX2 tile, the repacked PL_Q5_0_R16 ones) computes the
+ * same thing per row and token: the exact integer sum s = Σ (q − 16)·q8 of each block, then
+ * acc = fma(fp16(d)·xd, (float)s, acc) block after block from 0. So a file's Q5_0 matrix gives
+ * the same bits in either layout and in batches or alone. */
+#ifdef PL_AVX2
+static inline __m256i q5_0_unsigned(const blk_q5_0 *b) /* the 32 values q (0..31) in q8 order */
 {
-    const blk_q5_0 *b = (const blk_q5_0 *)row + i;
-    __m256i w = _mm256_or_si256(nibbles(b->qs), bit4_of(b->qh));
-    accumulate32(scale_d(&b->d, a, i), dot_u8(w, load_q8(a, i)), acc, side);
+    return _mm256_or_si256(nibbles(b->qs), bit4_of(b->qh));
+}
+
+static inline int q5_0_sum(__m256i u, __m256i x) /* Σ (u − 16)·x, exact */
+{
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__) /* u · x with −16·Σx per lane to start */
+    __m256i c = _mm256_sub_epi32(_mm256_setzero_si256(),
+                                 _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_set1_epi8(16), x));
+    __m256i p = _mm256_dpbusd_epi32(c, u, x);
+#else
+    __m256i p = dot_i8(_mm256_sub_epi8(u, _mm256_set1_epi8(16)), x);
+#endif
+    return hsum_epi32_128(_mm_add_epi32(_mm256_castsi256_si128(p), _mm256_extracti128_si256(p, 1)));
 }
 #endif
 
 static float dot_q5_0(const void *row, const act_view *a, int nb)
 {
-#ifdef PL_AVX2
-    return dot32(row, a, nb, step_q5_0, -16.0f);
-#else
     const blk_q5_0 *b = (const blk_q5_0 *)row;
     float sum = 0.0f;
+#ifdef PL_AVX2
+    for (int i = 0; i < nb; i++)
+        sum = fmaf(pli_fp16(b[i].d) * a->ds[2 * i], (float)q5_0_sum(q5_0_unsigned(b + i), load_q8(a, i)), sum);
+    return sum;
+#else
     for (int i = 0; i < nb; i++) {
         const int8_t *q8 = a->q + QK * i;
         uint32_t qh;
@@ -609,7 +625,7 @@ static float dot_q5_0(const void *row, const act_view *a, int nb)
             int h0 = (qh >> j) & 1, h1 = (qh >> (j + 16)) & 1;
             s += (((b[i].qs[j] & 15) | h0 << 4) - 16) * q8[j] + (((b[i].qs[j] >> 4) | h1 << 4) - 16) * q8[j + QK / 2];
         }
-        sum += pli_fp16(b[i].d) * a->ds[2 * i] * (float)s;
+        sum = fmaf(pli_fp16(b[i].d) * a->ds[2 * i], (float)s, sum);
     }
     return sum;
 #endif
@@ -1625,9 +1641,25 @@ static void tile_q4_1(const pl_tensor *w, const act_view *a, float *out, long lo
 {
     tile32(w, a, out, ldo, r0, r1, step_q4_1, 1.0f, dot_q4_1);
 }
+/* Q5_0: a row x 4 tokens, dot_q5_0's arithmetic in the 4 lanes of one accumulator (the 4 exact
+ * block sums side by side, then the same f32 multiply and fma per lane). */
 static void tile_q5_0(const pl_tensor *w, const act_view *a, float *out, long long ldo, long long r0, long long r1)
 {
-    tile32(w, a, out, ldo, r0, r1, step_q5_0, -16.0f, dot_q5_0);
+    const int nb = (int)(w->cols / QK);
+    for (long long r = r0; r < r1; r++) {
+        const blk_q5_0 *b = (const blk_q5_0 *)w->data + r * nb;
+        __m128 acc = _mm_setzero_ps();
+        for (int i = 0; i < nb; i++) {
+            __m256i u = q5_0_unsigned(b + i);
+            __m128i s = _mm_setr_epi32(q5_0_sum(u, load_q8(&a[0], i)), q5_0_sum(u, load_q8(&a[1], i)),
+                                       q5_0_sum(u, load_q8(&a[2], i)), q5_0_sum(u, load_q8(&a[3], i)));
+            __m128 xd = _mm_setr_ps(a[0].ds[2 * i], a[1].ds[2 * i], a[2].ds[2 * i], a[3].ds[2 * i]);
+            acc = _mm_fmadd_ps(_mm_mul_ps(_mm_set1_ps(pli_fp16(b[i].d)), xd), _mm_cvtepi32_ps(s), acc);
+        }
+        float v[4];
+        _mm_storeu_ps(v, acc);
+        for (int k = 0; k < 4; k++) out[k * ldo + r] = v[k];
+    }
 }
 static void tile_q5_1(const pl_tensor *w, const act_view *a, float *out, long long ldo, long long r0, long long r1)
 {

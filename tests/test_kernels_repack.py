@@ -12,6 +12,7 @@ Expected values come from:
 import numpy as np
 import pytest
 
+from conftest import shared_path
 from pyllama import _core
 from pyllama.formats import load
 from pyllama.model import Transformer
@@ -69,6 +70,8 @@ def test_repacked_matches_plain_layout(name, rows, cols, n_threads):
     want = plain.matmul(x, n_threads).astype(np.float64)
     got = packed.matmul(x, n_threads).astype(np.float64)
     assert np.all(np.isfinite(got))
+    if name == "Q5_0":  # every Q5_0 kernel does the repacked kernels' arithmetic (quants.c)
+        np.testing.assert_array_equal(got, want)
     # the same integer sums per block; f32 adds in another order: a few ulps of Σ|terms|
     w = plain.dequantize_rows().astype(np.float64)
     scale = np.abs(x.astype(np.float64)) @ np.abs(w).T + 1e-30
@@ -136,3 +139,63 @@ def test_transformers_over_one_file_share_the_repacked_copy(shared):
     assert wa.wcls.type == lib.PL_Q8_0_R16 and len(mf.repacked) == 1 + 7 * a.config["n_layers"]
     assert wa.wcls.data == wb.wcls.data and wa.layers[0].w2.data == wb.layers[0].w2.data
     np.testing.assert_array_equal(a.forward(1, 0).copy(), b.forward(1, 0).copy())
+
+
+
+@pytest.fixture(scope="module")
+def q5_model(tmp_path_factory):
+    """../shared's qwen2-tiny (dim 128, FFN 384) as q4_k_m: its rows are not a multiple of 256,
+    so pyllama convert (as llama.cpp's quantizer) writes Q5_0 for the layer matrices (Q8_0 for a
+    few), every one of them quantized: no float matmul in the batch-vs-single comparison."""
+    from pyllama.convert import convert
+    path = tmp_path_factory.mktemp("q5") / "qwen2-tiny-q4_k_m.gguf"
+    convert(shared_path("models/bpe/qwen2-tiny-f16.gguf"), path, "q4_k_m")
+    return path
+
+
+def _q5_logits(path, threads):
+    """(Transformer, batched logits, the same tokens one by one on a 1-thread Transformer)."""
+    tr = Transformer(load(path), n_ctx=64, threads=threads)
+    ids = [1] + np.random.default_rng(5).integers(3, tr.vocab_size, size=40).tolist()
+    batched = tr.prefill(ids, 0, all_logits=True).copy()
+    one = Transformer(load(path), n_ctx=64, threads=1)
+    return tr, batched, np.array([one.forward(tok, pos).copy() for pos, tok in enumerate(ids)])
+
+
+@needs_vnni
+@pytest.mark.parametrize("threads", (1, 2))
+def test_q5_0_model_runs_repacked_and_batches_bit_identically(q5_model, threads):
+    tr, batched, stepwise = _q5_logits(q5_model, threads)
+    w = tr._weights
+    types = [getattr(w.layers[i], f).type for i in range(tr.config["n_layers"])
+             for f in ("wq", "wk", "wv", "wo", "w1", "w2", "w3")]
+    assert set(types) <= {lib.PL_Q5_0_R16, lib.PL_Q8_0_R16} and types.count(lib.PL_Q5_0_R16) >= 10
+    np.testing.assert_array_equal(batched, stepwise)
+
+
+class _NoQ5Repack:
+    """The core's lib, except that pl_repack_bytes declines Q5_0 (as it does on a build without
+    VNNI or when the memory budget runs out): the file's layout runs for Q5_0 matrices only."""
+
+    def __getattr__(self, name):
+        return getattr(lib, name)
+
+    @staticmethod
+    def pl_repack_bytes(t):
+        return 0 if t.type == lib.PL_Q5_0 else lib.pl_repack_bytes(t)
+
+
+@needs_vnni
+def test_q5_0_model_repacked_agrees_with_the_file_layout(q5_model, monkeypatch):
+    """With the file's Q5_0 layout (the AVX2 kernels and tiles) batches are bit-identical too, and
+    since every Q5_0 kernel does the same arithmetic per block (the exact integer sum, then one f32
+    fma in block order) the logits are the same bits as with the repacked layout."""
+    from pyllama import model as model_mod
+    _, packed, _ = _q5_logits(q5_model, 2)
+    monkeypatch.setattr(model_mod, "lib", _NoQ5Repack())
+    tr, plain, stepwise = _q5_logits(q5_model, 2)
+    types = {getattr(tr._weights.layers[i], f).type for i in range(tr.config["n_layers"])
+             for f in ("wq", "wk", "wv", "wo", "w1", "w2", "w3")}
+    assert lib.PL_Q5_0 in types and lib.PL_Q5_0_R16 not in types
+    np.testing.assert_array_equal(plain, stepwise)
+    np.testing.assert_array_equal(packed, plain)

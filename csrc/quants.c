@@ -594,16 +594,42 @@ static inline __m256i q5_0_unsigned(const blk_q5_0 *b) /* the 32 values q (0..31
     return _mm256_or_si256(nibbles(b->qs), bit4_of(b->qh));
 }
 
-static inline int q5_0_sum(__m256i u, __m256i x) /* Σ (u − 16)·x, exact */
+static inline __m256i q5_0_prod(__m256i u, __m256i x) /* 8 lanes summing to Σ (u − 16)·x, exact */
 {
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__) /* u · x with −16·Σx per lane to start */
     __m256i c = _mm256_sub_epi32(_mm256_setzero_si256(),
                                  _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_set1_epi8(16), x));
-    __m256i p = _mm256_dpbusd_epi32(c, u, x);
+    return _mm256_dpbusd_epi32(c, u, x);
 #else
-    __m256i p = dot_i8(_mm256_sub_epi8(u, _mm256_set1_epi8(16)), x);
+    return dot_i8(_mm256_sub_epi8(u, _mm256_set1_epi8(16)), x);
 #endif
-    return hsum_epi32_128(_mm_add_epi32(_mm256_castsi256_si128(p), _mm256_extracti128_si256(p, 1)));
+}
+
+static inline __m128i hsum4_epi32(const __m256i s[4]);
+
+/* 4 (row, token) pairs side by side: lane k adds block i of row b[k] times token a[k], fp16(d)·xd
+ * then one fma, as dot_q5_0 does for each alone (decoding: 4 rows, 1 token; the tile: the reverse) */
+static inline __attribute__((always_inline)) __m128
+q5_0_step4(const blk_q5_0 *const b[4], const act_view *const a[4], int i, int one_row, int one_tok, __m128 acc)
+{
+    __m256i p[4], u = q5_0_unsigned(b[0] + i), x = load_q8(a[0], i);
+    for (int k = 0; k < 4; k++)
+        p[k] = q5_0_prod(one_row ? u : q5_0_unsigned(b[k] + i), one_tok ? x : load_q8(a[k], i));
+    __m128 d = one_row ? _mm_set1_ps(pli_fp16(b[0][i].d))
+                       : _mm_setr_ps(pli_fp16(b[0][i].d), pli_fp16(b[1][i].d), pli_fp16(b[2][i].d), pli_fp16(b[3][i].d));
+    __m128 xd = one_tok ? _mm_set1_ps(a[0]->ds[2 * i])
+                        : _mm_setr_ps(a[0]->ds[2 * i], a[1]->ds[2 * i], a[2]->ds[2 * i], a[3]->ds[2 * i]);
+    return _mm_fmadd_ps(_mm_mul_ps(d, xd), _mm_cvtepi32_ps(hsum4_epi32(p)), acc);
+}
+
+static void q5_0_rows4(const char *row0, size_t rb, const act_view *a, int nb, float *out)
+{
+    const blk_q5_0 *b[4];
+    const act_view *av[4] = {a, a, a, a};
+    for (int k = 0; k < 4; k++) b[k] = (const blk_q5_0 *)(row0 + k * rb);
+    __m128 acc = _mm_setzero_ps();
+    for (int i = 0; i < nb; i++) acc = q5_0_step4(b, av, i, 0, 1, acc);
+    _mm_storeu_ps(out, acc);
 }
 #endif
 
@@ -612,8 +638,11 @@ static float dot_q5_0(const void *row, const act_view *a, int nb)
     const blk_q5_0 *b = (const blk_q5_0 *)row;
     float sum = 0.0f;
 #ifdef PL_AVX2
-    for (int i = 0; i < nb; i++)
-        sum = fmaf(pli_fp16(b[i].d) * a->ds[2 * i], (float)q5_0_sum(q5_0_unsigned(b + i), load_q8(a, i)), sum);
+    for (int i = 0; i < nb; i++) {
+        __m256i p = q5_0_prod(q5_0_unsigned(b + i), load_q8(a, i));
+        int s = hsum_epi32_128(_mm_add_epi32(_mm256_castsi256_si128(p), _mm256_extracti128_si256(p, 1)));
+        sum = fmaf(pli_fp16(b[i].d) * a->ds[2 * i], (float)s, sum);
+    }
     return sum;
 #else
     for (int i = 0; i < nb; i++) {
@@ -1646,16 +1675,11 @@ static void tile_q4_1(const pl_tensor *w, const act_view *a, float *out, long lo
 static void tile_q5_0(const pl_tensor *w, const act_view *a, float *out, long long ldo, long long r0, long long r1)
 {
     const int nb = (int)(w->cols / QK);
+    const act_view *av[4] = {&a[0], &a[1], &a[2], &a[3]};
     for (long long r = r0; r < r1; r++) {
-        const blk_q5_0 *b = (const blk_q5_0 *)w->data + r * nb;
+        const blk_q5_0 *b = (const blk_q5_0 *)w->data + r * nb, *bv[4] = {b, b, b, b};
         __m128 acc = _mm_setzero_ps();
-        for (int i = 0; i < nb; i++) {
-            __m256i u = q5_0_unsigned(b + i);
-            __m128i s = _mm_setr_epi32(q5_0_sum(u, load_q8(&a[0], i)), q5_0_sum(u, load_q8(&a[1], i)),
-                                       q5_0_sum(u, load_q8(&a[2], i)), q5_0_sum(u, load_q8(&a[3], i)));
-            __m128 xd = _mm_setr_ps(a[0].ds[2 * i], a[1].ds[2 * i], a[2].ds[2 * i], a[3].ds[2 * i]);
-            acc = _mm_fmadd_ps(_mm_mul_ps(_mm_set1_ps(pli_fp16(b[i].d)), xd), _mm_cvtepi32_ps(s), acc);
-        }
+        for (int i = 0; i < nb; i++) acc = q5_0_step4(bv, av, i, 1, 0, acc);
         float v[4];
         _mm_storeu_ps(v, acc);
         for (int k = 0; k < 4; k++) out[k * ldo + r] = v[k];
@@ -2114,6 +2138,10 @@ void pli_matvec_rows(const pl_tensor *w, const void *xq, float *out, long long r
     int nb = (int)(w->cols / block_values(w));
     size_t row_bytes = (size_t)nb * block_bytes(w->type);
     const char *base = (const char *)w->data;
+#ifdef PL_AVX2
+    if (w->type == PL_Q5_0) /* 4 rows at a time, the rest one by one */
+        for (; r0 + 4 <= r1; r0 += 4) q5_0_rows4(base + (size_t)r0 * row_bytes, row_bytes, &a, nb, out + r0);
+#endif
 #if defined(PL_AVX2) && !defined(KQ_NO_ROWS4)
     if (w->type == PL_Q4_K || w->type == PL_Q6_K) /* 4 rows at a time, the rest one by one */
         for (; r0 + 4 <= r1; r0 += 4)

@@ -1859,8 +1859,8 @@ v_batch(int type, const pl_tensor *w, const void *xq, long long stride, int ntok
  *   quants plane: for each block b, chunks k of 64 bytes, row r's 4 bytes at 4r:
  *     Q8_0: 8 chunks, chunk k = values 4k..4k+3 as unsigned bytes (w xor 0x80 = w + 128);
  *     Q4_0: 4 chunks, chunk k = qs[4k..4k+3] (low nibbles: values 4k.., high: values 16+4k..);
- *     Q5_0: Q4_0's 4 chunks, then 8 masks of 64 bits: bit 4r+j of mask k = the 5th bit of value
- *           4k+j of row r (bit 4k+j of its qh), i.e. one bit per byte of the unpacked chunk k;
+ *     Q5_0: Q4_0's 4 chunks, then 64 bytes of 5th bits: bit k of byte 4r+j = the 5th bit of
+ *           value 4k+j of row r (bit 4k+j of its qh), i.e. byte 4r+j of the unpacked chunk k;
  *   then the scales plane: for each block b, the 16 rows' fp16 d.
  * One vpdpbusd of a chunk with 4 activation bytes broadcast adds 4 products to each of 16 rows,
  * so a block's integer sum s (exact) lands in the lane of its row, with no horizontal sums, and
@@ -1874,6 +1874,16 @@ v_batch(int type, const pl_tensor *w, const void *xq, long long stride, int ntok
 static inline size_t r16_qbytes(int type)
 {
     return type == PL_Q8_0_R16 || type == PL_Q8_0 ? 512 : type == PL_Q5_0_R16 || type == PL_Q5_0 ? 320 : 256;
+}
+
+/* Q5_0: + 16 where the 5th bit is set, in the 8 chunks w[k] of a block's low 4 bits (bit k of
+ * each byte of the bits plane; a test per chunk was measured 4% faster than 8 stored masks) */
+static inline __attribute__((always_inline)) void r16_fifth_bits(const char *bits, __m512i w[8])
+{
+    __m512i h = _mm512_loadu_si512((const void *)bits);
+    for (int k = 0; k < 8; k++)
+        w[k] = _mm512_mask_add_epi8(w[k], _mm512_test_epi8_mask(h, _mm512_set1_epi8((char)(1 << k))), w[k],
+                                    _mm512_set1_epi8(16));
 }
 
 static inline __attribute__((always_inline)) void
@@ -1900,11 +1910,7 @@ r16_tile(int type, const char *g0, size_t gbytes, int ng, int nt, const act_view
                     w[k] = _mm512_and_si512(z, m4);
                     w[k + 4] = _mm512_and_si512(_mm512_srli_epi16(z, 4), m4);
                 }
-                if (type == PL_Q5_0_R16) { /* + 16 where the 5th bit is set */
-                    uint64_t hm[8];
-                    memcpy(hm, q + 256, 64);
-                    for (int k = 0; k < 8; k++) w[k] = _mm512_mask_add_epi8(w[k], hm[k], w[k], _mm512_set1_epi8(16));
-                }
+                if (type == PL_Q5_0_R16) r16_fifth_bits(q + 256, w);
             }
             for (int t = 0; t < nt; t++) {
                 const int8_t *x = a[t].q + QK * b;
@@ -1965,11 +1971,7 @@ static inline __attribute__((always_inline)) void unpack_r16(int type, const cha
             w[k] = _mm512_and_si512(z, m4);
             w[k + 4] = _mm512_and_si512(_mm512_srli_epi16(z, 4), m4);
         }
-        if (type == PL_Q5_0_R16) {
-            uint64_t hm[8];
-            memcpy(hm, q + 256, 64);
-            for (int k = 0; k < 8; k++) w[k] = _mm512_mask_add_epi8(w[k], hm[k], w[k], _mm512_set1_epi8(16));
-        }
+        if (type == PL_Q5_0_R16) r16_fifth_bits(q + 256, w);
         for (int k = 0; k < 8; k++) _mm512_store_si512((void *)(dst + 512 * b + 64 * k), w[k]);
     }
     memcpy(dst + 512 * (size_t)nb, grp + qb * (size_t)nb, 32 * (size_t)nb);
@@ -2023,7 +2025,7 @@ static void r16_repack_groups(const pl_tensor *w, char *dst, long long g0, long 
         const char *rows = (const char *)w->data + (size_t)g * gbytes; /* 16 rows in a row */
         char *q = dst + g * gbytes, *d = q + (size_t)nb * qb;
         for (int b = 0; b < nb; b++) {
-            uint64_t hm[8] = {0};
+            uint8_t hb[64] = {0};
             for (int r = 0; r < RG; r++) {
                 const char *blk = rows + ((size_t)r * nb + b) * bb;
                 memcpy(d + 32 * b + 2 * r, blk, 2);
@@ -2036,10 +2038,11 @@ static void r16_repack_groups(const pl_tensor *w, char *dst, long long g0, long 
                 if (q5) {
                     uint32_t qh;
                     memcpy(&qh, blk + 2, 4);
-                    for (int k = 0; k < 8; k++) hm[k] |= (uint64_t)((qh >> 4 * k) & 15) << 4 * r;
+                    for (int k = 0; k < 8; k++)
+                        for (int j = 0; j < 4; j++) hb[4 * r + j] |= (uint8_t)(((qh >> (4 * k + j)) & 1) << k);
                 }
             }
-            if (q5) memcpy(q + (size_t)b * qb + 256, hm, 64);
+            if (q5) memcpy(q + (size_t)b * qb + 256, hb, 64);
         }
     }
 }

@@ -1914,13 +1914,12 @@ r16_tile(int type, const char *g0, size_t gbytes, int ng, int nt, const act_view
             }
             for (int t = 0; t < nt; t++) {
                 const int8_t *x = a[t].q + QK * b;
-                int32_t xv[8];
-                memcpy(xv, x, 32);
                 __m512i s0 = _mm512_set1_epi32(a[t].corr[b]);
                 __m512i s1 = _mm512_setzero_si512();
-                for (int k = 0; k < 8; k++) {
-                    if (split && (k & 1)) s1 = _mm512_dpbusd_epi32(s1, w[k], _mm512_set1_epi32(xv[k]));
-                    else s0 = _mm512_dpbusd_epi32(s0, w[k], _mm512_set1_epi32(xv[k]));
+                for (int k = 0; k < 8; k++) { /* 4 activation bytes in every lane, from memory */
+                    __m512i xk = _mm512_broadcastd_epi32(_mm_loadu_si32(x + 4 * k));
+                    if (split && (k & 1)) s1 = _mm512_dpbusd_epi32(s1, w[k], xk);
+                    else s0 = _mm512_dpbusd_epi32(s0, w[k], xk);
                 }
                 if (split) s0 = _mm512_add_epi32(s0, s1);
                 __m512 sc = _mm512_mul_ps(dw, _mm512_set1_ps(a[t].ds[2 * b]));

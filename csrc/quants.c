@@ -27,7 +27,8 @@
  * Prompts (pli_matmul_batch): every type's AVX2 kernel also runs as a tile of rows x 4 tokens
  * that unpacks each weight block once for the 4 tokens and keeps each token's arithmetic exactly
  * that of the single-token kernel (the K-quants and Q8_G: the same function with NT = 4; the
- * 32-value types: the same step with the same even/odd accumulators), so batched and
+ * other 32-value types: the same step with the same even/odd accumulators; Q5_0: one f32 fma
+ * per block in block order, as its repacked kernels, see "Q5_0"), so batched and
  * token-by-token results are bit-identical. With AVX-512 VNNI, Q4_K/Q6_K have
  * wider tiles (kq_batch: 16 rows in the lanes of a register), bit-identical as well.
  *
@@ -1876,14 +1877,23 @@ static inline size_t r16_qbytes(int type)
     return type == PL_Q8_0_R16 || type == PL_Q8_0 ? 512 : type == PL_Q5_0_R16 || type == PL_Q5_0 ? 320 : 256;
 }
 
-/* Q5_0: + 16 where the 5th bit is set, in the 8 chunks w[k] of a block's low 4 bits (bit k of
- * each byte of the bits plane; a test per chunk was measured 4% faster than 8 stored masks) */
-static inline __attribute__((always_inline)) void r16_fifth_bits(const char *bits, __m512i w[8])
+/* A Q4_0 or Q5_0 block of a group (quants plane at q) as 8 chunks of unsigned bytes, chunk k =
+ * values 4k..4k+3 of the 16 rows. Q5_0: + 16 where the 5th bit is set (bit k of each byte of its
+ * bits plane; a byte test per chunk was measured 4% faster than 8 stored 64-bit masks). */
+static inline __attribute__((always_inline)) void r16_small_values(int type, const char *q, __m512i w[8])
 {
-    __m512i h = _mm512_loadu_si512((const void *)bits);
-    for (int k = 0; k < 8; k++)
-        w[k] = _mm512_mask_add_epi8(w[k], _mm512_test_epi8_mask(h, _mm512_set1_epi8((char)(1 << k))), w[k],
-                                    _mm512_set1_epi8(16));
+    const __m512i m4 = _mm512_set1_epi8(15);
+    for (int k = 0; k < 4; k++) {
+        __m512i z = _mm512_loadu_si512((const void *)(q + 64 * k));
+        w[k] = _mm512_and_si512(z, m4);
+        w[k + 4] = _mm512_and_si512(_mm512_srli_epi16(z, 4), m4);
+    }
+    if (type == PL_Q5_0_R16) {
+        __m512i h = _mm512_loadu_si512((const void *)(q + 256));
+        for (int k = 0; k < 8; k++)
+            w[k] = _mm512_mask_add_epi8(w[k], _mm512_test_epi8_mask(h, _mm512_set1_epi8((char)(1 << k))), w[k],
+                                        _mm512_set1_epi8(16));
+    }
 }
 
 static inline __attribute__((always_inline)) void
@@ -1904,13 +1914,7 @@ r16_tile(int type, const char *g0, size_t gbytes, int ng, int nt, const act_view
             if (type == PL_Q8_0_R16) {
                 for (int k = 0; k < 8; k++) w[k] = _mm512_loadu_si512((const void *)(q + 64 * k));
             } else {
-                const __m512i m4 = _mm512_set1_epi8(15);
-                for (int k = 0; k < 4; k++) {
-                    __m512i z = _mm512_loadu_si512((const void *)(q + 64 * k));
-                    w[k] = _mm512_and_si512(z, m4);
-                    w[k + 4] = _mm512_and_si512(_mm512_srli_epi16(z, 4), m4);
-                }
-                if (type == PL_Q5_0_R16) r16_fifth_bits(q + 256, w);
+                r16_small_values(type, q, w);
             }
             for (int t = 0; t < nt; t++) {
                 const int8_t *x = a[t].q + QK * b;
@@ -1961,16 +1965,9 @@ static _Thread_local _Alignas(64) char unpacked[R16_UNPACK_NB * 544];
 static inline __attribute__((always_inline)) void unpack_r16(int type, const char *grp, int nb, char *dst)
 {
     const size_t qb = r16_qbytes(type);
-    const __m512i m4 = _mm512_set1_epi8(15);
     for (int b = 0; b < nb; b++) {
-        const char *q = grp + qb * b;
         __m512i w[8];
-        for (int k = 0; k < 4; k++) {
-            __m512i z = _mm512_loadu_si512((const void *)(q + 64 * k));
-            w[k] = _mm512_and_si512(z, m4);
-            w[k + 4] = _mm512_and_si512(_mm512_srli_epi16(z, 4), m4);
-        }
-        if (type == PL_Q5_0_R16) r16_fifth_bits(q + 256, w);
+        r16_small_values(type, grp + qb * b, w);
         for (int k = 0; k < 8; k++) _mm512_store_si512((void *)(dst + 512 * b + 64 * k), w[k]);
     }
     memcpy(dst + 512 * (size_t)nb, grp + qb * (size_t)nb, 32 * (size_t)nb);

@@ -1,6 +1,7 @@
 /* Causal attention of one head: a token at a time (llama2.c's order, every model), and a block of
  * up to PL_ATT_BLOCK consecutive queries at a time as two small matrix products (prompts of float
- * models: results within f32 rounding of the token-at-a-time order, not bit for bit).
+ * models: results within f32 rounding of the token-at-a-time order, not bit for bit); and the
+ * SwiGLU gate with the same vector exp (float prompts too).
  */
 #include <math.h>
 #include "internal.h"
@@ -38,6 +39,23 @@ static inline float hmax8(__m256 m8)
     return _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
 }
 #endif
+
+long long pl__swiglu(float *a, const float *b, long long n)
+{
+    long long i = 0;
+#ifdef PL_AVX2
+    const __m256 one = _mm256_set1_ps(1.0f);
+    for (; i + 8 <= n; i += 8) {
+        __m256 v = _mm256_loadu_ps(a + i);
+        __m256 e = exp8(_mm256_min_ps(_mm256_sub_ps(_mm256_setzero_ps(), v), _mm256_set1_ps(88.0f)));
+        __m256 silu = _mm256_mul_ps(v, _mm256_div_ps(one, _mm256_add_ps(one, e)));
+        _mm256_storeu_ps(a + i, _mm256_mul_ps(silu, _mm256_loadu_ps(b + i)));
+    }
+#else
+    (void)a, (void)b, (void)n;
+#endif
+    return i;
+}
 
 /* ------------------------------------------------------------------------------------------------
  * a token at a time */

@@ -309,7 +309,10 @@ static void forward_team(const pl_weights *w, pl_state *s, const seqmap *m)
         pl__team_matmuls(s->xb, n, up, 2, s->scratch, 1, r0, r1);
         for (int t = 0; t < n; t++) {
             float *hb = s->hb + (long long)t * hidden_dim, *hb2 = s->hb2 + (long long)t * hidden_dim;
-            for (long long i = r0[0]; i < r1[0]; i++) {
+            long long i = r0[0];
+            if (block_att) /* float prompts: the vector exp (as their attention's softmax) */
+                i = pl__swiglu(hb + i, hb2 + i, r1[0] - i) + r0[0];
+            for (; i < r1[0]; i++) {
                 float val = hb[i];
                 val *= 1.0f / (1.0f + expf(-val));
                 hb[i] = val * hb2[i];

@@ -170,6 +170,28 @@ static void kv_scatter(float *cache, const float *buf, const pl_state *s, const 
     }
 }
 
+/* rmsnorm(x) of the n tokens in rows of s->xb, for a matmul: with own_rows (one token, a row of xb
+ * per thread) each thread normalises it into its own row, which it returns, and nobody waits;
+ * else the team shares the tokens and meets. */
+static const float *norm_input(pl_state *s, const float *x, const float *weight, int n, int dim,
+                               float eps, int own_rows)
+{
+    if (own_rows) {
+        int tid = 0;
+#ifdef _OPENMP
+        tid = omp_get_thread_num();
+#endif
+        float *row = s->xb + (long long)tid * dim;
+        rmsnorm(row, x, weight, dim, eps);
+        return row;
+    }
+#pragma omp for schedule(static) nowait
+    for (int t = 0; t < n; t++)
+        rmsnorm(s->xb + (long long)t * dim, x + (long long)t * dim, weight, dim, eps);
+    pl__team_sync();
+    return s->xb;
+}
+
 /* Whether every matrix of the layers is F32, F16 or BF16. */
 static int float_model(const pl_weights *w)
 {
@@ -211,6 +233,7 @@ static void forward_team(const pl_weights *w, pl_state *s, const seqmap *m)
     const int block_att = n > 1 && m->run && float_model(w) && pl__attend_block_ok(head_size)
                           && (long long)nth * PL_ATT_BLOCK <= (long long)s->max_batch * n_heads;
     const int n_blocks = (n + PL_ATT_BLOCK - 1) / PL_ATT_BLOCK;
+    const int own_norm = n == 1 && nth <= s->max_batch; /* norm_input without a barrier */
     for (int l = 0; l < p->n_layers; l++) {
         const pl_layer *L = &w->layers[l];
         /* this batch's keys and values (n, kv_dim): a run's go straight into its cache rows */
@@ -222,12 +245,9 @@ static void forward_team(const pl_weights *w, pl_state *s, const seqmap *m)
         /* attention rmsnorm; q, k, v plus biases, with RoPE (NORM pairs lie within a thread's
          * rows, split in pairs; NEOX pairs span a head); then k, v to their slots' cache rows
          * unless the batch is one run, whose k, v went straight into the cache */
-#pragma omp for schedule(static) nowait
-        for (int t = 0; t < n; t++)
-            rmsnorm(s->xb + (long long)t * dim, x + (long long)t * dim, L->rms_att, dim, p->rms_eps);
-        pl__team_sync();
         pl__mm qkv[3] = {{&L->wq, s->q}, {&L->wk, kc}, {&L->wv, vc}};
-        pl__team_matmuls(s->xb, n, qkv, 3, s->scratch, 0, r0, r1);
+        pl__team_matmuls(norm_input(s, x, L->rms_att, n, dim, p->rms_eps, own_norm), n, qkv, 3,
+                         s->scratch, 0, r0, r1);
         add_bias(s->q, L->bq, n, q_dim, r0[0], r1[0]);
         add_bias(kc, L->bk, n, kv_dim, r0[1], r1[1]);
         add_bias(vc, L->bv, n, kv_dim, r0[2], r1[2]);
@@ -301,12 +321,9 @@ static void forward_team(const pl_weights *w, pl_state *s, const seqmap *m)
         pl__team_sync();
 
         /* SwiGLU FFN: w2(silu(w1 x) * w3 x), residual */
-#pragma omp for schedule(static) nowait
-        for (int t = 0; t < n; t++)
-            rmsnorm(s->xb + (long long)t * dim, x + (long long)t * dim, L->rms_ffn, dim, p->rms_eps);
-        pl__team_sync();
         pl__mm up[2] = {{&L->w1, s->hb}, {&L->w3, s->hb2}};
-        pl__team_matmuls(s->xb, n, up, 2, s->scratch, 1, r0, r1);
+        pl__team_matmuls(norm_input(s, x, L->rms_ffn, n, dim, p->rms_eps, own_norm), n, up, 2,
+                         s->scratch, 1, r0, r1);
         for (int t = 0; t < n; t++) {
             float *hb = s->hb + (long long)t * hidden_dim, *hb2 = s->hb2 + (long long)t * hidden_dim;
             long long i = r0[0];
@@ -330,6 +347,12 @@ static void forward_team(const pl_weights *w, pl_state *s, const seqmap *m)
     for (int t = 0; t < n; t++) n_want += tok_wanted(m, t);
     if (n_want == 0)
         return;
+    pl__mm cls = {&w->wcls, s->logits};
+    if (n == 1) { /* (wanted) */
+        pl__team_matmuls(norm_input(s, x, w->rms_final, 1, dim, p->rms_eps, own_norm), 1, &cls, 1,
+                         s->scratch, 0, r0, r1);
+        return;
+    }
 #pragma omp for schedule(static) nowait
     for (int t = 0; t < n; t++) {
         if (!tok_wanted(m, t)) continue;
@@ -338,7 +361,6 @@ static void forward_team(const pl_weights *w, pl_state *s, const seqmap *m)
         rmsnorm(s->xb + (long long)row * dim, x + (long long)t * dim, w->rms_final, dim, p->rms_eps);
     }
     pl__team_sync();
-    pl__mm cls = {&w->wcls, s->logits};
     pl__team_matmuls(s->xb, n_want, &cls, 1, s->scratch, 0, r0, r1);
 }
 

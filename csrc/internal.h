@@ -37,6 +37,24 @@ void pl__team_init(pl__barrier *b);
 void pl__team_enter(pl__barrier *b);
 void pl__team_sync(void);
 
+/* Causal attention of one head (attention.c). pl__attend_token: one query at position last
+ * (scores in att, last + 1 floats), llama2.c's order. pl__attend_block: nq <= PL_ATT_BLOCK
+ * consecutive queries at positions p0.. (query i: q + i·q_stride, its result out + i·out_stride)
+ * over keys 0 .. p0 + nq - 1, st holding (p0 + nq)·PL_ATT_BLOCK floats; only where
+ * pl__attend_block_ok(head_size). Keys and values of position j: kh, vh + j·kv_dim. */
+#define PL_ATT_BLOCK 16
+#define PL_ATT_MAX_HEAD 256
+void pl__attend_token(float *out, const float *q, const float *kh, const float *vh, int last,
+                      int kv_dim, int head_size, float scale, float *att);
+int pl__attend_block_ok(int head_size);
+void pl__attend_block(float *out, long long out_stride, const float *q, long long q_stride, int nq,
+                      int p0, const float *kh, const float *vh, int kv_dim, int head_size,
+                      float scale, float *st);
+
+/* a[i] = silu(a[i])·b[i] for the first i of n that a vector exp covers (a multiple of 8, 0 without
+ * AVX2); returns how many (attention.c: its softmax's exp, within 2 ulp of expf). */
+long long pl__swiglu(float *a, const float *b, long long n);
+
 /* In place: x[i] = exp(x[i] - max) / sum (llama2.c's arithmetic; the sampler relies on it). */
 void pli_softmax(float *x, int size);
 

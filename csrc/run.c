@@ -13,9 +13,6 @@
 #include <omp.h>
 #endif
 #include "internal.h"
-#if defined(__AVX2__) && defined(__FMA__)
-#include <immintrin.h>
-#endif
 
 int pl_abi_version(void) { return PL_ABI_VERSION; }
 
@@ -118,136 +115,11 @@ static void add_bias(float *out, const float *bias, int n, long long ld, long lo
         for (long long i = r0; i < r1; i++) out[t * ld + i] += bias[i];
 }
 
-/* Attention softmax in place: exp(x - max) / sum. The AVX2 path uses a polynomial exp (within
- * 2 ulp of expf); the sampler keeps llama2.c's exact softmax (pli_softmax). */
-static void softmax_att(float *x, int n)
-{
-#if defined(__AVX2__) && defined(__FMA__)
-    if (n >= 8) {
-        __m256 m8 = _mm256_loadu_ps(x);
-        int i = 8;
-        for (; i + 8 <= n; i += 8) m8 = _mm256_max_ps(m8, _mm256_loadu_ps(x + i));
-        __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(m8), _mm256_extractf128_ps(m8, 1));
-        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
-        float max_val = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
-        for (; i < n; i++) max_val = x[i] > max_val ? x[i] : max_val;
-        const __m256 mx = _mm256_set1_ps(max_val), lo = _mm256_set1_ps(-87.0f);
-        const __m256 log2e = _mm256_set1_ps(1.44269504088896341f);
-        const __m256 ln2hi = _mm256_set1_ps(0.693359375f), ln2lo = _mm256_set1_ps(-2.12194440e-4f);
-        const __m256 c1 = _mm256_set1_ps(1.9875691500e-4f), c2 = _mm256_set1_ps(1.3981999507e-3f);
-        const __m256 c3 = _mm256_set1_ps(8.3334519073e-3f), c4 = _mm256_set1_ps(4.1665795894e-2f);
-        const __m256 c5 = _mm256_set1_ps(1.6666665459e-1f), c6 = _mm256_set1_ps(5.0000001201e-1f);
-        const __m256 one = _mm256_set1_ps(1.0f);
-        __m256 vsum = _mm256_setzero_ps();
-        for (i = 0; i + 8 <= n; i += 8) {
-            __m256 v = _mm256_max_ps(_mm256_sub_ps(_mm256_loadu_ps(x + i), mx), lo);
-            __m256 k = _mm256_round_ps(_mm256_mul_ps(v, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-            __m256 r = _mm256_fnmadd_ps(k, ln2hi, v);
-            r = _mm256_fnmadd_ps(k, ln2lo, r);
-            __m256 p = _mm256_fmadd_ps(c1, r, c2);
-            p = _mm256_fmadd_ps(p, r, c3);
-            p = _mm256_fmadd_ps(p, r, c4);
-            p = _mm256_fmadd_ps(p, r, c5);
-            p = _mm256_fmadd_ps(p, r, c6);
-            p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, one));
-            __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(k), _mm256_set1_epi32(127)), 23);
-            __m256 y = _mm256_mul_ps(p, _mm256_castsi256_ps(e));
-            _mm256_storeu_ps(x + i, y);
-            vsum = _mm256_add_ps(vsum, y);
-        }
-        float sum = pli_hsum8(vsum);
-        for (; i < n; i++) {
-            x[i] = expf(x[i] - max_val);
-            sum += x[i];
-        }
-        const __m256 inv = _mm256_set1_ps(1.0f / sum);
-        for (i = 0; i + 8 <= n; i += 8) _mm256_storeu_ps(x + i, _mm256_mul_ps(_mm256_loadu_ps(x + i), inv));
-        for (; i < n; i++) x[i] /= sum;
-        return;
-    }
-#endif
-    pli_softmax(x, n);
-}
-
 /* x[t, i] += y[t, i] for the n tokens' rows of dim values, columns [i0, i1) (this thread's). */
 static void residual(float *x, const float *y, int n, int dim, long long i0, long long i1)
 {
     for (int t = 0; t < n; t++)
         for (long long i = i0; i < i1; i++) x[t * (long long)dim + i] += y[t * (long long)dim + i];
-}
-
-/* xb[j..j+8·NV) = Σ_i att[i]·v_i[j..] over positions i <= last, NV vectors of 8 in registers. */
-#if defined(__AVX2__)
-static inline __attribute__((always_inline)) void
-att_values_run(float *xb, const float *att, const float *vh, int last, int kv_dim, int NV)
-{
-    __m256 acc[8];
-    for (int k = 0; k < NV; k++) acc[k] = _mm256_setzero_ps();
-    for (int i = 0; i <= last; i++) {
-        const float *v = vh + (long long)i * kv_dim;
-        __m256 a = _mm256_broadcast_ss(att + i);
-        for (int k = 0; k < NV; k++) acc[k] = _mm256_add_ps(acc[k], _mm256_mul_ps(a, _mm256_loadu_ps(v + 8 * k)));
-    }
-    for (int k = 0; k < NV; k++) _mm256_storeu_ps(xb + 8 * k, acc[k]);
-}
-#endif
-
-/* xb[j] = Σ_i att[i]·v_i[j] over positions i <= last (v_i = vh + i·kv_dim), summed in position
- * order with a rounded product and a rounded add per term, as llama2.c does; runs of up to 64
- * output values stay in registers across all positions (8 independent add chains). */
-static void att_values(float *xb, const float *att, const float *vh, int last, int kv_dim, int head_size)
-{
-    int j = 0;
-#if defined(__AVX2__)
-    for (; j + 64 <= head_size; j += 64) att_values_run(xb + j, att, vh + j, last, kv_dim, 8);
-    for (; j + 32 <= head_size; j += 32) att_values_run(xb + j, att, vh + j, last, kv_dim, 4);
-    for (; j + 8 <= head_size; j += 8) att_values_run(xb + j, att, vh + j, last, kv_dim, 1);
-#endif
-    for (; j < head_size; j++) {
-        float sum = 0.0f;
-        for (int i = 0; i <= last; i++) sum += att[i] * vh[(long long)i * kv_dim + j];
-        xb[j] = sum;
-    }
-}
-
-static inline float dot(const float *a, const float *b, int n)
-{
-    int i = 0;
-    float s = 0.0f;
-#if defined(__AVX2__) && defined(__FMA__)
-    __m256 acc = _mm256_setzero_ps();
-    for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
-    s = pli_hsum8(acc);
-#endif
-    for (; i < n; i++) s += a[i] * b[i];
-    return s;
-}
-
-/* att[i] = scale·(q · k_i) for positions i <= last (k_i = kh + i·kv_dim): each score exactly as
- * dot() computes it, four positions at a time so that their FMA chains overlap. */
-static void att_scores(float *att, const float *q, const float *kh, int last, int kv_dim,
-                       int head_size, float scale)
-{
-    int i = 0;
-#if defined(__AVX2__) && defined(__FMA__)
-    if (head_size % 8 == 0)
-        for (; i + 4 <= last + 1; i += 4) {
-            const float *k0 = kh + (long long)i * kv_dim;
-            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-            for (int j = 0; j < head_size; j += 8) {
-                __m256 qv = _mm256_loadu_ps(q + j);
-                a0 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + j), a0);
-                a1 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + kv_dim + j), a1);
-                a2 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + 2 * kv_dim + j), a2);
-                a3 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + 3 * kv_dim + j), a3);
-            }
-            att[i] = pli_hsum8(a0) * scale;
-            att[i + 1] = pli_hsum8(a1) * scale;
-            att[i + 2] = pli_hsum8(a2) * scale;
-            att[i + 3] = pli_hsum8(a3) * scale;
-        }
-#endif
-    for (; i <= last; i++) att[i] = dot(q, kh + (long long)i * kv_dim, head_size) * scale;
 }
 
 long long pl_scratch_bytes(const pl_weights *w, int max_batch)
@@ -298,6 +170,40 @@ static void kv_scatter(float *cache, const float *buf, const pl_state *s, const 
     }
 }
 
+/* rmsnorm(x) of the n tokens in rows of s->xb, for a matmul: with own_rows (one token, a row of xb
+ * per thread) each thread normalises it into its own row, which it returns, and nobody waits;
+ * else the team shares the tokens and meets. */
+static const float *norm_input(pl_state *s, const float *x, const float *weight, int n, int dim,
+                               float eps, int own_rows)
+{
+    if (own_rows) {
+        int tid = 0;
+#ifdef _OPENMP
+        tid = omp_get_thread_num();
+#endif
+        float *row = s->xb + (long long)tid * dim;
+        rmsnorm(row, x, weight, dim, eps);
+        return row;
+    }
+#pragma omp for schedule(static) nowait
+    for (int t = 0; t < n; t++)
+        rmsnorm(s->xb + (long long)t * dim, x + (long long)t * dim, weight, dim, eps);
+    pl__team_sync();
+    return s->xb;
+}
+
+/* Whether every matrix of the layers is F32, F16 or BF16. */
+static int float_model(const pl_weights *w)
+{
+    for (int l = 0; l < w->cfg.n_layers; l++) {
+        const pl_layer *L = &w->layers[l];
+        const pl_tensor *t[7] = {&L->wq, &L->wk, &L->wv, &L->wo, &L->w1, &L->w2, &L->w3};
+        for (int i = 0; i < 7; i++)
+            if (t[i]->type != PL_F32 && t[i]->type != PL_F16 && t[i]->type != PL_BF16) return 0;
+    }
+    return 1;
+}
+
 /* The layers and the classifier for the batch already embedded in s->x: run by every thread of
  * the team, or by the caller alone. Each step ends with a barrier (pl__team_sync: the worksharing
  * constructs are `nowait`) before the next one reads what it wrote. */
@@ -321,6 +227,13 @@ static void forward_team(const pl_weights *w, pl_state *s, const seqmap *m)
 #endif
     const int att_chunk = n > 1 ? n_heads : (n_heads + nth - 1) / nth;
     (void)att_chunk; /* (only read by OpenMP) */
+    /* a run of several tokens of a float model: attention by blocks of queries (quantized models
+     * keep the token-at-a-time order, their batches being bit for bit their single tokens), each
+     * thread's scores in its own PL_ATT_BLOCK rows of s->att */
+    const int block_att = n > 1 && m->run && float_model(w) && pl__attend_block_ok(head_size)
+                          && (long long)nth * PL_ATT_BLOCK <= (long long)s->max_batch * n_heads;
+    const int n_blocks = (n + PL_ATT_BLOCK - 1) / PL_ATT_BLOCK;
+    const int own_norm = n == 1 && nth <= s->max_batch; /* norm_input without a barrier */
     for (int l = 0; l < p->n_layers; l++) {
         const pl_layer *L = &w->layers[l];
         /* this batch's keys and values (n, kv_dim): a run's go straight into its cache rows */
@@ -332,12 +245,9 @@ static void forward_team(const pl_weights *w, pl_state *s, const seqmap *m)
         /* attention rmsnorm; q, k, v plus biases, with RoPE (NORM pairs lie within a thread's
          * rows, split in pairs; NEOX pairs span a head); then k, v to their slots' cache rows
          * unless the batch is one run, whose k, v went straight into the cache */
-#pragma omp for schedule(static) nowait
-        for (int t = 0; t < n; t++)
-            rmsnorm(s->xb + (long long)t * dim, x + (long long)t * dim, L->rms_att, dim, p->rms_eps);
-        pl__team_sync();
         pl__mm qkv[3] = {{&L->wq, s->q}, {&L->wk, kc}, {&L->wv, vc}};
-        pl__team_matmuls(s->xb, n, qkv, 3, s->scratch, 0, r0, r1);
+        pl__team_matmuls(norm_input(s, x, L->rms_att, n, dim, p->rms_eps, own_norm), n, qkv, 3,
+                         s->scratch, 0, r0, r1);
         add_bias(s->q, L->bq, n, q_dim, r0[0], r1[0]);
         add_bias(kc, L->bk, n, kv_dim, r0[1], r1[1]);
         add_bias(vc, L->bv, n, kv_dim, r0[2], r1[2]);
@@ -364,21 +274,42 @@ static void forward_team(const pl_weights *w, pl_state *s, const seqmap *m)
             pl__team_sync();
         }
 
-        /* causal multi-head attention: token t over positions 0..its own of its slot. A batch is
-         * dealt out a token at a time, round robin (token t's work grows with t: contiguous
-         * halves would give the last thread most of it); one token's heads are split evenly. */
+        /* causal multi-head attention: token t over positions 0..its own of its slot */
+        if (block_att) {
+            /* float models' prompts: blocks of PL_ATT_BLOCK queries of a head, two small matrix
+             * products each; the largest (last) blocks first, handed out as threads come free */
+#pragma omp for collapse(2) schedule(dynamic, 1) nowait
+            for (int b = n_blocks - 1; b >= 0; b--)
+                for (int h = 0; h < n_heads; h++) {
+                    const int t0 = b * PL_ATT_BLOCK;
+                    const int nq = n - t0 < PL_ATT_BLOCK ? n - t0 : PL_ATT_BLOCK;
+                    const long long loff = kv_offset(s, m->slot0, l, p->n_layers, kv_dim);
+                    int tid = 0;
+#ifdef _OPENMP
+                    tid = omp_get_thread_num();
+#endif
+                    pl__attend_block(s->xb + (long long)t0 * q_dim + h * head_size, q_dim,
+                                     s->q + (long long)t0 * q_dim + h * head_size, q_dim, nq,
+                                     m->pos0 + t0, s->key_cache + loff + (h / kv_mul) * head_size,
+                                     s->value_cache + loff + (h / kv_mul) * head_size, kv_dim,
+                                     head_size, att_scale,
+                                     s->att + (long long)tid * PL_ATT_BLOCK * n_ctx);
+                }
+        } else {
+            /* a batch is dealt out a token at a time, round robin (token t's work grows with t:
+             * contiguous halves would give the last thread most of it); one token's heads are
+             * split evenly */
 #pragma omp for collapse(2) schedule(static, att_chunk) nowait
-        for (int t = 0; t < n; t++) {
-            for (int h = 0; h < n_heads; h++) {
-                const int last = tok_pos(m, t);
-                const long long loff = kv_offset(s, tok_slot(m, t), l, p->n_layers, kv_dim);
-                const float *q = s->q + (long long)t * q_dim + h * head_size;
-                float *att = s->att + ((long long)t * n_heads + h) * n_ctx;
-                const float *kh = s->key_cache + loff + (h / kv_mul) * head_size;
-                const float *vh = s->value_cache + loff + (h / kv_mul) * head_size;
-                att_scores(att, q, kh, last, kv_dim, head_size, att_scale);
-                softmax_att(att, last + 1);
-                att_values(s->xb + (long long)t * q_dim + h * head_size, att, vh, last, kv_dim, head_size);
+            for (int t = 0; t < n; t++) {
+                for (int h = 0; h < n_heads; h++) {
+                    const long long loff = kv_offset(s, tok_slot(m, t), l, p->n_layers, kv_dim);
+                    pl__attend_token(s->xb + (long long)t * q_dim + h * head_size,
+                                     s->q + (long long)t * q_dim + h * head_size,
+                                     s->key_cache + loff + (h / kv_mul) * head_size,
+                                     s->value_cache + loff + (h / kv_mul) * head_size,
+                                     tok_pos(m, t), kv_dim, head_size, att_scale,
+                                     s->att + ((long long)t * n_heads + h) * n_ctx);
+                }
             }
         }
         pl__team_sync();
@@ -390,15 +321,15 @@ static void forward_team(const pl_weights *w, pl_state *s, const seqmap *m)
         pl__team_sync();
 
         /* SwiGLU FFN: w2(silu(w1 x) * w3 x), residual */
-#pragma omp for schedule(static) nowait
-        for (int t = 0; t < n; t++)
-            rmsnorm(s->xb + (long long)t * dim, x + (long long)t * dim, L->rms_ffn, dim, p->rms_eps);
-        pl__team_sync();
         pl__mm up[2] = {{&L->w1, s->hb}, {&L->w3, s->hb2}};
-        pl__team_matmuls(s->xb, n, up, 2, s->scratch, 1, r0, r1);
+        pl__team_matmuls(norm_input(s, x, L->rms_ffn, n, dim, p->rms_eps, own_norm), n, up, 2,
+                         s->scratch, 1, r0, r1);
         for (int t = 0; t < n; t++) {
             float *hb = s->hb + (long long)t * hidden_dim, *hb2 = s->hb2 + (long long)t * hidden_dim;
-            for (long long i = r0[0]; i < r1[0]; i++) {
+            long long i = r0[0];
+            if (block_att) /* float prompts: the vector exp (as their attention's softmax) */
+                i = pl__swiglu(hb + i, hb2 + i, r1[0] - i) + r0[0];
+            for (; i < r1[0]; i++) {
                 float val = hb[i];
                 val *= 1.0f / (1.0f + expf(-val));
                 hb[i] = val * hb2[i];
@@ -416,6 +347,12 @@ static void forward_team(const pl_weights *w, pl_state *s, const seqmap *m)
     for (int t = 0; t < n; t++) n_want += tok_wanted(m, t);
     if (n_want == 0)
         return;
+    pl__mm cls = {&w->wcls, s->logits};
+    if (n == 1) { /* (wanted) */
+        pl__team_matmuls(norm_input(s, x, w->rms_final, 1, dim, p->rms_eps, own_norm), 1, &cls, 1,
+                         s->scratch, 0, r0, r1);
+        return;
+    }
 #pragma omp for schedule(static) nowait
     for (int t = 0; t < n; t++) {
         if (!tok_wanted(m, t)) continue;
@@ -424,7 +361,6 @@ static void forward_team(const pl_weights *w, pl_state *s, const seqmap *m)
         rmsnorm(s->xb + (long long)row * dim, x + (long long)t * dim, w->rms_final, dim, p->rms_eps);
     }
     pl__team_sync();
-    pl__mm cls = {&w->wcls, s->logits};
     pl__team_matmuls(s->xb, n_want, &cls, 1, s->scratch, 0, r0, r1);
 }
 

@@ -46,8 +46,10 @@ class Llama:
     threads    OpenMP threads for the C core (default: all cores available to this process; 1 for
                a model too small to gain from more, see model.default_threads)
     n_ctx      positions the KV cache holds (default: the model's seq_len; more on request)
-    mmap       map the file (default: loads in milliseconds, pages shared between processes);
-               False reads it into memory (safe if the file may change on disk while in use)
+    mmap       map the file (default: loads in milliseconds, pages shared between processes;
+               float and, with AVX-512 VNNI, Q4_0/Q8_0 matrices are copied at load, README
+               "Speed"); False reads it into memory (safe if the file may change on disk while
+               in use)
     chat_format / chat_template   the chat template to use instead of the file's: a format name
                ("llama-2", "chatml") or a Jinja template text
 

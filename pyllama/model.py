@@ -13,12 +13,14 @@ from . import arch as archs
 from . import validate
 from ._core import ffi, lib
 from .errors import ParameterError, PyllamaError
-from .formats.common import F32, MAX_SEQ, Q8_G
+from .formats.common import BF16, F16, F32, MAX_SEQ, Q8_G
 
 MAX_THREADS = 1024
 MAX_SLOTS = 256           # sequences one Transformer's KV cache may hold
 MAX_BATCH = 128            # prompt tokens per forward call (each weight row is read once per batch)
 ATT_BYTES = 64 << 20      # cap on a batch's attention scores
+ARENA_BYTES = 64 << 20    # least allocation for repacked copies (Transformer._repack_buffer)
+FLOAT_TYPES = (F32, F16, BF16)
 
 # GNU OpenMP's thread pool does not survive fork(): a child that opens a parallel region after its
 # parent used one hangs. So in a forked child every model runs single-threaded (the serial path
@@ -140,6 +142,7 @@ class Transformer:
         self.tokens = []
         self.n_evaluated = 0
         self._repack_budget = repack_budget()
+        self._arena = None  # [array, bytes used] (_repack_buffer)
         self._weights = self._bind_weights(model_file)
         self._alloc_state(threads)
         _live.add(self)
@@ -177,16 +180,28 @@ class Transformer:
         if done is None:
             p = ffi.addressof(dst)
             n = int(lib.pl_repack_bytes(p))
+            if t.type in FLOAT_TYPES and not isinstance(self.file.mmap, np.memmap):
+                return  # read into memory already (mmap=False): its float layout needs no copy
             if not n or (self._repack_budget is not None and n > self._repack_budget):
                 return
             if self._repack_budget is not None:
                 self._repack_budget -= n
-            buf = np.empty(n + 64, np.uint8)
-            off = -buf.ctypes.data % 64
-            arr = buf[off:off + n]
+            arr = self._repack_buffer(n)
             done = self.file.repacked[t.name] = (arr, lib.pl_repack(p, self._ptr(arr), 1 if _forked
                                                                      else default_threads()))
         dst.data, dst.type = self._ptr(done[0]), done[1]
+
+    def _repack_buffer(self, n):
+        """n bytes, 64-byte aligned, for a repacked copy: carved from arenas of at least
+        ARENA_BYTES (an allocation that large numpy asks the kernel to back with 2 MiB pages, as
+        it would not a copy of one 2 MiB matrix of its own)."""
+        arena = self._arena
+        if arena is None or arena[1] + n > arena[0].size:
+            buf = np.empty(max(n, ARENA_BYTES) + 64, np.uint8)
+            arena = self._arena = [buf, -buf.ctypes.data % 64]
+        buf, off = arena
+        arena[1] = off + (n + 63) // 64 * 64
+        return buf[off:off + n]
 
     def _vector(self, t):
         """A float vector (norm, bias, rope_freqs) or NULL for an absent optional tensor."""

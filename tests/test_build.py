@@ -40,7 +40,7 @@ def _build_copy(tmp_path, **env):
 
 
 KERNEL_TESTS = ("tests/test_quants.py", "tests/test_prefill.py", "tests/test_kernel_guards.py",
-                "tests/test_kernels_repack.py")
+                "tests/test_kernels_repack.py", "tests/test_float_prompts.py")
 
 
 def _core_of(tree, env):

@@ -1,0 +1,310 @@
+/* Causal attention of one head: a token at a time (llama2.c's order, every model), and a block of
+ * up to PL_ATT_BLOCK consecutive queries at a time as two small matrix products (prompts of float
+ * models: results within f32 rounding of the token-at-a-time order, not bit for bit); and the
+ * SwiGLU gate with the same vector exp (float prompts too).
+ */
+#include <math.h>
+#include "internal.h"
+
+/* ------------------------------------------------------------------------------------------------
+ * exp on 8 lanes: a polynomial within 2 ulp of expf, inputs below -87 taken as -87 */
+
+#ifdef PL_AVX2
+static inline __m256 exp8(__m256 v)
+{
+    const __m256 log2e = _mm256_set1_ps(1.44269504088896341f);
+    const __m256 ln2hi = _mm256_set1_ps(0.693359375f), ln2lo = _mm256_set1_ps(-2.12194440e-4f);
+    const __m256 c1 = _mm256_set1_ps(1.9875691500e-4f), c2 = _mm256_set1_ps(1.3981999507e-3f);
+    const __m256 c3 = _mm256_set1_ps(8.3334519073e-3f), c4 = _mm256_set1_ps(4.1665795894e-2f);
+    const __m256 c5 = _mm256_set1_ps(1.6666665459e-1f), c6 = _mm256_set1_ps(5.0000001201e-1f);
+    const __m256 one = _mm256_set1_ps(1.0f);
+    v = _mm256_max_ps(v, _mm256_set1_ps(-87.0f));
+    __m256 k = _mm256_round_ps(_mm256_mul_ps(v, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(k, ln2hi, v);
+    r = _mm256_fnmadd_ps(k, ln2lo, r);
+    __m256 p = _mm256_fmadd_ps(c1, r, c2);
+    p = _mm256_fmadd_ps(p, r, c3);
+    p = _mm256_fmadd_ps(p, r, c4);
+    p = _mm256_fmadd_ps(p, r, c5);
+    p = _mm256_fmadd_ps(p, r, c6);
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, one));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(k), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+static inline float hmax8(__m256 m8)
+{
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(m8), _mm256_extractf128_ps(m8, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    return _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
+}
+#endif
+
+long long pl__swiglu(float *a, const float *b, long long n)
+{
+    long long i = 0;
+#ifdef PL_AVX2
+    const __m256 one = _mm256_set1_ps(1.0f);
+    for (; i + 8 <= n; i += 8) {
+        __m256 v = _mm256_loadu_ps(a + i);
+        __m256 e = exp8(_mm256_min_ps(_mm256_sub_ps(_mm256_setzero_ps(), v), _mm256_set1_ps(88.0f)));
+        __m256 silu = _mm256_mul_ps(v, _mm256_div_ps(one, _mm256_add_ps(one, e)));
+        _mm256_storeu_ps(a + i, _mm256_mul_ps(silu, _mm256_loadu_ps(b + i)));
+    }
+#else
+    (void)a, (void)b, (void)n;
+#endif
+    return i;
+}
+
+/* ------------------------------------------------------------------------------------------------
+ * a token at a time */
+
+/* Attention softmax in place: exp(x - max) / sum. The AVX2 path uses exp8; the sampler keeps
+ * llama2.c's exact softmax (pli_softmax). */
+static void softmax_att(float *x, int n)
+{
+#ifdef PL_AVX2
+    if (n >= 8) {
+        __m256 m8 = _mm256_loadu_ps(x);
+        int i = 8;
+        for (; i + 8 <= n; i += 8) m8 = _mm256_max_ps(m8, _mm256_loadu_ps(x + i));
+        float max_val = hmax8(m8);
+        for (; i < n; i++) max_val = x[i] > max_val ? x[i] : max_val;
+        const __m256 mx = _mm256_set1_ps(max_val);
+        __m256 vsum = _mm256_setzero_ps();
+        for (i = 0; i + 8 <= n; i += 8) {
+            __m256 y = exp8(_mm256_sub_ps(_mm256_loadu_ps(x + i), mx));
+            _mm256_storeu_ps(x + i, y);
+            vsum = _mm256_add_ps(vsum, y);
+        }
+        float sum = pli_hsum8(vsum);
+        for (; i < n; i++) {
+            x[i] = expf(x[i] - max_val);
+            sum += x[i];
+        }
+        const __m256 inv = _mm256_set1_ps(1.0f / sum);
+        for (i = 0; i + 8 <= n; i += 8) _mm256_storeu_ps(x + i, _mm256_mul_ps(_mm256_loadu_ps(x + i), inv));
+        for (; i < n; i++) x[i] /= sum;
+        return;
+    }
+#endif
+    pli_softmax(x, n);
+}
+
+/* xb[j..j+8·NV) = Σ_i att[i]·v_i[j..] over positions i <= last, NV vectors of 8 in registers. */
+#ifdef PL_AVX2
+static inline __attribute__((always_inline)) void
+att_values_run(float *xb, const float *att, const float *vh, int last, int kv_dim, int NV)
+{
+    __m256 acc[8];
+    for (int k = 0; k < NV; k++) acc[k] = _mm256_setzero_ps();
+    for (int i = 0; i <= last; i++) {
+        const float *v = vh + (long long)i * kv_dim;
+        __m256 a = _mm256_broadcast_ss(att + i);
+        for (int k = 0; k < NV; k++) acc[k] = _mm256_add_ps(acc[k], _mm256_mul_ps(a, _mm256_loadu_ps(v + 8 * k)));
+    }
+    for (int k = 0; k < NV; k++) _mm256_storeu_ps(xb + 8 * k, acc[k]);
+}
+#endif
+
+/* xb[j] = Σ_i att[i]·v_i[j] over positions i <= last (v_i = vh + i·kv_dim), summed in position
+ * order with a rounded product and a rounded add per term, as llama2.c does; runs of up to 64
+ * output values stay in registers across all positions (8 independent add chains). */
+static void att_values(float *xb, const float *att, const float *vh, int last, int kv_dim, int head_size)
+{
+    int j = 0;
+#ifdef PL_AVX2
+    for (; j + 64 <= head_size; j += 64) att_values_run(xb + j, att, vh + j, last, kv_dim, 8);
+    for (; j + 32 <= head_size; j += 32) att_values_run(xb + j, att, vh + j, last, kv_dim, 4);
+    for (; j + 8 <= head_size; j += 8) att_values_run(xb + j, att, vh + j, last, kv_dim, 1);
+#endif
+    for (; j < head_size; j++) {
+        float sum = 0.0f;
+        for (int i = 0; i <= last; i++) sum += att[i] * vh[(long long)i * kv_dim + j];
+        xb[j] = sum;
+    }
+}
+
+static inline float dot(const float *a, const float *b, int n)
+{
+    int i = 0;
+    float s = 0.0f;
+#ifdef PL_AVX2
+    __m256 acc = _mm256_setzero_ps();
+    for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+    s = pli_hsum8(acc);
+#endif
+    for (; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
+/* att[i] = scale·(q · k_i) for positions i <= last (k_i = kh + i·kv_dim): each score exactly as
+ * dot() computes it, four positions at a time so that their FMA chains overlap. */
+static void att_scores(float *att, const float *q, const float *kh, int last, int kv_dim,
+                       int head_size, float scale)
+{
+    int i = 0;
+#ifdef PL_AVX2
+    if (head_size % 8 == 0)
+        for (; i + 4 <= last + 1; i += 4) {
+            const float *k0 = kh + (long long)i * kv_dim;
+            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+            for (int j = 0; j < head_size; j += 8) {
+                __m256 qv = _mm256_loadu_ps(q + j);
+                a0 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + j), a0);
+                a1 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + kv_dim + j), a1);
+                a2 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + 2 * kv_dim + j), a2);
+                a3 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + 3 * kv_dim + j), a3);
+            }
+            att[i] = pli_hsum8(a0) * scale;
+            att[i + 1] = pli_hsum8(a1) * scale;
+            att[i + 2] = pli_hsum8(a2) * scale;
+            att[i + 3] = pli_hsum8(a3) * scale;
+        }
+#endif
+    for (; i <= last; i++) att[i] = dot(q, kh + (long long)i * kv_dim, head_size) * scale;
+}
+
+void pl__attend_token(float *out, const float *q, const float *kh, const float *vh, int last,
+                      int kv_dim, int head_size, float scale, float *att)
+{
+    att_scores(att, q, kh, last, kv_dim, head_size, scale);
+    softmax_att(att, last + 1);
+    att_values(out, att, vh, last, kv_dim, head_size);
+}
+
+/* ------------------------------------------------------------------------------------------------
+ * a block of queries: S = scale·Q·Kᵀ, P = softmax(S) under the causal mask, O = P·V, with the 16
+ * query lanes of a block in two vectors (S and P are kept transposed: one row of 16 per key) */
+
+int pl__attend_block_ok(int head_size)
+{
+#ifdef PL_AVX2
+    return head_size <= PL_ATT_MAX_HEAD;
+#else
+    (void)head_size;
+    return 0;
+#endif
+}
+
+#ifdef PL_AVX2
+/* st[r·16 + i] = scale·Σ_d k_{j+r}[d]·qt[d·16 + i] for R keys j.. (k = kh + j·kv_dim). */
+static inline __attribute__((always_inline)) void
+scores_tile(float *st, const float *k, int kv_dim, const float *qt, int head_size, __m256 scale, int R)
+{
+    __m256 lo[6], hi[6];
+    for (int r = 0; r < R; r++) lo[r] = hi[r] = _mm256_setzero_ps();
+    for (int d = 0; d < head_size; d++) {
+        __m256 q0 = _mm256_loadu_ps(qt + d * PL_ATT_BLOCK), q1 = _mm256_loadu_ps(qt + d * PL_ATT_BLOCK + 8);
+        for (int r = 0; r < R; r++) {
+            __m256 kv = _mm256_broadcast_ss(k + (long long)r * kv_dim + d);
+            lo[r] = _mm256_fmadd_ps(kv, q0, lo[r]);
+            hi[r] = _mm256_fmadd_ps(kv, q1, hi[r]);
+        }
+    }
+    for (int r = 0; r < R; r++) {
+        _mm256_storeu_ps(st + r * PL_ATT_BLOCK, _mm256_mul_ps(lo[r], scale));
+        _mm256_storeu_ps(st + r * PL_ATT_BLOCK + 8, _mm256_mul_ps(hi[r], scale));
+    }
+}
+
+/* ot[r·16 + i] = Σ_j v_j[d + r]·st[j·16 + i] over keys j < nk, R values d.. . */
+static inline __attribute__((always_inline)) void
+values_tile(float *ot, const float *v, int kv_dim, const float *st, int nk, int R)
+{
+    __m256 lo[6], hi[6];
+    for (int r = 0; r < R; r++) lo[r] = hi[r] = _mm256_setzero_ps();
+    for (int j = 0; j < nk; j++) {
+        __m256 p0 = _mm256_loadu_ps(st + j * PL_ATT_BLOCK), p1 = _mm256_loadu_ps(st + j * PL_ATT_BLOCK + 8);
+        const float *vj = v + (long long)j * kv_dim;
+        for (int r = 0; r < R; r++) {
+            __m256 vv = _mm256_broadcast_ss(vj + r);
+            lo[r] = _mm256_fmadd_ps(vv, p0, lo[r]);
+            hi[r] = _mm256_fmadd_ps(vv, p1, hi[r]);
+        }
+    }
+    for (int r = 0; r < R; r++) {
+        _mm256_storeu_ps(ot + r * PL_ATT_BLOCK, lo[r]);
+        _mm256_storeu_ps(ot + r * PL_ATT_BLOCK + 8, hi[r]);
+    }
+}
+
+/* Lanes of key j that are masked (query i sees keys <= p0 + i): all-ones where i < j - p0. */
+static inline void key_mask(int j, int p0, __m256 *m0, __m256 *m1)
+{
+    const __m256 lane = _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7), eight = _mm256_set1_ps(8.0f);
+    const __m256 lim = _mm256_set1_ps((float)(j - p0));
+    *m0 = _mm256_cmp_ps(lane, lim, _CMP_LT_OQ);
+    *m1 = _mm256_cmp_ps(_mm256_add_ps(lane, eight), lim, _CMP_LT_OQ);
+}
+#endif
+
+void pl__attend_block(float *out, long long out_stride, const float *q, long long q_stride, int nq,
+                      int p0, const float *kh, const float *vh, int kv_dim, int head_size,
+                      float scale, float *st)
+{
+#ifdef PL_AVX2
+    enum { B = PL_ATT_BLOCK };
+    float qt[PL_ATT_MAX_HEAD * B], ot[6 * B];
+    const int nk = p0 + nq; /* keys 0 .. p0 + nq - 1 */
+    /* qt[d·16 + i] = q_i[d]; lanes past nq repeat the last query (any finite value would do) */
+    for (int i = 0; i < B; i++) {
+        const float *qi = q + (i < nq ? i : nq - 1) * q_stride;
+        for (int d = 0; d < head_size; d++) qt[d * B + i] = qi[d];
+    }
+    const __m256 vscale = _mm256_set1_ps(scale);
+    int j = 0;
+    for (; j + 6 <= nk; j += 6) scores_tile(st + j * B, kh + (long long)j * kv_dim, kv_dim, qt, head_size, vscale, 6);
+    for (; j + 2 <= nk; j += 2) scores_tile(st + j * B, kh + (long long)j * kv_dim, kv_dim, qt, head_size, vscale, 2);
+    for (; j < nk; j++) scores_tile(st + j * B, kh + (long long)j * kv_dim, kv_dim, qt, head_size, vscale, 1);
+    /* softmax down each lane over its keys; masked entries become 0 */
+    const __m256 ninf = _mm256_set1_ps(-INFINITY);
+    __m256 mx0 = ninf, mx1 = ninf;
+    for (j = 0; j < nk; j++) {
+        __m256 s0 = _mm256_loadu_ps(st + j * B), s1 = _mm256_loadu_ps(st + j * B + 8);
+        if (j > p0) {
+            __m256 m0, m1;
+            key_mask(j, p0, &m0, &m1);
+            s0 = _mm256_blendv_ps(s0, ninf, m0);
+            s1 = _mm256_blendv_ps(s1, ninf, m1);
+        }
+        mx0 = _mm256_max_ps(mx0, s0);
+        mx1 = _mm256_max_ps(mx1, s1);
+    }
+    __m256 sum0 = _mm256_setzero_ps(), sum1 = sum0;
+    for (j = 0; j < nk; j++) {
+        __m256 e0 = exp8(_mm256_sub_ps(_mm256_loadu_ps(st + j * B), mx0));
+        __m256 e1 = exp8(_mm256_sub_ps(_mm256_loadu_ps(st + j * B + 8), mx1));
+        if (j > p0) {
+            __m256 m0, m1;
+            key_mask(j, p0, &m0, &m1);
+            e0 = _mm256_andnot_ps(m0, e0);
+            e1 = _mm256_andnot_ps(m1, e1);
+        }
+        sum0 = _mm256_add_ps(sum0, e0);
+        sum1 = _mm256_add_ps(sum1, e1);
+        _mm256_storeu_ps(st + j * B, e0);
+        _mm256_storeu_ps(st + j * B + 8, e1);
+    }
+    float inv[B];
+    _mm256_storeu_ps(inv, _mm256_div_ps(_mm256_set1_ps(1.0f), sum0));
+    _mm256_storeu_ps(inv + 8, _mm256_div_ps(_mm256_set1_ps(1.0f), sum1));
+    /* O = P·V, 6 values of the head at a time, then out_i[d] = O[i][d] / sum_i */
+    for (int d = 0; d < head_size;) {
+        int R = head_size - d >= 6 ? 6 : head_size - d >= 4 ? 4 : head_size - d >= 2 ? 2 : 1;
+        switch (R) { /* constant R: the accumulators stay in registers */
+        case 6: values_tile(ot, vh + d, kv_dim, st, nk, 6); break;
+        case 4: values_tile(ot, vh + d, kv_dim, st, nk, 4); break;
+        case 2: values_tile(ot, vh + d, kv_dim, st, nk, 2); break;
+        default: values_tile(ot, vh + d, kv_dim, st, nk, 1); break;
+        }
+        for (int r = 0; r < R; r++)
+            for (int i = 0; i < nq; i++) out[i * out_stride + d + r] = ot[r * B + i] * inv[i];
+        d += R;
+    }
+#else
+    (void)out, (void)out_stride, (void)q, (void)q_stride, (void)nq, (void)p0, (void)kh, (void)vh;
+    (void)kv_dim, (void)head_size, (void)scale, (void)st;
+#endif
+}

@@ -9,7 +9,7 @@
  * owns every buffer (numpy arrays kept alive by the Python objects that hold these structs).
  */
 
-#define PL_ABI_VERSION 9
+#define PL_ABI_VERSION 10
 
 /* Tensor types: ggml's type numbers, plus one of our own for llama2.c V2 checkpoints. The types
  * the core computes with are exactly these; Python reads their numbers from the compiled core
@@ -36,6 +36,10 @@
  * VNNI make them (pl_repack_bytes > 0). */
 #define PL_Q4_0_R16 1002
 #define PL_Q8_0_R16 1008
+/* Q4_K / Q6_K with 16 rows interleaved the same way (dword p of each row's super-block side by
+ * side), read by the same VNNI kernels for one token and batches alike. */
+#define PL_Q4_K_R16 1012
+#define PL_Q6_K_R16 1014
 
 /* A 2-D weight matrix, row-major: `rows` rows of `cols` elements (cols = the input length). */
 typedef struct {

@@ -158,7 +158,7 @@ int pli_is_quant(int type)
     switch (type) {
     case PL_Q4_0: case PL_Q4_1: case PL_Q5_0: case PL_Q5_1: case PL_Q8_0:
     case PL_Q2_K: case PL_Q3_K: case PL_Q4_K: case PL_Q5_K: case PL_Q6_K:
-    case PL_Q8_G: case PL_Q4_0_R16: case PL_Q8_0_R16:
+    case PL_Q8_G: case PL_Q4_0_R16: case PL_Q8_0_R16: case PL_Q4_K_R16: case PL_Q6_K_R16:
         return 1;
     default:
         return 0;
@@ -169,7 +169,8 @@ int pli_is_quant(int type)
 static int block_values(const pl_tensor *w)
 {
     switch (w->type) {
-    case PL_Q2_K: case PL_Q3_K: case PL_Q4_K: case PL_Q5_K: case PL_Q6_K: return QK_K;
+    case PL_Q2_K: case PL_Q3_K: case PL_Q4_K: case PL_Q5_K: case PL_Q6_K:
+    case PL_Q4_K_R16: case PL_Q6_K_R16: return QK_K;
     case PL_Q8_G: return w->group_size;
     default: return QK;
     }
@@ -185,14 +186,15 @@ static size_t block_bytes(int type)
     case PL_Q8_0: case PL_Q8_0_R16: return sizeof(blk_q8_0);
     case PL_Q2_K: return sizeof(blk_q2_K);
     case PL_Q3_K: return sizeof(blk_q3_K);
-    case PL_Q4_K: return sizeof(blk_q4_K);
+    case PL_Q4_K: case PL_Q4_K_R16: return sizeof(blk_q4_K);
     case PL_Q5_K: return sizeof(blk_q5_K);
-    case PL_Q6_K: return sizeof(blk_q6_K);
+    case PL_Q6_K: case PL_Q6_K_R16: return sizeof(blk_q6_K);
     default: return 0;
     }
 }
 
-static int is_k(int type) { return type >= PL_Q2_K && type <= PL_Q6_K; }
+static int is_kr16(int type) { return type == PL_Q4_K_R16 || type == PL_Q6_K_R16; }
+static int is_k(int type) { return (type >= PL_Q2_K && type <= PL_Q6_K) || is_kr16(type); }
 static int is_r16(int type) { return type == PL_Q4_0_R16 || type == PL_Q8_0_R16; }
 
 /* ------------------------------------------------------------------------------------------------
@@ -1284,6 +1286,7 @@ static void q6_rows4(const char *row0, size_t rb, const act_view *a, int nb, flo
 #if defined(PL_AVX2) && defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__) && \
     defined(__F16C__)
 #define PL_KQ512 1
+static inline size_t kr16_sbytes(int six) { return six ? 52 * 64 : 36 * 64; } /* a repacked super-block */
 #define KT 4 /* tokens at a time over an unpacked super-block */
 
 typedef struct {
@@ -1331,6 +1334,19 @@ kq_columns(const char *base, size_t rb, int nr, int c, int bytes, __m512i r[16])
     kq_transpose(r);
 }
 
+/* The same 16 chunks, where `packed`: from a repacked group's super-block (PL_Q4_K_R16 /
+ * PL_Q6_K_R16, below), which holds them side by side already: chunk p at base + 64p. */
+static inline __attribute__((always_inline)) void
+kq_chunks(int packed, const char *base, size_t rb, int nr, int c, int bytes, __m512i r[16])
+{
+    if (!packed) {
+        kq_columns(base, rb, nr, c, bytes, r);
+        return;
+    }
+    for (int q = 0; q < 16; q++)
+        r[q] = 16 * c + q < bytes / 4 ? _mm512_loadu_si512((const void *)(base + 64 * (16 * c + q))) : _mm512_setzero_si512();
+}
+
 static inline __m512i kq_byte(__m512i v, int k) /* byte k of each lane, zero-extended */
 {
     return _mm512_and_si512(_mm512_srli_epi32(v, 8 * k), _mm512_set1_epi32(0xff));
@@ -1341,12 +1357,13 @@ static inline __m512i kq_pair(__m512i lo, __m512i hi) /* int16 lo | hi << 16 */
     return _mm512_or_si512(_mm512_and_si512(lo, _mm512_set1_epi32(0xffff)), _mm512_slli_epi32(hi, 16));
 }
 
-/* Super-block `base` (row 0's) of nr <= 16 rows `rb` bytes apart. */
-static void kq_unpack_q4(const char *base, size_t rb, int nr, kq_unpacked *k)
+/* Super-block `base` (row 0's) of nr <= 16 rows `rb` bytes apart, or (packed) of a repacked group. */
+static inline __attribute__((always_inline)) void
+kq_unpack_q4(int packed, const char *base, size_t rb, int nr, kq_unpacked *k)
 {
     const __m512i lo4 = _mm512_set1_epi8(15), lo6 = _mm512_set1_epi8(0x3f), lo2 = _mm512_set1_epi8(3);
     __m512i c[16];
-    kq_columns(base, rb, nr, 0, 144, c); /* d|dmin, scales (3 dwords), qs dwords 0-11 */
+    kq_chunks(packed, base, rb, nr, 0, 144, c); /* d|dmin, scales (3 dwords), qs dwords 0-11 */
     k->d = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(c[0]));
     k->dmin = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(c[0], 16)));
     __m512i a0 = c[1], a1 = c[2], a2 = c[3];
@@ -1361,7 +1378,7 @@ static void kq_unpack_q4(const char *base, size_t rb, int nr, kq_unpacked *k)
     k->sp[2] = kq_pair(kq_byte(m47, 0), kq_byte(m47, 1));
     k->sp[3] = kq_pair(kq_byte(m47, 2), kq_byte(m47, 3));
     for (int b = 0; b < 3; b++) {
-        if (b) kq_columns(base, rb, nr, b, 144, c);
+        if (b) kq_chunks(packed, base, rb, nr, b, 144, c);
         for (int e = b ? 0 : 4; e < (b == 2 ? 4 : 16); e++) {
             /* qs dword p = bytes 32c + 4l of chunk c = p/8: values 64c + 4l.. (low nibbles), +32 (high) */
             int p = 16 * b + e - 4, ch = p / 8, l = p % 8;
@@ -1371,18 +1388,20 @@ static void kq_unpack_q4(const char *base, size_t rb, int nr, kq_unpacked *k)
     }
 }
 
-static void kq_unpack_q6(const char *base, size_t rb, int nr, kq_unpacked *k)
+/* Q6_K: packed, the 16 rows' d are the 16 fp16 at dp (a repacked group's scales plane). */
+static inline __attribute__((always_inline)) void
+kq_unpack_q6(int packed, const char *base, size_t rb, int nr, const uint16_t *dp, kq_unpacked *k)
 {
     const __m512i lo4 = _mm512_set1_epi8(15), hi2 = _mm512_set1_epi8(0x30);
     __m512i qh[16], c[16];
-    kq_columns(base, rb, nr, 3, 210, c); /* scales (dwords 48-51), d (low half of dword 52) */
-    k->d = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(c[4]));
+    kq_chunks(packed, base, rb, nr, 3, packed ? 208 : 210, c); /* scales (dwords 48-51), d (dword 52) */
+    k->d = _mm512_cvtph_ps(packed ? _mm256_loadu_si256((const __m256i *)dp) : _mm512_cvtepi32_epi16(c[4]));
     for (int q = 0; q < 4; q++)
         for (int b = 0; b < 4; b++) k->sc[4 * q + b] = _mm512_srai_epi32(_mm512_slli_epi32(c[q], 24 - 8 * b), 24);
     for (int p = 0; p < 8; p++) k->sp[p] = kq_pair(k->sc[2 * p], k->sc[2 * p + 1]);
-    kq_columns(base, rb, nr, 2, 210, qh); /* qh dwords 0-15 */
+    kq_chunks(packed, base, rb, nr, 2, 210, qh); /* qh dwords 0-15 */
     for (int b = 0; b < 2; b++) {
-        kq_columns(base, rb, nr, b, 210, c);
+        kq_chunks(packed, base, rb, nr, b, 210, c);
         for (int e = 0; e < 16; e++) { /* ql dword p: bytes 64h + 32c + 4l, h = p/16, c = (p/8)%2 */
             int p = 16 * b + e, h = p / 16, cc = (p / 8) % 2, l = p % 8;
             __m512i hb = qh[8 * h + l];
@@ -1438,12 +1457,14 @@ kq_tokens(int six, const kq_unpacked *k, const act_view *a, int i, int T, float 
     }
 }
 
+/* Rows [r0, r1) of w (type: its file layout or, packed, its repacked one: then r0 and r1 are
+ * multiples of 16) for ntok tokens; ntok = 1 is the decode path of the repacked layouts. */
 static inline __attribute__((always_inline)) void
 kq_batch(int type, const pl_tensor *w, const void *xq, long long stride, int ntok, float *out, long long ldo,
          long long r0, long long r1)
 {
-    const int nb = (int)(w->cols / QK_K);
-    const size_t bb = block_bytes(type), rb = (size_t)nb * bb;
+    const int nb = (int)(w->cols / QK_K), packed = is_kr16(type), six = type == PL_Q6_K || type == PL_Q6_K_R16;
+    const size_t bb = block_bytes(type), rb = (size_t)nb * bb, sb = kr16_sbytes(six);
     const char *base = (const char *)w->data;
     kq_unpacked k __attribute__((aligned(64)));
     act_view a[ntok];
@@ -1451,13 +1472,14 @@ kq_batch(int type, const pl_tensor *w, const void *xq, long long stride, int nto
     for (long long r = r0; r < r1; r += 16) {
         int nr = r1 - r >= 16 ? 16 : (int)(r1 - r);
         __mmask16 m = (__mmask16)((1u << nr) - 1);
+        const char *g = base + r * rb; /* row r, or (packed) its group */
         for (int i = 0; i < nb; i++) {
-            if (type == PL_Q4_K) kq_unpack_q4(base + r * rb + i * bb, rb, nr, &k);
-            else kq_unpack_q6(base + r * rb + i * bb, rb, nr, &k);
+            const char *src = packed ? g + i * sb : g + i * bb;
+            if (six) kq_unpack_q6(packed, src, rb, nr, (const uint16_t *)(g + nb * sb) + 16 * i, &k);
+            else kq_unpack_q4(packed, src, rb, nr, &k);
             for (int t = 0; t < ntok; t += KT) {
                 int T = ntok - t < KT ? ntok - t : KT;
                 float *o = out + t * ldo + r;
-                const int six = type == PL_Q6_K;
                 if (T == KT) kq_tokens(six, &k, a + t, i, KT, o, ldo, m, i == 0);
                 else for (int e = 0; e < T; e++) kq_tokens(six, &k, a + t + e, i, 1, o + e * ldo, ldo, m, i == 0);
             }
@@ -1475,6 +1497,55 @@ static void kq_batch_q6_K(const pl_tensor *w, const void *xq, long long stride, 
                           long long r0, long long r1)
 {
     kq_batch(PL_Q6_K, w, xq, stride, ntok, out, ldo, r0, r1);
+}
+
+static void kq_batch_q4_K_R16(const pl_tensor *w, const void *xq, long long stride, int ntok, float *out,
+                              long long ldo, long long r0, long long r1)
+{
+    kq_batch(PL_Q4_K_R16, w, xq, stride, ntok, out, ldo, r0, r1);
+}
+
+static void kq_batch_q6_K_R16(const pl_tensor *w, const void *xq, long long stride, int ntok, float *out,
+                              long long ldo, long long r0, long long r1)
+{
+    kq_batch(PL_Q6_K_R16, w, xq, stride, ntok, out, ldo, r0, r1);
+}
+
+/* All four layouts' kernels: one token or a batch. */
+static void kq_matmul(const pl_tensor *w, const void *xq, long long stride, int ntok, float *out, long long ldo,
+                      long long r0, long long r1)
+{
+    switch (w->type) {
+    case PL_Q4_K: kq_batch_q4_K(w, xq, stride, ntok, out, ldo, r0, r1); break;
+    case PL_Q6_K: kq_batch_q6_K(w, xq, stride, ntok, out, ldo, r0, r1); break;
+    case PL_Q4_K_R16: kq_batch_q4_K_R16(w, xq, stride, ntok, out, ldo, r0, r1); break;
+    default: kq_batch_q6_K_R16(w, xq, stride, ntok, out, ldo, r0, r1); break;
+    }
+}
+
+/* Repacked Q4_K / Q6_K (PL_Q4_K_R16, PL_Q6_K_R16), made at load time by pl_repack. Rows go in
+ * groups of 16, a group holding the same bytes as its 16 rows: for each super-block i, the
+ * 16 rows' dwords side by side, chunk p (64 bytes) = dword p of each row's block i, row r at 4r.
+ * Q4_K: dwords 0-35 (d|dmin, the 3 packed scale dwords, qs), 2304 bytes per super-block.
+ * Q6_K: dwords 0-51 (ql, qh, scales), 3328 bytes per super-block, then after the group's nb
+ * super-blocks a scales plane: for each i, the 16 rows' fp16 d. This is exactly what kq_columns
+ * gathers from the file's layout, so the kernels above read it with plain loads instead, one
+ * contiguous stream per group, with the same integer sums and float steps: every result equals
+ * the file layout's, bit for bit. */
+static void kr16_repack_groups(const pl_tensor *w, char *dst, long long g0, long long g1)
+{
+    const int six = w->type == PL_Q6_K, nb = (int)(w->cols / QK_K), nd = six ? 52 : 36;
+    const size_t bb = block_bytes(w->type), gbytes = (size_t)nb * 16 * bb, sb = kr16_sbytes(six);
+    for (long long g = g0; g < g1; g++) {
+        const char *rows = (const char *)w->data + (size_t)g * gbytes;
+        char *q = dst + (size_t)g * gbytes;
+        for (int b = 0; b < nb; b++)
+            for (int r = 0; r < 16; r++) {
+                const char *blk = rows + ((size_t)r * nb + b) * bb;
+                for (int p = 0; p < nd; p++) memcpy(q + b * sb + 64 * p + 4 * r, blk + 4 * p, 4);
+                if (six) memcpy(q + nb * sb + 32 * b + 2 * r, blk + 208, 2);
+            }
+    }
 }
 #endif
 
@@ -1957,6 +2028,10 @@ static void r16_repack_groups(const pl_tensor *w, char *dst, long long g0, long 
 
 long long pli_repack_bytes(const pl_tensor *w)
 {
+#ifdef PL_KQ512
+    if ((w->type == PL_Q4_K || w->type == PL_Q6_K) && w->rows % 16 == 0 && w->cols % QK_K == 0)
+        return w->rows * (w->cols / QK_K) * (long long)block_bytes(w->type);
+#endif
 #ifdef PL_VNNI512
     if ((w->type == PL_Q4_0 || w->type == PL_Q8_0) && w->rows % RG == 0 && w->cols % QK == 0)
         return w->rows * (w->cols / QK) * (long long)block_bytes(w->type);
@@ -1967,6 +2042,12 @@ long long pli_repack_bytes(const pl_tensor *w)
 
 int pli_repack(const pl_tensor *w, void *dst, long long g0, long long g1)
 {
+#ifdef PL_KQ512
+    if ((w->type == PL_Q4_K || w->type == PL_Q6_K) && pli_repack_bytes(w) > 0) {
+        kr16_repack_groups(w, (char *)dst, g0, g1);
+        return w->type == PL_Q4_K ? PL_Q4_K_R16 : PL_Q6_K_R16;
+    }
+#endif
 #ifdef PL_VNNI512
     if (pli_repack_bytes(w) > 0) {
         r16_repack_groups(w, (char *)dst, g0, g1);
@@ -1980,7 +2061,7 @@ int pli_repack(const pl_tensor *w, void *dst, long long g0, long long g1)
 int pli_batch_all_rows(int type)
 {
 #ifdef PL_KQ512
-    return type == PL_Q4_K || type == PL_Q6_K;
+    return type == PL_Q4_K || type == PL_Q6_K || is_kr16(type);
 #else
     (void)type;
     return 0;
@@ -1992,9 +2073,8 @@ void pli_matmul_batch(const pl_tensor *w, const void *xq, long long stride, int 
 {
     int t = 0;
 #ifdef PL_KQ512
-    if (w->type == PL_Q4_K || w->type == PL_Q6_K) {
-        if (w->type == PL_Q4_K) kq_batch_q4_K(w, xq, stride, ntok, out, ldo, r0, r1);
-        else kq_batch_q6_K(w, xq, stride, ntok, out, ldo, r0, r1);
+    if (w->type == PL_Q4_K || w->type == PL_Q6_K || is_kr16(w->type)) {
+        kq_matmul(w, xq, stride, ntok, out, ldo, r0, r1);
         return;
     }
 #endif
@@ -2025,6 +2105,12 @@ void pli_matmul_batch(const pl_tensor *w, const void *xq, long long stride, int 
 
 void pli_matvec_rows(const pl_tensor *w, const void *xq, float *out, long long r0, long long r1)
 {
+#ifdef PL_KQ512
+    if (is_kr16(w->type)) {
+        kq_matmul(w, xq, 0, 1, out, 0, r0, r1);
+        return;
+    }
+#endif
     act_view a = act_layout(w, xq);
 #ifdef PL_VNNI512
     if (is_r16(w->type)) {

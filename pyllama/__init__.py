@@ -33,7 +33,7 @@ finally:
     if _set_spin:
         del os.environ["GOMP_SPINCOUNT"]
 
-ABI_VERSION = 9
+ABI_VERSION = 10
 
 
 def check_abi(lib):

@@ -1511,6 +1511,125 @@ static void kq_batch_q6_K_R16(const pl_tensor *w, const void *xq, long long stri
     kq_batch(PL_Q6_K_R16, w, xq, stride, ntok, out, ldo, r0, r1);
 }
 
+/* One token over a repacked group: the integer sums of kq_tokens (T = 1) formed straight from
+ * the loaded chunks, without the kq_unpacked copy (decode reads each byte once: the unpacking is
+ * its arithmetic). Exact integers, then k4_step / k6_step per lane: bit for bit kq_tokens. */
+static inline __m512i kr_x4(const int8_t *q8, int off) { return kq_x4(q8 + off); }
+
+/* Q4_K super-block at sb (36 chunks): acc of its 16 rows. */
+static inline __attribute__((always_inline)) __m512
+kr_q4_step(const char *sb, const act_view *a, int i, __m512 acc)
+{
+    const __m512i lo4 = _mm512_set1_epi8(15), hi4 = _mm512_set1_epi8((char)0xf0), lo6 = _mm512_set1_epi8(0x3f),
+                  lo2 = _mm512_set1_epi8(3);
+    const int8_t *q8 = a->q + QK_K * i;
+    __m512i P[8];
+    for (int ch = 0; ch < 4; ch++) { /* qs dwords 8ch..8ch+7: sub-blocks 2ch (low nibbles), 2ch+1 (high) */
+        __m512i pl = _mm512_setzero_si512(), ph = _mm512_setzero_si512();
+        for (int l = 0; l < 8; l++) {
+            __m512i c = _mm512_loadu_si512((const void *)(sb + 64 * (4 + 8 * ch + l)));
+            pl = _mm512_dpbusd_epi32(pl, _mm512_and_si512(c, lo4), kr_x4(q8, 64 * ch + 4 * l));
+            ph = _mm512_dpbusd_epi32(ph, _mm512_and_si512(c, hi4), kr_x4(q8, 64 * ch + 32 + 4 * l));
+        }
+        P[2 * ch] = pl, P[2 * ch + 1] = _mm512_srai_epi32(ph, 4); /* the high nibbles were read x16 */
+    }
+    __m512i c0 = _mm512_loadu_si512((const void *)sb), a0 = _mm512_loadu_si512((const void *)(sb + 64)),
+            a1 = _mm512_loadu_si512((const void *)(sb + 128)), a2 = _mm512_loadu_si512((const void *)(sb + 192));
+    __m512i sc03 = _mm512_and_si512(a0, lo6), m03 = _mm512_and_si512(a1, lo6);
+    __m512i sc47 = _mm512_or_si512(_mm512_and_si512(a2, lo4),
+                                   _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(a0, 6), lo2), 4));
+    __m512i m47 = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi32(a2, 4), lo4),
+                                  _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(a1, 6), lo2), 4));
+    __m512i I0 = _mm512_setzero_si512(), I1 = _mm512_setzero_si512();
+    for (int q = 0; q < 4; q += 2) {
+        I0 = _mm512_add_epi32(I0, _mm512_mullo_epi32(P[q], kq_byte(sc03, q)));
+        I1 = _mm512_add_epi32(I1, _mm512_mullo_epi32(P[q + 1], kq_byte(sc03, q + 1)));
+        I0 = _mm512_add_epi32(I0, _mm512_mullo_epi32(P[4 + q], kq_byte(sc47, q)));
+        I1 = _mm512_add_epi32(I1, _mm512_mullo_epi32(P[5 + q], kq_byte(sc47, q + 1)));
+    }
+    const int8_t *bs = (const int8_t *)(a->bs32 + 8 * i);
+    __m512i M = _mm512_dpwssd_epi32(_mm512_setzero_si512(), kq_pair(kq_byte(m03, 0), kq_byte(m03, 1)), kq_x4(bs));
+    M = _mm512_dpwssd_epi32(M, kq_pair(kq_byte(m03, 2), kq_byte(m03, 3)), kq_x4(bs + 4));
+    M = _mm512_dpwssd_epi32(M, kq_pair(kq_byte(m47, 0), kq_byte(m47, 1)), kq_x4(bs + 8));
+    M = _mm512_dpwssd_epi32(M, kq_pair(kq_byte(m47, 2), kq_byte(m47, 3)), kq_x4(bs + 12));
+    __m512 d = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(c0)), dmin = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(c0, 16)));
+    __m512 y = _mm512_fmsub_ps(d, _mm512_cvtepi32_ps(_mm512_add_epi32(I0, I1)), _mm512_mul_ps(dmin, _mm512_cvtepi32_ps(M)));
+    return _mm512_fmadd_ps(y, _mm512_set1_ps(a->d[i]), acc); /* k4_step */
+}
+
+/* Q6_K super-block at sb (52 chunks), its rows' fp16 d at dp. */
+static inline __attribute__((always_inline)) __m512
+kr_q6_step(const char *sb, const uint16_t *dp, const act_view *a, int i, __m512 acc)
+{
+    const __m512i lo4 = _mm512_set1_epi8(15), hi2 = _mm512_set1_epi8(0x30);
+    const int8_t *q8 = a->q + QK_K * i;
+    __m512i P[16];
+    for (int h = 0; h < 2; h++)
+        for (int j = 0; j < 4; j++) { /* values 128h + 32j + 4l: sub-blocks 8h + 2j, 8h + 2j + 1 */
+            __m512i p0 = _mm512_setzero_si512(), p1 = _mm512_setzero_si512();
+            for (int l = 0; l < 8; l++) {
+                __m512i c = _mm512_loadu_si512((const void *)(sb + 64 * (16 * h + 8 * (j & 1) + l)));
+                __m512i hb = _mm512_loadu_si512((const void *)(sb + 64 * (32 + 8 * h + l)));
+                __m512i lo = _mm512_and_si512(j >= 2 ? _mm512_srli_epi32(c, 4) : c, lo4);
+                __m512i hi = _mm512_and_si512(2 * j <= 4 ? _mm512_slli_epi32(hb, 4 - 2 * j) : _mm512_srli_epi32(hb, 2 * j - 4), hi2);
+                __m512i u = _mm512_or_si512(lo, hi);
+                if (l < 4) p0 = _mm512_dpbusd_epi32(p0, u, kr_x4(q8, 128 * h + 32 * j + 4 * l));
+                else p1 = _mm512_dpbusd_epi32(p1, u, kr_x4(q8, 128 * h + 32 * j + 4 * l));
+            }
+            P[8 * h + 2 * j] = p0, P[8 * h + 2 * j + 1] = p1;
+        }
+    __m512i I0 = _mm512_setzero_si512(), I1 = _mm512_setzero_si512(), M = _mm512_setzero_si512();
+    const int8_t *bs = (const int8_t *)(a->bsums + 16 * i);
+    for (int q = 0; q < 4; q++) {
+        __m512i c = _mm512_loadu_si512((const void *)(sb + 64 * (48 + q))), sc[4];
+        for (int b = 0; b < 4; b++) sc[b] = _mm512_srai_epi32(_mm512_slli_epi32(c, 24 - 8 * b), 24);
+        I0 = _mm512_add_epi32(I0, _mm512_mullo_epi32(P[4 * q], sc[0]));
+        I1 = _mm512_add_epi32(I1, _mm512_mullo_epi32(P[4 * q + 1], sc[1]));
+        I0 = _mm512_add_epi32(I0, _mm512_mullo_epi32(P[4 * q + 2], sc[2]));
+        I1 = _mm512_add_epi32(I1, _mm512_mullo_epi32(P[4 * q + 3], sc[3]));
+        M = _mm512_dpwssd_epi32(M, kq_pair(sc[0], sc[1]), kq_x4(bs + 8 * q));
+        M = _mm512_dpwssd_epi32(M, kq_pair(sc[2], sc[3]), kq_x4(bs + 8 * q + 4));
+    }
+    __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)dp));
+    __m512i I = _mm512_sub_epi32(_mm512_add_epi32(I0, I1), _mm512_slli_epi32(M, 5));
+    return _mm512_fmadd_ps(_mm512_cvtepi32_ps(I), _mm512_mul_ps(d, _mm512_set1_ps(a->d[i])), acc); /* k6_step */
+}
+
+#ifndef KR_PF
+#define KR_PF 0
+#endif
+/* Rows [r0, r1) (multiples of 16) of a repacked matrix for one token. */
+static inline __attribute__((always_inline)) void
+kr_decode(int six, const pl_tensor *w, const void *xq, float *out, long long r0, long long r1)
+{
+    const int nb = (int)(w->cols / QK_K);
+    const size_t sbytes = kr16_sbytes(six), gbytes = (size_t)nb * 16 * block_bytes(w->type);
+    const act_view a = act_layout(w, xq);
+    for (long long r = r0; r < r1; r += 16) {
+        const char *g = (const char *)w->data + (size_t)(r / 16) * gbytes;
+        __m512 acc = _mm512_setzero_ps();
+        for (int i = 0; i < nb; i++) {
+            const char *sb = g + i * sbytes;
+#if KR_PF
+            for (size_t o = 0; o < sbytes; o += 64) _mm_prefetch(sb + KR_PF + o, _MM_HINT_T0);
+#endif
+            if (six) acc = kr_q6_step(sb, (const uint16_t *)(g + nb * sbytes) + 16 * i, &a, i, acc);
+            else acc = kr_q4_step(sb, &a, i, acc);
+        }
+        _mm512_storeu_ps(out + r, acc);
+    }
+}
+
+static void kr_decode_q4(const pl_tensor *w, const void *xq, float *out, long long r0, long long r1)
+{
+    kr_decode(0, w, xq, out, r0, r1);
+}
+
+static void kr_decode_q6(const pl_tensor *w, const void *xq, float *out, long long r0, long long r1)
+{
+    kr_decode(1, w, xq, out, r0, r1);
+}
+
 /* All four layouts' kernels: one token or a batch. */
 static void kq_matmul(const pl_tensor *w, const void *xq, long long stride, int ntok, float *out, long long ldo,
                       long long r0, long long r1)
@@ -2107,7 +2226,7 @@ void pli_matvec_rows(const pl_tensor *w, const void *xq, float *out, long long r
 {
 #ifdef PL_KQ512
     if (is_kr16(w->type)) {
-        kq_matmul(w, xq, 0, 1, out, 0, r0, r1);
+        (w->type == PL_Q4_K_R16 ? kr_decode_q4 : kr_decode_q6)(w, xq, out, r0, r1);
         return;
     }
 #endif

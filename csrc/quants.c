@@ -1524,8 +1524,10 @@ kr_q4_step(const char *sb, const act_view *a, int i, __m512 acc)
                   lo2 = _mm512_set1_epi8(3);
     const int8_t *q8 = a->q + QK_K * i;
     __m512i P[8];
+    _Pragma("GCC unroll 16")
     for (int ch = 0; ch < 4; ch++) { /* qs dwords 8ch..8ch+7: sub-blocks 2ch (low nibbles), 2ch+1 (high) */
         __m512i pl = _mm512_setzero_si512(), ph = _mm512_setzero_si512();
+        _Pragma("GCC unroll 16")
         for (int l = 0; l < 8; l++) {
             __m512i c = _mm512_loadu_si512((const void *)(sb + 64 * (4 + 8 * ch + l)));
             pl = _mm512_dpbusd_epi32(pl, _mm512_and_si512(c, lo4), kr_x4(q8, 64 * ch + 4 * l));
@@ -1541,6 +1543,7 @@ kr_q4_step(const char *sb, const act_view *a, int i, __m512 acc)
     __m512i m47 = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi32(a2, 4), lo4),
                                   _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(a1, 6), lo2), 4));
     __m512i I0 = _mm512_setzero_si512(), I1 = _mm512_setzero_si512();
+    _Pragma("GCC unroll 16")
     for (int q = 0; q < 4; q += 2) {
         I0 = _mm512_add_epi32(I0, _mm512_mullo_epi32(P[q], kq_byte(sc03, q)));
         I1 = _mm512_add_epi32(I1, _mm512_mullo_epi32(P[q + 1], kq_byte(sc03, q + 1)));
@@ -1564,9 +1567,12 @@ kr_q6_step(const char *sb, const uint16_t *dp, const act_view *a, int i, __m512 
     const __m512i lo4 = _mm512_set1_epi8(15), hi2 = _mm512_set1_epi8(0x30);
     const int8_t *q8 = a->q + QK_K * i;
     __m512i P[16];
+    _Pragma("GCC unroll 16")
     for (int h = 0; h < 2; h++)
+        _Pragma("GCC unroll 16")
         for (int j = 0; j < 4; j++) { /* values 128h + 32j + 4l: sub-blocks 8h + 2j, 8h + 2j + 1 */
             __m512i p0 = _mm512_setzero_si512(), p1 = _mm512_setzero_si512();
+            _Pragma("GCC unroll 16")
             for (int l = 0; l < 8; l++) {
                 __m512i c = _mm512_loadu_si512((const void *)(sb + 64 * (16 * h + 8 * (j & 1) + l)));
                 __m512i hb = _mm512_loadu_si512((const void *)(sb + 64 * (32 + 8 * h + l)));
@@ -1580,8 +1586,10 @@ kr_q6_step(const char *sb, const uint16_t *dp, const act_view *a, int i, __m512 
         }
     __m512i I0 = _mm512_setzero_si512(), I1 = _mm512_setzero_si512(), M = _mm512_setzero_si512();
     const int8_t *bs = (const int8_t *)(a->bsums + 16 * i);
+    _Pragma("GCC unroll 16")
     for (int q = 0; q < 4; q++) {
         __m512i c = _mm512_loadu_si512((const void *)(sb + 64 * (48 + q))), sc[4];
+        _Pragma("GCC unroll 16")
         for (int b = 0; b < 4; b++) sc[b] = _mm512_srai_epi32(_mm512_slli_epi32(c, 24 - 8 * b), 24);
         I0 = _mm512_add_epi32(I0, _mm512_mullo_epi32(P[4 * q], sc[0]));
         I1 = _mm512_add_epi32(I1, _mm512_mullo_epi32(P[4 * q + 1], sc[1]));

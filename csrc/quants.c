@@ -1388,20 +1388,18 @@ kq_unpack_q4(int packed, const char *base, size_t rb, int nr, kq_unpacked *k)
     }
 }
 
-/* Q6_K: packed, the 16 rows' d are the 16 fp16 at dp (a repacked group's scales plane). */
-static inline __attribute__((always_inline)) void
-kq_unpack_q6(int packed, const char *base, size_t rb, int nr, const uint16_t *dp, kq_unpacked *k)
+static void kq_unpack_q6(const char *base, size_t rb, int nr, kq_unpacked *k)
 {
     const __m512i lo4 = _mm512_set1_epi8(15), hi2 = _mm512_set1_epi8(0x30);
     __m512i qh[16], c[16];
-    kq_chunks(packed, base, rb, nr, 3, packed ? 208 : 210, c); /* scales (dwords 48-51), d (dword 52) */
-    k->d = _mm512_cvtph_ps(packed ? _mm256_loadu_si256((const __m256i *)dp) : _mm512_cvtepi32_epi16(c[4]));
+    kq_columns(base, rb, nr, 3, 210, c); /* scales (dwords 48-51), d (low half of dword 52) */
+    k->d = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(c[4]));
     for (int q = 0; q < 4; q++)
         for (int b = 0; b < 4; b++) k->sc[4 * q + b] = _mm512_srai_epi32(_mm512_slli_epi32(c[q], 24 - 8 * b), 24);
     for (int p = 0; p < 8; p++) k->sp[p] = kq_pair(k->sc[2 * p], k->sc[2 * p + 1]);
-    kq_chunks(packed, base, rb, nr, 2, 210, qh); /* qh dwords 0-15 */
+    kq_columns(base, rb, nr, 2, 210, qh); /* qh dwords 0-15 */
     for (int b = 0; b < 2; b++) {
-        kq_chunks(packed, base, rb, nr, b, 210, c);
+        kq_columns(base, rb, nr, b, 210, c);
         for (int e = 0; e < 16; e++) { /* ql dword p: bytes 64h + 32c + 4l, h = p/16, c = (p/8)%2 */
             int p = 16 * b + e, h = p / 16, cc = (p / 8) % 2, l = p % 8;
             __m512i hb = qh[8 * h + l];
@@ -1412,6 +1410,35 @@ kq_unpack_q6(int packed, const char *base, size_t rb, int nr, const uint16_t *dp
             }
         }
     }
+}
+
+/* A repacked Q6_K super-block (see "Repacked Q4_K / Q6_K"): sub-block s's 4 value chunks from
+ * chunks 3s..3s+2 (kr_q6_values), its scales from the scales chunks, the rows' d from dp. */
+static inline __attribute__((always_inline)) void
+kr_q6_values(const char *sb, int s, __m512i v[4])
+{
+    const __m512i lo6 = _mm512_set1_epi8(0x3f), m3 = _mm512_set1_epi8(3), m15 = _mm512_set1_epi8(15);
+    __m512i A = _mm512_loadu_si512((const void *)(sb + 64 * (3 * s))), B = _mm512_loadu_si512((const void *)(sb + 64 * (3 * s + 1))),
+            C = _mm512_loadu_si512((const void *)(sb + 64 * (3 * s + 2)));
+    v[0] = _mm512_and_si512(A, lo6), v[1] = _mm512_and_si512(B, lo6), v[2] = _mm512_and_si512(C, lo6);
+    /* value 3: bits 6-7 of A, B, C as its bits 0-1, 2-3, 4-5 (0xca: bit select, mask first) */
+    __m512i t = _mm512_ternarylogic_epi32(m3, _mm512_srli_epi32(A, 6), _mm512_srli_epi32(B, 4), 0xca);
+    v[3] = _mm512_and_si512(_mm512_ternarylogic_epi32(m15, t, _mm512_srli_epi32(C, 2), 0xca), lo6);
+}
+
+static inline __m512i kr_q6_scale(const char *sb, int s) /* sub-block s's int8 scale of each row */
+{
+    return _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(sb + 64 * 48 + 16 * s)));
+}
+
+static void kr_unpack_q6(const char *sb, const uint16_t *dp, kq_unpacked *k)
+{
+    for (int s = 0; s < 16; s++) {
+        kr_q6_values(sb, s, k->u + 4 * s);
+        k->sc[s] = kr_q6_scale(sb, s);
+    }
+    for (int p = 0; p < 8; p++) k->sp[p] = kq_pair(k->sc[2 * p], k->sc[2 * p + 1]);
+    k->d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)dp));
 }
 
 static inline __m512i kq_x4(const int8_t *p) /* 4 activation bytes in every lane */
@@ -1475,7 +1502,8 @@ kq_batch(int type, const pl_tensor *w, const void *xq, long long stride, int nto
         const char *g = base + r * rb; /* row r, or (packed) its group */
         for (int i = 0; i < nb; i++) {
             const char *src = packed ? g + i * sb : g + i * bb;
-            if (six) kq_unpack_q6(packed, src, rb, nr, (const uint16_t *)(g + nb * sb) + 16 * i, &k);
+            if (six && packed) kr_unpack_q6(src, (const uint16_t *)(g + nb * sb) + 16 * i, &k);
+            else if (six) kq_unpack_q6(src, rb, nr, &k);
             else kq_unpack_q4(packed, src, rb, nr, &k);
             for (int t = 0; t < ntok; t += KT) {
                 int T = ntok - t < KT ? ntok - t : KT;
@@ -1560,47 +1588,26 @@ kr_q4_step(const char *sb, const act_view *a, int i, __m512 acc)
     return _mm512_fmadd_ps(y, _mm512_set1_ps(a->d[i]), acc); /* k4_step */
 }
 
-/* Q6_K super-block at sb (52 chunks), its rows' fp16 d at dp. */
+/* Q6_K super-block at sb (52 chunks), its rows' fp16 d at dp. Each sub-block's sum starts at
+ * −32·bsum (the values' offset), so I − 32·M of kq_tokens comes out as one sum. */
 static inline __attribute__((always_inline)) __m512
 kr_q6_step(const char *sb, const uint16_t *dp, const act_view *a, int i, __m512 acc)
 {
-    const __m512i lo4 = _mm512_set1_epi8(15), hi2 = _mm512_set1_epi8(0x30);
     const int8_t *q8 = a->q + QK_K * i;
-    __m512i P[16];
+    const int16_t *bs = a->bsums + 16 * i;
+    __m512i I0 = _mm512_setzero_si512(), I1 = _mm512_setzero_si512();
     _Pragma("GCC unroll 16")
-    for (int h = 0; h < 2; h++)
-        _Pragma("GCC unroll 16")
-        for (int j = 0; j < 4; j++) { /* values 128h + 32j + 4l: sub-blocks 8h + 2j, 8h + 2j + 1 */
-            __m512i p0 = _mm512_setzero_si512(), p1 = _mm512_setzero_si512();
-            _Pragma("GCC unroll 16")
-            for (int l = 0; l < 8; l++) {
-                __m512i c = _mm512_loadu_si512((const void *)(sb + 64 * (16 * h + 8 * (j & 1) + l)));
-                __m512i hb = _mm512_loadu_si512((const void *)(sb + 64 * (32 + 8 * h + l)));
-                __m512i lo = _mm512_and_si512(j >= 2 ? _mm512_srli_epi32(c, 4) : c, lo4);
-                __m512i hi = _mm512_and_si512(2 * j <= 4 ? _mm512_slli_epi32(hb, 4 - 2 * j) : _mm512_srli_epi32(hb, 2 * j - 4), hi2);
-                __m512i u = _mm512_or_si512(lo, hi);
-                if (l < 4) p0 = _mm512_dpbusd_epi32(p0, u, kr_x4(q8, 128 * h + 32 * j + 4 * l));
-                else p1 = _mm512_dpbusd_epi32(p1, u, kr_x4(q8, 128 * h + 32 * j + 4 * l));
-            }
-            P[8 * h + 2 * j] = p0, P[8 * h + 2 * j + 1] = p1;
-        }
-    __m512i I0 = _mm512_setzero_si512(), I1 = _mm512_setzero_si512(), M = _mm512_setzero_si512();
-    const int8_t *bs = (const int8_t *)(a->bsums + 16 * i);
-    _Pragma("GCC unroll 16")
-    for (int q = 0; q < 4; q++) {
-        __m512i c = _mm512_loadu_si512((const void *)(sb + 64 * (48 + q))), sc[4];
-        _Pragma("GCC unroll 16")
-        for (int b = 0; b < 4; b++) sc[b] = _mm512_srai_epi32(_mm512_slli_epi32(c, 24 - 8 * b), 24);
-        I0 = _mm512_add_epi32(I0, _mm512_mullo_epi32(P[4 * q], sc[0]));
-        I1 = _mm512_add_epi32(I1, _mm512_mullo_epi32(P[4 * q + 1], sc[1]));
-        I0 = _mm512_add_epi32(I0, _mm512_mullo_epi32(P[4 * q + 2], sc[2]));
-        I1 = _mm512_add_epi32(I1, _mm512_mullo_epi32(P[4 * q + 3], sc[3]));
-        M = _mm512_dpwssd_epi32(M, kq_pair(sc[0], sc[1]), kq_x4(bs + 8 * q));
-        M = _mm512_dpwssd_epi32(M, kq_pair(sc[2], sc[3]), kq_x4(bs + 8 * q + 4));
+    for (int s = 0; s < 16; s++) {
+        __m512i v[4];
+        kr_q6_values(sb, s, v);
+        __m512i p = _mm512_set1_epi32(-32 * (int32_t)bs[s]);
+        _Pragma("GCC unroll 4")
+        for (int k = 0; k < 4; k++) p = _mm512_dpbusd_epi32(p, v[k], kr_x4(q8, 16 * s + 4 * k));
+        if (s & 1) I1 = _mm512_add_epi32(I1, _mm512_mullo_epi32(p, kr_q6_scale(sb, s)));
+        else I0 = _mm512_add_epi32(I0, _mm512_mullo_epi32(p, kr_q6_scale(sb, s)));
     }
     __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)dp));
-    __m512i I = _mm512_sub_epi32(_mm512_add_epi32(I0, I1), _mm512_slli_epi32(M, 5));
-    return _mm512_fmadd_ps(_mm512_cvtepi32_ps(I), _mm512_mul_ps(d, _mm512_set1_ps(a->d[i])), acc); /* k6_step */
+    return _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(I0, I1)), _mm512_mul_ps(d, _mm512_set1_ps(a->d[i])), acc); /* k6_step */
 }
 
 #ifndef KR_PF
@@ -1661,17 +1668,33 @@ static void kq_matmul(const pl_tensor *w, const void *xq, long long stride, int 
  * the file layout's, bit for bit. */
 static void kr16_repack_groups(const pl_tensor *w, char *dst, long long g0, long long g1)
 {
-    const int six = w->type == PL_Q6_K, nb = (int)(w->cols / QK_K), nd = six ? 52 : 36;
-    const size_t bb = block_bytes(w->type), gbytes = (size_t)nb * 16 * bb, sb = kr16_sbytes(six);
+    const int six = w->type == PL_Q6_K, nb = (int)(w->cols / QK_K);
+    const size_t bb = block_bytes(w->type), rb = (size_t)nb * bb, gbytes = 16 * rb, sb = kr16_sbytes(six);
+    const __m512i hi2 = _mm512_set1_epi8((char)0xc0);
+    kq_unpacked k __attribute__((aligned(64)));
     for (long long g = g0; g < g1; g++) {
         const char *rows = (const char *)w->data + (size_t)g * gbytes;
         char *q = dst + (size_t)g * gbytes;
-        for (int b = 0; b < nb; b++)
-            for (int r = 0; r < 16; r++) {
-                const char *blk = rows + ((size_t)r * nb + b) * bb;
-                for (int p = 0; p < nd; p++) memcpy(q + b * sb + 64 * p + 4 * r, blk + 4 * p, 4);
-                if (six) memcpy(q + nb * sb + 32 * b + 2 * r, blk + 208, 2);
+        for (int b = 0; b < nb; b++) {
+            char *o = q + b * sb;
+            if (!six) { /* the file's dwords, transposed */
+                for (int c = 0; c < 3; c++) {
+                    __m512i r[16];
+                    kq_columns(rows + b * bb, rb, 16, c, 144, r);
+                    for (int p = 0; p < 16 && 16 * c + p < 36; p++) _mm512_storeu_si512((void *)(o + 64 * (16 * c + p)), r[p]);
+                }
+                continue;
             }
+            kq_unpack_q6(rows + b * bb, rb, 16, &k);
+            for (int s = 0; s < 16; s++) { /* values 0-2 of the sub-block, value 3's bit pairs on top */
+                const __m512i *v = k.u + 4 * s;
+                for (int e = 0; e < 3; e++)
+                    _mm512_storeu_si512((void *)(o + 64 * (3 * s + e)),
+                                        _mm512_or_si512(v[e], _mm512_and_si512(_mm512_slli_epi32(v[3], 6 - 2 * e), hi2)));
+                _mm_storeu_si128((__m128i *)(o + 64 * 48 + 16 * s), _mm512_cvtepi32_epi8(k.sc[s]));
+            }
+            for (int r = 0; r < 16; r++) memcpy(q + nb * sb + 32 * b + 2 * r, rows + r * rb + b * bb + 208, 2);
+        }
     }
 }
 #endif

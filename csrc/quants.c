@@ -31,8 +31,9 @@
  * token-by-token results are bit-identical. With AVX-512 VNNI, Q4_K/Q6_K have
  * wider tiles (kq_batch: 16 rows in the lanes of a register), bit-identical as well.
  *
- * With AVX-512 VNNI, Q4_0 and Q8_0 matrices are repacked at load time (pl_repack, 16 rows
- * interleaved, see "Repacked" below): one kernel family then serves one token and batches alike.
+ * With AVX-512 VNNI, Q4_0, Q8_0, Q4_K and Q6_K matrices are repacked at load time (pl_repack, 16
+ * rows interleaved, see "Repacked" below): one kernel family then serves one token and batches
+ * alike; the repacked K-quants give exactly the file layout's results.
  */
 #include <math.h>
 #include <stddef.h>
@@ -1658,14 +1659,17 @@ static void kq_matmul(const pl_tensor *w, const void *xq, long long stride, int 
 }
 
 /* Repacked Q4_K / Q6_K (PL_Q4_K_R16, PL_Q6_K_R16), made at load time by pl_repack. Rows go in
- * groups of 16, a group holding the same bytes as its 16 rows: for each super-block i, the
- * 16 rows' dwords side by side, chunk p (64 bytes) = dword p of each row's block i, row r at 4r.
- * Q4_K: dwords 0-35 (d|dmin, the 3 packed scale dwords, qs), 2304 bytes per super-block.
- * Q6_K: dwords 0-51 (ql, qh, scales), 3328 bytes per super-block, then after the group's nb
- * super-blocks a scales plane: for each i, the 16 rows' fp16 d. This is exactly what kq_columns
- * gathers from the file's layout, so the kernels above read it with plain loads instead, one
- * contiguous stream per group, with the same integer sums and float steps: every result equals
- * the file layout's, bit for bit. */
+ * groups of 16, a group as large as its 16 rows, super-block after super-block (one contiguous
+ * stream per group for the decode kernels); in each, chunk p (64 bytes) holds row r's part at 4r:
+ * Q4_K: 36 chunks (2304 bytes), chunk p = dword p of each row's block: d|dmin, the 3 packed
+ *   scale dwords, qs. Exactly what kq_columns gathers from the file's layout: plain loads instead.
+ * Q6_K: 52 chunks (3328 bytes), then after the group's nb super-blocks a plane of the 16 rows' fp16
+ *   d per super-block. Sub-block s (values 16s..16s+15) is chunks 3s..3s+2: for e < 3, byte j of
+ *   row r's dword = value 16s + 4e + j (unsigned, 0..63) in bits 0-5, and bits 2e, 2e+1 of value
+ *   16s + 12 + j in bits 6-7 (kr_q6_values undoes it in 6 operations per 4 value chunks, where
+ *   the file's split ql/qh bits take ~18); chunks 48-51: byte 16s + r = row r's int8 scale s.
+ * The kernels form the same exact integer sums from them and take the same float steps, so every
+ * result equals the file layout's, bit for bit. */
 static void kr16_repack_groups(const pl_tensor *w, char *dst, long long g0, long long g1)
 {
     const int six = w->type == PL_Q6_K, nb = (int)(w->cols / QK_K);

@@ -187,3 +187,16 @@ def test_k_quant_model_runs_repacked_with_the_files_logits(shared, monkeypatch):
         np.testing.assert_array_equal(batched, stepwise)
         runs.append(stepwise)
     np.testing.assert_array_equal(runs[0], runs[1])
+
+
+@pytest.mark.parametrize("n", (1000, 5 << 20))
+def test_repack_buffers_are_aligned_and_writable(n):
+    """pyllama/model.py aligned_buffer: repacked copies start on 64 bytes (the kernels' aligned
+    loads), from 2 MiB up on a 2 MiB boundary (one transparent huge page per 2 MiB where the
+    kernel allows it), hold exactly n writable bytes and outlive the call."""
+    from pyllama.model import HUGE, aligned_buffer
+    a = aligned_buffer(n)
+    assert a.nbytes == n and a.flags.writeable
+    assert a.ctypes.data % (HUGE if n >= HUGE else 64) == 0
+    a[:] = 7
+    assert int(a[-1]) == 7 and int(a.sum()) == 7 * n

@@ -114,6 +114,22 @@ def aligned_buffer(n):
     return buf[off:off + n]
 
 
+def release_file_pages(mf, view):
+    """Drops the file's pages under `view` (a tensor just repacked: its kernels read the copy) from
+    this process's resident set, so the file and its copy are not both counted; a later read
+    (the embedding rows of a tied classifier) faults them back in from the page cache."""
+    mm = getattr(mf.mmap, "_mmap", None)
+    if mm is None or getattr(mf.mmap, "offset", 1) != 0 or not hasattr(mmap, "MADV_DONTNEED"):
+        return
+    start = view.ctypes.data - mf.mmap.ctypes.data
+    if start < 0 or start + view.nbytes > mf.mmap.nbytes:
+        return
+    lo = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE
+    hi = (start + view.nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
+    if hi > lo:
+        mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+
+
 class ModelLock:
     """A Transformer's KV cache belongs to one generation at a time. Other threads wait for it;
     the thread that holds it (e.g. a second generate() started while a first one is still being
@@ -207,6 +223,7 @@ class Transformer:
             arr = aligned_buffer(n)
             done = self.file.repacked[t.name] = (arr, lib.pl_repack(p, self._ptr(arr), 1 if _forked
                                                                      else default_threads()))
+            release_file_pages(self.file, t.data)
         dst.data, dst.type = self._ptr(done[0]), done[1]
 
     def _vector(self, t):

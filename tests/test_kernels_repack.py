@@ -200,3 +200,22 @@ def test_repack_buffers_are_aligned_and_writable(n):
     assert a.ctypes.data % (HUGE if n >= HUGE else 64) == 0
     a[:] = 7
     assert int(a[-1]) == 7 and int(a.sum()) == 7 * n
+
+
+@needs_vnni
+def test_repacked_tensors_file_pages_still_read_the_file(shared):
+    """After a repack the file's pages under the tensor leave the process (release_file_pages);
+    the views still read the file's bytes (the embedding of a tied classifier reads rows from
+    them), and they stay read-only."""
+    path = shared / "models" / "quant-base-q4_k_m.gguf"
+    mf = load(path)
+    tr = Transformer(mf, n_ctx=16)
+    assert mf.repacked
+    raw = path.read_bytes()
+    base = mf.mmap.ctypes.data
+    for name in mf.repacked:
+        v = mf.tensors[name].data
+        off = v.ctypes.data - base
+        assert bytes(v.reshape(-1)) == raw[off:off + v.nbytes]
+    assert not mf.mmap.flags.writeable
+    assert np.all(np.isfinite(tr.forward(1, 0)))

@@ -190,7 +190,10 @@ static void matvec_rows(const pl_tensor *w, const void *xin, float *out, long lo
 /* Rows a thread's range must start and end on (repacked layouts interleave groups of 16). */
 static long long row_group(const pl_tensor *w)
 {
-    return w->type == PL_Q4_0_R16 || w->type == PL_Q5_0_R16 || w->type == PL_Q8_0_R16 ? 16 : 2;
+    switch (w->type) {
+    case PL_Q4_0_R16: case PL_Q5_0_R16: case PL_Q8_0_R16: case PL_Q4_K_R16: case PL_Q6_K_R16: return 16;
+    default: return 2;
+    }
 }
 
 /* Row range of thread `tid` of `nth`: even split, rounded to pairs of rows. */

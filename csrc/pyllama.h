@@ -37,6 +37,11 @@
 #define PL_Q4_0_R16 1002
 #define PL_Q5_0_R16 1006
 #define PL_Q8_0_R16 1008
+/* Q4_K / Q6_K with 16 rows interleaved the same way (Q4_K: dword p of each row's super-block side
+ * by side; Q6_K: its values re-encoded in the same bytes, see csrc/quants.c), read by the same
+ * VNNI kernels for one token and batches alike, with the file layout's results bit for bit. */
+#define PL_Q4_K_R16 1012
+#define PL_Q6_K_R16 1014
 
 /* A 2-D weight matrix, row-major: `rows` rows of `cols` elements (cols = the input length). */
 typedef struct {

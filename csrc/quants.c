@@ -32,8 +32,9 @@
  * token-by-token results are bit-identical. With AVX-512 VNNI, Q4_K/Q6_K have
  * wider tiles (kq_batch: 16 rows in the lanes of a register), bit-identical as well.
  *
- * With AVX-512 VNNI, Q4_0, Q5_0 and Q8_0 matrices are repacked at load time (pl_repack, 16 rows
- * interleaved, see "Repacked" below): one kernel family then serves one token and batches alike.
+ * With AVX-512 VNNI, Q4_0, Q5_0, Q8_0, Q4_K and Q6_K matrices are repacked at load time
+ * (pl_repack, 16 rows interleaved, see "Repacked" below): one kernel family then serves one token
+ * and batches alike; the repacked layouts give exactly the file layout's results.
  */
 #include <math.h>
 #include <stddef.h>
@@ -159,7 +160,8 @@ int pli_is_quant(int type)
     switch (type) {
     case PL_Q4_0: case PL_Q4_1: case PL_Q5_0: case PL_Q5_1: case PL_Q8_0:
     case PL_Q2_K: case PL_Q3_K: case PL_Q4_K: case PL_Q5_K: case PL_Q6_K:
-    case PL_Q8_G: case PL_Q4_0_R16: case PL_Q5_0_R16: case PL_Q8_0_R16:
+    case PL_Q8_G: case PL_Q4_0_R16: case PL_Q5_0_R16: case PL_Q8_0_R16: case PL_Q4_K_R16:
+    case PL_Q6_K_R16:
         return 1;
     default:
         return 0;
@@ -170,7 +172,8 @@ int pli_is_quant(int type)
 static int block_values(const pl_tensor *w)
 {
     switch (w->type) {
-    case PL_Q2_K: case PL_Q3_K: case PL_Q4_K: case PL_Q5_K: case PL_Q6_K: return QK_K;
+    case PL_Q2_K: case PL_Q3_K: case PL_Q4_K: case PL_Q5_K: case PL_Q6_K:
+    case PL_Q4_K_R16: case PL_Q6_K_R16: return QK_K;
     case PL_Q8_G: return w->group_size;
     default: return QK;
     }
@@ -186,14 +189,15 @@ static size_t block_bytes(int type)
     case PL_Q8_0: case PL_Q8_0_R16: return sizeof(blk_q8_0);
     case PL_Q2_K: return sizeof(blk_q2_K);
     case PL_Q3_K: return sizeof(blk_q3_K);
-    case PL_Q4_K: return sizeof(blk_q4_K);
+    case PL_Q4_K: case PL_Q4_K_R16: return sizeof(blk_q4_K);
     case PL_Q5_K: return sizeof(blk_q5_K);
-    case PL_Q6_K: return sizeof(blk_q6_K);
+    case PL_Q6_K: case PL_Q6_K_R16: return sizeof(blk_q6_K);
     default: return 0;
     }
 }
 
-static int is_k(int type) { return type >= PL_Q2_K && type <= PL_Q6_K; }
+static int is_kr16(int type) { return type == PL_Q4_K_R16 || type == PL_Q6_K_R16; }
+static int is_k(int type) { return (type >= PL_Q2_K && type <= PL_Q6_K) || is_kr16(type); }
 static int is_r16(int type) { return type == PL_Q4_0_R16 || type == PL_Q5_0_R16 || type == PL_Q8_0_R16; }
 /* A repacked layout's unsigned offset k: its bytes hold w + k (Q8_0: w xor 0x80; Q4_0, Q5_0: as stored). */
 static int r16_offset(int type) { return type == PL_Q8_0_R16 ? 128 : type == PL_Q5_0_R16 ? 16 : 8; }
@@ -1332,6 +1336,7 @@ static void q6_rows4(const char *row0, size_t rb, const act_view *a, int nb, flo
 #if defined(PL_AVX2) && defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__) && \
     defined(__F16C__)
 #define PL_KQ512 1
+static inline size_t kr16_sbytes(int six) { return six ? 52 * 64 : 36 * 64; } /* a repacked super-block */
 #define KT 4 /* tokens at a time over an unpacked super-block */
 
 typedef struct {
@@ -1379,6 +1384,19 @@ kq_columns(const char *base, size_t rb, int nr, int c, int bytes, __m512i r[16])
     kq_transpose(r);
 }
 
+/* The same 16 chunks, where `packed`: from a repacked group's super-block (PL_Q4_K_R16 /
+ * PL_Q6_K_R16, below), which holds them side by side already: chunk p at base + 64p. */
+static inline __attribute__((always_inline)) void
+kq_chunks(int packed, const char *base, size_t rb, int nr, int c, int bytes, __m512i r[16])
+{
+    if (!packed) {
+        kq_columns(base, rb, nr, c, bytes, r);
+        return;
+    }
+    for (int q = 0; q < 16; q++)
+        r[q] = 16 * c + q < bytes / 4 ? _mm512_loadu_si512((const void *)(base + 64 * (16 * c + q))) : _mm512_setzero_si512();
+}
+
 static inline __m512i kq_byte(__m512i v, int k) /* byte k of each lane, zero-extended */
 {
     return _mm512_and_si512(_mm512_srli_epi32(v, 8 * k), _mm512_set1_epi32(0xff));
@@ -1389,12 +1407,13 @@ static inline __m512i kq_pair(__m512i lo, __m512i hi) /* int16 lo | hi << 16 */
     return _mm512_or_si512(_mm512_and_si512(lo, _mm512_set1_epi32(0xffff)), _mm512_slli_epi32(hi, 16));
 }
 
-/* Super-block `base` (row 0's) of nr <= 16 rows `rb` bytes apart. */
-static void kq_unpack_q4(const char *base, size_t rb, int nr, kq_unpacked *k)
+/* Super-block `base` (row 0's) of nr <= 16 rows `rb` bytes apart, or (packed) of a repacked group. */
+static inline __attribute__((always_inline)) void
+kq_unpack_q4(int packed, const char *base, size_t rb, int nr, kq_unpacked *k)
 {
     const __m512i lo4 = _mm512_set1_epi8(15), lo6 = _mm512_set1_epi8(0x3f), lo2 = _mm512_set1_epi8(3);
     __m512i c[16];
-    kq_columns(base, rb, nr, 0, 144, c); /* d|dmin, scales (3 dwords), qs dwords 0-11 */
+    kq_chunks(packed, base, rb, nr, 0, 144, c); /* d|dmin, scales (3 dwords), qs dwords 0-11 */
     k->d = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(c[0]));
     k->dmin = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(c[0], 16)));
     __m512i a0 = c[1], a1 = c[2], a2 = c[3];
@@ -1409,7 +1428,7 @@ static void kq_unpack_q4(const char *base, size_t rb, int nr, kq_unpacked *k)
     k->sp[2] = kq_pair(kq_byte(m47, 0), kq_byte(m47, 1));
     k->sp[3] = kq_pair(kq_byte(m47, 2), kq_byte(m47, 3));
     for (int b = 0; b < 3; b++) {
-        if (b) kq_columns(base, rb, nr, b, 144, c);
+        if (b) kq_chunks(packed, base, rb, nr, b, 144, c);
         for (int e = b ? 0 : 4; e < (b == 2 ? 4 : 16); e++) {
             /* qs dword p = bytes 32c + 4l of chunk c = p/8: values 64c + 4l.. (low nibbles), +32 (high) */
             int p = 16 * b + e - 4, ch = p / 8, l = p % 8;
@@ -1441,6 +1460,35 @@ static void kq_unpack_q6(const char *base, size_t rb, int nr, kq_unpacked *k)
             }
         }
     }
+}
+
+/* A repacked Q6_K super-block (see "Repacked Q4_K / Q6_K"): sub-block s's 4 value chunks from
+ * chunks 3s..3s+2 (kr_q6_values), its scales from the scales chunks, the rows' d from dp. */
+static inline __attribute__((always_inline)) void
+kr_q6_values(const char *sb, int s, __m512i v[4])
+{
+    const __m512i lo6 = _mm512_set1_epi8(0x3f), m3 = _mm512_set1_epi8(3), m15 = _mm512_set1_epi8(15);
+    __m512i A = _mm512_loadu_si512((const void *)(sb + 64 * (3 * s))), B = _mm512_loadu_si512((const void *)(sb + 64 * (3 * s + 1))),
+            C = _mm512_loadu_si512((const void *)(sb + 64 * (3 * s + 2)));
+    v[0] = _mm512_and_si512(A, lo6), v[1] = _mm512_and_si512(B, lo6), v[2] = _mm512_and_si512(C, lo6);
+    /* value 3: bits 6-7 of A, B, C as its bits 0-1, 2-3, 4-5 (0xca: bit select, mask first) */
+    __m512i t = _mm512_ternarylogic_epi32(m3, _mm512_srli_epi32(A, 6), _mm512_srli_epi32(B, 4), 0xca);
+    v[3] = _mm512_and_si512(_mm512_ternarylogic_epi32(m15, t, _mm512_srli_epi32(C, 2), 0xca), lo6);
+}
+
+static inline __m512i kr_q6_scale(const char *sb, int s) /* sub-block s's int8 scale of each row */
+{
+    return _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(sb + 64 * 48 + 16 * s)));
+}
+
+static void kr_unpack_q6(const char *sb, const uint16_t *dp, kq_unpacked *k)
+{
+    for (int s = 0; s < 16; s++) {
+        kr_q6_values(sb, s, k->u + 4 * s);
+        k->sc[s] = kr_q6_scale(sb, s);
+    }
+    for (int p = 0; p < 8; p++) k->sp[p] = kq_pair(k->sc[2 * p], k->sc[2 * p + 1]);
+    k->d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)dp));
 }
 
 static inline __m512i kq_x4(const int8_t *p) /* 4 activation bytes in every lane */
@@ -1486,12 +1534,14 @@ kq_tokens(int six, const kq_unpacked *k, const act_view *a, int i, int T, float 
     }
 }
 
+/* Rows [r0, r1) of w (type: its file layout or, packed, its repacked one: then r0 and r1 are
+ * multiples of 16) for ntok tokens; ntok = 1 is the decode path of the repacked layouts. */
 static inline __attribute__((always_inline)) void
 kq_batch(int type, const pl_tensor *w, const void *xq, long long stride, int ntok, float *out, long long ldo,
          long long r0, long long r1)
 {
-    const int nb = (int)(w->cols / QK_K);
-    const size_t bb = block_bytes(type), rb = (size_t)nb * bb;
+    const int nb = (int)(w->cols / QK_K), packed = is_kr16(type), six = type == PL_Q6_K || type == PL_Q6_K_R16;
+    const size_t bb = block_bytes(type), rb = (size_t)nb * bb, sb = kr16_sbytes(six);
     const char *base = (const char *)w->data;
     kq_unpacked k __attribute__((aligned(64)));
     act_view a[ntok];
@@ -1499,13 +1549,15 @@ kq_batch(int type, const pl_tensor *w, const void *xq, long long stride, int nto
     for (long long r = r0; r < r1; r += 16) {
         int nr = r1 - r >= 16 ? 16 : (int)(r1 - r);
         __mmask16 m = (__mmask16)((1u << nr) - 1);
+        const char *g = base + r * rb; /* row r, or (packed) its group */
         for (int i = 0; i < nb; i++) {
-            if (type == PL_Q4_K) kq_unpack_q4(base + r * rb + i * bb, rb, nr, &k);
-            else kq_unpack_q6(base + r * rb + i * bb, rb, nr, &k);
+            const char *src = packed ? g + i * sb : g + i * bb;
+            if (six && packed) kr_unpack_q6(src, (const uint16_t *)(g + nb * sb) + 16 * i, &k);
+            else if (six) kq_unpack_q6(src, rb, nr, &k);
+            else kq_unpack_q4(packed, src, rb, nr, &k);
             for (int t = 0; t < ntok; t += KT) {
                 int T = ntok - t < KT ? ntok - t : KT;
                 float *o = out + t * ldo + r;
-                const int six = type == PL_Q6_K;
                 if (T == KT) kq_tokens(six, &k, a + t, i, KT, o, ldo, m, i == 0);
                 else for (int e = 0; e < T; e++) kq_tokens(six, &k, a + t + e, i, 1, o + e * ldo, ldo, m, i == 0);
             }
@@ -1523,6 +1575,180 @@ static void kq_batch_q6_K(const pl_tensor *w, const void *xq, long long stride, 
                           long long r0, long long r1)
 {
     kq_batch(PL_Q6_K, w, xq, stride, ntok, out, ldo, r0, r1);
+}
+
+static void kq_batch_q4_K_R16(const pl_tensor *w, const void *xq, long long stride, int ntok, float *out,
+                              long long ldo, long long r0, long long r1)
+{
+    kq_batch(PL_Q4_K_R16, w, xq, stride, ntok, out, ldo, r0, r1);
+}
+
+static void kq_batch_q6_K_R16(const pl_tensor *w, const void *xq, long long stride, int ntok, float *out,
+                              long long ldo, long long r0, long long r1)
+{
+    kq_batch(PL_Q6_K_R16, w, xq, stride, ntok, out, ldo, r0, r1);
+}
+
+/* One token over a repacked group: the integer sums of kq_tokens (T = 1) formed straight from
+ * the loaded chunks, without the kq_unpacked copy (decode reads each byte once: the unpacking is
+ * its arithmetic). Exact integers, then k4_step / k6_step per lane: bit for bit kq_tokens. */
+static inline __m512i kr_x4(const int8_t *q8, int off) { return kq_x4(q8 + off); }
+
+/* Q4_K super-block at sb (36 chunks): acc of its 16 rows. */
+static inline __attribute__((always_inline)) __m512
+kr_q4_step(const char *sb, const act_view *a, int i, __m512 acc)
+{
+    const __m512i lo4 = _mm512_set1_epi8(15), hi4 = _mm512_set1_epi8((char)0xf0), lo6 = _mm512_set1_epi8(0x3f),
+                  lo2 = _mm512_set1_epi8(3);
+    const int8_t *q8 = a->q + QK_K * i;
+    __m512i P[8];
+    _Pragma("GCC unroll 16")
+    for (int ch = 0; ch < 4; ch++) { /* qs dwords 8ch..8ch+7: sub-blocks 2ch (low nibbles), 2ch+1 (high) */
+        __m512i pl = _mm512_setzero_si512(), ph = _mm512_setzero_si512();
+        _Pragma("GCC unroll 16")
+        for (int l = 0; l < 8; l++) {
+            __m512i c = _mm512_loadu_si512((const void *)(sb + 64 * (4 + 8 * ch + l)));
+            pl = _mm512_dpbusd_epi32(pl, _mm512_and_si512(c, lo4), kr_x4(q8, 64 * ch + 4 * l));
+            ph = _mm512_dpbusd_epi32(ph, _mm512_and_si512(c, hi4), kr_x4(q8, 64 * ch + 32 + 4 * l));
+        }
+        P[2 * ch] = pl, P[2 * ch + 1] = _mm512_srai_epi32(ph, 4); /* the high nibbles were read x16 */
+    }
+    __m512i c0 = _mm512_loadu_si512((const void *)sb), a0 = _mm512_loadu_si512((const void *)(sb + 64)),
+            a1 = _mm512_loadu_si512((const void *)(sb + 128)), a2 = _mm512_loadu_si512((const void *)(sb + 192));
+    __m512i sc03 = _mm512_and_si512(a0, lo6), m03 = _mm512_and_si512(a1, lo6);
+    __m512i sc47 = _mm512_or_si512(_mm512_and_si512(a2, lo4),
+                                   _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(a0, 6), lo2), 4));
+    __m512i m47 = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi32(a2, 4), lo4),
+                                  _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(a1, 6), lo2), 4));
+    __m512i I0 = _mm512_setzero_si512(), I1 = _mm512_setzero_si512();
+    _Pragma("GCC unroll 16")
+    for (int q = 0; q < 4; q += 2) {
+        I0 = _mm512_add_epi32(I0, _mm512_mullo_epi32(P[q], kq_byte(sc03, q)));
+        I1 = _mm512_add_epi32(I1, _mm512_mullo_epi32(P[q + 1], kq_byte(sc03, q + 1)));
+        I0 = _mm512_add_epi32(I0, _mm512_mullo_epi32(P[4 + q], kq_byte(sc47, q)));
+        I1 = _mm512_add_epi32(I1, _mm512_mullo_epi32(P[5 + q], kq_byte(sc47, q + 1)));
+    }
+    const int8_t *bs = (const int8_t *)(a->bs32 + 8 * i);
+    __m512i M = _mm512_dpwssd_epi32(_mm512_setzero_si512(), kq_pair(kq_byte(m03, 0), kq_byte(m03, 1)), kq_x4(bs));
+    M = _mm512_dpwssd_epi32(M, kq_pair(kq_byte(m03, 2), kq_byte(m03, 3)), kq_x4(bs + 4));
+    M = _mm512_dpwssd_epi32(M, kq_pair(kq_byte(m47, 0), kq_byte(m47, 1)), kq_x4(bs + 8));
+    M = _mm512_dpwssd_epi32(M, kq_pair(kq_byte(m47, 2), kq_byte(m47, 3)), kq_x4(bs + 12));
+    __m512 d = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(c0)), dmin = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(c0, 16)));
+    __m512 y = _mm512_fmsub_ps(d, _mm512_cvtepi32_ps(_mm512_add_epi32(I0, I1)), _mm512_mul_ps(dmin, _mm512_cvtepi32_ps(M)));
+    return _mm512_fmadd_ps(y, _mm512_set1_ps(a->d[i]), acc); /* k4_step */
+}
+
+/* Q6_K super-block at sb (52 chunks), its rows' fp16 d at dp. Each sub-block's sum starts at
+ * −32·bsum (the values' offset), so I − 32·M of kq_tokens comes out as one sum. */
+static inline __attribute__((always_inline)) __m512
+kr_q6_step(const char *sb, const uint16_t *dp, const act_view *a, int i, __m512 acc)
+{
+    const int8_t *q8 = a->q + QK_K * i;
+    const int16_t *bs = a->bsums + 16 * i;
+    __m512i I0 = _mm512_setzero_si512(), I1 = _mm512_setzero_si512();
+    _Pragma("GCC unroll 16")
+    for (int s = 0; s < 16; s++) {
+        __m512i v[4];
+        kr_q6_values(sb, s, v);
+        __m512i p = _mm512_set1_epi32(-32 * (int32_t)bs[s]);
+        _Pragma("GCC unroll 4")
+        for (int k = 0; k < 4; k++) p = _mm512_dpbusd_epi32(p, v[k], kr_x4(q8, 16 * s + 4 * k));
+        if (s & 1) I1 = _mm512_add_epi32(I1, _mm512_mullo_epi32(p, kr_q6_scale(sb, s)));
+        else I0 = _mm512_add_epi32(I0, _mm512_mullo_epi32(p, kr_q6_scale(sb, s)));
+    }
+    __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)dp));
+    return _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(I0, I1)), _mm512_mul_ps(d, _mm512_set1_ps(a->d[i])), acc); /* k6_step */
+}
+
+#ifndef KR_PF
+#define KR_PF 0
+#endif
+/* Rows [r0, r1) (multiples of 16) of a repacked matrix for one token. */
+static inline __attribute__((always_inline)) void
+kr_decode(int six, const pl_tensor *w, const void *xq, float *out, long long r0, long long r1)
+{
+    const int nb = (int)(w->cols / QK_K);
+    const size_t sbytes = kr16_sbytes(six), gbytes = (size_t)nb * 16 * block_bytes(w->type);
+    const act_view a = act_layout(w, xq);
+    for (long long r = r0; r < r1; r += 16) {
+        const char *g = (const char *)w->data + (size_t)(r / 16) * gbytes;
+        __m512 acc = _mm512_setzero_ps();
+        for (int i = 0; i < nb; i++) {
+            const char *sb = g + i * sbytes;
+#if KR_PF
+            for (size_t o = 0; o < sbytes; o += 64) _mm_prefetch(sb + KR_PF + o, _MM_HINT_T0);
+#endif
+            if (six) acc = kr_q6_step(sb, (const uint16_t *)(g + nb * sbytes) + 16 * i, &a, i, acc);
+            else acc = kr_q4_step(sb, &a, i, acc);
+        }
+        _mm512_storeu_ps(out + r, acc);
+    }
+}
+
+static void kr_decode_q4(const pl_tensor *w, const void *xq, float *out, long long r0, long long r1)
+{
+    kr_decode(0, w, xq, out, r0, r1);
+}
+
+static void kr_decode_q6(const pl_tensor *w, const void *xq, float *out, long long r0, long long r1)
+{
+    kr_decode(1, w, xq, out, r0, r1);
+}
+
+/* All four layouts' kernels: one token or a batch. */
+static void kq_matmul(const pl_tensor *w, const void *xq, long long stride, int ntok, float *out, long long ldo,
+                      long long r0, long long r1)
+{
+    switch (w->type) {
+    case PL_Q4_K: kq_batch_q4_K(w, xq, stride, ntok, out, ldo, r0, r1); break;
+    case PL_Q6_K: kq_batch_q6_K(w, xq, stride, ntok, out, ldo, r0, r1); break;
+    case PL_Q4_K_R16: kq_batch_q4_K_R16(w, xq, stride, ntok, out, ldo, r0, r1); break;
+    default: kq_batch_q6_K_R16(w, xq, stride, ntok, out, ldo, r0, r1); break;
+    }
+}
+
+/* Repacked Q4_K / Q6_K (PL_Q4_K_R16, PL_Q6_K_R16), made at load time by pl_repack. Rows go in
+ * groups of 16, a group as large as its 16 rows, super-block after super-block (one contiguous
+ * stream per group for the decode kernels); in each, chunk p (64 bytes) holds row r's part at 4r:
+ * Q4_K: 36 chunks (2304 bytes), chunk p = dword p of each row's block: d|dmin, the 3 packed
+ *   scale dwords, qs. Exactly what kq_columns gathers from the file's layout: plain loads instead.
+ * Q6_K: 52 chunks (3328 bytes), then after the group's nb super-blocks a plane of the 16 rows' fp16
+ *   d per super-block. Sub-block s (values 16s..16s+15) is chunks 3s..3s+2: for e < 3, byte j of
+ *   row r's dword = value 16s + 4e + j (unsigned, 0..63) in bits 0-5, and bits 2e, 2e+1 of value
+ *   16s + 12 + j in bits 6-7 (kr_q6_values undoes it in 6 operations per 4 value chunks, where
+ *   the file's split ql/qh bits take ~18); chunks 48-51: byte 16s + r = row r's int8 scale s.
+ * The kernels form the same exact integer sums from them and take the same float steps, so every
+ * result equals the file layout's, bit for bit. */
+static void kr16_repack_groups(const pl_tensor *w, char *dst, long long g0, long long g1)
+{
+    const int six = w->type == PL_Q6_K, nb = (int)(w->cols / QK_K);
+    const size_t bb = block_bytes(w->type), rb = (size_t)nb * bb, gbytes = 16 * rb, sb = kr16_sbytes(six);
+    const __m512i hi2 = _mm512_set1_epi8((char)0xc0);
+    kq_unpacked k __attribute__((aligned(64)));
+    for (long long g = g0; g < g1; g++) {
+        const char *rows = (const char *)w->data + (size_t)g * gbytes;
+        char *q = dst + (size_t)g * gbytes;
+        for (int b = 0; b < nb; b++) {
+            char *o = q + b * sb;
+            if (!six) { /* the file's dwords, transposed */
+                for (int c = 0; c < 3; c++) {
+                    __m512i r[16];
+                    kq_columns(rows + b * bb, rb, 16, c, 144, r);
+                    for (int p = 0; p < 16 && 16 * c + p < 36; p++) _mm512_storeu_si512((void *)(o + 64 * (16 * c + p)), r[p]);
+                }
+                continue;
+            }
+            kq_unpack_q6(rows + b * bb, rb, 16, &k);
+            for (int s = 0; s < 16; s++) { /* values 0-2 of the sub-block, value 3's bit pairs on top */
+                const __m512i *v = k.u + 4 * s;
+                for (int e = 0; e < 3; e++)
+                    _mm512_storeu_si512((void *)(o + 64 * (3 * s + e)),
+                                        _mm512_or_si512(v[e], _mm512_and_si512(_mm512_slli_epi32(v[3], 6 - 2 * e), hi2)));
+                _mm_storeu_si128((__m128i *)(o + 64 * 48 + 16 * s), _mm512_cvtepi32_epi8(k.sc[s]));
+            }
+            for (int r = 0; r < 16; r++) memcpy(q + nb * sb + 32 * b + 2 * r, rows + r * rb + b * bb + 208, 2);
+        }
+    }
 }
 #endif
 
@@ -2046,6 +2272,10 @@ static void r16_repack_groups(const pl_tensor *w, char *dst, long long g0, long 
 
 long long pli_repack_bytes(const pl_tensor *w)
 {
+#ifdef PL_KQ512
+    if ((w->type == PL_Q4_K || w->type == PL_Q6_K) && w->rows % 16 == 0 && w->cols % QK_K == 0)
+        return w->rows * (w->cols / QK_K) * (long long)block_bytes(w->type);
+#endif
 #ifdef PL_VNNI512
     if ((w->type == PL_Q4_0 || w->type == PL_Q5_0 || w->type == PL_Q8_0) && w->rows % RG == 0 &&
         w->cols % QK == 0)
@@ -2057,6 +2287,12 @@ long long pli_repack_bytes(const pl_tensor *w)
 
 int pli_repack(const pl_tensor *w, void *dst, long long g0, long long g1)
 {
+#ifdef PL_KQ512
+    if ((w->type == PL_Q4_K || w->type == PL_Q6_K) && pli_repack_bytes(w) > 0) {
+        kr16_repack_groups(w, (char *)dst, g0, g1);
+        return w->type == PL_Q4_K ? PL_Q4_K_R16 : PL_Q6_K_R16;
+    }
+#endif
 #ifdef PL_VNNI512
     if (pli_repack_bytes(w) > 0) {
         r16_repack_groups(w, (char *)dst, g0, g1);
@@ -2070,7 +2306,7 @@ int pli_repack(const pl_tensor *w, void *dst, long long g0, long long g1)
 int pli_batch_all_rows(int type)
 {
 #ifdef PL_KQ512
-    return type == PL_Q4_K || type == PL_Q6_K;
+    return type == PL_Q4_K || type == PL_Q6_K || is_kr16(type);
 #else
     (void)type;
     return 0;
@@ -2082,9 +2318,8 @@ void pli_matmul_batch(const pl_tensor *w, const void *xq, long long stride, int 
 {
     int t = 0;
 #ifdef PL_KQ512
-    if (w->type == PL_Q4_K || w->type == PL_Q6_K) {
-        if (w->type == PL_Q4_K) kq_batch_q4_K(w, xq, stride, ntok, out, ldo, r0, r1);
-        else kq_batch_q6_K(w, xq, stride, ntok, out, ldo, r0, r1);
+    if (w->type == PL_Q4_K || w->type == PL_Q6_K || is_kr16(w->type)) {
+        kq_matmul(w, xq, stride, ntok, out, ldo, r0, r1);
         return;
     }
 #endif
@@ -2115,6 +2350,12 @@ void pli_matmul_batch(const pl_tensor *w, const void *xq, long long stride, int 
 
 void pli_matvec_rows(const pl_tensor *w, const void *xq, float *out, long long r0, long long r1)
 {
+#ifdef PL_KQ512
+    if (is_kr16(w->type)) {
+        (w->type == PL_Q4_K_R16 ? kr_decode_q4 : kr_decode_q6)(w, xq, out, r0, r1);
+        return;
+    }
+#endif
     act_view a = act_layout(w, xq);
 #ifdef PL_VNNI512
     if (is_r16(w->type)) {

@@ -3,6 +3,7 @@
 Every cdata made here (from_buffer pointers, structs, arrays) is kept on the Transformer so the
 memory C points into stays alive as long as the Transformer does. The weights are never copied.
 """
+import mmap
 import os
 import threading
 import weakref
@@ -93,6 +94,44 @@ def repack_budget():
     return None if avail is None else avail // 2
 
 
+HUGE = 2 << 20
+
+
+def aligned_buffer(n):
+    """n writable bytes for a repacked copy, 64-byte aligned; from 2 MiB up, an anonymous mapping
+    on 2 MiB boundaries advised into transparent huge pages where the kernel offers them (read
+    once per token front to back: 4 KiB pages cost a TLB miss and a stop of the hardware
+    prefetcher every 4 KiB). Freed when the array is."""
+    if n < HUGE or not hasattr(mmap, "MADV_HUGEPAGE"):
+        buf = np.empty(n + 64, np.uint8)
+        off = -buf.ctypes.data % 64
+        return buf[off:off + n]
+    m = mmap.mmap(-1, n + HUGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    buf = np.frombuffer(m, np.uint8)
+    off = -buf.ctypes.data % HUGE
+    try:
+        m.madvise(mmap.MADV_HUGEPAGE, off, n)
+    except OSError:  # a kernel without THP: small pages
+        pass
+    return buf[off:off + n]
+
+
+def release_file_pages(mf, view):
+    """Drops the file's pages under `view` (a tensor just repacked: its kernels read the copy) from
+    this process's resident set, so the file and its copy are not both counted; a later read
+    (the embedding rows of a tied classifier) faults them back in from the page cache."""
+    mm = getattr(mf.mmap, "_mmap", None)
+    if mm is None or getattr(mf.mmap, "offset", 1) != 0 or not hasattr(mmap, "MADV_DONTNEED"):
+        return
+    start = view.ctypes.data - mf.mmap.ctypes.data
+    if start < 0 or start + view.nbytes > mf.mmap.nbytes:
+        return
+    lo = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE
+    hi = (start + view.nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
+    if hi > lo:
+        mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+
+
 class ModelLock:
     """A Transformer's KV cache belongs to one generation at a time. Other threads wait for it;
     the thread that holds it (e.g. a second generate() started while a first one is still being
@@ -170,11 +209,11 @@ class Transformer:
 
     def _matrix(self, dst, t):
         """A matmul weight: bound as the file has it, then repacked where this build's kernels
-        have a layout of their own for its type (pl_repack: Q4_0, Q5_0, Q8_0 with AVX-512 VNNI; a
-        copy as large as the tensor, made once at load time and shared by every Transformer over
-        the same ModelFile) while the copies fit in half the memory available at load (beyond
-        that the file's layout runs, slower, from the page cache). The embedding rows stay in
-        the file."""
+        have a layout of their own for its type (pl_repack: Q4_0, Q5_0, Q8_0, Q4_K, Q6_K with
+        AVX-512 VNNI; float matrices as they are, into 2 MiB pages). The copy is as large as the
+        tensor, made once at load time and shared by every Transformer over the same ModelFile,
+        while the copies fit in half the memory available at load (beyond that the file's layout
+        runs, slower, from the page cache). The embedding rows stay in the file."""
         self._tensor(dst, t)
         done = self.file.repacked.get(t.name)
         if done is None:
@@ -189,16 +228,16 @@ class Transformer:
             arr = self._repack_buffer(n)
             done = self.file.repacked[t.name] = (arr, lib.pl_repack(p, self._ptr(arr), 1 if _forked
                                                                      else default_threads()))
+            release_file_pages(self.file, t.data)
         dst.data, dst.type = self._ptr(done[0]), done[1]
 
     def _repack_buffer(self, n):
         """n bytes, 64-byte aligned, for a repacked copy: carved from arenas of at least
-        ARENA_BYTES (an allocation that large numpy asks the kernel to back with 2 MiB pages, as
-        it would not a copy of one 2 MiB matrix of its own)."""
+        ARENA_BYTES (aligned_buffer: 2 MiB pages where the kernel offers them, which the small
+        matrices of a model would not get each on its own)."""
         arena = self._arena
         if arena is None or arena[1] + n > arena[0].size:
-            buf = np.empty(max(n, ARENA_BYTES) + 64, np.uint8)
-            arena = self._arena = [buf, -buf.ctypes.data % 64]
+            arena = self._arena = [aligned_buffer(max(n, ARENA_BYTES)), 0]
         buf, off = arena
         arena[1] = off + (n + 63) // 64 * 64
         return buf[off:off + n]

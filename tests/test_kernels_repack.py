@@ -1,4 +1,5 @@
-"""Q4_0, Q5_0 and Q8_0 repacked at load time (pl_repack: 16 rows interleaved, csrc/quants.c "Repacked").
+"""Q4_0, Q5_0, Q8_0, Q4_K and Q6_K repacked at load time (pl_repack: 16 rows interleaved, csrc/quants.c
+"Repacked").
 
 Expected values come from:
 - the plain-layout kernels of the same core (pl_matmul on the file's bytes, themselves checked
@@ -7,6 +8,8 @@ Expected values come from:
 - the repacked single-token kernel itself: every batch size (1-8 token tiles, the decode path's
   4-group tiles and their leftovers, 2 threads splitting rows at group boundaries) must give each
   token exactly its single-token result, bit for bit (issue 12/13: batched == alone);
+- for Q4_K/Q6_K, the file layout's kernels exactly: the repacked layout holds the same dwords
+  and the same kernels read it, so logits must be equal bit for bit, not just close;
 - /proc/cpuinfo and the core's build flags: a build for AVX-512 VNNI makes the layout, others not.
 """
 import numpy as np
@@ -23,12 +26,14 @@ from test_quants import TYPES, Tensor, _activations, _rng, _weights
 ffi, lib = _core.ffi, _core.lib
 VNNI = "avx512vnni" in ffi.string(lib.pl_build_info()).decode().split()
 REPACKED = {"Q4_0": lib.PL_Q4_0_R16, "Q5_0": lib.PL_Q5_0_R16, "Q8_0": lib.PL_Q8_0_R16}
+K_REPACKED = {"Q4_K": lib.PL_Q4_K_R16, "Q6_K": lib.PL_Q6_K_R16}
 
 
 def _repacked(t, n_threads=2):
     """A Tensor holding t's repacked layout (64-byte aligned, as pyllama/model.py makes it)."""
     n = lib.pl_repack_bytes(t.t)
-    assert n == t.t.rows * t.t.cols // 32 * {lib.PL_Q4_0: 18, lib.PL_Q5_0: 22, lib.PL_Q8_0: 34}[t.t.type]
+    per_block = {lib.PL_Q4_0: 18, lib.PL_Q5_0: 22, lib.PL_Q8_0: 34, lib.PL_Q4_K: 144 / 8, lib.PL_Q6_K: 210 / 8}
+    assert n == t.t.rows * t.t.cols // 32 * per_block[t.t.type]
     buf = np.zeros(n + 64, np.uint8)
     off = -buf.ctypes.data % 64
     packed = buf[off:off + n]
@@ -43,11 +48,11 @@ def test_native_build_repacks_where_the_cpu_has_vnni():
     native = "avx512f" in ffi.string(lib.pl_build_info()).decode()
     if native:  # -march=native on an AVX-512 CPU: VNNI kernels exactly when the CPU has VNNI
         assert VNNI == ({"avx512_vnni", "avx512bw"} <= flags)
-    for name in REPACKED:
-        ptype, _, _, nbytes, _ = TYPES[name]
-        t = Tensor(ptype, _weights(name, 32, 64, "random", _rng(name, "bytes")), 32, 64)
+    for name in [*REPACKED, *K_REPACKED]:
+        ptype, _, block, nbytes, _ = TYPES[name]
+        t = Tensor(ptype, _weights(name, 32, 2 * block, "random", _rng(name, "bytes")), 32, 2 * block)
         assert (lib.pl_repack_bytes(t.t) > 0) == VNNI
-        odd = Tensor(ptype, _weights(name, 33, 64, "random", _rng(name, "odd")), 33, 64)
+        odd = Tensor(ptype, _weights(name, 33, 2 * block, "random", _rng(name, "odd")), 33, 2 * block)
         assert lib.pl_repack_bytes(odd.t) == 0  # rows not a multiple of 16: left as they are
 
 
@@ -199,3 +204,81 @@ def test_q5_0_model_repacked_agrees_with_the_file_layout(q5_model, monkeypatch):
     assert lib.PL_Q5_0 in types and lib.PL_Q5_0_R16 not in types
     np.testing.assert_array_equal(plain, stepwise)
     np.testing.assert_array_equal(packed, plain)
+
+
+@needs_vnni
+@pytest.mark.parametrize("name", sorted(K_REPACKED))
+def test_k_repacked_equals_file_layout_bit_for_bit(name):
+    """Q4_K/Q6_K: the same dwords read by the same kernels (plain loads instead of gathers), so
+    every batch size and thread split gives exactly the file layout's results; and a batch gives
+    each token exactly its one-token result (80 rows: 5 groups, split over 2 threads at a group
+    edge; 1-9 tokens: every leftover width of the 4-token tiles)."""
+    ptype, _, block, _, _ = TYPES[name]
+    rows, cols = 80, 3 * block
+    rng = _rng(name, "k-r16")
+    plain = Tensor(ptype, _weights(name, rows, cols, "random", rng), rows, cols)
+    packed = _repacked(plain)
+    assert packed.t.type == K_REPACKED[name]
+    for n in (1, 2, 3, 4, 5, 9):
+        x = np.stack([_activations(rng, cols, block) for _ in range(n)])
+        for n_threads in (1, 2):
+            single = np.stack([packed.matmul(x[i], n_threads) for i in range(n)])
+            assert np.all(np.isfinite(single))
+            np.testing.assert_array_equal(packed.matmul(x, n_threads), single)
+            np.testing.assert_array_equal(plain.matmul(x, n_threads), single)
+            np.testing.assert_array_equal(np.stack([plain.matmul(x[i], n_threads) for i in range(n)]),
+                                          single)
+
+
+@needs_vnni
+def test_k_quant_model_runs_repacked_with_the_files_logits(shared, monkeypatch):
+    """quant-base-q4_k_m.gguf (Q4_K and Q6_K matrices): repacked or not (budget 0), the same
+    logits bit for bit, one token at a time and as a batch."""
+    from pyllama import model as model_mod
+    path = shared / "models" / "quant-base-q4_k_m.gguf"
+    ids = [1] + np.random.default_rng(7).integers(3, 200, size=12).tolist()
+    runs = []
+    for budget in (None, 0):
+        monkeypatch.setattr(model_mod, "repack_budget", lambda: budget)
+        tr = Transformer(load(path), n_ctx=32)
+        w = tr._weights
+        types = {getattr(w.layers[l], f).type for l in range(tr.config["n_layers"])
+                 for f in ("wq", "wk", "wv", "wo", "w1", "w2", "w3")}
+        assert types <= (set(K_REPACKED.values()) if budget is None else {lib.PL_Q4_K, lib.PL_Q6_K})
+        batched = tr.prefill(ids, 0, all_logits=True).copy()
+        stepwise = np.array([tr.forward(tok, pos).copy() for pos, tok in enumerate(ids)])
+        np.testing.assert_array_equal(batched, stepwise)
+        runs.append(stepwise)
+    np.testing.assert_array_equal(runs[0], runs[1])
+
+
+@pytest.mark.parametrize("n", (1000, 5 << 20))
+def test_repack_buffers_are_aligned_and_writable(n):
+    """pyllama/model.py aligned_buffer: repacked copies start on 64 bytes (the kernels' aligned
+    loads), from 2 MiB up on a 2 MiB boundary (one transparent huge page per 2 MiB where the
+    kernel allows it), hold exactly n writable bytes and outlive the call."""
+    from pyllama.model import HUGE, aligned_buffer
+    a = aligned_buffer(n)
+    assert a.nbytes == n and a.flags.writeable
+    assert a.ctypes.data % (HUGE if n >= HUGE else 64) == 0
+    a[:] = 7
+    assert int(a[-1]) == 7 and int(a.sum()) == 7 * n
+
+
+@needs_vnni
+def test_repacked_tensors_file_pages_still_read_the_file(shared):
+    """After a repack the file's pages under the tensor leave the process (release_file_pages);
+    the views still read the file's bytes (the embedding of a tied classifier reads rows from
+    them), and they stay read-only."""
+    path = shared / "models" / "quant-base-q4_k_m.gguf"
+    mf = load(path)
+    tr = Transformer(mf, n_ctx=16)
+    assert mf.repacked
+    raw = path.read_bytes()
+    base = mf.mmap.ctypes.data
+    for name in mf.repacked:
+        v = mf.tensors[name].data
+        off = v.ctypes.data - base
+        assert bytes(v.reshape(-1)) == raw[off:off + v.nbytes]
+    assert not mf.mmap.flags.writeable
+    assert np.all(np.isfinite(tr.forward(1, 0)))

@@ -46,10 +46,13 @@ class Llama:
     threads    OpenMP threads for the C core (default: all cores available to this process; 1 for
                a model too small to gain from more, see model.default_threads)
     n_ctx      positions the KV cache holds (default: the model's seq_len; more on request)
-    mmap       map the file (default: loads in milliseconds, pages shared between processes;
-               float and, with AVX-512 VNNI, Q4_0/Q8_0 matrices are copied at load, README
-               "Speed"); False reads it into memory (safe if the file may change on disk while
-               in use)
+    mmap       map the file (default: pages shared between processes); False reads it into
+               memory (safe if the file may change on disk while in use)
+    repack     copy the weight matrices at load into the layouts the kernels read fastest
+               (default: float matrices into 2 MiB pages; with AVX-512 VNNI, Q4_0, Q5_0, Q8_0,
+               Q4_K and Q6_K rows interleaved by 16; README "Speed"), within half the memory
+               available; False runs every matrix from the file as it is: less memory, a
+               quicker load, pages shared with other processes, slower tokens
     chat_format / chat_template   the chat template to use instead of the file's: a format name
                ("llama-2", "chatml") or a Jinja template text
 
@@ -59,7 +62,7 @@ class Llama:
     """
 
     def __init__(self, path, tokenizer=None, threads=None, n_ctx=None, mmap=True, chat_format=None,
-                 chat_template=None):
+                 chat_template=None, repack=True):
         from .chat import resolve_template
         self._model = None
         mmap = validate.boolean(mmap, "mmap")
@@ -78,7 +81,7 @@ class Llama:
         if not self.file.has_weights:
             raise FormatError(f"{self.path}: a vocab-only GGUF holds no weights to run; load its "
                               f"tokenizer with pyllama.load_tokenizer(path)")
-        self._model = Transformer(self.file, n_ctx=n_ctx, threads=threads)
+        self._model = Transformer(self.file, n_ctx=n_ctx, threads=threads, repack=repack)
         self.tokenizer_problem = None  # why no tokenizer was found, when one was refused
         self.tokenizer = self._resolve_tokenizer(tokenizer)
         for key in CONFIG_ATTRS:

@@ -160,7 +160,7 @@ class Transformer:
     of n_ctx positions each. forward() and prefill() run slot 0; forward_batch() runs tokens of
     any slots together. slot_len[i] is the number of positions slot i holds."""
 
-    def __init__(self, model_file, n_ctx=None, threads=None, n_slots=1):
+    def __init__(self, model_file, n_ctx=None, threads=None, n_slots=1, repack=True):
         cfg = model_file.config
         self.file = model_file
         self.config = cfg
@@ -180,7 +180,7 @@ class Transformer:
         # evaluated in all: the prefix cache of pyllama/kvcache.py reads them
         self.tokens = []
         self.n_evaluated = 0
-        self._repack_budget = repack_budget()
+        self._repack_budget = repack_budget() if validate.boolean(repack, "repack") else 0
         self._arena = None  # [array, bytes used] (_repack_buffer)
         self._weights = self._bind_weights(model_file)
         self._alloc_state(threads)
@@ -215,6 +215,8 @@ class Transformer:
         while the copies fit in half the memory available at load (beyond that the file's layout
         runs, slower, from the page cache). The embedding rows stay in the file."""
         self._tensor(dst, t)
+        if self._repack_budget == 0:  # repack=False: every matrix runs from the file
+            return
         done = self.file.repacked.get(t.name)
         if done is None:
             p = ffi.addressof(dst)

@@ -282,3 +282,28 @@ def test_repacked_tensors_file_pages_still_read_the_file(shared):
         assert bytes(v.reshape(-1)) == raw[off:off + v.nbytes]
     assert not mf.mmap.flags.writeable
     assert np.all(np.isfinite(tr.forward(1, 0)))
+
+
+@pytest.mark.parametrize("name", ("quant-base-q4_k_m.gguf", "quant-base-q6_k.gguf", "quant-base-f32.gguf"))
+def test_repack_false_runs_every_matrix_from_the_file(shared, name):
+    """Llama(repack=False): no copies (not even ones another Llama over the same loaded file
+    made), every matrix bound to the file's own bytes with the file's type, and the same logits
+    bit for bit as the repacked run (the K-quant and float copies compute exactly the file
+    layout's sums; Q4_0/Q8_0/Q5_0 are compared at kernel level above)."""
+    import pyllama
+    mf = load(shared / "models" / name)
+    fast = pyllama.Llama(mf, n_ctx=32)
+    plain = pyllama.Llama(mf, n_ctx=32, repack=False)
+    w = plain._model._weights
+    base, size = mf.mmap.ctypes.data, mf.mmap.nbytes
+    for l in range(plain.n_layers):
+        for f in ("wq", "wk", "wv", "wo", "w1", "w2", "w3"):
+            m = getattr(w.layers[l], f)
+            assert m.type < 1000 and base <= int(ffi.cast("uintptr_t", m.data)) < base + size
+    ids = [1] + np.random.default_rng(3).integers(3, 200, size=9).tolist()
+    np.testing.assert_array_equal(fast._model.prefill(ids, 0, all_logits=True),
+                                  plain._model.prefill(ids, 0, all_logits=True))
+    if VNNI or name.endswith("f32.gguf"):
+        assert mf.repacked  # the default run did copy
+    with pytest.raises(pyllama.ParameterError, match="repack"):
+        pyllama.Llama(mf, n_ctx=32, repack="no")

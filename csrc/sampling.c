@@ -206,12 +206,73 @@ int pl_draw(const pl_probindex *cand, int n, float temperature, double *p, unsig
     return cand[n - 1].index;
 }
 
+/* The largest of x[0..n) (n >= 1); *bad set when one is NaN or infinite. Sixteen independent
+ * lanes, so the compiler turns the loop into vector max/multiply-add without reassociating. */
+static float max_and_check(const float *x, int n, int *bad)
+{
+    enum { L = 16 };
+    float mx[L], z[L];
+    for (int j = 0; j < L; j++) mx[j] = x[0], z[j] = 0.0f;
+    int i = 0;
+    for (; i + L <= n; i += L)
+        for (int j = 0; j < L; j++) {
+            float v = x[i + j];
+            mx[j] = v > mx[j] ? v : mx[j];
+            z[j] += v * 0.0f; /* stays 0 unless v is NaN or infinite */
+        }
+    float m = x[0], zs = 0.0f;
+    for (; i < n; i++) m = x[i] > m ? x[i] : m, zs += x[i] * 0.0f;
+    for (int j = 0; j < L; j++) m = mx[j] > m ? mx[j] : m, zs += z[j];
+    *bad = zs != 0.0f;
+    return m;
+}
+
+/* Greedy without building every candidate: the argmax after penalties and bias, as the full
+ * path finds it (largest logit, lower id on ties). Only the penalized and biased tokens change,
+ * so they get candidate entries (the same stage functions adjust them) and compete with the
+ * first token holding the raw maximum. Returns -2 when a changed token holds the raw maximum
+ * (the best unchanged token is then unknown: the caller takes the full path), -1 for
+ * non-finite logits. */
+static int greedy_fast(const float *logits, int n, int penalties, const pl_sampling *sp,
+                       const int *window, int n_window, const int *bias_ids, const float *bias,
+                       int n_bias, pl_probindex *cand, int *counts)
+{
+    int bad;
+    float m = max_and_check(logits, n, &bad);
+    if (bad) return -1;
+    if (!penalties) n_window = 0;
+    for (int k = 0; k < n_window + n_bias; k++) {
+        int t = k < n_window ? window[k] : bias_ids[k - n_window];
+        if (logits[t] == m) return -2;
+        cand[t].prob = logits[t];
+        cand[t].index = t;
+    }
+    if (n_window)
+        pl_penalize(cand, window, n_window, counts, sp->repeat_penalty, sp->frequency_penalty,
+                    sp->presence_penalty);
+    pl_logit_bias(cand, bias_ids, bias, n_bias);
+    pl_probindex best = { m, 0 };
+    while (logits[best.index] != m) best.index++;
+    for (int k = 0; k < n_window + n_bias; k++) {
+        int t = k < n_window ? window[k] : bias_ids[k - n_window];
+        if (before(&cand[t], &best)) best = cand[t];
+    }
+    return best.index;
+}
+
 int pl_sample_chain(const float *logits, int n, const pl_sampling *sp, const int *window, int n_window,
                     const int *bias_ids, const float *bias, int n_bias, pl_probindex *cand,
                     pl_probindex *tmp, double *p, int *counts, unsigned long long *rng)
 {
+    int penalties = sp->repeat_penalty != 1.0f || sp->frequency_penalty != 0.0f ||
+                    sp->presence_penalty != 0.0f;
+    if (sp->temperature <= 0.0f || sp->top_k == 1) {
+        int t = greedy_fast(logits, n, penalties, sp, window, n_window, bias_ids, bias, n_bias,
+                            cand, counts);
+        if (t != -2) return t;
+    }
     if (pl_cand_init(logits, n, cand) < 0) return -1;
-    if (sp->repeat_penalty != 1.0f || sp->frequency_penalty != 0.0f || sp->presence_penalty != 0.0f)
+    if (penalties)
         pl_penalize(cand, window, n_window, counts, sp->repeat_penalty, sp->frequency_penalty,
                     sp->presence_penalty);
     pl_logit_bias(cand, bias_ids, bias, n_bias);

@@ -6,6 +6,7 @@
  * probabilities a stage looks at are the softmax of the current candidates at temperature 1;
  * temperature scales only the final draw. Sums run in double so a 128k vocabulary loses nothing. */
 #include <math.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 #include "internal.h"
@@ -206,25 +207,47 @@ int pl_draw(const pl_probindex *cand, int n, float temperature, double *p, unsig
     return cand[n - 1].index;
 }
 
-/* The largest of x[0..n) (n >= 1); *bad set when one is NaN or infinite. Sixteen independent
- * lanes, so the compiler turns the loop into vector max/multiply-add without reassociating. */
+/* The largest of x[0..n) (n >= 1); *bad set when one is NaN or infinite. On the floats' bits
+ * as ordered integers (sign-magnitude flipped to two's complement), so the loop is an integer
+ * max and or, which the compiler vectorizes (a float max it may not: NaN rules). -0 sorts below
+ * +0 here; the caller compares values with ==, where they are equal, as in the full path. */
 static float max_and_check(const float *x, int n, int *bad)
 {
-    enum { L = 16 };
-    float mx[L], z[L];
-    for (int j = 0; j < L; j++) mx[j] = x[0], z[j] = 0.0f;
-    int i = 0;
-    for (; i + L <= n; i += L)
-        for (int j = 0; j < L; j++) {
-            float v = x[i + j];
-            mx[j] = v > mx[j] ? v : mx[j];
-            z[j] += v * 0.0f; /* stays 0 unless v is NaN or infinite */
-        }
-    float m = x[0], zs = 0.0f;
-    for (; i < n; i++) m = x[i] > m ? x[i] : m, zs += x[i] * 0.0f;
-    for (int j = 0; j < L; j++) m = mx[j] > m ? mx[j] : m, zs += z[j];
-    *bad = zs != 0.0f;
+    int32_t best = INT32_MIN;
+    uint32_t special = 0;
+    for (int i = 0; i < n; i++) {
+        uint32_t b;
+        memcpy(&b, x + i, sizeof b);
+        special |= (b & 0x7f800000u) == 0x7f800000u; /* exponent all ones: NaN or infinite */
+        int32_t key = (int32_t)(b ^ ((uint32_t)((int32_t)b >> 31) & 0x7fffffffu));
+        best = key > best ? key : best;
+    }
+    *bad = special != 0;
+    uint32_t b = (uint32_t)best ^ ((uint32_t)(best >> 31) & 0x7fffffffu);
+    float m;
+    memcpy(&m, &b, sizeof m);
     return m;
+}
+
+/* The first i with x[i] == m (there is one; m finite): blocks of 64 compared at once (on the
+ * bits, vectorized like the max; a zero m matches both zeros), then the one holding it. */
+static int first_equal(const float *x, int n, float m)
+{
+    uint32_t mb;
+    memcpy(&mb, &m, sizeof mb);
+    const uint32_t mask = (mb << 1) == 0 ? 0x7fffffffu : 0xffffffffu;
+    int i = 0;
+    for (; i + 64 <= n; i += 64) {
+        uint32_t hit = 0;
+        for (int j = 0; j < 64; j++) {
+            uint32_t b;
+            memcpy(&b, x + i + j, sizeof b);
+            hit |= ((b ^ mb) & mask) == 0;
+        }
+        if (hit) break;
+    }
+    while (x[i] != m) i++;
+    return i;
 }
 
 /* Greedy without building every candidate: the argmax after penalties and bias, as the full
@@ -251,8 +274,7 @@ static int greedy_fast(const float *logits, int n, int penalties, const pl_sampl
         pl_penalize(cand, window, n_window, counts, sp->repeat_penalty, sp->frequency_penalty,
                     sp->presence_penalty);
     pl_logit_bias(cand, bias_ids, bias, n_bias);
-    pl_probindex best = { m, 0 };
-    while (logits[best.index] != m) best.index++;
+    pl_probindex best = { m, first_equal(logits, n, m) };
     for (int k = 0; k < n_window + n_bias; k++) {
         int t = k < n_window ? window[k] : bias_ids[k - n_window];
         if (before(&cand[t], &best)) best = cand[t];

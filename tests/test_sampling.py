@@ -213,6 +213,12 @@ GREEDY_CASES = [  # (logits, history, sampler keywords): the cases the greedy sh
     ([1, 5, 3, 6, 2], [3, 3], dict(presence_penalty=2.0)),       # the max penalized (full path)
     ([1, 5, 3, 6, 2], [1, 2], dict(frequency_penalty=0.5, logit_bias={2: 3.0})),
     ([4, -2, 3, 1, 2], [1, 1, 4], dict(repeat_penalty=0.25, repeat_last_n=2)),  # -2 * 0.25 ...
+    ([-1, -0.0, 0.0, -2], [], {}),                               # -0 == +0: the lower id
+    ([-1, 0.0, -0.0, -2], [], {}),
+    ([-3, -0.0, -1, -2], [], dict(logit_bias={3: 2.0})),         # raised to -0 + ... = 0
+    ([0] * 64 + [1] + [0] * 65, [], {}),                         # the max at a block's start
+    ([0] * 129 + [1], [], {}),                                   # in the tail after the blocks
+    ([1] + [0] * 129, [], {}),
 ]
 
 

@@ -214,6 +214,7 @@ class Server:
                 ("queue_length", "gauge", s["waiting"], "requests waiting for a slot"),
                 ("slots_in_use", "gauge", s["slots_in_use"], "slots running a request"),
                 ("slots", "gauge", s["slots"], "slots (--parallel)"),
+                ("threads", "gauge", s["threads"], "threads the last engine step ran on (at most --threads)"),
                 ("tokens_per_second", "gauge", round((s["generated"] - g0) / (now - t0), 3) if now > t0 else 0.0,
                  "tokens generated per second since the oldest scrape of the last minute (or the start)")):
             lines += [f"# HELP pyllama_{name} {help_}", f"# TYPE pyllama_{name} {kind}", f"pyllama_{name} {value}"]

@@ -330,6 +330,29 @@ def test_a_failing_policy_ends_only_its_request():
         assert bad.finish_reason == oov.finish_reason == "error"
 
 
+def test_steps_on_fewer_threads_give_the_same_tokens(monkeypatch):
+    """adapt_threads (pyllama/threadtune.py) picks each step's threads up to the maximum; with
+    quantized weights the tokens are those of a fixed team (each output row is one thread's)."""
+    mf = load("quant-base-q8_0.gguf")
+    prompts = sequences(512, (3, 9, 5, 7), seed=12)
+    outs, used = {}, {}
+    for adapt in (False, True):
+        with Engine(mf, slots=3, n_ctx=N_CTX, threads=2, start=False, adapt_threads=adapt) as e:
+            assert e.max_threads == 2 and (e._tuner is not None) == adapt
+            if adapt:  # make 1 thread look fast so that both choices run
+                monkeypatch.setattr(e._tuner, "done", lambda key, s, done=e._tuner.done:
+                                    done(key, 1.0 if e.model.threads == 1 else 2.0))
+            handles = [e.submit(p, GreedyPolicy(max_tokens=20)) for p in prompts]
+            seen = set()
+            while e.step():
+                seen.add(e.stats()["threads"])
+            outs[adapt], used[adapt] = [h.result(timeout=0) for h in handles], seen
+    assert outs[True] == outs[False] and used == {False: {2}, True: {1, 2}}
+    with pytest.raises(ParameterError, match="adapt_threads"):
+        Engine(mf, start=False, adapt_threads="yes")
+    assert Engine(mf, threads=1, start=False)._tuner is None
+
+
 def test_engine_arguments_are_checked():
     mf = load("quant-base-q8_0.gguf")
     with pytest.raises(ParameterError, match="slots"):

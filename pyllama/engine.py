@@ -94,11 +94,10 @@ class Handle:
     def _deliver(self, event):  # engine thread
         if self._loop is None:
             self._events.put(event)
-            return
-        try:
-            self._loop.call_soon_threadsafe(self._events.put_nowait, event)
-        except RuntimeError:  # the client's loop is closed: nobody listens any more
-            self._cancelled = True
+        elif self._engine._outbox is not None:  # in a step: one wake-up per loop at its end
+            self._engine._outbox.append((self, event))
+        else:
+            _post(self._loop, [(self, event)])
 
     def __iter__(self):
         if self._loop is not None:
@@ -110,13 +109,24 @@ class Handle:
             yield event
 
     async def __aiter__(self):
+        while True:
+            tokens, ended = await self.updates()
+            for token in tokens:
+                yield token
+            if ended:
+                return
+
+    async def updates(self):
+        """(tokens, ended) once there is news: every token delivered since the last call (a
+        client that fell behind gets them all at once); ended is True once the request is over
+        (finish_reason is set), after which there is nothing more to await."""
         if self._loop is None:
             raise PyllamaError("this request was submitted without an event loop: iterate it")
-        while True:
-            event = await self._events.get()
-            if event is _DONE:
-                return
-            yield event
+        got = [await self._events.get()]
+        while not self._events.empty():
+            got.append(self._events.get_nowait())
+        ended = got[-1] is _DONE
+        return (got[:-1] if ended else got), ended
 
     def result(self, timeout=None):
         """Block until the request ends; its generated ids (the policy's error, if it failed).
@@ -182,6 +192,7 @@ class Engine:
         self._cv = threading.Condition()
         self._closed = False
         self.counters = dict(steps=0, prompt_tokens=0, reused_tokens=0, generated=0, shifts=0)
+        self._outbox = None  # during a step: (handle, event) for loops, posted at its end
         self._thread = None
         if start:
             self._thread = threading.Thread(target=self._run, name="pyllama-engine", daemon=True)
@@ -300,6 +311,18 @@ class Engine:
     def step(self):
         """One scheduler step: admit, run one batch, hand out logits; False when idle. The
         engine thread calls it; call it yourself only on an engine made with start=False."""
+        self._outbox = []
+        try:
+            return self._step()
+        finally:
+            out, self._outbox = self._outbox, None
+            loops = {}
+            for h, event in out:
+                loops.setdefault(h._loop, []).append((h, event))
+            for loop, items in loops.items():
+                _post(loop, items)
+
+    def _step(self):
         t0 = time.perf_counter()
         self._admit()
         active = [s for s in self._slots if s.req is not None]
@@ -392,6 +415,20 @@ class Engine:
         s.held[keep:] = [-1] * (len(s.held) - keep - drop)
         self.counters["shifts"] += 1
         return None, None
+
+
+def _post(loop, items):
+    """Hand (handle, event) pairs to their loop's thread in one wake-up (engine thread)."""
+    try:
+        loop.call_soon_threadsafe(_put_all, items)
+    except RuntimeError:  # the client's loop is closed: nobody listens any more
+        for h, _ in items:
+            h._cancelled = True
+
+
+def _put_all(items):  # in the loop's thread
+    for h, event in items:
+        h._events.put_nowait(event)
 
 
 def _room(policy, pos):

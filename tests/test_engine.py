@@ -13,6 +13,7 @@ import pytest
 from conftest import shared_path
 
 import pyllama
+from pyllama import engine as engine_mod
 from pyllama.engine import Engine, GreedyPolicy
 from pyllama.errors import BusyError, ParameterError, PyllamaError
 from pyllama.generate import generate_tokens
@@ -202,6 +203,37 @@ def test_async_clients():
     with Engine(mf, slots=2, n_ctx=N_CTX, threads=1) as e:
         outs = asyncio.run(main(e))
     assert outs == [greedy_alone(mf, p, 6) for p in prompts]
+
+
+def test_updates_bring_every_token_since_the_last_await_and_one_wake_up_per_step(monkeypatch):
+    """A loop's handles get their step's tokens in one call_soon_threadsafe (engine._post); a
+    client that awaits late gets all tokens delivered since its last await at once."""
+    mf = load("quant-base-q8_0.gguf")
+    prompts = sequences(512, (4, 9, 6), seed=5)
+    posts = []
+    real_post = engine_mod._post
+    monkeypatch.setattr(engine_mod, "_post", lambda loop, items: (posts.append(len(items)), real_post(loop, items)))
+
+    async def main(e):
+        hs = [e.submit_async(p, GreedyPolicy(max_tokens=5)) for p in prompts]
+        for _ in range(3):  # 3 steps: the prompts, then 2 tokens each, before anyone awaits
+            e.step()
+        await asyncio.sleep(0)
+        first = [await h.updates() for h in hs]
+        while e.step():
+            pass
+        rest = [await h.updates() for h in hs]
+        with pytest.raises(PyllamaError, match="without an event loop"):
+            await e.submit(prompts[0]).updates()
+        return hs, first, rest
+
+    with Engine(mf, slots=3, n_ctx=N_CTX, threads=1, start=False) as e:
+        hs, first, rest = asyncio.run(main(e))
+    assert posts == [3, 3, 3, 3, 6]  # one post a step: 3 streams' tokens (the last with their ends)
+    for p, h, (tokens, ended), (tokens2, ended2) in zip(prompts, hs, first, rest):
+        assert tokens == greedy_alone(mf, p, 3) and not ended
+        assert tokens + tokens2 == greedy_alone(mf, p, 5) == h.tokens and ended2
+        assert h.finish_reason == "length"
 
 
 def test_stop_ids_and_a_full_context_end_a_request():

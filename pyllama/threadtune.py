@@ -7,8 +7,8 @@ threads, while a large step or a quiet machine wants them all, and which case ho
 the load. So the engine times its steps: for each size of step (tokens, in powers of two) it keeps
 a running mean of the wall time per step with each choice of threads (max_threads, halved down
 to 1), runs the fastest, and now and then tries another choice, so the means follow the
-load. A try is a few steps in a row; the slower the choice was, the rarer its tries, so that
-about 1% of the time goes to trying (a choice twice as slow: 4 steps in 400).
+load. A try is a few steps in a row (one, if that step is far slower than the best choice); the
+slower the choice was, the rarer its tries, so that about 1% of the time goes to trying.
 
 Results do not depend on the choice for quantized weights (each output row is one thread's);
 float weights differ in the last bits, within what batching already allows (1e-5 relative).
@@ -19,6 +19,7 @@ MIN_EVERY = 16      # steps of one size between two tries, at the least
 MAX_EVERY = 400     # and at the most
 COST = 0.01         # target share of the time lost to tries
 ALPHA = 0.2         # weight of a new sample in the running mean of the choice in use
+ABORT = 1.5         # a try ends after one step this many times slower than the best known
 
 
 class _Size:
@@ -71,7 +72,8 @@ class ThreadTuner:
         if st.trying == i:
             st.sum += seconds
             st.left -= 1
-            if st.left == 0:  # the try's mean stands for that choice until its next try
-                st.mean[i], st.trying = st.sum / TRY, None
+            known = [m for j, m in enumerate(st.mean) if m is not None and j != i]
+            if st.left == 0 or known and seconds > ABORT * min(known):  # (clearly slower: enough)
+                st.mean[i], st.trying = st.sum / (TRY - st.left), None  # until its next try
         else:
             st.mean[i] += ALPHA * (seconds - st.mean[i])

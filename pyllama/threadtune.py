@@ -5,30 +5,34 @@ takes one member's core (a server's event loop, its clients, other processes), e
 waits at the next barrier. A step of a few tokens on a small model is then often faster on fewer
 threads, while a large step or a quiet machine wants them all, and which case holds changes with
 the load. So the engine times its steps: for each size of step (tokens, in powers of two) it keeps
-a running mean of the wall time per step with each choice of threads (max_threads, halved down
-to 1), runs the fastest, and now and then tries another choice, so the means follow the
-load. A try is a few steps in a row (one, if that step is far slower than the best choice); the
-slower the choice was, the rarer its tries, so that about 1% of the time goes to trying.
+the median of the last few step times with each choice of threads (max_threads, halved down to
+1: a median, because other processes only ever add time, in spikes), runs the fastest, and now
+and then tries another choice, so the figures follow the load. A try is a few steps in a row
+(one, if that step is far slower than the best choice); the slower the choice was, the rarer
+its tries, so that about 1% of the time goes to trying.
 
 Results do not depend on the choice for quantized weights (each output row is one thread's);
 float weights differ in the last bits, within what batching already allows (1e-5 relative).
 """
 
-TRY = 4             # steps in a row of one try (their mean is that choice's figure)
+import collections
+
+TRY = 4             # steps in a row of one try
+KEEP = 8            # a choice's figure: the median of its last KEEP step times
 MIN_EVERY = 16      # steps of one size between two tries, at the least
 MAX_EVERY = 400     # and at the most
 COST = 0.01         # target share of the time lost to tries
-ALPHA = 0.2         # weight of a new sample in the running mean of the choice in use
 ABORT = 1.5         # a try ends after one step this many times slower than the best known
 
 
 class _Size:
     def __init__(self, n):
-        self.mean = [None] * n  # seconds per step of each choice (a try's mean for the others)
+        self.times = [collections.deque(maxlen=KEEP) for _ in range(n)]  # per choice
+        self.mean = [None] * n  # the medians of those
         self.since = 0          # steps since the last try
         self.turn = 0           # which other choice to try next
-        self.trying = None      # the choice being tried, with the steps and time so far
-        self.left = self.sum = 0
+        self.trying = None      # the choice being tried, with the steps it has left
+        self.left = 0
 
 
 class ThreadTuner:
@@ -50,7 +54,7 @@ class ThreadTuner:
         if st.trying is None:
             untried = [j for j in range(len(st.mean)) if st.mean[j] is None]
             if untried:  # each choice first gets a try (all threads first)
-                st.trying, st.left, st.sum = untried[-1], TRY, 0.0
+                st.trying, st.left = untried[-1], TRY
             else:
                 best = self._best(st)
                 others = [j for j in range(len(st.mean)) if j != best]
@@ -60,7 +64,7 @@ class ThreadTuner:
                     # a try costs TRY * (ratio - 1) steps' worth: keep it to COST of the time
                     every = min(MAX_EVERY, max(MIN_EVERY, TRY * (st.mean[j] / st.mean[best] - 1) / COST))
                     if st.since >= every:
-                        st.trying, st.left, st.sum = j, TRY, 0.0
+                        st.trying, st.left = j, TRY
                         st.since, st.turn = 0, st.turn + 1
         i = st.trying if st.trying is not None else self._best(st)
         self.last = self.choices[i]
@@ -69,11 +73,10 @@ class ThreadTuner:
     def done(self, key, seconds):
         size, i = key
         st = self._sizes[size]
+        st.times[i].append(seconds)
+        st.mean[i] = sorted(st.times[i])[len(st.times[i]) // 2]  # (the upper median)
         if st.trying == i:
-            st.sum += seconds
             st.left -= 1
             known = [m for j, m in enumerate(st.mean) if m is not None and j != i]
             if st.left == 0 or known and seconds > ABORT * min(known):  # (clearly slower: enough)
-                st.mean[i], st.trying = st.sum / (TRY - st.left), None  # until its next try
-        else:
-            st.mean[i] += ALPHA * (seconds - st.mean[i])
+                st.trying = None

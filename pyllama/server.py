@@ -9,17 +9,13 @@ closed when the ASGI lifespan ends) and a Llama for text (app.state.llama): ever
 request is a pyllama.completion.Completion, the object Llama.create_completion drives, here
 driven by the engine as the request's policy, so a request gives the same text from Python and
 over HTTP (echo with logprobs, context shift included). The body's fields are checked, and the
-Completions made, in pyllama/server_request.py; n choices run as n engine requests at once.
+Completions made, in pyllama/server_request.py; n choices run as n engine requests at once;
+streamed answers are written by pyllama/server_stream.py.
 
 Why Starlette + uvicorn: Starlette is small (one dependency, anyio), well kept, and has what an
 OpenAI-style API needs (routing, JSON, lifespan, any ASGI callable as a response); FastAPI would
 add pydantic models whose validation would be a second copy of pyllama/validate.py. uvicorn is
 the reference ASGI server. Both are the optional extra `pyllama[server]`.
-
-Per token, the engine thread wakes the event loop once per step for all streams (not once per
-token), a stream writes everything that is ready at a wake-up in one chunk, and a piece of text
-is framed into its event by splicing its JSON string into the chunk's pre-rendered bytes (the
-same bytes json.dumps of the chunk gives).
 
 Routes: POST /v1/completions, POST /v1/chat/completions (stream: true gives `data: {...}` events
 ending with `data: [DONE]`), GET /v1/models, GET /health, GET /metrics (Prometheus text). Errors
@@ -31,13 +27,13 @@ bytes, 415 for a body that is not application/json, 503 with Retry-After when th
 import asyncio
 import contextlib
 import hmac
-import json
 import logging
 import time
 
 from . import validate as V
 from .errors import BusyError, ParameterError, PyllamaError
 from .server_request import FIELDS, HTTPError, parse, read_json
+from .server_stream import EventStream, cancel, cancel_on_disconnect, updates
 
 log = logging.getLogger("pyllama.server")
 
@@ -146,15 +142,15 @@ class Server:
                   await read_json(request, self.max_body))
         handles = self._submit(r.reqs)
         if r.stream:
-            return _EventStream(self, r, handles)
+            return EventStream(r, handles, self._done)
         errors = []
-        watch = asyncio.ensure_future(_cancel_on_disconnect(request.receive, handles))
+        watch = asyncio.ensure_future(cancel_on_disconnect(request.receive, handles))
         try:
-            async for news in _updates(handles):
+            async for news in updates(handles):
                 errors += [self._done(r.reqs[i], handles[i]) for i, end in news if end]
         finally:
             watch.cancel()
-            _cancel(handles)
+            cancel(handles)
         request.scope["pyllama.usage"] = r.usage
         error = next((e for e in errors if e is not None), None)
         if error is not None:
@@ -203,116 +199,6 @@ class Server:
                  "tokens generated per second since the oldest scrape of the last minute (or the start)")):
             lines += [f"# HELP pyllama_{name} {help_}", f"# TYPE pyllama_{name} {kind}", f"pyllama_{name} {value}"]
         return "\n".join(lines) + "\n"
-
-
-def _sse(obj):
-    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n".encode()
-
-
-class _EventStream:
-    """The ASGI response of a streamed request: `data: {chunk}` events as the engine delivers
-    the choices' tokens (all news of one wake-up in one write), then `data: [DONE]`. A client
-    that goes away cancels the choices (their slots are free within one engine step)."""
-    headers = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache")]
-
-    def __init__(self, server, r, handles):
-        self.server, self.r, self.handles = server, r, handles
-        self.plain = [_plain_chunk(shape) for shape in r.shapes]
-
-    def _events(self, i, error):
-        """The bytes of choice i's pieces ready now (and of its error)."""
-        out = []
-        for text, records, finish in self.r.reqs[i].take():
-            if not records and finish is None and self.plain[i] is not None:
-                head, tail = self.plain[i]  # (the common piece, without json.dumps of a dict)
-                out.append(b"data: " + head + json.dumps(text, ensure_ascii=False).encode() + tail)
-            else:
-                out += [_sse(chunk) for chunk in self.r.shapes[i].chunks(text, records, finish)]
-        if error is not None:
-            out.append(_sse(HTTPError(500, f"generation failed: {error}", kind="server_error").body()))
-        return out
-
-    async def __call__(self, scope, receive, send):
-        r, handles = self.r, self.handles
-        watch = asyncio.ensure_future(_cancel_on_disconnect(receive, handles))
-        try:
-            await send({"type": "http.response.start", "status": 200, "headers": self.headers})
-            out = [_sse(chunk) for shape in r.shapes for chunk in shape.start()]
-            async for news in _updates(handles):
-                for i, end in news:
-                    out += self._events(i, self.server._done(r.reqs[i], handles[i]) if end else None)
-                if out:
-                    await send({"type": "http.response.body", "body": b"".join(out), "more_body": True})
-                    out = []
-            scope["pyllama.usage"] = r.usage
-            if r.include_usage:
-                out.append(_sse(r.usage_chunk()))
-            out.append(b"data: [DONE]\n\n")
-            await send({"type": "http.response.body", "body": b"".join(out), "more_body": False})
-        finally:  # the client went away (or we are done): free the slots within one step
-            watch.cancel()
-            _cancel(handles)
-
-
-def _plain_chunk(shape):
-    """A shape's stream chunk of a piece of text alone (no logprobs, not the last) as the bytes
-    before and after the text's JSON string (None if the shape's chunk is not one such object)."""
-    marker = "\x00pyllama-text\x00"
-    chunks = shape.chunks(marker, [], None)
-    if len(chunks) != 1:
-        return None
-    parts = json.dumps(chunks[0], ensure_ascii=False).split(json.dumps(marker))
-    return (parts[0].encode(), parts[1].encode() + b"\n\n") if len(parts) == 2 else None
-
-
-async def _cancel_on_disconnect(receive, handles):
-    while (await receive())["type"] != "http.disconnect":
-        pass
-    _cancel(handles)
-
-
-def _cancel(handles):
-    for h in handles:
-        if h is not None and h.finish_reason is None:
-            h.cancel()
-
-
-async def _updates(handles):
-    """Lists of (i, ended) as the choices' handles deliver: (i, False) when choice i has new
-    tokens, (i, True) once it has ended (None: a choice that ended before it started); each
-    list holds the news of one wake-up."""
-    if len(handles) == 1:  # (the common case: no task in between)
-        if handles[0] is None:
-            yield [(0, True)]
-            return
-        while True:
-            tokens, ended = await handles[0].updates()
-            yield [(0, ended)]
-            if ended:
-                return
-    q = asyncio.Queue()
-
-    async def pump(i, h):
-        try:
-            while h is not None:
-                tokens, ended = await h.updates()
-                if ended:
-                    break
-                q.put_nowait((i, False))
-        finally:
-            q.put_nowait((i, True))
-    tasks = [asyncio.ensure_future(pump(i, h)) for i, h in enumerate(handles)]
-    try:
-        left = len(handles)
-        while left:
-            news = [await q.get()]
-            while not q.empty():
-                news.append(q.get_nowait())
-            left -= sum(end for _, end in news)
-            yield news
-    finally:
-        for t in tasks:
-            t.cancel()
 
 
 async def _respond_error(err, scope, receive, send):

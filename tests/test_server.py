@@ -189,10 +189,10 @@ def test_stream_is_server_sent_events_ending_with_done(url):
 @pytest.mark.parametrize("logprobs", [None, 2])
 def test_a_spliced_text_chunk_is_the_bytes_of_the_whole_chunk(ref, text, logprobs):
     """The streamed chunk of a piece of text is its JSON string spliced into the shape's chunk
-    rendered once (server._plain_chunk): the same bytes as json.dumps of the chunk object."""
+    rendered once (server_stream._plain_chunk): the same bytes as json.dumps of the chunk object."""
     from pyllama.chat import ChatShape
     from pyllama.completion import TextShape
-    from pyllama.server import _plain_chunk, _sse
+    from pyllama.server_stream import _plain_chunk, _sse
     req = Completion(ref, "Once", max_tokens=2, logprobs=logprobs)
     for shape in (TextShape("m\"odel", req, 1), ChatShape("model", req)):
         head, tail = _plain_chunk(shape)

@@ -6,6 +6,7 @@
  * probabilities a stage looks at are the softmax of the current candidates at temperature 1;
  * temperature scales only the final draw. Sums run in double so a 128k vocabulary loses nothing. */
 #include <math.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 #include "internal.h"
@@ -206,12 +207,94 @@ int pl_draw(const pl_probindex *cand, int n, float temperature, double *p, unsig
     return cand[n - 1].index;
 }
 
+/* The largest of x[0..n) (n >= 1); *bad set when one is NaN or infinite. On the floats' bits
+ * as ordered integers (sign-magnitude flipped to two's complement), so the loop is an integer
+ * max and or, which the compiler vectorizes (a float max it may not: NaN rules). -0 sorts below
+ * +0 here; the caller compares values with ==, where they are equal, as in the full path. */
+static float max_and_check(const float *x, int n, int *bad)
+{
+    int32_t best = INT32_MIN;
+    uint32_t special = 0;
+    for (int i = 0; i < n; i++) {
+        uint32_t b;
+        memcpy(&b, x + i, sizeof b);
+        special |= (b & 0x7f800000u) == 0x7f800000u; /* exponent all ones: NaN or infinite */
+        int32_t key = (int32_t)(b ^ ((uint32_t)((int32_t)b >> 31) & 0x7fffffffu));
+        best = key > best ? key : best;
+    }
+    *bad = special != 0;
+    uint32_t b = (uint32_t)best ^ ((uint32_t)(best >> 31) & 0x7fffffffu);
+    float m;
+    memcpy(&m, &b, sizeof m);
+    return m;
+}
+
+/* The first i with x[i] == m (there is one; m finite): blocks of 64 compared at once (on the
+ * bits, vectorized like the max; a zero m matches both zeros), then the one holding it. */
+static int first_equal(const float *x, int n, float m)
+{
+    uint32_t mb;
+    memcpy(&mb, &m, sizeof mb);
+    const uint32_t mask = (mb << 1) == 0 ? 0x7fffffffu : 0xffffffffu;
+    int i = 0;
+    for (; i + 64 <= n; i += 64) {
+        uint32_t hit = 0;
+        for (int j = 0; j < 64; j++) {
+            uint32_t b;
+            memcpy(&b, x + i + j, sizeof b);
+            hit |= ((b ^ mb) & mask) == 0;
+        }
+        if (hit) break;
+    }
+    while (x[i] != m) i++;
+    return i;
+}
+
+/* Greedy without building every candidate: the argmax after penalties and bias, as the full
+ * path finds it (largest logit, lower id on ties). Only the penalized and biased tokens change,
+ * so they get candidate entries (the same stage functions adjust them) and compete with the
+ * first token holding the raw maximum. Returns -2 when a changed token holds the raw maximum
+ * (the best unchanged token is then unknown: the caller takes the full path), -1 for
+ * non-finite logits. */
+static int greedy_fast(const float *logits, int n, int penalties, const pl_sampling *sp,
+                       const int *window, int n_window, const int *bias_ids, const float *bias,
+                       int n_bias, pl_probindex *cand, int *counts)
+{
+    int bad;
+    float m = max_and_check(logits, n, &bad);
+    if (bad) return -1;
+    if (!penalties) n_window = 0;
+    for (int k = 0; k < n_window + n_bias; k++) {
+        int t = k < n_window ? window[k] : bias_ids[k - n_window];
+        if (logits[t] == m) return -2;
+        cand[t].prob = logits[t];
+        cand[t].index = t;
+    }
+    if (n_window)
+        pl_penalize(cand, window, n_window, counts, sp->repeat_penalty, sp->frequency_penalty,
+                    sp->presence_penalty);
+    pl_logit_bias(cand, bias_ids, bias, n_bias);
+    pl_probindex best = { m, first_equal(logits, n, m) };
+    for (int k = 0; k < n_window + n_bias; k++) {
+        int t = k < n_window ? window[k] : bias_ids[k - n_window];
+        if (before(&cand[t], &best)) best = cand[t];
+    }
+    return best.index;
+}
+
 int pl_sample_chain(const float *logits, int n, const pl_sampling *sp, const int *window, int n_window,
                     const int *bias_ids, const float *bias, int n_bias, pl_probindex *cand,
                     pl_probindex *tmp, double *p, int *counts, unsigned long long *rng)
 {
+    int penalties = sp->repeat_penalty != 1.0f || sp->frequency_penalty != 0.0f ||
+                    sp->presence_penalty != 0.0f;
+    if (sp->temperature <= 0.0f || sp->top_k == 1) {
+        int t = greedy_fast(logits, n, penalties, sp, window, n_window, bias_ids, bias, n_bias,
+                            cand, counts);
+        if (t != -2) return t;
+    }
     if (pl_cand_init(logits, n, cand) < 0) return -1;
-    if (sp->repeat_penalty != 1.0f || sp->frequency_penalty != 0.0f || sp->presence_penalty != 0.0f)
+    if (penalties)
         pl_penalize(cand, window, n_window, counts, sp->repeat_penalty, sp->frequency_penalty,
                     sp->presence_penalty);
     pl_logit_bias(cand, bias_ids, bias, n_bias);

@@ -26,6 +26,10 @@ is delivered, so a client woken by it finds the policy's output for that token.
 
 A slot keeps its cache after its request ends: a new request whose prompt shares a prefix with
 what a free slot holds reuses it and evaluates only the rest.
+
+threads is the most a step uses: with adapt_threads (the default) each step runs on as many of
+them as steps of its size ran fastest on lately (pyllama/threadtune.py: under contention from
+the server's own event loop and clients, a small step is often faster on fewer threads).
 """
 import asyncio
 import collections
@@ -38,6 +42,7 @@ from ._core import ffi
 from .errors import BusyError, ParameterError, PyllamaError
 from .model import Transformer
 from .sampler import Sampler
+from .threadtune import ThreadTuner
 
 _DONE = object()  # end of a handle's event stream
 
@@ -89,11 +94,10 @@ class Handle:
     def _deliver(self, event):  # engine thread
         if self._loop is None:
             self._events.put(event)
-            return
-        try:
-            self._loop.call_soon_threadsafe(self._events.put_nowait, event)
-        except RuntimeError:  # the client's loop is closed: nobody listens any more
-            self._cancelled = True
+        elif self._engine._outbox is not None:  # in a step: one wake-up per loop at its end
+            self._engine._outbox.append((self, event))
+        else:
+            _post(self._loop, [(self, event)])
 
     def __iter__(self):
         if self._loop is not None:
@@ -105,13 +109,24 @@ class Handle:
             yield event
 
     async def __aiter__(self):
+        while True:
+            tokens, ended = await self.updates()
+            for token in tokens:
+                yield token
+            if ended:
+                return
+
+    async def updates(self):
+        """(tokens, ended) once there is news: every token delivered since the last call (a
+        client that fell behind gets them all at once); ended is True once the request is over
+        (finish_reason is set), after which there is nothing more to await."""
         if self._loop is None:
             raise PyllamaError("this request was submitted without an event loop: iterate it")
-        while True:
-            event = await self._events.get()
-            if event is _DONE:
-                return
-            yield event
+        got = [await self._events.get()]
+        while not self._events.empty():
+            got.append(self._events.get_nowait())
+        ended = got[-1] is _DONE
+        return (got[:-1] if ended else got), ended
 
     def result(self, timeout=None):
         """Block until the request ends; its generated ids (the policy's error, if it failed).
@@ -147,10 +162,11 @@ class Engine:
     max_queue    requests that may wait for a slot; beyond that submit() raises BusyError
     step_tokens  tokens per step (decoding tokens first, then prompt chunks)
     start        False: no background thread; call step() yourself (tests, embedding)
+    adapt_threads  each step on the fastest number of threads up to threads (module doc)
     """
 
     def __init__(self, model, slots=4, n_ctx=None, threads=None, max_queue=64, step_tokens=None,
-                 start=True):
+                 start=True, adapt_threads=True):
         from .formats import ModelFile, load
         mf = model if isinstance(model, ModelFile) else getattr(model, "file", None)
         if mf is None:
@@ -168,11 +184,15 @@ class Engine:
         self.max_queue = validate.integer(max_queue, "max_queue", 0)
         self.step_tokens = validate.integer(nb if step_tokens is None else step_tokens,
                                             "step_tokens", self.model.n_slots, nb)
+        self.max_threads = self.model.threads
+        self._tuner = ThreadTuner(self.max_threads) if validate.boolean(
+            adapt_threads, "adapt_threads") and self.max_threads > 1 else None
         self._slots = [_Slot(i) for i in range(self.model.n_slots)]
         self._waiting = collections.deque()
         self._cv = threading.Condition()
         self._closed = False
         self.counters = dict(steps=0, prompt_tokens=0, reused_tokens=0, generated=0, shifts=0)
+        self._outbox = None  # during a step: (handle, event) for loops, posted at its end
         self._thread = None
         if start:
             self._thread = threading.Thread(target=self._run, name="pyllama-engine", daemon=True)
@@ -210,7 +230,8 @@ class Engine:
         """Slots in use, queue length and the counters (for a server's /metrics)."""
         with self._cv:
             return dict(self.counters, slots=len(self._slots), waiting=len(self._waiting),
-                        slots_in_use=sum(s.req is not None for s in self._slots))
+                        slots_in_use=sum(s.req is not None for s in self._slots),
+                        threads=self.model.threads)
 
     def close(self):
         """Stop the engine thread; requests still running or waiting end as "cancelled"."""
@@ -290,6 +311,19 @@ class Engine:
     def step(self):
         """One scheduler step: admit, run one batch, hand out logits; False when idle. The
         engine thread calls it; call it yourself only on an engine made with start=False."""
+        self._outbox = []
+        try:
+            return self._step()
+        finally:
+            out, self._outbox = self._outbox, None
+            loops = {}
+            for h, event in out:
+                loops.setdefault(h._loop, []).append((h, event))
+            for loop, items in loops.items():
+                _post(loop, items)
+
+    def _step(self):
+        t0 = time.perf_counter()
         self._admit()
         active = [s for s in self._slots if s.req is not None]
         if not active:
@@ -313,6 +347,8 @@ class Engine:
                     last = i == len(h.prompt) - 1
                     want.append(last or every)
                     owners.append((s, None if last else i))
+        if self._tuner is not None:
+            key, self.model.threads = self._tuner.pick(len(tokens))
         logits = self.model.forward_batch(tokens, slots, want)
         for tok, s in zip(tokens, slots):
             self._slots[s].held.append(tok)
@@ -326,6 +362,8 @@ class Engine:
                 else:
                     self._prompt_row(s, i, logits[row])
                 row += 1
+        if self._tuner is not None:
+            self._tuner.done(key, time.perf_counter() - t0)
         return True
 
     def _prompt_row(self, s, i, logits):
@@ -377,6 +415,20 @@ class Engine:
         s.held[keep:] = [-1] * (len(s.held) - keep - drop)
         self.counters["shifts"] += 1
         return None, None
+
+
+def _post(loop, items):
+    """Hand (handle, event) pairs to their loop's thread in one wake-up (engine thread)."""
+    try:
+        loop.call_soon_threadsafe(_put_all, items)
+    except RuntimeError:  # the client's loop is closed: nobody listens any more
+        for h, _ in items:
+            h._cancelled = True
+
+
+def _put_all(items):  # in the loop's thread
+    for h, event in items:
+        h._events.put_nowait(event)
 
 
 def _room(policy, pos):

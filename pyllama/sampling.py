@@ -58,6 +58,8 @@ class ChainSampler:
         sp.frequency_penalty = V.number(frequency_penalty, "frequency_penalty", lo=-MAX_PENALTY, hi=MAX_PENALTY)
         sp.presence_penalty = V.number(presence_penalty, "presence_penalty", lo=-MAX_PENALTY, hi=MAX_PENALTY)
         self.repeat_last_n = V.integer(repeat_last_n, "repeat_last_n", lo=-1)  # -1: the whole context
+        if sp.repeat_penalty == 1.0 and sp.frequency_penalty == 0.0 and sp.presence_penalty == 0.0:
+            self.repeat_last_n = 0  # no penalty: C looks at no window (then copy none)
         self.n_bias = 0
         self._bias_ids, self._bias = self._check_bias(logit_bias)
         seed = V.optional(V.integer, seed, "seed")

@@ -9,12 +9,13 @@ closed when the ASGI lifespan ends) and a Llama for text (app.state.llama): ever
 request is a pyllama.completion.Completion, the object Llama.create_completion drives, here
 driven by the engine as the request's policy, so a request gives the same text from Python and
 over HTTP (echo with logprobs, context shift included). The body's fields are checked, and the
-Completions made, in pyllama/server_request.py; n choices run as n engine requests at once.
+Completions made, in pyllama/server_request.py; n choices run as n engine requests at once;
+streamed answers are written by pyllama/server_stream.py.
 
 Why Starlette + uvicorn: Starlette is small (one dependency, anyio), well kept, and has what an
-OpenAI-style API needs (routing, JSON, server-sent events through StreamingResponse, lifespan);
-FastAPI would add pydantic models whose validation would be a second copy of pyllama/validate.py.
-uvicorn is the reference ASGI server. Both are the optional extra `pyllama[server]`.
+OpenAI-style API needs (routing, JSON, lifespan, any ASGI callable as a response); FastAPI would
+add pydantic models whose validation would be a second copy of pyllama/validate.py. uvicorn is
+the reference ASGI server. Both are the optional extra `pyllama[server]`.
 
 Routes: POST /v1/completions, POST /v1/chat/completions (stream: true gives `data: {...}` events
 ending with `data: [DONE]`), GET /v1/models, GET /health, GET /metrics (Prometheus text). Errors
@@ -26,13 +27,13 @@ bytes, 415 for a body that is not application/json, 503 with Retry-After when th
 import asyncio
 import contextlib
 import hmac
-import json
 import logging
 import time
 
 from . import validate as V
 from .errors import BusyError, ParameterError, PyllamaError
 from .server_request import FIELDS, HTTPError, parse, read_json
+from .server_stream import EventStream, cancel, cancel_on_disconnect, updates
 
 log = logging.getLogger("pyllama.server")
 
@@ -136,46 +137,25 @@ class Server:
         return handle.error if handle is not None else None
 
     async def completion(self, request):
-        from starlette.responses import JSONResponse, StreamingResponse
+        from starlette.responses import JSONResponse
         r = parse(self.llama, self.model_name, self.engine.n_ctx, request.url.path,
                   await read_json(request, self.max_body))
         handles = self._submit(r.reqs)
+        if r.stream:
+            return EventStream(r, handles, self._done)
         errors = []
-        if not r.stream:
-            watch = asyncio.ensure_future(_cancel_on_disconnect(request, handles))
-            try:
-                async for i, end in _events(handles):
-                    if end:
-                        errors.append(self._done(r.reqs[i], handles[i]))
-            finally:
-                watch.cancel()
-                _cancel(handles)
-            request.scope["pyllama.usage"] = r.usage
-            error = next((e for e in errors if e is not None), None)
-            if error is not None:
-                raise HTTPError(500, f"generation failed: {error}", kind="server_error")
-            return JSONResponse(r.whole())
-
-        async def events():
-            try:
-                for shape in r.shapes:
-                    for chunk in shape.start():
-                        yield _sse(chunk)
-                async for i, end in _events(handles):
-                    error = self._done(r.reqs[i], handles[i]) if end else None
-                    for piece in r.reqs[i].take():
-                        for chunk in r.shapes[i].chunks(*piece):
-                            yield _sse(chunk)
-                    if error is not None:
-                        yield _sse(HTTPError(500, f"generation failed: {error}", kind="server_error").body())
-                request.scope["pyllama.usage"] = r.usage
-                if r.include_usage:
-                    yield _sse(r.usage_chunk())
-                yield "data: [DONE]\n\n"
-            finally:  # the client went away (or we are done): free the slots within one step
-                _cancel(handles)
-        return StreamingResponse(events(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache"})
+        watch = asyncio.ensure_future(cancel_on_disconnect(request.receive, handles))
+        try:
+            async for news in updates(handles):
+                errors += [self._done(r.reqs[i], handles[i]) for i, end in news if end]
+        finally:
+            watch.cancel()
+            cancel(handles)
+        request.scope["pyllama.usage"] = r.usage
+        error = next((e for e in errors if e is not None), None)
+        if error is not None:
+            raise HTTPError(500, f"generation failed: {error}", kind="server_error")
+        return JSONResponse(r.whole())
 
     async def models(self, request):
         from starlette.responses import JSONResponse
@@ -214,56 +194,11 @@ class Server:
                 ("queue_length", "gauge", s["waiting"], "requests waiting for a slot"),
                 ("slots_in_use", "gauge", s["slots_in_use"], "slots running a request"),
                 ("slots", "gauge", s["slots"], "slots (--parallel)"),
+                ("threads", "gauge", s["threads"], "threads the last engine step ran on (at most --threads)"),
                 ("tokens_per_second", "gauge", round((s["generated"] - g0) / (now - t0), 3) if now > t0 else 0.0,
                  "tokens generated per second since the oldest scrape of the last minute (or the start)")):
             lines += [f"# HELP pyllama_{name} {help_}", f"# TYPE pyllama_{name} {kind}", f"pyllama_{name} {value}"]
         return "\n".join(lines) + "\n"
-
-
-def _sse(obj):
-    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
-
-
-async def _cancel_on_disconnect(request, handles):
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-    _cancel(handles)
-
-
-def _cancel(handles):
-    for h in handles:
-        if h is not None and h.finish_reason is None:
-            h.cancel()
-
-
-async def _events(handles):
-    """(i, False) for each token choice i's handle delivers, (i, True) once it has ended, in the
-    order they happen (None: a choice that ended before it started)."""
-    if len(handles) == 1:  # (the common case: no task in between)
-        if handles[0] is not None:
-            async for _ in handles[0]:
-                yield 0, False
-        yield 0, True
-        return
-    q = asyncio.Queue()
-
-    async def pump(i, h):
-        try:
-            if h is not None:
-                async for _ in h:
-                    q.put_nowait((i, False))
-        finally:
-            q.put_nowait((i, True))
-    tasks = [asyncio.ensure_future(pump(i, h)) for i, h in enumerate(handles)]
-    try:
-        left = len(handles)
-        while left:
-            i, end = await q.get()
-            left -= end
-            yield i, end
-    finally:
-        for t in tasks:
-            t.cancel()
 
 
 async def _respond_error(err, scope, receive, send):

@@ -13,6 +13,7 @@ import pytest
 from conftest import shared_path
 
 import pyllama
+from pyllama import engine as engine_mod
 from pyllama.engine import Engine, GreedyPolicy
 from pyllama.errors import BusyError, ParameterError, PyllamaError
 from pyllama.generate import generate_tokens
@@ -204,6 +205,37 @@ def test_async_clients():
     assert outs == [greedy_alone(mf, p, 6) for p in prompts]
 
 
+def test_updates_bring_every_token_since_the_last_await_and_one_wake_up_per_step(monkeypatch):
+    """A loop's handles get their step's tokens in one call_soon_threadsafe (engine._post); a
+    client that awaits late gets all tokens delivered since its last await at once."""
+    mf = load("quant-base-q8_0.gguf")
+    prompts = sequences(512, (4, 9, 6), seed=5)
+    posts = []
+    real_post = engine_mod._post
+    monkeypatch.setattr(engine_mod, "_post", lambda loop, items: (posts.append(len(items)), real_post(loop, items)))
+
+    async def main(e):
+        hs = [e.submit_async(p, GreedyPolicy(max_tokens=5)) for p in prompts]
+        for _ in range(3):  # 3 steps: the prompts, then 2 tokens each, before anyone awaits
+            e.step()
+        await asyncio.sleep(0)
+        first = [await h.updates() for h in hs]
+        while e.step():
+            pass
+        rest = [await h.updates() for h in hs]
+        with pytest.raises(PyllamaError, match="without an event loop"):
+            await e.submit(prompts[0]).updates()
+        return hs, first, rest
+
+    with Engine(mf, slots=3, n_ctx=N_CTX, threads=1, start=False) as e:
+        hs, first, rest = asyncio.run(main(e))
+    assert posts == [3, 3, 3, 3, 6]  # one post a step: 3 streams' tokens (the last with their ends)
+    for p, h, (tokens, ended), (tokens2, ended2) in zip(prompts, hs, first, rest):
+        assert tokens == greedy_alone(mf, p, 3) and not ended
+        assert tokens + tokens2 == greedy_alone(mf, p, 5) == h.tokens and ended2
+        assert h.finish_reason == "length"
+
+
 def test_stop_ids_and_a_full_context_end_a_request():
     mf = load("quant-base-q8_0.gguf")
     p = sequences(512, (8,), seed=2)[0]
@@ -328,6 +360,29 @@ def test_a_failing_policy_ends_only_its_request():
             oov.result(timeout=60)
         assert good.result(timeout=60) == greedy_alone(mf, p, 3)
         assert bad.finish_reason == oov.finish_reason == "error"
+
+
+def test_steps_on_fewer_threads_give_the_same_tokens(monkeypatch):
+    """adapt_threads (pyllama/threadtune.py) picks each step's threads up to the maximum; with
+    quantized weights the tokens are those of a fixed team (each output row is one thread's)."""
+    mf = load("quant-base-q8_0.gguf")
+    prompts = sequences(512, (3, 9, 5, 7), seed=12)
+    outs, used = {}, {}
+    for adapt in (False, True):
+        with Engine(mf, slots=3, n_ctx=N_CTX, threads=2, start=False, adapt_threads=adapt) as e:
+            assert e.max_threads == 2 and (e._tuner is not None) == adapt
+            if adapt:  # make 1 thread look fast so that both choices run
+                monkeypatch.setattr(e._tuner, "done", lambda key, s, done=e._tuner.done:
+                                    done(key, 1.0 if e.model.threads == 1 else 2.0))
+            handles = [e.submit(p, GreedyPolicy(max_tokens=20)) for p in prompts]
+            seen = set()
+            while e.step():
+                seen.add(e.stats()["threads"])
+            outs[adapt], used[adapt] = [h.result(timeout=0) for h in handles], seen
+    assert outs[True] == outs[False] and used == {False: {2}, True: {1, 2}}
+    with pytest.raises(ParameterError, match="adapt_threads"):
+        Engine(mf, start=False, adapt_threads="yes")
+    assert Engine(mf, threads=1, start=False)._tuner is None
 
 
 def test_engine_arguments_are_checked():

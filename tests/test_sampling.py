@@ -201,6 +201,64 @@ def test_greedy_is_argmax_after_penalties():
     assert penalized == int(np.argsort(-logits)[1])
 
 
+GREEDY_CASES = [  # (logits, history, sampler keywords): the cases the greedy shortcut of
+    # pl_sample_chain must get right (only changed tokens get candidates; a changed token holding
+    # the raw maximum sends it down the full path)
+    ([1, 5, 3, 5, 2], [], {}),                                   # tie at the max: lower id
+    ([1, 5, 3, 5, 2], [], dict(logit_bias={1: -9.0})),           # the max token lowered (full path)
+    ([1, 5, 3, 5, 2], [], dict(logit_bias={0: 4.0})),            # raised to a tie, lower id: wins
+    ([1, 5, 3, 5, 2], [], dict(logit_bias={4: 3.0})),            # raised to a tie, higher id: loses
+    ([1, 5, 3, 5, 2], [], dict(logit_bias={4: 3.5, 2: 2.0})),    # raised past the max
+    ([1, 5, 3, 5, 2], [], dict(logit_bias={"4": 1.5, 4: 1.5})),  # one id twice: both add
+    ([1, 5, 3, 6, 2], [3, 3], dict(presence_penalty=2.0)),       # the max penalized (full path)
+    ([1, 5, 3, 6, 2], [1, 2], dict(frequency_penalty=0.5, logit_bias={2: 3.0})),
+    ([4, -2, 3, 1, 2], [1, 1, 4], dict(repeat_penalty=0.25, repeat_last_n=2)),  # -2 * 0.25 ...
+    ([-1, -0.0, 0.0, -2], [], {}),                               # -0 == +0: the lower id
+    ([-1, 0.0, -0.0, -2], [], {}),
+    ([-3, -0.0, -1, -2], [], dict(logit_bias={3: 2.0})),         # raised to -0 + ... = 0
+    ([0] * 64 + [1] + [0] * 65, [], {}),                         # the max at a block's start
+    ([0] * 129 + [1], [], {}),                                   # in the tail after the blocks
+    ([1] + [0] * 129, [], {}),
+]
+
+
+@pytest.mark.parametrize("logits, history, kw", GREEDY_CASES)
+def test_greedy_shortcut_matches_the_reference(logits, history, kw):
+    logits = np.array(logits, np.float32)
+    bias = {int(k): 0.0 for k in kw.get("logit_bias", {})}
+    for k, b in kw.get("logit_bias", {}).items():
+        bias[int(k)] += b
+    ref = {k: kw[k] for k in ("repeat_penalty", "repeat_last_n", "frequency_penalty",
+                              "presence_penalty") if k in kw}
+    x, _ = chain_reference(logits, history, top_k=0, typical_p=1.0, top_p=1.0, min_p=0.0,
+                           bias=bias, **ref)
+    want = int(order(x)[0])
+    ptr = ffi.from_buffer("float[]", logits)
+    assert ChainSampler(len(logits), temperature=0, **kw).sample(ptr, history) == want
+    assert ChainSampler(len(logits), temperature=2.0, top_k=1, seed=1, **kw).sample(ptr, history) == want
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_greedy_shortcut_matches_the_reference_at_random(seed):
+    rng = np.random.default_rng(seed)
+    logits = np.round(rand_logits(2000, seed), 1)  # rounded: ties happen
+    history = rng.integers(0, 2000, size=30).tolist() + [int(np.argmax(logits))] * (seed % 2)
+    bias = {int(t): float(b) for t, b in zip(rng.integers(0, 2000, 5), np.round(rng.normal(0, 4, 5), 1))}
+    args = dict(repeat_penalty=1.25, frequency_penalty=0.5, presence_penalty=0.25)
+    x, _ = chain_reference(logits, history, top_k=0, typical_p=1.0, top_p=1.0, min_p=0.0, bias=bias, **args)
+    s = ChainSampler(2000, temperature=0, logit_bias=bias, **args)
+    assert s.sample(ffi.from_buffer("float[]", logits), history) == int(order(x)[0])
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("where", [0, 17, 39])
+def test_greedy_rejects_non_finite_logits_anywhere(bad, where):
+    logits = rand_logits(40, 3)
+    logits[where] = bad
+    with pytest.raises(ParameterError, match="non-finite"):
+        ChainSampler(40, temperature=0).sample(ffi.from_buffer("float[]", logits))
+
+
 @pytest.mark.parametrize("kw", [dict(temperature=1e-40), dict(temperature=1e-60), dict(top_p=1e-9),
                                 dict(min_p=1.0)])
 def test_degenerate_values_give_argmax(kw):

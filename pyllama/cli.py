@@ -53,6 +53,13 @@ def _add_run_args(p):
                    help="CPU threads (default: all available cores; 1 for models too small to gain from more)")
     p.add_argument("--context", type=int, default=None, metavar="N",
                    help="KV cache positions (default: the model's seq_len)")
+    _repack_flag(p)
+
+
+def _repack_flag(p):
+    p.add_argument("--no-repack", dest="repack", action="store_false",
+                   help="run every matrix from the file as it is (no load-time copies into the "
+                        "kernels' layouts: less memory, quicker load, slower tokens)")
 
 
 def _thread_list(text):
@@ -117,6 +124,7 @@ def _add_serve_args(p):
     p.add_argument("-z", "--tokenizer", default=None, metavar="PATH", help="tokenizer (as for run)")
     p.add_argument("--chat-template", default=None, metavar="FORMAT|FILE",
                    help="chat template: llama-2, chatml or a Jinja file (default: the model's own)")
+    _repack_flag(p)
 
 
 def cmd_serve(args, out, err):
@@ -140,7 +148,7 @@ def cmd_serve(args, out, err):
                                    f"({', '.join(FORMATS)}) nor a readable UTF-8 file ({e})") from None
     serve(args.model, host=args.host, port=args.port, parallel=args.parallel, ctx_size=args.ctx_size,
           threads=args.threads, api_key=args.api_key, max_queue=args.max_queue,
-          tokenizer=args.tokenizer, chat_template=template)
+          tokenizer=args.tokenizer, chat_template=template, repack=args.repack)
     return 0
 
 
@@ -208,7 +216,7 @@ def cmd_run(args, out, err):
     chat = args.mode == "chat" or args.command == "chat"
     # chat: the last reply token of the budget needs no position of its own, but a completion
     # checks prompt + max_tokens against the context
-    model = Llama(mf, tokenizer=args.tokenizer, threads=args.threads,
+    model = Llama(mf, tokenizer=args.tokenizer, threads=args.threads, repack=args.repack,
                   n_ctx=max(args.context or steps, steps + 1) if chat else args.context or steps)
     if model.tokenizer is None:
         raise TokenizerError(model.tokenizer_problem or f"no tokenizer: {args.checkpoint} has "

@@ -175,7 +175,8 @@ class Engine:
             raise ParameterError(f"model: {mf.path} holds no weights to run (vocab-only or closed)")
         if n_ctx is None and hasattr(model, "n_ctx"):
             n_ctx = model.n_ctx
-        self.model = Transformer(mf, n_ctx=n_ctx, threads=threads, n_slots=slots)
+        self.model = Transformer(mf, n_ctx=n_ctx, threads=threads, n_slots=slots,
+                                 repack=getattr(model, "repack", True))
         self.n_ctx = self.model.n_ctx
         nb = self.model.max_batch
         if self.model.n_slots > nb:

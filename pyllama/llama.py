@@ -66,6 +66,7 @@ class Llama:
         from .chat import resolve_template
         self._model = None
         mmap = validate.boolean(mmap, "mmap")
+        self.repack = validate.boolean(repack, "repack")
         if not (tokenizer is None or isinstance(tokenizer, (Tokenizer, str, bytes, os.PathLike))):
             raise ParameterError(f"tokenizer: expected a path, a Tokenizer or None, found "
                                  f"{type(tokenizer).__name__}")
@@ -81,7 +82,7 @@ class Llama:
         if not self.file.has_weights:
             raise FormatError(f"{self.path}: a vocab-only GGUF holds no weights to run; load its "
                               f"tokenizer with pyllama.load_tokenizer(path)")
-        self._model = Transformer(self.file, n_ctx=n_ctx, threads=threads, repack=repack)
+        self._model = Transformer(self.file, n_ctx=n_ctx, threads=threads, repack=self.repack)
         self.tokenizer_problem = None  # why no tokenizer was found, when one was refused
         self.tokenizer = self._resolve_tokenizer(tokenizer)
         for key in CONFIG_ATTRS:

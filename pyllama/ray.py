@@ -27,7 +27,7 @@ from .errors import ParameterError, PyllamaError
 
 __all__ = ["generate", "serve_app", "Generator"]
 
-LOAD_OPTIONS = ("tokenizer", "threads", "n_ctx", "mmap", "chat_format", "chat_template")
+LOAD_OPTIONS = ("tokenizer", "threads", "n_ctx", "mmap", "chat_format", "chat_template", "repack")
 ENGINE_OPTIONS = ("slots", "step_tokens")
 RESULT_COLUMNS = ("finish_reason", "error")
 

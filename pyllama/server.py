@@ -38,7 +38,8 @@ from .server_stream import EventStream, cancel, cancel_on_disconnect, updates
 log = logging.getLogger("pyllama.server")
 
 SERVE_OPTIONS = dict(parallel=4, ctx_size=None, threads=None, api_key=None, max_queue=64,
-                     tokenizer=None, chat_template=None, max_body=1 << 20, model_name=None)
+                     tokenizer=None, chat_template=None, max_body=1 << 20, model_name=None,
+                     repack=True)
 DEFAULT_CTX = 4096  # ctx_size None: the model's context, at most this (each slot holds one)
 
 
@@ -46,7 +47,7 @@ class Server:
     """The app's state: the model, the engine, the counters; the route handlers."""
 
     def __init__(self, model, parallel, ctx_size, threads, api_key, max_queue, tokenizer,
-                 chat_template, max_body, model_name):
+                 chat_template, max_body, model_name, repack):
         from .engine import Engine
         from .formats import load
         from .llama import Llama
@@ -57,7 +58,8 @@ class Server:
             mf = load(model)
             ctx_size = min(mf.config["seq_len"], DEFAULT_CTX) if ctx_size is None else ctx_size
             # text only (tokenizer, templates): the engine runs the model, so a 1-position cache here
-            self.llama = Llama(mf, tokenizer=tokenizer, threads=threads, n_ctx=1, chat_template=chat_template)
+            self.llama = Llama(mf, tokenizer=tokenizer, threads=threads, n_ctx=1, chat_template=chat_template,
+                               repack=repack)
         else:
             self.llama = model
             ctx_size = model.n_ctx if ctx_size is None else ctx_size

@@ -264,3 +264,20 @@ def test_convert_then_run(tmp_path, s260k):
     assert a[0] == 0 and a[1] == b[1]
     code, _, err = cli("convert", model, tmp_path / "x.gguf", "--type", "q3_xs", "-z", tok)
     assert code == 1 and err.startswith("pyllama: error:")
+
+
+def test_no_repack_flag_reaches_the_model(s260k, capsysbinary, monkeypatch):
+    """--no-repack: run and serve build their models with repack=False (README "Speed"); the text
+    is the same either way (the float copy holds the file's bytes)."""
+    from pyllama import llama as llama_mod, server
+    model, tok = s260k
+    seen, real = [], llama_mod.Transformer
+    monkeypatch.setattr(llama_mod, "Transformer", lambda *a, **k: seen.append(k["repack"]) or real(*a, **k))
+    args = ("run", model, "-z", tok, "-s", "5", "-n", "40")
+    default, plain = run_in_process(capsysbinary, *args), run_in_process(capsysbinary, *args, "--no-repack")
+    assert seen == [True, False] and default == plain and default[0] == 0 and default[1]
+    served = []
+    monkeypatch.setattr(server, "serve", lambda m, **k: served.append(k["repack"]))
+    for extra in ((), ("--no-repack",)):
+        assert run_in_process(capsysbinary, "serve", model, "-z", tok, *extra)[0] == 0
+    assert served == [True, False]

@@ -305,5 +305,11 @@ def test_repack_false_runs_every_matrix_from_the_file(shared, name):
                                   plain._model.prefill(ids, 0, all_logits=True))
     if VNNI or name.endswith("f32.gguf"):
         assert mf.repacked  # the default run did copy
+    from pyllama.engine import Engine
+    engine = Engine(plain, slots=2, n_ctx=16)  # the server's engine follows its Llama
+    try:
+        assert all(getattr(engine.model._weights.layers[0], f).type < 1000 for f in ("wq", "w2"))
+    finally:
+        engine.close()
     with pytest.raises(pyllama.ParameterError, match="repack"):
         pyllama.Llama(mf, n_ctx=32, repack="no")

@@ -26,7 +26,8 @@ SHARED = Path(os.environ.get("PYLLAMA_SHARED") or ROOT.parent / "shared")
 MODELS = ROOT / "build" / "bench-models"
 
 import pyllama  # noqa: E402
-from pyllama.bench import bench, read_bandwidth, time_to_first_token  # noqa: E402
+from pyllama.bench import (bench, bytes_per_token, last_level_cache, probe_bytes,  # noqa: E402
+                           read_bandwidth, time_to_first_token)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from contention import contention, ratios  # noqa: E402
@@ -108,7 +109,7 @@ def tensor_rates(path, names, threads, repeat=5):
     return rates
 
 
-def big_rows(repeat, bw):
+def big_rows(repeat):
     """The Llama-3.2-1B-shaped rows (issue 10 item 5): generation at 1 and 2 threads, prompt 128
     and 512 at 2 threads, the bandwidth fraction, and the classifier's read rate against a layer's."""
     print(f"\nLlama-3.2-1B shape ({' '.join(LLAMA3_1B)}, vocab 128256, tied), 2 threads unless said")
@@ -121,12 +122,12 @@ def big_rows(repeat, bw):
         path = llama3_1b(fmt)
         m = pyllama.Llama(path, n_ctx=640)
         r1 = bench(m, 1, 16, 32, repeat)
-        r2 = bench(m, 2, 128, 64, repeat)
+        r2 = bench(m, 2, 128, 64, repeat, probe_bytes(bytes_per_token(m.file), last_level_cache()))
         r5 = bench(m, 2, 512, 1, repeat)
         m.close()
         ct, cr, cs, cb = tensor_rates(path, ["token_embd.weight"], 2)["token_embd.weight"]
         g2 = r2["gen_tok_s"]["median"]
-        frac = g2 * r2["bytes_per_token"] / bw[2]
+        frac = r2["bandwidth_fraction"]
         print(f"{fmt:7} {r2['bytes_per_token'] / 1e6:7.1f} {r1['gen_tok_s']['median']:7.1f} {g2:7.1f} "
               f"{'[%.1f..%.1f]' % (r2['gen_tok_s']['min'], r2['gen_tok_s']['max']):>15} {frac * 100:4.0f} "
               f"{r2['prompt_tok_s']['median']:7.1f} {r5['prompt_tok_s']['median']:7.1f}  "
@@ -153,7 +154,8 @@ def main():
     print(cpu_line())
     print(f"pyllama {pyllama.__version__} ({pyllama.build_info()})")
     bw = {t: read_bandwidth(t, 1 << 30) for t in (1, 2)}
-    print(f"read bandwidth (1 GiB sum): 1 thread {bw[1] / 1e9:.1f} GB/s, 2 threads {bw[2] / 1e9:.1f} GB/s\n")
+    print(f"read bandwidth (1 GiB sum): 1 thread {bw[1] / 1e9:.1f} GB/s, 2 threads {bw[2] / 1e9:.1f} GB/s "
+          f"(%bw: generation against a probe timed in each of its rounds)\n")
     head = (f"{'model':12} {'format':7} {'MB/tok':>7} {'gen 1t':>8} {'gen 2t':>8} {'[min..max 2t]':>17} "
             f"{'%bw':>4} {'prompt 2t':>9} {'ttft ms':>7}")
     print(head)
@@ -164,20 +166,21 @@ def main():
             path = model_file(name, fmt)
             m = pyllama.Llama(path)
             r1 = bench(m, 1, 128, 256, args.repeat)
-            r2 = bench(m, 2, 128, 256, args.repeat)
+            r2 = bench(m, 2, 128, 256, args.repeat, probe_bytes(bytes_per_token(m.file), last_level_cache()))
             ttft = statistics.median(time_to_first_token(path) for _ in range(5))
             g1, g2 = r1["gen_tok_s"]["median"], r2["gen_tok_s"]["median"]
-            frac = g2 * r2["bytes_per_token"] / bw[2]
+            frac = r2["bandwidth_fraction"]  # None: the weights fit in the last-level cache
             print(f"{name:12} {fmt:7} {r2['bytes_per_token'] / 1e6:7.1f} {g1:8.1f} {g2:8.1f} "
                   f"{'[%.1f..%.1f]' % (r2['gen_tok_s']['min'], r2['gen_tok_s']['max']):>17} "
-                  f"{frac * 100:4.0f} {r2['prompt_tok_s']['median']:9.1f} {ttft * 1000:7.1f}",
+                  f"{'-' if frac is None else format(frac * 100, '.0f'):>4} "
+                  f"{r2['prompt_tok_s']['median']:9.1f} {ttft * 1000:7.1f}",
                   flush=True)
             rows.append(dict(model=name, format=fmt, one_thread=r1, two_threads=r2,
                              time_to_first_token_ms=ttft * 1000, bandwidth_fraction=frac))
             m.close()
     if args.big:
-        return big_rows(args.repeat, bw)
-    rows += [] if args.quick else big_rows(args.repeat, bw)
+        return big_rows(args.repeat)
+    rows += [] if args.quick else big_rows(args.repeat)
     crows = contention_rows(args.repeat)
     tokenizer_speed()
     prefix = prefix_cache_row(args.repeat)

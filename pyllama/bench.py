@@ -76,14 +76,19 @@ def _stats(values):
     return {"min": v[0], "median": statistics.median(v), "max": v[-1]}
 
 
-def bench(llama, threads, n_prompt=128, n_gen=256, repeat=3):
-    """{prompt_tok_s, gen_tok_s: {min, median, max}, ...} for one Llama at `threads`."""
+def bench(llama, threads, n_prompt=128, n_gen=256, repeat=3, probe=0):
+    """{prompt_tok_s, gen_tok_s: {min, median, max}, ...} for one Llama at `threads`. With a probe
+    size (probe_bytes), each round also times the bandwidth probe right after its generation and
+    the row gets read_bandwidth (its stats) and bandwidth_fraction (the median of the rounds'
+    fractions): on a machine whose bandwidth moves with its neighbours' load, a probe timed
+    minutes apart from the run it divides says little."""
     llama.threads = threads
     rng = np.random.default_rng(0)
     n_prompt = min(n_prompt, llama.n_ctx - 1)
     n_gen = min(n_gen, llama.n_ctx)
     prompt = [1] + rng.integers(3, llama.vocab_size, size=n_prompt - 1).tolist()
-    pp, tg = [], []
+    pp, tg, bw, frac = [], [], [], []
+    per_token = bytes_per_token(llama.file)
     for _ in range(repeat):
         t0 = time.perf_counter()
         llama.logits(prompt, last_only=True)  # the prompt's prefill
@@ -91,9 +96,13 @@ def bench(llama, threads, n_prompt=128, n_gen=256, repeat=3):
         t0 = time.perf_counter()
         n = sum(1 for _ in llama.generate_tokens([1], n_gen, temperature=0.0, seed=1, stop=False))
         tg.append(n / (time.perf_counter() - t0))
+        if probe:
+            bw.append(read_bandwidth(threads, probe, repeat=3))
+            frac.append(tg[-1] * per_token / bw[-1])
     return {"threads": threads, "prompt_tokens": n_prompt, "gen_tokens": n_gen,
-            "prompt_tok_s": _stats(pp), "gen_tok_s": _stats(tg),
-            "bytes_per_token": bytes_per_token(llama.file)}
+            "prompt_tok_s": _stats(pp), "gen_tok_s": _stats(tg), "bytes_per_token": per_token,
+            "read_bandwidth": _stats(bw) if probe else None,
+            "bandwidth_fraction": statistics.median(frac) if probe else None}
 
 
 def time_to_first_token(path, tokenizer=None, threads=None):
@@ -119,14 +128,11 @@ def run(args, out, err):
     probe = probe_bytes(per_token, llc)
     rows = []
     for th in threads:
-        r = bench(m, th, args.prompt, args.gen, args.repeat)
+        r = bench(m, th, args.prompt, args.gen, args.repeat, probe)
         r["time_to_first_token_ms"] = _stats([time_to_first_token(args.model, args.tokenizer, th)
                                               * 1000 for _ in range(args.repeat)])
         r["last_level_cache"] = llc
         r["cache_resident"] = probe == 0
-        r["read_bandwidth"] = read_bandwidth(th, probe) if probe else None
-        r["bandwidth_fraction"] = (r["gen_tok_s"]["median"] * per_token / r["read_bandwidth"]
-                                   if probe else None)
         r["model"] = args.model
         rows.append(r)
     if args.json:
@@ -143,7 +149,8 @@ def format_row(r):
     pp, tg, ttft = r["prompt_tok_s"], r["gen_tok_s"], r["time_to_first_token_ms"]
     wall = ("cache-resident (the weights fit in the "
             f"{r['last_level_cache'] / 2**20:.0f} MiB last-level cache)" if r["cache_resident"]
-            else f"{r['bandwidth_fraction'] * 100:.0f}% of {r['read_bandwidth'] / 1e9:.1f} GB/s")
+            else f"{r['bandwidth_fraction'] * 100:.0f}% of the read bandwidth measured in the same "
+                 f"rounds ({r['read_bandwidth']['median'] / 1e9:.1f} GB/s)")
     return (f"threads {r['threads']}: prompt ({r['prompt_tokens']} tokens) "
             f"{pp['median']:.1f} tok/s [{pp['min']:.1f}..{pp['max']:.1f}], generate "
             f"{tg['median']:.1f} tok/s [{tg['min']:.1f}..{tg['max']:.1f}], {wall}, first token "

@@ -8,6 +8,7 @@ the cache) and a fake sysfs cache tree written here.
 import argparse
 import io
 import json
+import types
 
 from conftest import shared_path
 
@@ -90,9 +91,37 @@ def test_large_model_probe_and_fraction(monkeypatch):
     out = io.BytesIO()
     B.run(_args(json=True, threads=[2]), out, io.StringIO())
     (row,) = json.loads(out.getvalue())
-    assert calls["probe"] == [200 * MiB] and row["cache_resident"] is False
+    assert calls["probe"] == [200 * MiB] * 2 and row["cache_resident"] is False  # one per round
     assert abs(row["bandwidth_fraction"] - row["gen_tok_s"]["median"] * 200 * MiB / 10e9) < 1e-9
-    assert "% of 10.0 GB/s" in B.format_row(row)
+    assert row["read_bandwidth"]["median"] == 10e9
+    assert "% of the read bandwidth measured in the same rounds (10.0 GB/s)" in B.format_row(row)
+
+
+def test_fraction_pairs_each_round_with_its_own_probe(monkeypatch):
+    """The probe moves with the machine's load: each round's generation is divided by the probe
+    timed right after it, and the row reports the median of those fractions, not the median
+    generation over a probe from another moment."""
+    _fake(monkeypatch, 200 * MiB)
+    rates = iter([10e9, 40e9, 20e9])
+    monkeypatch.setattr(B, "read_bandwidth", lambda threads, nbytes, repeat=5: next(rates))
+    speeds = [100.0, 400.0, 150.0]
+
+    class FakeLlama:  # what bench() uses of a Llama
+        threads, n_ctx, vocab_size, file = 1, 64, 32, None
+
+        def logits(self, ids, last_only):
+            pass
+
+        def generate_tokens(self, ids, n, **kw):
+            return iter(range(10))
+
+    m = FakeLlama()
+    clock = iter(x for s in speeds for x in (0.0, 1.0, 0.0, 10 / s))  # prompt start/end, gen start/end
+    monkeypatch.setattr(B, "time", types.SimpleNamespace(perf_counter=lambda: next(clock)))
+    row = B.bench(m, 1, 4, 10, repeat=3, probe=200 * MiB)
+    fractions = sorted(s * 200 * MiB / bw for s, bw in ((100, 10e9), (400, 40e9), (150, 20e9)))
+    assert row["bandwidth_fraction"] == fractions[1]
+    assert row["gen_tok_s"]["median"] * 200 * MiB / row["read_bandwidth"]["median"] != fractions[1]
 
 
 def test_time_to_first_token_per_threads_row(monkeypatch):

@@ -1,7 +1,9 @@
 """Binds a ModelFile's numpy views into the C structs and runs the forward pass.
 
 Every cdata made here (from_buffer pointers, structs, arrays) is kept on the Transformer so the
-memory C points into stays alive as long as the Transformer does. The weights are never copied.
+memory C points into stays alive as long as the Transformer does. Weight matrices are bound
+where the file has them, or, with repack (the default), to a copy made once at load in the layout
+this build's kernels read fastest (Transformer._matrix; repack=False: never copied).
 """
 import mmap
 import os

@@ -53,6 +53,7 @@ class Server:
         from .llama import Llama
         self.api_key = V.optional(V.text, api_key, "api_key")
         self.max_body = V.integer(max_body, "max_body", lo=1)
+        repack = V.boolean(repack, "repack")  # (for a path; a Llama given here keeps its own)
         self.own_llama = not isinstance(model, Llama)
         if self.own_llama:
             mf = load(model)

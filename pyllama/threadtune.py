@@ -28,7 +28,7 @@ ABORT = 1.5         # a try ends after one step this many times slower than the 
 class _Size:
     def __init__(self, n):
         self.times = [collections.deque(maxlen=KEEP) for _ in range(n)]  # per choice
-        self.mean = [None] * n  # the medians of those
+        self.median = [None] * n  # the medians of those
         self.since = 0          # steps since the last try
         self.turn = 0           # which other choice to try next
         self.trying = None      # the choice being tried, with the steps it has left
@@ -44,7 +44,7 @@ class ThreadTuner:
         self.last = self.choices[-1]
 
     def _best(self, st):
-        return min(range(len(st.mean)), key=st.mean.__getitem__)
+        return min(range(len(st.median)), key=st.median.__getitem__)
 
     def pick(self, n_tokens):
         size = int(n_tokens).bit_length()
@@ -52,17 +52,17 @@ class ThreadTuner:
         if st is None:
             st = self._sizes[size] = _Size(len(self.choices))
         if st.trying is None:
-            untried = [j for j in range(len(st.mean)) if st.mean[j] is None]
+            untried = [j for j in range(len(st.median)) if st.median[j] is None]
             if untried:  # each choice first gets a try (all threads first)
                 st.trying, st.left = untried[-1], TRY
             else:
                 best = self._best(st)
-                others = [j for j in range(len(st.mean)) if j != best]
+                others = [j for j in range(len(st.median)) if j != best]
                 st.since += 1
                 if others:
                     j = others[st.turn % len(others)]
                     # a try costs TRY * (ratio - 1) steps' worth: keep it to COST of the time
-                    every = min(MAX_EVERY, max(MIN_EVERY, TRY * (st.mean[j] / st.mean[best] - 1) / COST))
+                    every = min(MAX_EVERY, max(MIN_EVERY, TRY * (st.median[j] / st.median[best] - 1) / COST))
                     if st.since >= every:
                         st.trying, st.left = j, TRY
                         st.since, st.turn = 0, st.turn + 1
@@ -74,9 +74,9 @@ class ThreadTuner:
         size, i = key
         st = self._sizes[size]
         st.times[i].append(seconds)
-        st.mean[i] = sorted(st.times[i])[len(st.times[i]) // 2]  # (the upper median)
+        st.median[i] = sorted(st.times[i])[len(st.times[i]) // 2]  # (the upper median)
         if st.trying == i:
             st.left -= 1
-            known = [m for j, m in enumerate(st.mean) if m is not None and j != i]
+            known = [m for j, m in enumerate(st.median) if m is not None and j != i]
             if st.left == 0 or known and seconds > ABORT * min(known):  # (clearly slower: enough)
                 st.trying = None

@@ -536,3 +536,12 @@ def test_bench_serve_runs_and_prints_its_table(tmp_path):
     rows = json.loads(out.read_text())["models"][0]["rows"]
     assert [(row["clients"], row["llama_server_tokens"]) for row in rows] == [(1, 8), (2, 16)]
     assert all(row["vs_llama_server"] == row["tok_s"] / row["llama_server_tok_s"] for row in rows)
+
+
+@pytest.mark.parametrize("given", ("path", "llama"))
+def test_invalid_repack_option_is_refused(given):
+    """build_app(repack=…) is checked like every option, also when a ready Llama (which keeps its
+    own choice) is passed: a clear ParameterError, no server."""
+    model = model_path() if given == "path" else pyllama.Llama(model_path(), threads=1)
+    with pytest.raises(ParameterError, match="repack"):
+        build_app(model, parallel=1, threads=1, repack="no")

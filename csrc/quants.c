@@ -1248,7 +1248,9 @@ static inline __attribute__((always_inline)) void q6_sums(const blk_q6_K *b, con
         __m256i la = _mm256_loadu_si256((const __m256i *)(b->ql + 64 * h));
         __m256i lb = _mm256_loadu_si256((const __m256i *)(b->ql + 64 * h + 32));
         __m256i hq = _mm256_loadu_si256((const __m256i *)(b->qh + 32 * h));
-        __m256i sh = _mm256_permute2x128_si256(sc16, sc16, h ? 0x11 : 0x00); /* sc[8h..8h+7] twice */
+        /* sc[8h..8h+7] twice (two calls: the selector must be a constant whether or not h's loop
+         * is unrolled, e.g. at -O1 or for AVX2-only targets) */
+        __m256i sh = h ? _mm256_permute2x128_si256(sc16, sc16, 0x11) : _mm256_permute2x128_si256(sc16, sc16, 0x00);
         __m256i q[4];
         q[0] = _mm256_or_si256(_mm256_and_si256(la, m4), _mm256_and_si256(_mm256_slli_epi16(hq, 4), m30));
         q[1] = _mm256_or_si256(_mm256_and_si256(lb, m4), _mm256_and_si256(_mm256_slli_epi16(hq, 2), m30));

@@ -1,7 +1,8 @@
 """`pyllama bench`: prompt and generation speed of one model, and the machine's read bandwidth.
 
-Generation reads (about) every weight byte once per token, so tokens/s × bytes per token against
-the measured read bandwidth says how close a run is to the memory wall.
+Generation reads every weight byte once per token, plus the keys and values of every earlier
+position (the KV cache, float32), so bytes read per second against the measured read bandwidth
+says how close a run is to the memory wall.
 """
 import os
 import statistics
@@ -15,6 +16,7 @@ from ._core import ffi, lib
 CACHE_DIR = "/sys/devices/system/cpu/cpu0/cache"
 DEFAULT_LLC = 32 << 20          # when the cache size cannot be read
 MIN_PROBE, MAX_PROBE = 64 << 20, 1 << 30
+SEGMENT = 32                    # generated tokens between two probes
 
 
 def last_level_cache(cache_dir=CACHE_DIR):
@@ -71,17 +73,27 @@ def bytes_per_token(model_file):
     return total + (emb.nbytes if model_file.shared_classifier else emb.nbytes // emb.shape[0])
 
 
+def kv_bytes_read(config, p0, p1):
+    """Bytes of the KV cache that the tokens at positions p0 .. p1-1 read: the one at position p
+    reads the float32 keys and values of positions 0..p in every layer."""
+    row = 2 * 4 * config["n_layers"] * config["n_kv_heads"] * config["head_dim"]
+    return row * ((p1 * (p1 + 1) - p0 * (p0 + 1)) // 2)
+
+
 def _stats(values):
     v = sorted(values)
     return {"min": v[0], "median": statistics.median(v), "max": v[-1]}
 
 
 def bench(llama, threads, n_prompt=128, n_gen=256, repeat=3, probe=0):
-    """{prompt_tok_s, gen_tok_s: {min, median, max}, ...} for one Llama at `threads`. With a probe
-    size (probe_bytes), each round also times the bandwidth probe right after its generation and
-    the row gets read_bandwidth (its stats) and bandwidth_fraction (the median of the rounds'
-    fractions): on a machine whose bandwidth moves with its neighbours' load, a probe timed
-    minutes apart from the run it divides says little."""
+    """{prompt_tok_s, gen_tok_s: {min, median, max}, ...} for one Llama at `threads`.
+
+    With a probe size (probe_bytes), the generation stops after every SEGMENT tokens for one
+    probe of the read bandwidth (not counted in its time), and the row gets read_bandwidth (the
+    probes' stats) and bandwidth_fraction: the median over all segments of the bytes the
+    segment read (weights, and the KV cache at its positions) per second over the probe right
+    after it. This machine's bandwidth moves with its neighbours' load, by up to 2x within a
+    minute: a probe from another moment than the tokens it divides says little."""
     llama.threads = threads
     rng = np.random.default_rng(0)
     n_prompt = min(n_prompt, llama.n_ctx - 1)
@@ -89,20 +101,32 @@ def bench(llama, threads, n_prompt=128, n_gen=256, repeat=3, probe=0):
     prompt = [1] + rng.integers(3, llama.vocab_size, size=n_prompt - 1).tolist()
     pp, tg, bw, frac = [], [], [], []
     per_token = bytes_per_token(llama.file)
+    config = llama.config
     for _ in range(repeat):
         t0 = time.perf_counter()
         llama.logits(prompt, last_only=True)  # the prompt's prefill
         pp.append(n_prompt / (time.perf_counter() - t0))
-        t0 = time.perf_counter()
-        n = sum(1 for _ in llama.generate_tokens([1], n_gen, temperature=0.0, seed=1, stop=False))
-        tg.append(n / (time.perf_counter() - t0))
-        if probe:
-            bw.append(read_bandwidth(threads, probe, repeat=3))
-            frac.append(tg[-1] * per_token / bw[-1])
+        # between the yields of tokens n and n + 1, the forward pass at position n runs (the
+        # first yield follows the pass at position 0): a segment ending at yield n covers
+        # positions n - SEGMENT .. n - 1
+        n, elapsed, t0 = 0, 0.0, time.perf_counter()
+        for _ in llama.generate_tokens([1], n_gen, temperature=0.0, seed=1, stop=False):
+            n += 1
+            if probe and n % SEGMENT == 0:
+                dt = time.perf_counter() - t0
+                elapsed += dt
+                bw.append(read_bandwidth(threads, probe, repeat=1))
+                read = per_token * SEGMENT + kv_bytes_read(config, n - SEGMENT, n)
+                frac.append(read / dt / bw[-1])
+                t0 = time.perf_counter()
+        elapsed += time.perf_counter() - t0
+        tg.append(n / elapsed)
+    measured = probe and frac
     return {"threads": threads, "prompt_tokens": n_prompt, "gen_tokens": n_gen,
             "prompt_tok_s": _stats(pp), "gen_tok_s": _stats(tg), "bytes_per_token": per_token,
-            "read_bandwidth": _stats(bw) if probe else None,
-            "bandwidth_fraction": statistics.median(frac) if probe else None}
+            "kv_bytes_per_token": kv_bytes_read(config, 0, n_gen) / n_gen,
+            "read_bandwidth": _stats(bw) if measured else None,
+            "bandwidth_fraction": statistics.median(frac) if measured else None}
 
 
 def time_to_first_token(path, tokenizer=None, threads=None):
@@ -138,7 +162,9 @@ def run(args, out, err):
     if args.json:
         out.write((json.dumps(rows, indent=2) + "\n").encode())
         return 0
-    out.write(f"{args.model}: {m.file.format}, {per_token / 1e6:.1f} MB read per token\n".encode())
+    kv = rows[0]["kv_bytes_per_token"] if rows else 0
+    out.write(f"{args.model}: {m.file.format}, {per_token / 1e6:.1f} MB of weights read per token, "
+              f"{kv / 1e6:.1f} MB of KV cache on average over {rows[0]['gen_tokens'] if rows else 0} tokens\n".encode())
     for r in rows:
         out.write(f"  {format_row(r)}\n".encode())
     return 0
@@ -149,8 +175,9 @@ def format_row(r):
     pp, tg, ttft = r["prompt_tok_s"], r["gen_tok_s"], r["time_to_first_token_ms"]
     wall = ("cache-resident (the weights fit in the "
             f"{r['last_level_cache'] / 2**20:.0f} MiB last-level cache)" if r["cache_resident"]
-            else f"{r['bandwidth_fraction'] * 100:.0f}% of the read bandwidth measured in the same "
-                 f"rounds ({r['read_bandwidth']['median'] / 1e9:.1f} GB/s)")
+            else f"{r['bandwidth_fraction'] * 100:.0f}% of the read bandwidth measured between its "
+                 f"segments (weights and KV cache; {r['read_bandwidth']['median'] / 1e9:.1f} GB/s)"
+            if r["bandwidth_fraction"] is not None else "too few tokens for a bandwidth figure")
     return (f"threads {r['threads']}: prompt ({r['prompt_tokens']} tokens) "
             f"{pp['median']:.1f} tok/s [{pp['min']:.1f}..{pp['max']:.1f}], generate "
             f"{tg['median']:.1f} tok/s [{tg['min']:.1f}..{tg['max']:.1f}], {wall}, first token "

@@ -8,7 +8,10 @@ the cache) and a fake sysfs cache tree written here.
 import argparse
 import io
 import json
+import statistics
 import types
+
+import pytest
 
 from conftest import shared_path
 
@@ -89,39 +92,80 @@ def test_cache_resident_model_gets_no_probe_and_says_so(monkeypatch):
 def test_large_model_probe_and_fraction(monkeypatch):
     calls = _fake(monkeypatch, 200 * MiB)
     out = io.BytesIO()
-    B.run(_args(json=True, threads=[2]), out, io.StringIO())
+    B.run(_args(json=True, threads=[2], gen=2 * B.SEGMENT), out, io.StringIO())
     (row,) = json.loads(out.getvalue())
-    assert calls["probe"] == [200 * MiB] * 2 and row["cache_resident"] is False  # one per round
-    assert abs(row["bandwidth_fraction"] - row["gen_tok_s"]["median"] * 200 * MiB / 10e9) < 1e-9
-    assert row["read_bandwidth"]["median"] == 10e9
-    assert "% of the read bandwidth measured in the same rounds (10.0 GB/s)" in B.format_row(row)
+    # one probe after each segment of each round, each of the probe size
+    assert calls["probe"] == [200 * MiB] * 4 and row["cache_resident"] is False
+    assert row["read_bandwidth"]["median"] == 10e9 and 0 < row["bandwidth_fraction"]
+    assert "% of the read bandwidth measured between its segments (weights and KV cache; 10.0 GB/s)" \
+        in B.format_row(row)
 
 
-def test_fraction_pairs_each_round_with_its_own_probe(monkeypatch):
-    """The probe moves with the machine's load: each round's generation is divided by the probe
-    timed right after it, and the row reports the median of those fractions, not the median
-    generation over a probe from another moment."""
+def test_too_short_a_generation_says_so_rather_than_guess(monkeypatch):
+    calls = _fake(monkeypatch, 200 * MiB)
+    out = io.BytesIO()
+    B.run(_args(json=True, threads=[2], gen=B.SEGMENT - 1), out, io.StringIO())
+    (row,) = json.loads(out.getvalue())
+    assert calls["probe"] == [] and row["bandwidth_fraction"] is None and not row["cache_resident"]
+    assert "too few tokens for a bandwidth figure" in B.format_row(row)
+
+
+def test_kv_bytes_read():
+    """A token at position p reads the float32 keys and values of positions 0..p of each layer:
+    the same bytes as a KV cache of p + 1 positions (Transformer.kv_cache_bytes) for one slot."""
+    from pyllama.model import Transformer
+    from pyllama.formats import load
+    cfg = {"n_layers": 2, "n_kv_heads": 3, "head_dim": 4}
+    row = 2 * 4 * 2 * 3 * 4
+    assert B.kv_bytes_read(cfg, 0, 1) == row
+    assert B.kv_bytes_read(cfg, 0, 3) == row * (1 + 2 + 3)
+    assert B.kv_bytes_read(cfg, 5, 7) == row * (6 + 7) == B.kv_bytes_read(cfg, 0, 7) - B.kv_bytes_read(cfg, 0, 5)
+    mf = load(str(shared_path("models/bpe/llama3-tiny-f16.gguf")))  # grouped-query attention
+    t = Transformer(mf, n_ctx=64, threads=1)
+    for p in (0, 9, 63):
+        assert B.kv_bytes_read(mf.config, p, p + 1) == t.kv_cache_bytes(n_ctx=p + 1)
+
+
+def test_fraction_pairs_each_segment_with_its_own_probe(monkeypatch):
+    """The probe moves with the machine's load: each segment of SEGMENT generated tokens is
+    divided by the probe timed right after it, the probe's time is not generation time, and the
+    row reports the median of the segments' fractions, with the KV cache's bytes counted."""
     _fake(monkeypatch, 200 * MiB)
-    rates = iter([10e9, 40e9, 20e9])
+    S = B.SEGMENT
+    rates = iter([10e9, 40e9, 20e9, 30e9])
     monkeypatch.setattr(B, "read_bandwidth", lambda threads, nbytes, repeat=5: next(rates))
-    speeds = [100.0, 400.0, 150.0]
+    cfg = {"n_layers": 4, "n_kv_heads": 2, "head_dim": 64}
 
     class FakeLlama:  # what bench() uses of a Llama
-        threads, n_ctx, vocab_size, file = 1, 64, 32, None
+        threads, n_ctx, vocab_size, file, config = 1, 256, 32, None, cfg
 
         def logits(self, ids, last_only):
             pass
 
         def generate_tokens(self, ids, n, **kw):
-            return iter(range(10))
+            return iter(range(n))
 
-    m = FakeLlama()
-    clock = iter(x for s in speeds for x in (0.0, 1.0, 0.0, 10 / s))  # prompt start/end, gen start/end
-    monkeypatch.setattr(B, "time", types.SimpleNamespace(perf_counter=lambda: next(clock)))
-    row = B.bench(m, 1, 4, 10, repeat=3, probe=200 * MiB)
-    fractions = sorted(s * 200 * MiB / bw for s, bw in ((100, 10e9), (400, 40e9), (150, 20e9)))
-    assert row["bandwidth_fraction"] == fractions[1]
-    assert row["gen_tok_s"]["median"] * 200 * MiB / row["read_bandwidth"]["median"] != fractions[1]
+    seconds = [0.5, 0.25, 0.4, 0.2]  # two rounds of two segments
+    clock, now = [], 0.0
+    for r in range(2):
+        clock += [now, now + 1.0]               # prompt start, end
+        now += 1.0
+        clock.append(now)                       # generation start
+        for k in range(2):
+            now += seconds[2 * r + k]
+            clock += [now, now + 100.0]         # segment end; after the probe (100 s, not counted)
+            now += 100.0
+        clock.append(now)                       # generation end
+    ticks = iter(clock)
+    monkeypatch.setattr(B, "time", types.SimpleNamespace(perf_counter=lambda: next(ticks)))
+    row = B.bench(FakeLlama(), 1, 4, 2 * S, repeat=2, probe=200 * MiB)
+    fr = [(200 * MiB * S + B.kv_bytes_read(cfg, p0, p0 + S)) / dt / bw
+          for (p0, dt, bw) in ((0, 0.5, 10e9), (S, 0.25, 40e9), (0, 0.4, 20e9), (S, 0.2, 30e9))]
+    assert row["bandwidth_fraction"] == pytest.approx(statistics.median(fr), rel=1e-9)
+    assert row["gen_tok_s"]["min"] == pytest.approx(2 * S / 0.75, rel=1e-9)
+    assert row["gen_tok_s"]["max"] == pytest.approx(2 * S / 0.6, rel=1e-9)
+    assert row["read_bandwidth"] == {"min": 10e9, "median": 25e9, "max": 40e9}
+    assert row["kv_bytes_per_token"] == B.kv_bytes_read(cfg, 0, 2 * S) / (2 * S)
 
 
 def test_time_to_first_token_per_threads_row(monkeypatch):

@@ -12,10 +12,16 @@ typedef struct {
 
 #define PL_MAX_GROUP 3   /* matmuls sharing one input: q, k, v */
 
+/* What to do with rows [r0, r1) of matmul i of a group (i = -1: of each) once they are computed. */
+typedef struct {
+    void (*fn)(void *ctx, int i, long long r0, long long r1);
+    void *ctx;
+} pl__epilogue;
+
 /* Inside an OpenMP parallel region (or outside one, single-threaded): all threads of the team
  * call it together (see matmul.c). scratch holds PL_MAX_GROUP slots of quantized activations. */
 void pl__team_matmuls(const float *x, int n, const pl__mm *mm, int nmm, void *scratch,
-                      int same_rows, long long *r0, long long *r1);
+                      int same_rows, const pl__epilogue *epi);
 
 /* Activation scratch bytes one matmul with w needs. */
 long long pl__act_bytes(const pl_tensor *w);
@@ -25,17 +31,45 @@ long long pl__act_bytes(const pl_tensor *w);
  * of the team calls pl__team_enter first (it reads the team's size: OpenMP may give fewer threads
  * than asked), then pl__team_sync where all must meet: a no-op outside a team
  * (pl__team_enter(NULL)) or in a team of one. */
+#define PL_MAX_TEAM 64 /* members whose chunks can be shared (pl__chunks); larger teams split statically */
+
+/* A member's remaining chunks of the current step: step number (16 bits), front, back (24 bits
+ * each), alone on its cache line. */
+typedef struct {
+    _Alignas(64) _Atomic unsigned long long word;
+    _Atomic long long active_ns; /* when its owner last began a step or took a chunk of its own */
+} pl__chunk_slot;
+
 typedef struct {
     _Atomic int arrived;          /* threads at the barrier in this phase */
     _Atomic unsigned phase;       /* bumped by the last arrival (the futex word) */
     _Atomic int sleepers;         /* threads asleep on phase */
     _Atomic long long typical_ns; /* running average of a wait that ended while spinning */
     _Atomic int n_threads;        /* the team's size (each member stores it on entry) */
+    pl__chunk_slot chunks[PL_MAX_TEAM];
 } pl__barrier;
 
 void pl__team_init(pl__barrier *b);
 void pl__team_enter(pl__barrier *b);
 void pl__team_sync(void);
+
+/* Chunks [0, n) of one step of work, shared by the team: each member starts with an even,
+ * contiguous part of them and takes its chunks front to back; a member done with its own takes
+ * the others' from their back end, one at a time. So a member that gets less of the memory
+ * bandwidth (or is descheduled) for a while does not hold the whole team at the next barrier.
+ * Every member calls pl__chunks_begin with the same n (steps in the same order), then
+ * pl__chunks_next until it returns -1; the step must end with a pl__team_sync. Outside a team
+ * (or in a team of one) the caller gets every chunk in order. */
+typedef struct {
+    long long n;
+    long long next, end; /* own chunks when not shared */
+    long long began_ns, own_taken; /* when this member began the step; own chunks it took */
+    unsigned step;
+    int shared;
+} pl__chunks;
+
+void pl__chunks_begin(pl__chunks *c, long long n);
+long long pl__chunks_next(pl__chunks *c);
 
 /* Causal attention of one head (attention.c). pl__attend_token: one query at position last
  * (scores in att, last + 1 floats), llama2.c's order. pl__attend_block: nq <= PL_ATT_BLOCK

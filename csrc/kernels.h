@@ -77,6 +77,9 @@ void pli_matvec_rows(const pl_tensor *w, const void *xq, float *out, long long r
 void pli_matmul_batch(const pl_tensor *w, const void *xq, long long stride, int ntok, float *out,
                       long long ldo, long long r0, long long r1);
 
+/* Bytes of a row of w (a quantized type; repacked layouts have the same size). */
+long long pli_row_bytes(const pl_tensor *w);
+
 /* Bytes of w's repacked layout (0: none for its type/shape in this build), and the repack of
  * groups [g0, g1) of 16 rows into dst (the whole layout's base); returns the repacked type. */
 long long pli_repack_bytes(const pl_tensor *w);

@@ -2321,6 +2321,13 @@ static void r16_repack_groups(const pl_tensor *w, char *dst, long long g0, long 
 }
 #endif
 
+long long pli_row_bytes(const pl_tensor *w)
+{
+    if (w->type == PL_Q8_G) /* int8 values and a float scale per group */
+        return w->cols + w->cols / (w->group_size > 0 ? w->group_size : w->cols) * 4;
+    return w->cols / block_values(w) * (long long)block_bytes(w->type);
+}
+
 long long pli_repack_bytes(const pl_tensor *w)
 {
 #ifdef PL_KQ512

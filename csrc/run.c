@@ -159,6 +159,18 @@ static inline long long kv_offset(const pl_state *s, int slot, int l, int n_laye
     return ((long long)slot * n_layers + l) * s->n_ctx * kv_dim;
 }
 
+/* This thread's even part [a, b) of [0, n). */
+static void thread_part(long long n, long long *a, long long *b)
+{
+    int tid = 0, nth = 1;
+#ifdef _OPENMP
+    tid = omp_get_thread_num();
+    nth = omp_get_num_threads();
+#endif
+    *a = n * tid / nth;
+    *b = n * (tid + 1) / nth;
+}
+
 /* Copies this thread's rows [r0, r1) of each token's k (or v) row in buf to its slot's cache. */
 static void kv_scatter(float *cache, const float *buf, const pl_state *s, const seqmap *m, int l,
                        int n_layers, int kv_dim, long long r0, long long r1)
@@ -204,6 +216,58 @@ static int float_model(const pl_weights *w)
     return 1;
 }
 
+/* The epilogues of a layer's matmuls, on the rows [r0, r1) of each of the n tokens that one
+ * thread computed (pl__team_matmuls): biases and (NORM) RoPE of q, k, v; the residuals; SwiGLU. */
+typedef struct {
+    pl_state *s;
+    const pl_layer *L;
+    float *kc, *vc;
+    int n, q_dim, kv_dim, dim, hidden_dim, head_size, norm_rope, vector_exp;
+} layer_epi;
+
+static void epi_qkv(void *ctx, int i, long long r0, long long r1)
+{
+    const layer_epi *e = ctx;
+    const int ld = i == 0 ? e->q_dim : e->kv_dim;
+    float *out = i == 0 ? e->s->q : i == 1 ? e->kc : e->vc;
+    add_bias(out, i == 0 ? e->L->bq : i == 1 ? e->L->bk : e->L->bv, e->n, ld, r0, r1);
+    if (e->norm_rope && i < 2)
+        for (int t = 0; t < e->n; t++)
+            rope_rows(out + (long long)t * ld, e->s->rope + (long long)t * e->head_size, r0, r1,
+                      e->head_size);
+}
+
+static void epi_attn_out(void *ctx, int i, long long r0, long long r1)
+{
+    const layer_epi *e = ctx;
+    (void)i;
+    residual(e->s->x, e->s->xb2, e->n, e->dim, r0, r1);
+}
+
+static void epi_ffn_out(void *ctx, int i, long long r0, long long r1)
+{
+    const layer_epi *e = ctx;
+    (void)i;
+    residual(e->s->x, e->s->xb, e->n, e->dim, r0, r1);
+}
+
+static void epi_swiglu(void *ctx, int i, long long r0, long long r1)
+{
+    const layer_epi *e = ctx;
+    (void)i;
+    for (int t = 0; t < e->n; t++) {
+        float *hb = e->s->hb + (long long)t * e->hidden_dim, *hb2 = e->s->hb2 + (long long)t * e->hidden_dim;
+        long long j = r0;
+        if (e->vector_exp) /* float prompts: the vector exp (as their attention's softmax) */
+            j = pl__swiglu(hb + j, hb2 + j, r1 - j) + r0;
+        for (; j < r1; j++) {
+            float val = hb[j];
+            val *= 1.0f / (1.0f + expf(-val));
+            hb[j] = val * hb2[j];
+        }
+    }
+}
+
 /* The layers and the classifier for the batch already embedded in s->x: run by every thread of
  * the team, or by the caller alone. Each step ends with a barrier (pl__team_sync: the worksharing
  * constructs are `nowait`) before the next one reads what it wrote. */
@@ -220,7 +284,6 @@ static void forward_team(const pl_weights *w, pl_state *s, const seqmap *m)
     const int n_ctx = s->n_ctx;
     const float att_scale = 1.0f / sqrtf((float)head_size);
     float *x = s->x;
-    long long r0[PL_MAX_GROUP], r1[PL_MAX_GROUP];
     int nth = 1;
 #ifdef _OPENMP
     nth = omp_get_num_threads();
@@ -245,12 +308,12 @@ static void forward_team(const pl_weights *w, pl_state *s, const seqmap *m)
         /* attention rmsnorm; q, k, v plus biases, with RoPE (NORM pairs lie within a thread's
          * rows, split in pairs; NEOX pairs span a head); then k, v to their slots' cache rows
          * unless the batch is one run, whose k, v went straight into the cache */
+        layer_epi ectx = {s, L, kc, vc, n, q_dim, kv_dim, dim, hidden_dim, head_size,
+                          p->rope_style != PL_ROPE_NEOX, block_att};
         pl__mm qkv[3] = {{&L->wq, s->q}, {&L->wk, kc}, {&L->wv, vc}};
+        pl__epilogue e_qkv = {epi_qkv, &ectx};
         pl__team_matmuls(norm_input(s, x, L->rms_att, n, dim, p->rms_eps, own_norm), n, qkv, 3,
-                         s->scratch, 0, r0, r1);
-        add_bias(s->q, L->bq, n, q_dim, r0[0], r1[0]);
-        add_bias(kc, L->bk, n, kv_dim, r0[1], r1[1]);
-        add_bias(vc, L->bv, n, kv_dim, r0[2], r1[2]);
+                         s->scratch, 0, &e_qkv);
         if (p->rope_style == PL_ROPE_NEOX) {
             pl__team_sync();
 #pragma omp for collapse(2) schedule(static) nowait
@@ -260,17 +323,13 @@ static void forward_team(const pl_weights *w, pl_state *s, const seqmap *m)
                                               : kc + (long long)t * kv_dim + (h - n_heads) * head_size;
                     rope_head_neox(head, s->rope + (long long)t * head_size, head_size);
                 }
-        } else {
-            for (int t = 0; t < n; t++) {
-                const float *rope = s->rope + (long long)t * head_size;
-                rope_rows(s->q + (long long)t * q_dim, rope, r0[0], r1[0], head_size);
-                rope_rows(kc + (long long)t * kv_dim, rope, r0[1], r1[1], head_size);
-            }
         }
         pl__team_sync();
-        if (!m->run) { /* k, v (RoPE done) from s->k, s->v to their slots: this thread's rows */
-            kv_scatter(s->key_cache, kc, s, m, l, p->n_layers, kv_dim, r0[1], r1[1]);
-            kv_scatter(s->value_cache, vc, s, m, l, p->n_layers, kv_dim, r0[2], r1[2]);
+        if (!m->run) { /* k, v (RoPE done) from s->k, s->v to their slots: an even part each */
+            long long a, b;
+            thread_part(kv_dim, &a, &b);
+            kv_scatter(s->key_cache, kc, s, m, l, p->n_layers, kv_dim, a, b);
+            kv_scatter(s->value_cache, vc, s, m, l, p->n_layers, kv_dim, a, b);
             pl__team_sync();
         }
 
@@ -316,29 +375,19 @@ static void forward_team(const pl_weights *w, pl_state *s, const seqmap *m)
 
         /* output projection, residual */
         pl__mm wo = {&L->wo, s->xb2};
-        pl__team_matmuls(s->xb, n, &wo, 1, s->scratch, 0, r0, r1);
-        residual(x, s->xb2, n, dim, r0[0], r1[0]);
+        pl__epilogue e_wo = {epi_attn_out, &ectx};
+        pl__team_matmuls(s->xb, n, &wo, 1, s->scratch, 0, &e_wo);
         pl__team_sync();
 
         /* SwiGLU FFN: w2(silu(w1 x) * w3 x), residual */
         pl__mm up[2] = {{&L->w1, s->hb}, {&L->w3, s->hb2}};
+        pl__epilogue e_up = {epi_swiglu, &ectx};
         pl__team_matmuls(norm_input(s, x, L->rms_ffn, n, dim, p->rms_eps, own_norm), n, up, 2,
-                         s->scratch, 1, r0, r1);
-        for (int t = 0; t < n; t++) {
-            float *hb = s->hb + (long long)t * hidden_dim, *hb2 = s->hb2 + (long long)t * hidden_dim;
-            long long i = r0[0];
-            if (block_att) /* float prompts: the vector exp (as their attention's softmax) */
-                i = pl__swiglu(hb + i, hb2 + i, r1[0] - i) + r0[0];
-            for (; i < r1[0]; i++) {
-                float val = hb[i];
-                val *= 1.0f / (1.0f + expf(-val));
-                hb[i] = val * hb2[i];
-            }
-        }
+                         s->scratch, 1, &e_up);
         pl__team_sync();
         pl__mm down = {&L->w2, s->xb};
-        pl__team_matmuls(s->hb, n, &down, 1, s->scratch, 0, r0, r1);
-        residual(x, s->xb, n, dim, r0[0], r1[0]);
+        pl__epilogue e_down = {epi_ffn_out, &ectx};
+        pl__team_matmuls(s->hb, n, &down, 1, s->scratch, 0, &e_down);
         pl__team_sync();
     }
 
@@ -350,7 +399,7 @@ static void forward_team(const pl_weights *w, pl_state *s, const seqmap *m)
     pl__mm cls = {&w->wcls, s->logits};
     if (n == 1) { /* (wanted) */
         pl__team_matmuls(norm_input(s, x, w->rms_final, 1, dim, p->rms_eps, own_norm), 1, &cls, 1,
-                         s->scratch, 0, r0, r1);
+                         s->scratch, 0, NULL);
         return;
     }
 #pragma omp for schedule(static) nowait
@@ -361,7 +410,7 @@ static void forward_team(const pl_weights *w, pl_state *s, const seqmap *m)
         rmsnorm(s->xb + (long long)row * dim, x + (long long)t * dim, w->rms_final, dim, p->rms_eps);
     }
     pl__team_sync();
-    pl__team_matmuls(s->xb, n_want, &cls, 1, s->scratch, 0, r0, r1);
+    pl__team_matmuls(s->xb, n_want, &cls, 1, s->scratch, 0, NULL);
 }
 
 static void forward_seqs(const pl_weights *w, pl_state *s, const int *tokens, const seqmap *m)

@@ -37,6 +37,8 @@
 #endif
 
 static _Thread_local pl__barrier *team; /* the barrier of the calling thread's team, or NULL */
+static _Thread_local unsigned team_steps; /* pl__chunks_begin calls since pl__team_enter */
+static _Thread_local int team_tid;
 
 static long long now_ns(void)
 {
@@ -71,6 +73,10 @@ void pl__team_init(pl__barrier *b)
     atomic_init(&b->sleepers, 0);
     atomic_init(&b->typical_ns, PL_SPIN_MIN_NS);
     atomic_init(&b->n_threads, 1);
+    for (int i = 0; i < PL_MAX_TEAM; i++) {
+        atomic_init(&b->chunks[i].word, 0ull);
+        atomic_init(&b->chunks[i].active_ns, 0LL);
+    }
 }
 
 void pl__team_enter(pl__barrier *b)
@@ -80,6 +86,11 @@ void pl__team_enter(pl__barrier *b)
         atomic_store_explicit(&b->n_threads, omp_get_num_threads(), memory_order_relaxed);
 #endif
     team = b;
+    team_steps = 0;
+    team_tid = 0;
+#ifdef _OPENMP
+    team_tid = omp_get_thread_num();
+#endif
 }
 
 void pl__team_sync(void)
@@ -119,4 +130,104 @@ void pl__team_sync(void)
     while (atomic_load_explicit(&b->phase, memory_order_seq_cst) == phase)
         futex_wait(&b->phase, phase);
     atomic_fetch_sub_explicit(&b->sleepers, 1, memory_order_relaxed);
+}
+
+/* ------------------------------------------------------------------------------------------------
+ * shared chunks of a step: a member's slot word is step << 48 | front << 24 | back */
+
+#define CHUNK_MAX (1LL << 24)
+#ifndef PL_ALIVE_MIN_NS
+#define PL_ALIVE_MIN_NS 5000LL   /* a member counts as at work if it took a chunk this recently */
+#endif
+#ifndef PL_ALIVE_MAX_NS
+#define PL_ALIVE_MAX_NS 200000LL /* (4 of the taker's own chunks' time, within these bounds) */
+#endif
+
+static unsigned long long chunk_word(unsigned step, long long front, long long back)
+{
+    return (unsigned long long)(step & 0xffffu) << 48 | (unsigned long long)front << 24
+           | (unsigned long long)back;
+}
+
+/* Member v's slot, set to its part of step c->step unless that is done already: by v itself, or
+ * by a member that came to take from it before v began the step (the step before ended with a
+ * barrier, so v is done with that one). */
+static _Atomic unsigned long long *chunk_slot(pl__barrier *b, const pl__chunks *c, int v, int nth)
+{
+    _Atomic unsigned long long *slot = &b->chunks[v].word;
+    unsigned long long w = atomic_load_explicit(slot, memory_order_acquire);
+    const unsigned long long fresh = chunk_word(c->step, c->n * v / nth, c->n * (v + 1) / nth);
+    while ((unsigned)(w >> 48) != c->step)
+        if (atomic_compare_exchange_weak_explicit(slot, &w, fresh, memory_order_acq_rel,
+                                                  memory_order_acquire))
+            break;
+    return slot;
+}
+
+void pl__chunks_begin(pl__chunks *c, long long n)
+{
+    pl__barrier *b = team;
+    const int nth = b ? atomic_load_explicit(&b->n_threads, memory_order_relaxed) : 1;
+    c->n = n;
+    c->step = ++team_steps & 0xffffu;
+    c->shared = nth > 1 && nth <= PL_MAX_TEAM && n < CHUNK_MAX;
+    if (!c->shared) { /* all of it, or (a huge team or step) an even part of it */
+        c->next = nth > 1 ? n * team_tid / nth : 0;
+        c->end = nth > 1 ? n * (team_tid + 1) / nth : n;
+        return;
+    }
+    c->began_ns = now_ns();
+    c->own_taken = 0;
+    atomic_store_explicit(&b->chunks[team_tid].active_ns, c->began_ns, memory_order_relaxed);
+    chunk_slot(b, c, team_tid, nth);
+}
+
+/* The next chunk from member v's slot: its front for v itself, its back for the others; -1 when
+ * it has none left. */
+static long long take_chunk(_Atomic unsigned long long *slot, unsigned step, int front_end)
+{
+    const unsigned long long mask = (unsigned long long)(CHUNK_MAX - 1);
+    unsigned long long w = atomic_load_explicit(slot, memory_order_acquire);
+    for (;;) {
+        long long front = (long long)(w >> 24 & mask), back = (long long)(w & mask);
+        if (front >= back)
+            return -1;
+        unsigned long long next = front_end ? chunk_word(step, front + 1, back)
+                                            : chunk_word(step, front, back - 1);
+        if (atomic_compare_exchange_weak_explicit(slot, &w, next, memory_order_acq_rel,
+                                                  memory_order_acquire))
+            return front_end ? front : back - 1;
+    }
+}
+
+long long pl__chunks_next(pl__chunks *c)
+{
+    if (!c->shared)
+        return c->next < c->end ? c->next++ : -1;
+    pl__barrier *b = team;
+    const int nth = atomic_load_explicit(&b->n_threads, memory_order_relaxed);
+    long long i = take_chunk(&b->chunks[team_tid].word, c->step, 1);
+    if (i >= 0) {
+        c->own_taken++;
+        atomic_store_explicit(&b->chunks[team_tid].active_ns, now_ns(), memory_order_relaxed);
+        return i;
+    }
+    /* Own chunks done: take from members that are at work, those that began this step or took
+     * a chunk within the last few chunks' time. A member that did neither is most likely
+     * descheduled (other processes share the cores): its chunks are left to it, and this thread
+     * goes to the barrier, where it gives its core away. (Taking them as well brought two
+     * processes on two cores down to 0.6-0.8x of one alone, from 0.8-0.9x: the late member came
+     * back only to find nothing left to do, and each process ran its steps a thread at a time,
+     * with a sleep and a wake-up between each two.) */
+    const long long now = now_ns();
+    long long per = (now - c->began_ns) / (c->own_taken > 0 ? c->own_taken : 1);
+    long long window = 4 * per;
+    window = window < PL_ALIVE_MIN_NS ? PL_ALIVE_MIN_NS : window > PL_ALIVE_MAX_NS ? PL_ALIVE_MAX_NS : window;
+    for (int k = 1; i < 0 && k < nth; k++) {
+        const int v = (team_tid + k) % nth;
+        if (now - atomic_load_explicit(&b->chunks[v].active_ns, memory_order_relaxed) > window)
+            continue;
+        i = take_chunk(chunk_slot(b, c, v, nth), c->step, 0);
+    }
+    return i;
 }

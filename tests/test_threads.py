@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from conftest import manifest, shared_path
@@ -106,3 +107,55 @@ def test_fewer_threads_than_asked_do_not_hang():
                           capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "ok"
+
+
+# -- one token's matmul rows in chunks shared by the team (csrc/threads.c pl__chunks) -------------
+# A thread done with its own chunks takes those of a partner that is at work, from the back; a
+# partner that began nothing lately keeps its own. Which thread computes a row never changes its
+# arithmetic, so every team size must give the one-thread result bit for bit, every row written
+# (the output starts as NaN) and every epilogue (bias, RoPE, residual, SwiGLU) applied exactly
+# once. 8 threads on this machine's 2 cores: members are descheduled mid-step, so steps begin
+# late, chunks are taken from late members' parts and left to descheduled ones.
+
+def _float_tensor(ptype, rows, cols, seed):
+    from test_quants import Tensor
+    w = np.random.default_rng(seed).standard_normal((rows, cols)).astype(np.float32)
+    return Tensor(ptype, w if ptype == pyllama._core.lib.PL_F32 else w.astype(np.float16), rows, cols)
+
+
+@pytest.mark.parametrize("kind", ("F32", "F16", "Q8_0", "Q4_K"))
+def test_shared_chunks_give_every_row_once_at_any_team_size(kind):
+    from test_quants import TYPES, Tensor, _rng, _weights
+    lib = pyllama._core.lib
+    rows = 1002  # many chunks of 64 KiB and a short last one, in pairs of rows
+    if kind in ("F32", "F16"):
+        t = _float_tensor(getattr(lib, "PL_" + kind), rows, 512, 7)
+    else:
+        ptype, _, block, _, _ = TYPES[kind]
+        t = Tensor(ptype, _weights(kind, rows, 4 * block, "random", _rng(kind, "chunks")), rows, 4 * block)
+    x = np.random.default_rng(3).standard_normal(t.t.cols).astype(np.float32)
+    one = t.matmul(x, 1)
+    assert not np.isnan(one).any()
+    for n_threads in (2, 3, 8):
+        for _ in range(10 if n_threads == 8 else 3):
+            assert np.array_equal(t.matmul(x, n_threads), one), n_threads
+
+
+@pytest.mark.parametrize("path", ("models/bpe/qwen2-tiny-f16.gguf",       # q, k, v biases, NEOX RoPE
+                                  "models/bpe/llama3-tiny-f16.gguf",      # grouped-query attention
+                                  "models/quant-base-q8_0.gguf"))
+def test_shared_chunks_token_by_token_logits_at_any_team_size(path):
+    ids = [1] + [(37 * i) % 200 + 3 for i in range(40)]
+    logits = {}
+    for n_threads in (1, 2, 3, 8):
+        m = pyllama.Llama(str(shared_path(path)), threads=n_threads, n_ctx=64)
+        t = m._model
+        logits[n_threads] = np.array([t.forward(tok, pos).copy() for pos, tok in enumerate(ids)])
+        m.close()
+    assert np.isfinite(logits[1]).all()
+    for n_threads in (2, 3, 8):
+        assert np.array_equal(logits[n_threads], logits[1]), n_threads
+    if "q8_0" in path:  # and a quantized model's batch (rows split evenly, its epilogues once per
+        # thread) gives each token the same bits as the one-token path
+        with pyllama.Llama(str(shared_path(path)), threads=2, n_ctx=64) as m:
+            assert np.array_equal(m.logits(ids), logits[1])

@@ -155,7 +155,7 @@ def main():
     print(f"pyllama {pyllama.__version__} ({pyllama.build_info()})")
     bw = {t: read_bandwidth(t, 1 << 30) for t in (1, 2)}
     print(f"read bandwidth (1 GiB sum): 1 thread {bw[1] / 1e9:.1f} GB/s, 2 threads {bw[2] / 1e9:.1f} GB/s "
-          f"(%bw: generation against a probe timed in each of its rounds)\n")
+          f"(%bw: bytes read, weights and KV cache, against a probe after each 32 generated tokens)\n")
     head = (f"{'model':12} {'format':7} {'MB/tok':>7} {'gen 1t':>8} {'gen 2t':>8} {'[min..max 2t]':>17} "
             f"{'%bw':>4} {'prompt 2t':>9} {'ttft ms':>7}")
     print(head)

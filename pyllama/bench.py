@@ -11,6 +11,7 @@ import time
 import numpy as np
 
 from ._core import ffi, lib
+from .model import kv_position_bytes
 
 
 CACHE_DIR = "/sys/devices/system/cpu/cpu0/cache"
@@ -76,8 +77,7 @@ def bytes_per_token(model_file):
 def kv_bytes_read(config, p0, p1):
     """Bytes of the KV cache that the tokens at positions p0 .. p1-1 read: the one at position p
     reads the float32 keys and values of positions 0..p in every layer."""
-    row = 2 * 4 * config["n_layers"] * config["n_kv_heads"] * config["head_dim"]
-    return row * ((p1 * (p1 + 1) - p0 * (p0 + 1)) // 2)
+    return kv_position_bytes(config) * ((p1 * (p1 + 1) - p0 * (p0 + 1)) // 2)
 
 
 def _stats(values):

@@ -99,6 +99,11 @@ def repack_budget():
 HUGE = 2 << 20
 
 
+def kv_position_bytes(config):
+    """Bytes of one position of a slot's KV cache: float32 keys and values of every layer."""
+    return 2 * 4 * config["n_layers"] * config["n_kv_heads"] * config["head_dim"]
+
+
 def aligned_buffer(n):
     """n writable bytes for a repacked copy, 64-byte aligned; from 2 MiB up, an anonymous mapping
     on 2 MiB boundaries advised into transparent huge pages where the kernel offers them (read
@@ -284,9 +289,7 @@ class Transformer:
         return w
 
     def kv_cache_bytes(self, n_ctx=None):
-        cfg = self.config
-        kv_dim = cfg["head_dim"] * cfg["n_kv_heads"]
-        return 2 * 4 * cfg["n_layers"] * (n_ctx or self.n_ctx) * kv_dim * self.n_slots
+        return kv_position_bytes(self.config) * (n_ctx or self.n_ctx) * self.n_slots
 
     def _batch_size(self):
         """Tokens per pl_forward call: up to MAX_BATCH, fewer when the attention scores of a

@@ -115,7 +115,8 @@ def test_fewer_threads_than_asked_do_not_hang():
 # arithmetic, so every team size must give the one-thread result bit for bit, every row written
 # (the output starts as NaN) and every epilogue (bias, RoPE, residual, SwiGLU) applied exactly
 # once. 8 threads on this machine's 2 cores: members are descheduled mid-step, so steps begin
-# late, chunks are taken from late members' parts and left to descheduled ones.
+# late, chunks are taken from late members' parts and left to descheduled ones. 70 threads: more
+# than PL_MAX_TEAM (64), where each member takes an even part of the chunks and shares nothing.
 
 def _float_tensor(ptype, rows, cols, seed):
     from test_quants import Tensor
@@ -136,7 +137,7 @@ def test_shared_chunks_give_every_row_once_at_any_team_size(kind):
     x = np.random.default_rng(3).standard_normal(t.t.cols).astype(np.float32)
     one = t.matmul(x, 1)
     assert not np.isnan(one).any()
-    for n_threads in (2, 3, 8):
+    for n_threads in (2, 3, 8, 70):  # 70: more than PL_MAX_TEAM, an even split without sharing
         for _ in range(10 if n_threads == 8 else 3):
             assert np.array_equal(t.matmul(x, n_threads), one), n_threads
 
@@ -147,13 +148,13 @@ def test_shared_chunks_give_every_row_once_at_any_team_size(kind):
 def test_shared_chunks_token_by_token_logits_at_any_team_size(path):
     ids = [1] + [(37 * i) % 200 + 3 for i in range(40)]
     logits = {}
-    for n_threads in (1, 2, 3, 8):
+    for n_threads in (1, 2, 3, 8, 70):
         m = pyllama.Llama(str(shared_path(path)), threads=n_threads, n_ctx=64)
         t = m._model
         logits[n_threads] = np.array([t.forward(tok, pos).copy() for pos, tok in enumerate(ids)])
         m.close()
     assert np.isfinite(logits[1]).all()
-    for n_threads in (2, 3, 8):
+    for n_threads in (2, 3, 8, 70):
         assert np.array_equal(logits[n_threads], logits[1]), n_threads
     if "q8_0" in path:  # and a quantized model's batch (rows split evenly, its epilogues once per
         # thread) gives each token the same bits as the one-token path

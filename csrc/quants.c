@@ -1640,10 +1640,9 @@ kr_q4_step(const char *sb, const act_view *a, int i, __m512 acc)
     return _mm512_fmadd_ps(y, _mm512_set1_ps(a->d[i]), acc); /* k4_step */
 }
 
-/* Q6_K super-block at sb (52 chunks), its rows' fp16 d at dp. Each sub-block's sum starts at
- * −32·bsum (the values' offset), so I − 32·M of kq_tokens comes out as one sum. */
-static inline __attribute__((always_inline)) __m512
-kr_q6_step(const char *sb, const uint16_t *dp, const act_view *a, int i, __m512 acc)
+/* Q6_K super-block at sb (52 chunks): the integer sum of its 16 rows. Each sub-block's sum starts
+ * at −32·bsum (the values' offset), so I − 32·M of kq_tokens comes out as one sum. */
+static inline __attribute__((always_inline)) __m512i kr_q6_sums(const char *sb, const act_view *a, int i)
 {
     const int8_t *q8 = a->q + QK_K * i;
     const int16_t *bs = a->bsums + 16 * i;
@@ -1658,13 +1657,15 @@ kr_q6_step(const char *sb, const uint16_t *dp, const act_view *a, int i, __m512 
         if (s & 1) I1 = _mm512_add_epi32(I1, _mm512_mullo_epi32(p, kr_q6_scale(sb, s)));
         else I0 = _mm512_add_epi32(I0, _mm512_mullo_epi32(p, kr_q6_scale(sb, s)));
     }
-    __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)dp));
-    return _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(I0, I1)), _mm512_mul_ps(d, _mm512_set1_ps(a->d[i])), acc); /* k6_step */
+    return _mm512_add_epi32(I0, I1);
 }
 
-#ifndef KR_PF
-#define KR_PF 0
-#endif
+/* Super-blocks of a Q6_K group whose float steps wait for the sums of them all: their rows' d
+ * (the plane after the group's super-blocks) are then read as the stream reaches them. Read
+ * with each super-block, those lines lay ahead of the stream, a miss each, and one core read the
+ * 1B-shaped Q6_K classifier at 0.63 of its plain streaming rate; deferred, at 0.86. */
+#define KR_DEFER 64
+
 /* Rows [r0, r1) (multiples of 16) of a repacked matrix for one token. */
 static inline __attribute__((always_inline)) void
 kr_decode(int six, const pl_tensor *w, const void *xq, float *out, long long r0, long long r1)
@@ -1675,13 +1676,19 @@ kr_decode(int six, const pl_tensor *w, const void *xq, float *out, long long r0,
     for (long long r = r0; r < r1; r += 16) {
         const char *g = (const char *)w->data + (size_t)(r / 16) * gbytes;
         __m512 acc = _mm512_setzero_ps();
-        for (int i = 0; i < nb; i++) {
-            const char *sb = g + i * sbytes;
-#if KR_PF
-            for (size_t o = 0; o < sbytes; o += 64) _mm_prefetch(sb + KR_PF + o, _MM_HINT_T0);
-#endif
-            if (six) acc = kr_q6_step(sb, (const uint16_t *)(g + nb * sbytes) + 16 * i, &a, i, acc);
-            else acc = kr_q4_step(sb, &a, i, acc);
+        if (!six) {
+            for (int i = 0; i < nb; i++) acc = kr_q4_step(g + i * sbytes, &a, i, acc);
+        } else {
+            const uint16_t *dp = (const uint16_t *)(g + nb * sbytes);
+            for (int i0 = 0; i0 < nb; i0 += KR_DEFER) {
+                const int n = nb - i0 < KR_DEFER ? nb - i0 : KR_DEFER;
+                __m512i I[KR_DEFER];
+                for (int i = 0; i < n; i++) I[i] = kr_q6_sums(g + (i0 + i) * sbytes, &a, i0 + i);
+                for (int i = 0; i < n; i++) { /* k6_step */
+                    __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(dp + 16 * (i0 + i))));
+                    acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(I[i]), _mm512_mul_ps(d, _mm512_set1_ps(a.d[i0 + i])), acc);
+                }
+            }
         }
         _mm512_storeu_ps(out + r, acc);
     }
@@ -2084,13 +2091,19 @@ v_batch(int type, const pl_tensor *w, const void *xq, long long stride, int ntok
  * Repacked Q4_0 / Q5_0 / Q8_0 (PL_Q4_0_R16, PL_Q5_0_R16, PL_Q8_0_R16), made at load time by
  * pl_repack.
  *
- * Rows go in groups of 16; a group holds the same bytes as its 16 rows, rearranged:
- *   quants plane: for each block b, chunks k of 64 bytes, row r's 4 bytes at 4r:
+ * Rows go in groups of 16, and groups in sets of 4 (the last set: the groups left over, 1-4). A
+ * set holds the same bytes as its rows, rearranged block by block: for each block b, each group's
+ * quants in turn, then each group's 16 fp16 scales d (32 bytes). A group's quants of a block are
+ * chunks k of 64 bytes, row r's 4 bytes at 4r:
  *     Q8_0: 8 chunks, chunk k = values 4k..4k+3 as unsigned bytes (w xor 0x80 = w + 128);
  *     Q4_0: 4 chunks, chunk k = qs[4k..4k+3] (low nibbles: values 4k.., high: values 16+4k..);
  *     Q5_0: Q4_0's 4 chunks, then 64 bytes of 5th bits: bit k of byte 4r+j = the 5th bit of
- *           value 4k+j of row r (bit 4k+j of its qh), i.e. byte 4r+j of the unpacked chunk k;
- *   then the scales plane: for each block b, the 16 rows' fp16 d.
+ *           value 4k+j of row r (bit 4k+j of its qh), i.e. byte 4r+j of the unpacked chunk k.
+ * The one-token kernel reads a set's 4 groups together, so it reads the set front to back: one
+ * sequential stream per thread. (Each group a plane of quants and a plane of scales, as this
+ * layout was first, made it 8 streams, which one core read from memory at 0.65 of its plain
+ * streaming rate; a loop of vpdpbusd over 4 interleaved streams measured 0.6 of the same loop
+ * over one.)
  * One vpdpbusd of a chunk with 4 activation bytes broadcast adds 4 products to each of 16 rows,
  * so a block's integer sum s (exact) lands in the lane of its row, with no horizontal sums, and
  * every (row, token) computes  acc = fma(fp16(d)·xd, (float)s, acc)  block after block from 0.
@@ -2098,14 +2111,34 @@ v_batch(int type, const pl_tensor *w, const void *xq, long long stride, int ntok
  * so batched results equal single-token ones bit for bit. The unsigned offset (128 or 8) comes
  * back through corr = −offset·Σq, the start value of each block's integer sum. */
 #define RG 16
+#define R16_SET 4 /* groups of a set */
 
-/* Quants plane bytes per block of a group (type: a repacked type or the file type it comes from) */
+/* Quants bytes of a group's block (type: a repacked type or the file type it comes from) */
 static inline size_t r16_qbytes(int type)
 {
     return type == PL_Q8_0_R16 || type == PL_Q8_0 ? 512 : type == PL_Q5_0_R16 || type == PL_Q5_0 ? 320 : 256;
 }
 
-/* A Q4_0 or Q5_0 block of a group (quants plane at q) as 8 chunks of unsigned bytes, chunk k =
+/* Where a group's blocks are: block b's quants at q + b·qs, its scales at d + b·ds. In a set of
+ * ng groups, group j + 1's quants follow group j's (q + qb), and its scales too (d + 32). */
+typedef struct {
+    const char *q, *d;
+    size_t qs, ds;
+} r16_view;
+
+/* Group g of a repacked tensor of `groups` groups (base: its first byte) */
+static inline r16_view r16_group_view(int type, const char *base, long long groups, int nb, long long g)
+{
+    const size_t qb = r16_qbytes(type), gbytes = (size_t)nb * (qb + 32);
+    const long long set = g / R16_SET;
+    const int ng = groups - set * R16_SET < R16_SET ? (int)(groups - set * R16_SET) : R16_SET;
+    const int j = (int)(g - set * R16_SET);
+    const char *s = base + (size_t)set * R16_SET * gbytes;
+    const size_t stride = (size_t)ng * (qb + 32);
+    return (r16_view){s + j * qb, s + ng * qb + 32 * j, stride, stride};
+}
+
+/* A Q4_0 or Q5_0 block of a group (its quants at q) as 8 chunks of unsigned bytes, chunk k =
  * values 4k..4k+3 of the 16 rows. Q5_0: + 16 where the 5th bit is set (bit k of each byte of its
  * bits plane; a byte test per chunk was measured 4% faster than 8 stored 64-bit masks). */
 static inline __attribute__((always_inline)) void r16_small_values(int type, const char *q, __m512i w[8])
@@ -2124,43 +2157,38 @@ static inline __attribute__((always_inline)) void r16_small_values(int type, con
     }
 }
 
+/* One token, NG (1-4) groups that follow each other in a set (v: the first; NG = 1: any group) */
 static inline __attribute__((always_inline)) void
-r16_tile(int type, const char *g0, size_t gbytes, int ng, int nt, const act_view *a, int nb,
-         float *out, long long ldo)
+r16_tile(int type, r16_view v, int NG, const act_view *a, int nb, float *out)
 {
     const size_t qb = r16_qbytes(type);
-    const int split = ng * nt < 4; /* few chains: two integer accumulators hide the latency */
-    __m512 acc[4][8];
-    for (int g = 0; g < ng; g++)
-        for (int t = 0; t < nt; t++) acc[g][t] = _mm512_setzero_ps();
+    const int split = NG < 4; /* few chains: two integer accumulators hide the latency */
+    __m512 acc[R16_SET];
+    for (int g = 0; g < NG; g++) acc[g] = _mm512_setzero_ps();
     for (int b = 0; b < nb; b++) {
-        for (int g = 0; g < ng; g++) {
-            const char *grp = g0 + g * gbytes;
-            const char *q = grp + b * qb;
-            __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(grp + nb * qb + 32 * b)));
+        const int8_t *x = a->q + QK * b;
+        for (int g = 0; g < NG; g++) {
+            const char *q = v.q + b * v.qs + g * qb;
+            __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(v.d + b * v.ds + 32 * g)));
             __m512i w[8];
             if (type == PL_Q8_0_R16) {
                 for (int k = 0; k < 8; k++) w[k] = _mm512_loadu_si512((const void *)(q + 64 * k));
             } else {
                 r16_small_values(type, q, w);
             }
-            for (int t = 0; t < nt; t++) {
-                const int8_t *x = a[t].q + QK * b;
-                __m512i s0 = _mm512_set1_epi32(a[t].corr[b]);
-                __m512i s1 = _mm512_setzero_si512();
-                for (int k = 0; k < 8; k++) { /* 4 activation bytes in every lane, from memory */
-                    __m512i xk = _mm512_broadcastd_epi32(_mm_loadu_si32(x + 4 * k));
-                    if (split && (k & 1)) s1 = _mm512_dpbusd_epi32(s1, w[k], xk);
-                    else s0 = _mm512_dpbusd_epi32(s0, w[k], xk);
-                }
-                if (split) s0 = _mm512_add_epi32(s0, s1);
-                __m512 sc = _mm512_mul_ps(dw, _mm512_set1_ps(a[t].ds[2 * b]));
-                acc[g][t] = _mm512_fmadd_ps(sc, _mm512_cvtepi32_ps(s0), acc[g][t]);
+            __m512i s0 = _mm512_set1_epi32(a->corr[b]);
+            __m512i s1 = _mm512_setzero_si512();
+            for (int k = 0; k < 8; k++) { /* 4 activation bytes in every lane, from memory */
+                __m512i xk = _mm512_broadcastd_epi32(_mm_loadu_si32(x + 4 * k));
+                if (split && (k & 1)) s1 = _mm512_dpbusd_epi32(s1, w[k], xk);
+                else s0 = _mm512_dpbusd_epi32(s0, w[k], xk);
             }
+            if (split) s0 = _mm512_add_epi32(s0, s1);
+            __m512 sc = _mm512_mul_ps(dw, _mm512_set1_ps(a->ds[2 * b]));
+            acc[g] = _mm512_fmadd_ps(sc, _mm512_cvtepi32_ps(s0), acc[g]);
         }
     }
-    for (int g = 0; g < ng; g++)
-        for (int t = 0; t < nt; t++) _mm512_storeu_ps(out + t * ldo + RG * g, acc[g][t]);
+    for (int g = 0; g < NG; g++) _mm512_storeu_ps(out + RG * g, acc[g]);
 }
 
 /* One group, NT (2-8) tokens: r16_tile's arithmetic per (row, token) with the token loop unrolled
@@ -2171,19 +2199,18 @@ r16_tile(int type, const char *g0, size_t gbytes, int ng, int nt, const act_view
  * together +15-20%) */
 #define R16_PF 8
 static inline __attribute__((always_inline)) void
-r16_tile_nt(int type, const char *grp, int NT, const act_view *a, int nb, float *out, long long ldo)
+r16_tile_nt(int type, r16_view v, int NT, const act_view *a, int nb, float *out, long long ldo)
 {
-    const size_t qb = r16_qbytes(type);
     __m512 acc[8];
 #pragma GCC unroll 8
     for (int t = 0; t < NT; t++) acc[t] = _mm512_setzero_ps();
     for (int b = 0; b < nb; b++) {
-        const char *q = grp + b * qb;
+        const char *q = v.q + b * v.qs;
         __m512i w[8];
         if (type == PL_Q8_0_R16) {
 #pragma GCC unroll 8
             for (int k = 0; k < 8; k++) {
-                _mm_prefetch(q + R16_PF * 512 + 64 * k, _MM_HINT_T0);
+                _mm_prefetch(q + R16_PF * v.qs + 64 * k, _MM_HINT_T0);
                 w[k] = _mm512_loadu_si512((const void *)(q + 64 * k));
             }
         } else {
@@ -2201,7 +2228,7 @@ r16_tile_nt(int type, const char *grp, int NT, const act_view *a, int nb, float 
                 s[t] = _mm512_dpbusd_epi32(s[t], w[k], _mm512_set1_epi32(xv));
             }
         }
-        __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(grp + nb * qb + 32 * b)));
+        __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(v.d + b * v.ds)));
 #pragma GCC unroll 8
         for (int t = 0; t < NT; t++) {
             __m512 sc = _mm512_mul_ps(dw, _mm512_set1_ps(a[t].ds[2 * b]));
@@ -2212,42 +2239,40 @@ r16_tile_nt(int type, const char *grp, int NT, const act_view *a, int nb, float 
     for (int t = 0; t < NT; t++) _mm512_storeu_ps(out + t * ldo, acc[t]);
 }
 
-/* Rows [r0, r1) (multiples of 16) for ntok tokens: groups outer, tiles of up to 8 tokens inner
- * (a group's weights stay in L1/L2 while the tokens stream by). One token: 4 groups at a time. */
 /* One group of 16 rows for ntok tokens, in tiles of up to 8 tokens. */
 static inline __attribute__((always_inline)) void
-r16_group(int type, const char *grp, const act_view *acts, int ntok, int nb, float *out, long long ldo)
+r16_group(int type, r16_view v, const act_view *acts, int ntok, int nb, float *out, long long ldo)
 {
     for (int t = 0; t < ntok; t += 8) {
         float *o = out + t * ldo;
         switch (ntok - t) {
-        case 1: r16_tile(type, grp, 0, 1, 1, acts + t, nb, o, ldo); break;
-        case 2: r16_tile_nt(type, grp, 2, acts + t, nb, o, ldo); break;
-        case 3: r16_tile_nt(type, grp, 3, acts + t, nb, o, ldo); break;
-        case 4: r16_tile_nt(type, grp, 4, acts + t, nb, o, ldo); break;
-        case 5: r16_tile_nt(type, grp, 5, acts + t, nb, o, ldo); break;
-        case 6: r16_tile_nt(type, grp, 6, acts + t, nb, o, ldo); break;
-        case 7: r16_tile_nt(type, grp, 7, acts + t, nb, o, ldo); break;
-        default: r16_tile_nt(type, grp, 8, acts + t, nb, o, ldo); break;
+        case 1: r16_tile(type, v, 1, acts + t, nb, o); break;
+        case 2: r16_tile_nt(type, v, 2, acts + t, nb, o, ldo); break;
+        case 3: r16_tile_nt(type, v, 3, acts + t, nb, o, ldo); break;
+        case 4: r16_tile_nt(type, v, 4, acts + t, nb, o, ldo); break;
+        case 5: r16_tile_nt(type, v, 5, acts + t, nb, o, ldo); break;
+        case 6: r16_tile_nt(type, v, 6, acts + t, nb, o, ldo); break;
+        case 7: r16_tile_nt(type, v, 7, acts + t, nb, o, ldo); break;
+        default: r16_tile_nt(type, v, 8, acts + t, nb, o, ldo); break;
         }
     }
 }
 
-/* A Q4_0 or Q5_0 group as the Q8_0 layout reads it: values as bytes 0..15 or 0..31 (chunk k:
- * values 4k..4k+3), the same scales plane. The start value of each block's sum (corr = −8·Σq or
- * −16·Σq) is unchanged. */
+/* A Q4_0 or Q5_0 group as the Q8_0 kernels read it, in planes: each block's values as bytes 0..15
+ * or 0..31 (chunk k: values 4k..4k+3; 512 bytes a block), then each block's scales (32 bytes).
+ * The start value of each block's sum (corr = −8·Σq or −16·Σq) is unchanged. */
 #define R16_UNPACK_NB 256 /* up to 8192 columns: 139 KB per thread (thread-local, not stack) */
 static _Thread_local _Alignas(64) char unpacked[R16_UNPACK_NB * 544];
 
-static inline __attribute__((always_inline)) void unpack_r16(int type, const char *grp, int nb, char *dst)
+static inline __attribute__((always_inline)) r16_view unpack_r16(int type, r16_view v, int nb, char *dst)
 {
-    const size_t qb = r16_qbytes(type);
     for (int b = 0; b < nb; b++) {
         __m512i w[8];
-        r16_small_values(type, grp + qb * b, w);
+        r16_small_values(type, v.q + v.qs * b, w);
         for (int k = 0; k < 8; k++) _mm512_store_si512((void *)(dst + 512 * b + 64 * k), w[k]);
+        memcpy(dst + 512 * (size_t)nb + 32 * b, v.d + v.ds * b, 32);
     }
-    memcpy(dst + 512 * (size_t)nb, grp + qb * (size_t)nb, 32 * (size_t)nb);
+    return (r16_view){dst, dst + 512 * (size_t)nb, 512, 32};
 }
 
 static inline __attribute__((always_inline)) void
@@ -2255,22 +2280,37 @@ r16_rows(int type, const pl_tensor *w, const act_view *acts, int ntok, float *ou
          long long r0, long long r1)
 {
     const int nb = (int)(w->cols / QK);
-    const size_t gbytes = (size_t)nb * RG * block_bytes(type);
+    const long long groups = w->rows / RG;
     const char *base = (const char *)w->data;
     long long g = r0 / RG, g1 = r1 / RG;
-    if (ntok == 1) {
-        for (; g + 4 <= g1; g += 4) r16_tile(type, base + g * gbytes, gbytes, 4, 1, acts, nb, out + g * RG, ldo);
-        for (; g < g1; g++) r16_tile(type, base + g * gbytes, gbytes, 1, 1, acts, nb, out + g * RG, ldo);
+    if (ntok == 1) { /* whole sets as one stream, any groups of a set outside [g0, g1) one by one */
+        while (g < g1) {
+            const long long first = g / R16_SET * R16_SET;
+            const int ng = groups - first < R16_SET ? (int)(groups - first) : R16_SET;
+            const r16_view v = r16_group_view(type, base, groups, nb, g);
+            float *o = out + g * RG;
+            if (g == first && g + ng <= g1) {
+                switch (ng) {
+                case 4: r16_tile(type, v, 4, acts, nb, o); break;
+                case 3: r16_tile(type, v, 3, acts, nb, o); break;
+                case 2: r16_tile(type, v, 2, acts, nb, o); break;
+                default: r16_tile(type, v, 1, acts, nb, o); break;
+                }
+                g += ng;
+            } else {
+                r16_tile(type, v, 1, acts, nb, o);
+                g++;
+            }
+        }
         return;
     }
     for (; g < g1; g++) {
-        const char *grp = base + g * gbytes;
+        const r16_view v = r16_group_view(type, base, groups, nb, g);
         if (type != PL_Q8_0_R16 && ntok > 8 && nb <= R16_UNPACK_NB) {
             /* many token tiles: unpack the group's values once, then read them as Q8_0 does */
-            unpack_r16(type, grp, nb, unpacked);
-            r16_group(PL_Q8_0_R16, unpacked, acts, ntok, nb, out + g * RG, ldo);
+            r16_group(PL_Q8_0_R16, unpack_r16(type, v, nb, unpacked), acts, ntok, nb, out + g * RG, ldo);
         } else {
-            r16_group(type, grp, acts, ntok, nb, out + g * RG, ldo);
+            r16_group(type, v, acts, ntok, nb, out + g * RG, ldo);
         }
     }
 }
@@ -2293,20 +2333,21 @@ static void r16_repack_groups(const pl_tensor *w, char *dst, long long g0, long 
     const int nb = (int)(w->cols / QK), nk = w->type == PL_Q8_0 ? 8 : 4; /* 4-byte chunks per block */
     const int q5 = w->type == PL_Q5_0, qs = q5 ? 6 : 2; /* the quants' offset in a block */
     const uint32_t flip = w->type == PL_Q8_0 ? 0x80808080u : 0; /* Q8_0: w + 128, unsigned */
-    const size_t bb = block_bytes(w->type), gbytes = (size_t)nb * RG * bb, qb = r16_qbytes(w->type);
+    const size_t bb = block_bytes(w->type), gbytes = (size_t)nb * RG * bb;
     for (long long g = g0; g < g1; g++) {
         const char *rows = (const char *)w->data + (size_t)g * gbytes; /* 16 rows in a row */
-        char *q = dst + g * gbytes, *d = q + (size_t)nb * qb;
+        const r16_view v = r16_group_view(w->type, dst, w->rows / RG, nb, g);
         for (int b = 0; b < nb; b++) {
+            char *q = (char *)v.q + v.qs * b, *d = (char *)v.d + v.ds * b;
             uint8_t hb[64] = {0};
             for (int r = 0; r < RG; r++) {
                 const char *blk = rows + ((size_t)r * nb + b) * bb;
-                memcpy(d + 32 * b + 2 * r, blk, 2);
+                memcpy(d + 2 * r, blk, 2);
                 for (int k = 0; k < nk; k++) {
-                    uint32_t v;
-                    memcpy(&v, blk + qs + 4 * k, 4);
-                    v ^= flip;
-                    memcpy(q + (size_t)b * qb + 64 * k + 4 * r, &v, 4);
+                    uint32_t v32;
+                    memcpy(&v32, blk + qs + 4 * k, 4);
+                    v32 ^= flip;
+                    memcpy(q + 64 * k + 4 * r, &v32, 4);
                 }
                 if (q5) {
                     uint32_t qh;
@@ -2315,7 +2356,7 @@ static void r16_repack_groups(const pl_tensor *w, char *dst, long long g0, long 
                         for (int j = 0; j < 4; j++) hb[4 * r + j] |= (uint8_t)(((qh >> (4 * k + j)) & 1) << k);
                 }
             }
-            if (q5) memcpy(q + (size_t)b * qb + 256, hb, 64);
+            if (q5) memcpy(q + 256, hb, 64);
         }
     }
 }

@@ -1,8 +1,8 @@
 """`make bench-compare`: pyllama and llama-cpp-python on the same GGUF files, side by side.
 
 For each file: load time, prompt processing (128 tokens) and streaming generation through each
-project's public Python API (pyllama `Llama.generate_tokens`, llama-cpp-python
-`create_completion(stream=True)`), greedy, 2 threads, medians; the first line of the output names
+project's public Python API (the same call on both: `create_completion(PROMPT, max_tokens=128,
+temperature=0, stream=True)`, chunks counted), 2 threads, medians; the first line of the output names
 the CPU. llama-cpp-python runs in a child process of the Python given by --llama-python (default:
 this one; install it with `pip install -e '.[bench]'`, which builds llama.cpp from source and
 takes minutes).
@@ -63,9 +63,12 @@ def pyllama_run(path, n_gen, n_prompt, threads, repeat):
         t0 = time.perf_counter()
         m.logits(ids, last_only=True)  # the prompt's prefill
         res["prompt"].append(n_prompt / (time.perf_counter() - t0))
+        n = 0  # the same call and count as llama-cpp-python's (CHILD)
         t0 = time.perf_counter()
-        n = sum(1 for _ in m.generate_tokens([1], n_gen, temperature=0.0, seed=1, stop=False))
+        for chunk in m.create_completion(PROMPT, max_tokens=n_gen, temperature=0.0, stream=True):
+            n += 1
         res["gen"].append(n / (time.perf_counter() - t0))
+        res["gen_tokens"] = n
     return res
 
 
@@ -107,9 +110,12 @@ def main():
                 rows[who]["load_s"] = r["load_s"]
                 rows[who]["prompt"] += r["prompt"]
                 rows[who]["gen"] += r["gen"]
+                rows[who]["chunks"] = r["gen_tokens"]
         for who, r in rows.items():
             print(f"{f.name:26} {who:10} {r['load_s'] * 1000:8.1f} {statistics.median(r['prompt']):13.1f} "
-                  f"{statistics.median(r['gen']):13.1f}")
+                  f"{statistics.median(r['gen']):13.1f}"
+                  + ("" if rows["pyllama"]["chunks"] == rows["llama-cpp"]["chunks"]
+                     else f"  ({r['chunks']} chunks)"))
         a, b = rows["pyllama"], rows["llama-cpp"]
         print(f"{'':26} {'ratio':10} {b['load_s'] / a['load_s']:7.1f}x "
               f"{statistics.median(a['prompt']) / statistics.median(b['prompt']):12.2f}x "

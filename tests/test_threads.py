@@ -120,8 +120,42 @@ def test_fewer_threads_than_asked_do_not_hang():
 
 def _float_tensor(ptype, rows, cols, seed):
     from test_quants import Tensor
+    lib = pyllama._core.lib
     w = np.random.default_rng(seed).standard_normal((rows, cols)).astype(np.float32)
-    return Tensor(ptype, w if ptype == pyllama._core.lib.PL_F32 else w.astype(np.float16), rows, cols)
+    if ptype == lib.PL_F16:
+        w = w.astype(np.float16)
+    elif ptype == lib.PL_BF16:  # the top half of each float's bits (truncated: exact values below)
+        w = (w.view(np.uint32) >> 16).astype(np.uint16)
+    return Tensor(ptype, w, rows, cols)
+
+
+def _float_values(t):
+    lib = pyllama._core.lib
+    w = t.keep[0]
+    if t.t.type == lib.PL_BF16:
+        return (w.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+    return w.astype(np.float64)
+
+
+@pytest.mark.parametrize("kind", ("F32", "F16", "BF16"))
+@pytest.mark.parametrize("cols", (4100, 8192 + 24))
+def test_wide_float_rows_any_split(kind, cols):
+    """Rows wider than PL_WIDE_COLS go two at a time (matmul.c FLOAT_WIDE_ROWS): each row's sum
+    is right (float64 reference), and the same bits whether the row was paired or alone, at any
+    team size (7 rows: one left alone at the end, or in the middle of an odd split)."""
+    lib = pyllama._core.lib
+    t = _float_tensor(getattr(lib, "PL_" + kind), 7, cols, 11)
+    x = np.random.default_rng(5).standard_normal(cols).astype(np.float32)
+    one = t.matmul(x, 1)
+    w = _float_values(t)
+    want = w @ x.astype(np.float64)
+    np.testing.assert_array_less(np.abs(one - want), 1e-5 * (np.abs(w) @ np.abs(x.astype(np.float64))))
+    for n_threads in (2, 3, 4, 8):
+        assert np.array_equal(t.matmul(x, n_threads), one), n_threads
+    for r in range(7):  # a one-row tensor (the row alone) gives the same bits as in the pairs
+        row = _float_tensor(getattr(lib, "PL_" + kind), 1, cols, 11)
+        row.keep[0][0] = t.keep[0][r]
+        assert t.matmul(x, 1)[r] == row.matmul(x, 1)[0]
 
 
 @pytest.mark.parametrize("kind", ("F32", "F16", "Q8_0", "Q4_K"))

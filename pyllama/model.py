@@ -8,6 +8,7 @@ this build's kernels read fastest (Transformer._matrix; repack=False: never copi
 import mmap
 import os
 import threading
+import time
 import weakref
 
 import numpy as np
@@ -17,6 +18,7 @@ from . import validate
 from ._core import ffi, lib
 from .errors import ParameterError, PyllamaError
 from .formats.common import BF16, F16, F32, MAX_SEQ, Q8_G
+from .threadtune import ThreadTuner
 
 MAX_THREADS = 1024
 MAX_SLOTS = 256           # sequences one Transformer's KV cache may hold
@@ -36,7 +38,8 @@ def _after_fork_in_child():
     global _forked
     _forked = True
     for t in list(_live):
-        t._state.n_threads = 1
+        t._state.n_threads = t._max_threads = 1
+        t._tuner = None
 
 
 if hasattr(os, "register_at_fork"):
@@ -345,13 +348,22 @@ class Transformer:
 
     @property
     def threads(self):
-        return self._state.n_threads
+        """The most threads a step runs on (with the default, a token step may take fewer)."""
+        return self._max_threads
 
     @threads.setter
     def threads(self, value):
+        """An int: every step on that many threads. None: the default count (default_threads);
+        then each one-token step runs on as many of them as such steps ran fastest on lately
+        (ThreadTuner, pyllama/threadtune.py): when other processes share the cores, a team's
+        members wait at its barriers for partners that are not running, and one thread each
+        can do more (two stories15M processes on 2 cores: 0.74x of one alone with 2 threads
+        each, 1.30x with one). Prompts (prefill, batches) keep the full count."""
+        adapt = value is None
         if value is None and not _forked:
             value = default_threads(self.config)
-        self._state.n_threads = 1 if _forked else check_threads(value)
+        self._max_threads = self._state.n_threads = 1 if _forked else check_threads(value)
+        self._tuner = ThreadTuner(self._max_threads) if adapt and self._max_threads > 1 else None
 
     def _track(self, pos, ids):
         del self.tokens[pos:]
@@ -369,7 +381,15 @@ class Transformer:
             raise ParameterError(f"position {pos} is outside the context (0..{self.n_ctx - 1})")
         self._tokens[0] = token
         self._track(pos, [token])
-        lib.pl_forward(self._weights, self._state, self._tokens, 1, pos, lib.PL_LOGITS_LAST)
+        tuner = self._tuner
+        if tuner is None:
+            lib.pl_forward(self._weights, self._state, self._tokens, 1, pos, lib.PL_LOGITS_LAST)
+        else:
+            key, self._state.n_threads = tuner.pick(1)
+            t0 = time.perf_counter()
+            lib.pl_forward(self._weights, self._state, self._tokens, 1, pos, lib.PL_LOGITS_LAST)
+            tuner.done(key, time.perf_counter() - t0)
+            self._state.n_threads = self._max_threads
         self.slot_len[0] = pos + 1
         return self.logits_buffer[0]
 

@@ -1,4 +1,6 @@
-"""How many threads an engine step runs on, chosen by timing the steps (pyllama/engine.py).
+"""How many threads a step runs on, chosen by timing the steps: an engine's steps
+(pyllama/engine.py), and the one-token steps of a model left at the default thread count
+(pyllama/model.py, Transformer.threads).
 
 A team of threads meets at a barrier several times per layer; when another thread on the machine
 takes one member's core (a server's event loop, its clients, other processes), every other member

@@ -194,3 +194,35 @@ def test_shared_chunks_token_by_token_logits_at_any_team_size(path):
         # thread) gives each token the same bits as the one-token path
         with pyllama.Llama(str(shared_path(path)), threads=2, n_ctx=64) as m:
             assert np.array_equal(m.logits(ids), logits[1])
+
+
+def test_default_threads_adapt_one_token_steps(monkeypatch):
+    """With the default count (threads=None) each one-token step runs on the ThreadTuner's choice
+    (model.py, Transformer.threads); an explicit count turns that off. The logits are the same
+    bits on either choice, and prompts run on the full count."""
+    monkeypatch.setattr(model_mod, "default_threads", lambda config=None: 2)
+    path = str(shared_path("models/quant-base-q8_0.gguf"))
+    ids = [1] + [(37 * i) % 200 + 3 for i in range(30)]
+    with pyllama.Llama(path, threads=2, n_ctx=64) as fixed:
+        assert fixed._model._tuner is None
+        want = np.array([fixed._model.forward(t, p).copy() for p, t in enumerate(ids)])
+    with pyllama.Llama(path, n_ctx=64) as m:
+        tr = m._model
+        assert m.threads == 2 and tr._tuner is not None
+        used, pick, done = [], tr._tuner.pick, tr._tuner.done
+
+        def spy(n):
+            key, threads = pick(n)
+            used.append(threads)
+            return key, threads
+        monkeypatch.setattr(tr._tuner, "pick", spy)
+        # 1 thread made to look fast, so that both choices run
+        monkeypatch.setattr(tr._tuner, "done", lambda key, s: done(key, 1.0 if tr._state.n_threads == 1 else 2.0))
+        got = np.array([tr.forward(t, p).copy() for p, t in enumerate(ids)])
+        assert set(used) == {1, 2} and used[-1] == 1
+        assert tr._state.n_threads == 2  # between steps (and for prompts): the full count
+        assert np.array_equal(got, want)
+        m.threads = 2
+        assert tr._tuner is None and m.threads == 2
+        m.threads = None
+        assert tr._tuner is not None and m.threads == 2

@@ -324,7 +324,7 @@ class Engine:
                 _post(loop, items)
 
     def _step(self):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         self._admit()
         active = [s for s in self._slots if s.req is not None]
         if not active:
@@ -364,7 +364,7 @@ class Engine:
                     self._prompt_row(s, i, logits[row])
                 row += 1
         if self._tuner is not None:
-            self._tuner.done(key, time.perf_counter() - t0)
+            self._tuner.done(key, time.perf_counter() - t0, time.thread_time() - c0)
         return True
 
     def _prompt_row(self, s, i, logits):

@@ -386,9 +386,9 @@ class Transformer:
             lib.pl_forward(self._weights, self._state, self._tokens, 1, pos, lib.PL_LOGITS_LAST)
         else:
             key, self._state.n_threads = tuner.pick(1)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.thread_time()
             lib.pl_forward(self._weights, self._state, self._tokens, 1, pos, lib.PL_LOGITS_LAST)
-            tuner.done(key, time.perf_counter() - t0)
+            tuner.done(key, time.perf_counter() - t0, time.thread_time() - c0)
             self._state.n_threads = self._max_threads
         self.slot_len[0] = pos + 1
         return self.logits_buffer[0]

@@ -13,12 +13,21 @@ and then tries another choice, so the figures follow the load. A try is a few st
 (one, if that step is far slower than the best choice); the slower the choice was, the rarer
 its tries, so that about 1% of the time goes to trying.
 
+Step times alone do not settle it when other processes keep the cores busy: the scheduler shares
+a core between threads, not processes, so a process that runs two threads gets more of the
+machine than one that runs one, and each tuner would keep two while all of them together would
+do more with one each (stories15M, four processes on 2 cores: 0.72x of one process alone with
+each tuner's pick, 0.86x with one thread each). So when the CPU time of the one-thread steps
+(the one thread's own, time.thread_time) falls below BUSY of their time, the cores are contended,
+and the tuner runs one thread, without tries, until those steps hold their core again.
+
 Results do not depend on the choice for quantized weights (each output row is one thread's);
 float weights differ in the last bits, within what batching already allows (1e-5 relative).
 """
 
 import collections
 
+BUSY = 0.8          # a one-thread step that held its core for less of its time: cores contended
 TRY = 4             # steps in a row of one try
 KEEP = 8            # a choice's figure: the median of its last KEEP step times
 MIN_EVERY = 16      # steps of one size between two tries, at the least
@@ -35,6 +44,7 @@ class _Size:
         self.turn = 0           # which other choice to try next
         self.trying = None      # the choice being tried, with the steps it has left
         self.left = 0
+        self.held = collections.deque(maxlen=KEEP)  # CPU time / time of the one-thread steps
 
 
 class ThreadTuner:
@@ -48,6 +58,12 @@ class ThreadTuner:
     def _best(self, st):
         return min(range(len(st.median)), key=st.median.__getitem__)
 
+    @staticmethod
+    def _contended(st):
+        """The one-thread steps lately held their core for less than BUSY of their time: other
+        threads want these cores too (the upper median of the last KEEP, at least 3)."""
+        return len(st.held) >= 3 and sorted(st.held)[len(st.held) // 2] < BUSY
+
     def pick(self, n_tokens):
         size = int(n_tokens).bit_length()
         st = self._sizes.get(size)
@@ -57,6 +73,8 @@ class ThreadTuner:
             untried = [j for j in range(len(st.median)) if st.median[j] is None]
             if untried:  # each choice first gets a try (all threads first)
                 st.trying, st.left = untried[-1], TRY
+            elif self._contended(st):
+                pass  # one thread, no tries, until its steps hold their core again
             else:
                 best = self._best(st)
                 others = [j for j in range(len(st.median)) if j != best]
@@ -68,13 +86,17 @@ class ThreadTuner:
                     if st.since >= every:
                         st.trying, st.left = j, TRY
                         st.since, st.turn = 0, st.turn + 1
-        i = st.trying if st.trying is not None else self._best(st)
+        i = st.trying if st.trying is not None else 0 if self._contended(st) else self._best(st)
         self.last = self.choices[i]
         return (size, i), self.last
 
-    def done(self, key, seconds):
+    def done(self, key, seconds, cpu_seconds=None):
+        """After the step of `key`: its time, and (if known) the CPU time of the thread that ran
+        it, which with one thread tells whether the step had its core all along."""
         size, i = key
         st = self._sizes[size]
+        if cpu_seconds is not None and self.choices[i] == 1 and seconds > 0:
+            st.held.append(cpu_seconds / seconds)
         st.times[i].append(seconds)
         st.median[i] = sorted(st.times[i])[len(st.times[i]) // 2]  # (the upper median)
         if st.trying == i:

@@ -372,7 +372,7 @@ def test_steps_on_fewer_threads_give_the_same_tokens(monkeypatch):
         with Engine(mf, slots=3, n_ctx=N_CTX, threads=2, start=False, adapt_threads=adapt) as e:
             assert e.max_threads == 2 and (e._tuner is not None) == adapt
             if adapt:  # make 1 thread look fast so that both choices run
-                monkeypatch.setattr(e._tuner, "done", lambda key, s, done=e._tuner.done:
+                monkeypatch.setattr(e._tuner, "done", lambda key, s, cpu=None, done=e._tuner.done:
                                     done(key, 1.0 if e.model.threads == 1 else 2.0))
             handles = [e.submit(p, GreedyPolicy(max_tokens=20)) for p in prompts]
             seen = set()

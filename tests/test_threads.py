@@ -217,7 +217,7 @@ def test_default_threads_adapt_one_token_steps(monkeypatch):
             return key, threads
         monkeypatch.setattr(tr._tuner, "pick", spy)
         # 1 thread made to look fast, so that both choices run
-        monkeypatch.setattr(tr._tuner, "done", lambda key, s: done(key, 1.0 if tr._state.n_threads == 1 else 2.0))
+        monkeypatch.setattr(tr._tuner, "done", lambda key, s, cpu: done(key, 1.0 if tr._state.n_threads == 1 else 2.0))
         got = np.array([tr.forward(t, p).copy() for p, t in enumerate(ids)])
         assert set(used) == {1, 2} and used[-1] == 1
         assert tr._state.n_threads == 2  # between steps (and for prompts): the full count

@@ -9,7 +9,7 @@ import collections
 
 import pytest
 
-from pyllama.threadtune import ABORT, COST, MAX_EVERY, MIN_EVERY, TRY, ThreadTuner
+from pyllama.threadtune import ABORT, BUSY, COST, KEEP, MAX_EVERY, MIN_EVERY, TRY, ThreadTuner
 
 
 def run(tuner, steps, seconds_of, n_tokens=1):
@@ -70,3 +70,26 @@ def test_each_step_size_has_its_own_figures():
             t.done(key, 1.0 if threads == fast else 2.0)
     assert t.pick(1)[1] == 1 and t.pick(64)[1] == 2
     assert t.pick(5)[0] != t.pick(9)[0] and t.pick(9)[0] == t.pick(15)[0]  # powers of two
+
+
+def test_contended_cores_mean_one_thread_until_they_are_free():
+    """One-thread steps that held their core for less than BUSY of their time: other threads want
+    the cores, and the tuner stays on one thread (no tries) even where two look faster by the
+    clock; once those steps hold their core again, the fastest choice is back."""
+    t = ThreadTuner(2)
+    used = collections.Counter()
+    for held in (0.5, 1.0):
+        used.clear()
+        for _ in range(300):
+            key, threads = t.pick(1)
+            used[threads] += 1
+            seconds = 1.0 if threads == 2 else 1.5
+            t.done(key, seconds, seconds * (held if threads == 1 else 2.0))
+        if held < BUSY:
+            assert used[2] == TRY and t.last == 1  # only the first try of all threads
+        else:
+            assert t.last == 2 and used[2] > used[1]
+    for _ in range(3 * KEEP):  # without CPU times (an engine that gives none): by the clock
+        key, threads = t.pick(1)
+        t.done(key, 1.0 if threads == 2 else 1.5)
+    assert t.last == 2

@@ -92,14 +92,15 @@ static void softmax_att(float *x, int n)
     pli_softmax(x, n);
 }
 
-/* xb[j..j+8·NV) = Σ_i att[i]·v_i[j..] over positions i <= last, NV vectors of 8 in registers. */
+/* xb[j..j+8·NV) += Σ_i att[i]·v_i[j..] over positions i0 <= i < i1 (from 0 when !acc), NV vectors
+ * of 8 in registers. */
 #ifdef PL_AVX2
 static inline __attribute__((always_inline)) void
-att_values_run(float *xb, const float *att, const float *vh, int last, int kv_dim, int NV)
+att_values_run(float *xb, const float *att, const float *vh, int i0, int i1, int kv_dim, int NV, int acc_in)
 {
     __m256 acc[8];
-    for (int k = 0; k < NV; k++) acc[k] = _mm256_setzero_ps();
-    for (int i = 0; i <= last; i++) {
+    for (int k = 0; k < NV; k++) acc[k] = acc_in ? _mm256_loadu_ps(xb + 8 * k) : _mm256_setzero_ps();
+    for (int i = i0; i < i1; i++) {
         const float *v = vh + (long long)i * kv_dim;
         __m256 a = _mm256_broadcast_ss(att + i);
         for (int k = 0; k < NV; k++) acc[k] = _mm256_add_ps(acc[k], _mm256_mul_ps(a, _mm256_loadu_ps(v + 8 * k)));
@@ -108,20 +109,23 @@ att_values_run(float *xb, const float *att, const float *vh, int last, int kv_di
 }
 #endif
 
-/* xb[j] = Σ_i att[i]·v_i[j] over positions i <= last (v_i = vh + i·kv_dim), summed in position
- * order with a rounded product and a rounded add per term, as llama2.c does; runs of up to 64
- * output values stay in registers across all positions (8 independent add chains). */
-static void att_values(float *xb, const float *att, const float *vh, int last, int kv_dim, int head_size)
+/* xb[j] (+)= Σ_i att[i]·v_i[j] over positions i0 <= i < i1 (v_i = vh + i·kv_dim; acc_in: on top of
+ * what xb holds, else from 0), summed in position order with a rounded product and a rounded add
+ * per term, as llama2.c does; so consecutive ranges give the sum over their union, bit for bit.
+ * Runs of up to 64 output values stay in registers across the positions (8 independent add
+ * chains). */
+static void att_values(float *xb, const float *att, const float *vh, int i0, int i1, int kv_dim,
+                       int head_size, int acc_in)
 {
     int j = 0;
 #ifdef PL_AVX2
-    for (; j + 64 <= head_size; j += 64) att_values_run(xb + j, att, vh + j, last, kv_dim, 8);
-    for (; j + 32 <= head_size; j += 32) att_values_run(xb + j, att, vh + j, last, kv_dim, 4);
-    for (; j + 8 <= head_size; j += 8) att_values_run(xb + j, att, vh + j, last, kv_dim, 1);
+    for (; j + 64 <= head_size; j += 64) att_values_run(xb + j, att, vh + j, i0, i1, kv_dim, 8, acc_in);
+    for (; j + 32 <= head_size; j += 32) att_values_run(xb + j, att, vh + j, i0, i1, kv_dim, 4, acc_in);
+    for (; j + 8 <= head_size; j += 8) att_values_run(xb + j, att, vh + j, i0, i1, kv_dim, 1, acc_in);
 #endif
     for (; j < head_size; j++) {
-        float sum = 0.0f;
-        for (int i = 0; i <= last; i++) sum += att[i] * vh[(long long)i * kv_dim + j];
+        float sum = acc_in ? xb[j] : 0.0f;
+        for (int i = i0; i < i1; i++) sum += att[i] * vh[(long long)i * kv_dim + j];
         xb[j] = sum;
     }
 }
@@ -139,15 +143,15 @@ static inline float dot(const float *a, const float *b, int n)
     return s;
 }
 
-/* att[i] = scale·(q · k_i) for positions i <= last (k_i = kh + i·kv_dim): each score exactly as
+/* att[i] = scale·(q · k_i) for positions i0 <= i < i1 (k_i = kh + i·kv_dim): each score exactly as
  * dot() computes it, four positions at a time so that their FMA chains overlap. */
-static void att_scores(float *att, const float *q, const float *kh, int last, int kv_dim,
+static void att_scores(float *att, const float *q, const float *kh, int i0, int i1, int kv_dim,
                        int head_size, float scale)
 {
-    int i = 0;
+    int i = i0;
 #ifdef PL_AVX2
     if (head_size % 8 == 0)
-        for (; i + 4 <= last + 1; i += 4) {
+        for (; i + 4 <= i1; i += 4) {
             const float *k0 = kh + (long long)i * kv_dim;
             __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
             for (int j = 0; j < head_size; j += 8) {
@@ -163,15 +167,27 @@ static void att_scores(float *att, const float *q, const float *kh, int last, in
             att[i + 3] = pli_hsum8(a3) * scale;
         }
 #endif
-    for (; i <= last; i++) att[i] = dot(q, kh + (long long)i * kv_dim, head_size) * scale;
+    for (; i < i1; i++) att[i] = dot(q, kh + (long long)i * kv_dim, head_size) * scale;
 }
 
-void pl__attend_token(float *out, const float *q, const float *kh, const float *vh, int last,
-                      int kv_dim, int head_size, float scale, float *att)
+/* Positions per block of the token-at-a-time attention: a block's keys (or values) of one kv
+ * head, 64 rows of up to 64 floats, stay in L1 while each query head of its group uses them. */
+#define ATT_POS_BLOCK 64
+
+void pl__attend_heads(float *out, const float *q, int nq, const float *kh, const float *vh, int last,
+                      int kv_dim, int head_size, float scale, float *att, long long att_stride)
 {
-    att_scores(att, q, kh, last, kv_dim, head_size, scale);
-    softmax_att(att, last + 1);
-    att_values(out, att, vh, last, kv_dim, head_size);
+    for (int i0 = 0; i0 <= last; i0 += ATT_POS_BLOCK) {
+        const int i1 = i0 + ATT_POS_BLOCK < last + 1 ? i0 + ATT_POS_BLOCK : last + 1;
+        for (int h = 0; h < nq; h++)
+            att_scores(att + h * att_stride, q + (long long)h * head_size, kh, i0, i1, kv_dim, head_size, scale);
+    }
+    for (int h = 0; h < nq; h++) softmax_att(att + h * att_stride, last + 1);
+    for (int i0 = 0; i0 <= last; i0 += ATT_POS_BLOCK) {
+        const int i1 = i0 + ATT_POS_BLOCK < last + 1 ? i0 + ATT_POS_BLOCK : last + 1;
+        for (int h = 0; h < nq; h++)
+            att_values(out + (long long)h * head_size, att + h * att_stride, vh, i0, i1, kv_dim, head_size, i0 > 0);
+    }
 }
 
 /* ------------------------------------------------------------------------------------------------

@@ -71,15 +71,17 @@ typedef struct {
 void pl__chunks_begin(pl__chunks *c, long long n);
 long long pl__chunks_next(pl__chunks *c);
 
-/* Causal attention of one head (attention.c). pl__attend_token: one query at position last
- * (scores in att, last + 1 floats), llama2.c's order. pl__attend_block: nq <= PL_ATT_BLOCK
+/* Causal attention (attention.c). pl__attend_heads: nq query heads that share one kv head (query
+ * head i: q + i·head_size, its result out + i·head_size, its scores att + i·att_stride, last + 1
+ * floats), one query each at position last, each in llama2.c's order, the keys and values read
+ * once for all of them. pl__attend_block: one head, nq <= PL_ATT_BLOCK
  * consecutive queries at positions p0.. (query i: q + i·q_stride, its result out + i·out_stride)
  * over keys 0 .. p0 + nq - 1, st holding (p0 + nq)·PL_ATT_BLOCK floats; only where
  * pl__attend_block_ok(head_size). Keys and values of position j: kh, vh + j·kv_dim. */
 #define PL_ATT_BLOCK 16
 #define PL_ATT_MAX_HEAD 256
-void pl__attend_token(float *out, const float *q, const float *kh, const float *vh, int last,
-                      int kv_dim, int head_size, float scale, float *att);
+void pl__attend_heads(float *out, const float *q, int nq, const float *kh, const float *vh, int last,
+                      int kv_dim, int head_size, float scale, float *att, long long att_stride);
 int pl__attend_block_ok(int head_size);
 void pl__attend_block(float *out, long long out_stride, const float *q, long long q_stride, int nq,
                       int p0, const float *kh, const float *vh, int kv_dim, int head_size,

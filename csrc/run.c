@@ -288,7 +288,13 @@ static void forward_team(const pl_weights *w, pl_state *s, const seqmap *m)
 #ifdef _OPENMP
     nth = omp_get_num_threads();
 #endif
-    const int att_chunk = n > 1 ? n_heads : (n_heads + nth - 1) / nth;
+    /* one token's attention in units of query heads that share a kv head (their keys and values
+     * read once for all of them): a whole group each, or parts of one where there are too few
+     * groups to give every thread two */
+    int parts = (2 * nth + n_kv_heads - 1) / n_kv_heads;
+    parts = parts < 1 ? 1 : parts > kv_mul ? kv_mul : parts;
+    const int n_units = n_kv_heads * parts;
+    const int att_chunk = n > 1 ? n_units : (n_units + nth - 1) / nth;
     (void)att_chunk; /* (only read by OpenMP) */
     /* a run of several tokens of a float model: attention by blocks of queries (quantized models
      * keep the token-at-a-time order, their batches being bit for bit their single tokens), each
@@ -360,14 +366,16 @@ static void forward_team(const pl_weights *w, pl_state *s, const seqmap *m)
              * split evenly */
 #pragma omp for collapse(2) schedule(static, att_chunk) nowait
             for (int t = 0; t < n; t++) {
-                for (int h = 0; h < n_heads; h++) {
+                for (int u = 0; u < n_units; u++) {
+                    const int g = u / parts, part = u % parts; /* kv head, part of its group */
+                    const int h0 = g * kv_mul + kv_mul * part / parts, h1 = g * kv_mul + kv_mul * (part + 1) / parts;
                     const long long loff = kv_offset(s, tok_slot(m, t), l, p->n_layers, kv_dim);
-                    pl__attend_token(s->xb + (long long)t * q_dim + h * head_size,
-                                     s->q + (long long)t * q_dim + h * head_size,
-                                     s->key_cache + loff + (h / kv_mul) * head_size,
-                                     s->value_cache + loff + (h / kv_mul) * head_size,
+                    pl__attend_heads(s->xb + (long long)t * q_dim + h0 * head_size,
+                                     s->q + (long long)t * q_dim + h0 * head_size, h1 - h0,
+                                     s->key_cache + loff + g * head_size,
+                                     s->value_cache + loff + g * head_size,
                                      tok_pos(m, t), kv_dim, head_size, att_scale,
-                                     s->att + ((long long)t * n_heads + h) * n_ctx);
+                                     s->att + ((long long)t * n_heads + h0) * n_ctx, n_ctx);
                 }
             }
         }

@@ -180,10 +180,10 @@ def test_shared_chunks_give_every_row_once_at_any_team_size(kind):
                                   "models/bpe/llama3-tiny-f16.gguf",      # grouped-query attention
                                   "models/quant-base-q8_0.gguf"))
 def test_shared_chunks_token_by_token_logits_at_any_team_size(path):
-    ids = [1] + [(37 * i) % 200 + 3 for i in range(40)]
+    ids = [1] + [(37 * i) % 200 + 3 for i in range(90)]  # past a block of 64 attention positions
     logits = {}
-    for n_threads in (1, 2, 3, 8, 70):
-        m = pyllama.Llama(str(shared_path(path)), threads=n_threads, n_ctx=64)
+    for n_threads in (1, 2, 3, 8, 70):  # (and the query heads of a kv head in 1, 2 or 4 parts)
+        m = pyllama.Llama(str(shared_path(path)), threads=n_threads, n_ctx=128)
         t = m._model
         logits[n_threads] = np.array([t.forward(tok, pos).copy() for pos, tok in enumerate(ids)])
         m.close()
@@ -192,7 +192,7 @@ def test_shared_chunks_token_by_token_logits_at_any_team_size(path):
         assert np.array_equal(logits[n_threads], logits[1]), n_threads
     if "q8_0" in path:  # and a quantized model's batch (rows split evenly, its epilogues once per
         # thread) gives each token the same bits as the one-token path
-        with pyllama.Llama(str(shared_path(path)), threads=2, n_ctx=64) as m:
+        with pyllama.Llama(str(shared_path(path)), threads=2, n_ctx=128) as m:
             assert np.array_equal(m.logits(ids), logits[1])
 
 

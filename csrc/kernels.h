@@ -21,6 +21,15 @@
 #include <immintrin.h>
 #endif
 
+/* Keeps a loaded vector in a register: GCC otherwise folds the load into every instruction that
+ * uses the vector, reading the same bytes once per use (matmul.c's float tile, quants.c's Q4_K
+ * decode, where each chunk of weights feeds two operations). */
+#if defined(__GNUC__)
+#define PL_IN_REG(v) __asm__("" : "+v"(v))
+#else
+#define PL_IN_REG(v) (void)0
+#endif
+
 #if defined(__AVX__)
 /* Sum of the 8 lanes, in the one order every kernel uses: lanes j + j+4, then pairs, then the two
  * halves (results that must agree bit for bit, e.g. batched and single-token, rely on it). */

@@ -2168,7 +2168,6 @@ static inline __attribute__((always_inline)) void
 r16_tile(int type, r16_view v, int NG, const act_view *a, int nb, float *out)
 {
     const size_t qb = r16_qbytes(type);
-    const int split = NG < 4; /* few chains: two integer accumulators hide the latency */
     __m512 acc[R16_SET];
     for (int g = 0; g < NG; g++) acc[g] = _mm512_setzero_ps();
     for (int b = 0; b < nb; b++) {
@@ -2184,12 +2183,15 @@ r16_tile(int type, r16_view v, int NG, const act_view *a, int nb, float *out)
             }
             __m512i s0 = _mm512_set1_epi32(a->corr[b]);
             __m512i s1 = _mm512_setzero_si512();
+            /* two chains of 4 (the sum is exact in any order): one core streamed the 1B Q8_0
+             * layers at 0.78 of its rate with one chain of 8 per group, 0.87-0.89 with two (Q4_0
+             * 0.91 -> 0.92) */
             for (int k = 0; k < 8; k++) { /* 4 activation bytes in every lane, from memory */
                 __m512i xk = _mm512_broadcastd_epi32(_mm_loadu_si32(x + 4 * k));
-                if (split && (k & 1)) s1 = _mm512_dpbusd_epi32(s1, w[k], xk);
+                if (k & 1) s1 = _mm512_dpbusd_epi32(s1, w[k], xk);
                 else s0 = _mm512_dpbusd_epi32(s0, w[k], xk);
             }
-            if (split) s0 = _mm512_add_epi32(s0, s1);
+            s0 = _mm512_add_epi32(s0, s1);
             __m512 sc = _mm512_mul_ps(dw, _mm512_set1_ps(a->ds[2 * b]));
             acc[g] = _mm512_fmadd_ps(sc, _mm512_cvtepi32_ps(s0), acc[g]);
         }

@@ -2106,8 +2106,8 @@ v_batch(int type, const pl_tensor *w, const void *xq, long long stride, int ntok
  * sequential stream per thread. One core read the 1B-shaped Q4_0 file's layers from memory at
  * 0.65 of its plain streaming rate when each group was a plane of quants and a plane of scales
  * (8 streams), 0.87 as sets with the scales last (lines read ahead of the stream, a miss each),
- * 0.94 as now; stories110M Q4_0 0.46, 0.77, 0.91; Q8_0 0.58, 0.66, 0.75-0.8. Software prefetch
- * on top measured slower.
+ * 0.94 as now; stories110M Q4_0 0.46, 0.77, 0.91; Q8_0 0.58, 0.66, 0.75-0.8 (0.83 with the two
+ * chains of r16_tile). Software prefetch on top measured slower.
  * One vpdpbusd of a chunk with 4 activation bytes broadcast adds 4 products to each of 16 rows,
  * so a block's integer sum s (exact) lands in the lane of its row, with no horizontal sums, and
  * every (row, token) computes  acc = fma(fp16(d)·xd, (float)s, acc)  block after block from 0.

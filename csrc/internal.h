@@ -30,7 +30,8 @@ long long pl__act_bytes(const pl_tensor *w);
  * then sleeps on a futex. One per parallel region, made by pl__team_init before it; every thread
  * of the team calls pl__team_enter first (it reads the team's size: OpenMP may give fewer threads
  * than asked), then pl__team_sync where all must meet: a no-op outside a team
- * (pl__team_enter(NULL)) or in a team of one. */
+ * (pl__team_enter(NULL)) or in a team of one. The barrier also holds each member's slot of
+ * shared chunks (pl__chunks, below). */
 #define PL_MAX_TEAM 64 /* members whose chunks can be shared (pl__chunks); larger teams split statically */
 
 /* A member's remaining chunks of the current step: step number (16 bits), front, back (24 bits

@@ -292,8 +292,6 @@ static long long token_chunk_rows(const pl_tensor *w, long long group)
     return ch < group ? group : ch;
 }
 
-/* One token: the rows of the group's weights in chunks shared by the team (pl__chunks), each
- * chunk's epilogue run by the thread that computed it, right after it. */
 /* Rows a one-token chunk is made of: row pairs, or 4 groups of 16 in a repacked layout (its
  * one-token kernel reads 4 groups at a time, and one group alone at about half the rate). */
 static long long token_group(const pl_tensor *w)
@@ -301,6 +299,8 @@ static long long token_group(const pl_tensor *w)
     return row_group(w) > 2 ? 4 * row_group(w) : 2;
 }
 
+/* One token: the rows of the group's weights in chunks shared by the team (pl__chunks), each
+ * chunk's epilogue run by the thread that computed it, right after it. */
 static void token_matvecs(const char *const *xin, const pl__mm *mm, int nmm, int same_rows,
                           const pl__epilogue *epi)
 {

@@ -362,8 +362,8 @@ static void forward_team(const pl_weights *w, pl_state *s, const seqmap *m)
                 }
         } else {
             /* a batch is dealt out a token at a time, round robin (token t's work grows with t:
-             * contiguous halves would give the last thread most of it); one token's heads are
-             * split evenly */
+             * contiguous halves would give the last thread most of it); one token's units (query
+             * heads of a kv head) are split evenly */
 #pragma omp for collapse(2) schedule(static, att_chunk) nowait
             for (int t = 0; t < n; t++) {
                 for (int u = 0; u < n_units; u++) {

@@ -357,8 +357,9 @@ class Transformer:
         then each one-token step runs on as many of them as such steps ran fastest on lately
         (ThreadTuner, pyllama/threadtune.py): when other processes share the cores, a team's
         members wait at its barriers for partners that are not running, and one thread each
-        can do more (two stories15M processes on 2 cores: 0.74x of one alone with 2 threads
-        each, 1.30x with one). Prompts (prefill, batches) keep the full count."""
+        does more (two stories15M processes on 2 cores made 0.74x the tokens/s of one alone on
+        both when each ran 2 threads, 0.88x when each ran one), so one-thread steps that find
+        their core taken make it settle on one. Prompts (prefill, batches) keep the full count."""
         adapt = value is None
         if value is None and not _forked:
             value = default_threads(self.config)

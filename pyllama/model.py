@@ -126,6 +126,17 @@ def aligned_buffer(n):
     return buf[off:off + n]
 
 
+def touch_pages(arr):
+    """Writes a zero into every page of a fresh zeroed array, so the kernel maps its memory now
+    rather than in the first forward pass. Measured on stories110M F32 (n_ctx 512, 2 threads): the
+    first 128-token prompt after a load ran at 680-720 tok/s while its first writes faulted in
+    37 MB of KV cache and buffers (2 MiB pages, cleared one by one), 1,020-1,050 with the pages
+    touched here (about 10 ms of the load); the later prompts ran at 1,020-1,050 either way.
+    llama.cpp likewise clears its KV cache when it makes it."""
+    flat = arr.reshape(-1).view(np.uint8)
+    flat[::mmap.PAGESIZE] = 0
+
+
 def release_file_pages(mf, view):
     """Drops the file's pages under `view` (a tensor just repacked: its kernels read the copy) from
     this process's resident set, so the file and its copy are not both counted; a later read
@@ -326,11 +337,13 @@ class Transformer:
             logits=np.zeros((nb, vocab), f32), rope=np.zeros((nb, head_dim), f32),
             key_cache=np.zeros(kv_shape, f32), value_cache=np.zeros(kv_shape, f32),
             k=np.zeros((nb, kv_dim), f32), v=np.zeros((nb, kv_dim), f32))
+        scratch = np.zeros(scratch_bytes, np.uint8)
+        for arr in (*bufs.values(), scratch):
+            touch_pages(arr)
         s = ffi.new("pl_state *")
         self._keep.append(s)
         for name, arr in bufs.items():
             setattr(s, name, self._ptr(arr, "float *"))
-        scratch = np.zeros(scratch_bytes, np.uint8)
         s.scratch = self._ptr(scratch)
         s.n_ctx = n_ctx
         s.n_slots = self.n_slots

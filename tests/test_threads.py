@@ -226,3 +226,21 @@ def test_default_threads_adapt_one_token_steps(monkeypatch):
         assert tr._tuner is None and m.threads == 2
         m.threads = None
         assert tr._tuner is not None and m.threads == 2
+
+
+def _rss_anon():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("RssAnon:"))
+
+
+def test_kv_cache_and_buffers_are_mapped_when_made():
+    """The state's pages are touched when the Transformer is made, not by its first forward pass
+    (model.touch_pages: the first prompt after a load was 30% slower while it faulted them in)."""
+    from pyllama.formats import load
+    mf = load(str(shared_path("models/stories260K.bin")))
+    model_mod.Transformer(mf, threads=1)  # the weights' copies, shared by the next one
+    before = _rss_anon()
+    t = model_mod.Transformer(mf, threads=1, n_slots=64)
+    grown = _rss_anon() - before
+    assert t.kv_cache_bytes() >= 32 << 20
+    assert grown >= 0.9 * t.kv_cache_bytes()  # (smaller buffers may reuse freed, mapped memory)

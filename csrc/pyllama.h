@@ -42,6 +42,13 @@
  * VNNI kernels for one token and batches alike, with the file layout's results bit for bit. */
 #define PL_Q4_K_R16 1012
 #define PL_Q6_K_R16 1014
+/* F32 / F16 / BF16 matrices of wide rows (more than 4096 values, a multiple of 16; rows a multiple
+ * of 4) as groups of 4 rows interleaved 16 values at a time: one stream of weights in which each
+ * 16 values of x serve 4 rows (csrc/matmul.c, "Wide float rows"). Made by pl_repack in builds with
+ * AVX2; every row's sum is the plain layout's, bit for bit. */
+#define PL_F32_R4 1100
+#define PL_F16_R4 1101
+#define PL_BF16_R4 1130
 
 /* A 2-D weight matrix, row-major: `rows` rows of `cols` elements (cols = the input length). */
 typedef struct {

@@ -211,7 +211,10 @@ static int float_model(const pl_weights *w)
         const pl_layer *L = &w->layers[l];
         const pl_tensor *t[7] = {&L->wq, &L->wk, &L->wv, &L->wo, &L->w1, &L->w2, &L->w3};
         for (int i = 0; i < 7; i++)
-            if (t[i]->type != PL_F32 && t[i]->type != PL_F16 && t[i]->type != PL_BF16) return 0;
+            switch (t[i]->type) {
+            case PL_F32: case PL_F16: case PL_BF16: case PL_F32_R4: case PL_F16_R4: case PL_BF16_R4: break;
+            default: return 0;
+            }
     }
     return 1;
 }

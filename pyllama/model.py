@@ -135,6 +135,7 @@ def touch_pages(arr):
     llama.cpp likewise clears its KV cache when it makes it."""
     flat = arr.reshape(-1).view(np.uint8)
     flat[::mmap.PAGESIZE] = 0
+    flat[-1:] = 0  # the last page, which the stride steps over where arr starts inside a page
 
 
 def release_file_pages(mf, view):

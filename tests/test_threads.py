@@ -158,6 +158,52 @@ def test_wide_float_rows_any_split(kind, cols):
         assert t.matmul(x, 1)[r] == row.matmul(x, 1)[0]
 
 
+def _copied(t):
+    """t's copy made at load time (pl_repack into 64-byte aligned memory, as model.py does it)."""
+    from test_quants import Tensor
+    lib, ffi = pyllama._core.lib, pyllama._core.ffi
+    n = lib.pl_repack_bytes(t.t)
+    assert n == t.t.rows * t.t.cols * (4 if t.t.type == lib.PL_F32 else 2)
+    buf = np.zeros(n + 64, np.uint8)
+    off = -buf.ctypes.data % 64
+    ptype = lib.pl_repack(t.t, ffi.cast("void *", ffi.from_buffer(buf[off:off + n])), 2)
+    copy = Tensor(ptype, buf[off:off + n], t.t.rows, t.t.cols)
+    copy.keep.append(buf)
+    return copy
+
+
+@pytest.mark.parametrize("kind", ("F32", "F16", "BF16"))
+def test_wide_float_rows_interleaved(kind):
+    """Wide rows (more than PL_WIDE_COLS values, a multiple of 16; rows a multiple of 4) are
+    copied with groups of 4 rows interleaved (PL_*_R4, matmul.c "Wide float rows"): one token and
+    batches give the file layout's bits at every team size (rows split inside groups too), the
+    copy's rows read back as the file's, and other shapes are copied as they are. (A batch's
+    rows are split in pairs or in groups of 4, and a row a 3-row tile leaves over is summed by the
+    one-token kernel: batched results then match the file layout's bit for bit only where the
+    two splits agree, as on one thread, and to f32 rounding elsewhere.)"""
+    lib = pyllama._core.lib
+    ptype = getattr(lib, "PL_" + kind)
+    rows, cols = 28, 8192 + 32
+    t = _float_tensor(ptype, rows, cols, 21)
+    r4 = _copied(t)
+    if "avx2" not in pyllama._core.ffi.string(lib.pl_build_info()).decode().split():
+        assert r4.t.type == ptype  # the interleaved kernels are AVX2 code
+        return
+    assert r4.t.type == getattr(lib, "PL_" + kind + "_R4")
+    np.testing.assert_array_equal(r4.dequantize_rows(), t.dequantize_rows())
+    x = np.random.default_rng(8).standard_normal((9, cols)).astype(np.float32)
+    bound = 1e-5 * (np.abs(_float_values(t)) @ np.abs(x.T.astype(np.float64))).T
+    for n_threads in (1, 2, 3, 4, 8):
+        assert np.array_equal(r4.matmul(x[0], n_threads), t.matmul(x[0], 1)), n_threads
+        for n in (4, 9):  # whole tiles of 4 tokens, and a token left over
+            got, plain = r4.matmul(x[:n], n_threads), t.matmul(x[:n], n_threads)
+            if n_threads == 1:
+                assert np.array_equal(got, plain), n
+            np.testing.assert_array_less(np.abs(got - plain), bound[:n])
+    for shape in ((rows - 1, cols), (rows, cols - 8), (rows, 4096)):
+        assert _copied(_float_tensor(ptype, *shape, 21)).t.type == ptype, shape
+
+
 @pytest.mark.parametrize("kind", ("F32", "F16", "Q8_0", "Q4_K"))
 def test_shared_chunks_give_every_row_once_at_any_team_size(kind):
     from test_quants import TYPES, Tensor, _rng, _weights
@@ -228,19 +274,24 @@ def test_default_threads_adapt_one_token_steps(monkeypatch):
         assert tr._tuner is not None and m.threads == 2
 
 
-def _rss_anon():
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("RssAnon:"))
+def _pages_present(arr):
+    """Whether each page under arr is in memory (bit 63 of its /proc/self/pagemap entry)."""
+    import mmap
+    page = mmap.PAGESIZE
+    first, last = arr.ctypes.data // page, (arr.ctypes.data + arr.nbytes - 1) // page
+    with open("/proc/self/pagemap", "rb") as f:
+        f.seek(8 * first)
+        entries = np.frombuffer(f.read(8 * (last - first + 1)), np.uint64)
+    return (entries >> np.uint64(63)) == 1
 
 
 def test_kv_cache_and_buffers_are_mapped_when_made():
     """The state's pages are touched when the Transformer is made, not by its first forward pass
     (model.touch_pages: the first prompt after a load was 30% slower while it faulted them in)."""
     from pyllama.formats import load
-    mf = load(str(shared_path("models/stories260K.bin")))
-    model_mod.Transformer(mf, threads=1)  # the weights' copies, shared by the next one
-    before = _rss_anon()
-    t = model_mod.Transformer(mf, threads=1, n_slots=64)
-    grown = _rss_anon() - before
-    assert t.kv_cache_bytes() >= 32 << 20
-    assert grown >= 0.9 * t.kv_cache_bytes()  # (smaller buffers may reuse freed, mapped memory)
+    t = model_mod.Transformer(load(str(shared_path("models/stories260K.bin"))), threads=1, n_slots=64)
+    assert t.kv_cache_bytes() >= 32 << 20  # beyond malloc's heap: fresh pages from the kernel
+    for name in ("key_cache", "value_cache", "logits", "att"):
+        assert _pages_present(t._bufs[name]).all(), name
+    assert _pages_present(t._scratch).all()
+    assert not _pages_present(np.zeros(t.kv_cache_bytes(), np.uint8)).all()  # what it would be

@@ -78,7 +78,9 @@ def test_avx2_build_without_avx512(tmp_path):
     _, flags = _core_of(tree, env)
     assert "avx2" in flags and "avx512" not in flags, flags
     _run_tests(tree, env, KERNEL_TESTS + ("tests/test_parity.py", "tests/test_arch.py::test_float_files_match_llamacpp",
-                                           "tests/test_arch.py::test_every_quant_type_on_both_archs"))
+                                           "tests/test_arch.py::test_every_quant_type_on_both_archs",
+                                           "tests/test_threads.py::test_wide_float_rows_any_split",
+                                           "tests/test_threads.py::test_wide_float_rows_interleaved"))
 
 
 def test_avx2_build_without_f16c(tmp_path):

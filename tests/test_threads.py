@@ -291,7 +291,7 @@ def test_kv_cache_and_buffers_are_mapped_when_made():
     from pyllama.formats import load
     t = model_mod.Transformer(load(str(shared_path("models/stories260K.bin"))), threads=1, n_slots=64)
     assert t.kv_cache_bytes() >= 32 << 20  # beyond malloc's heap: fresh pages from the kernel
-    for name in ("key_cache", "value_cache", "logits", "att"):
+    for name in ("key_cache", "value_cache", "att", "hb"):
         assert _pages_present(t._bufs[name]).all(), name
     assert _pages_present(t._scratch).all()
     assert not _pages_present(np.zeros(t.kv_cache_bytes(), np.uint8)).all()  # what it would be

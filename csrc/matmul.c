@@ -193,7 +193,7 @@ FLOAT_R4_ROWS(rows_bf16_r4, uint16_t, LOAD_BF16)
 #define FMA3(xv) \
     a##xv = _mm256_fmadd_ps(u, x##xv##v, a##xv); b##xv = _mm256_fmadd_ps(v, x##xv##v, b##xv); \
     c##xv = _mm256_fmadd_ps(w, x##xv##v, c##xv);
-#define FLOAT_TILE(NAME, ELEM, LOAD, ROWS, ROWP, POS)                                                     \
+#define FLOAT_TILE(NAME, ELEM, LOAD, ROWS, ROWP, POS)                                         \
 static void NAME(const void *data, const float *x, float *out, long long r0, long long r1,       \
                  long long n, int ntok, long long ldo, const char *pf, long long pf_bytes)       \
 {                                                                                                \
@@ -209,7 +209,8 @@ static void NAME(const void *data, const float *x, float *out, long long r0, lon
         const float *x0 = x + t * n, *x1 = x0 + n, *x2 = x1 + n, *x3 = x2 + n;                   \
         long long r = r0;                                                                        \
         for (; r + 2 < r1; r += 3) {                                                             \
-            const ELEM *w0 = base + ROWP(r, n), *w1 = base + ROWP(r + 1, n), *w2 = base + ROWP(r + 2, n);\
+            const ELEM *w0 = base + ROWP(r, n), *w1 = base + ROWP(r + 1, n);                     \
+            const ELEM *w2 = base + ROWP(r + 2, n);                                              \
             __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;                          \
             __m256 b0 = a0, b1 = a0, b2 = a0, b3 = a0, c0 = a0, c1 = a0, c2 = a0, c3 = a0;       \
             long long j = 0;                                                                     \
@@ -294,7 +295,8 @@ static void matvec_rows(const pl_tensor *w, const void *xin, float *out, long lo
 
 static long long float_row_bytes(const pl_tensor *w);
 
-/* Rows a thread's range must start and end on (repacked layouts interleave groups of 16). */
+/* Rows a thread's range must start and end on (repacked layouts interleave groups of 16 rows,
+ * the wide float rows' groups of 4). */
 static long long row_group(const pl_tensor *w)
 {
     switch (w->type) {

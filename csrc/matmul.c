@@ -141,9 +141,9 @@ FLOAT_ROWS(rows_bf16, uint16_t, LOAD_BF16, bf16_to_f32)
  * streaming rate, this layout 0.87-0.9 (8 rows a group: 0.85). Each row's sum is the plain
  * layout's sequence (two accumulators over the halves of each 16 values, then pli_hsum8 of their
  * sum), so results are bit-identical to the file's layout, whatever the split into threads. */
+static inline long long r4_row(long long r, long long n) { return (r >> 2) * 4 * n + (r & 3) * 16; }
 #ifdef PL_AVX2
 #define R4_POS(j) ((((j) >> 4) << 6) + ((j) & 15)) /* value j's offset from its row's start */
-static inline long long r4_row(long long r, long long n) { return (r >> 2) * 4 * n + (r & 3) * 16; }
 
 #define FLOAT_R4_ROWS(NAME, ELEM, LOAD)                                                           \
 static void NAME(const void *data, const float *x, float *out, long long r0, long long r1, long long n) \
@@ -613,17 +613,15 @@ void pl_dequantize_row(const pl_tensor *w, long long row, float *out)
         for (long long j = 0; j < n; j++) out[j] = bf16_to_f32(src[j]);
         break;
     }
-    case PL_F32_R4: case PL_F16_R4: case PL_BF16_R4: { /* the row's pieces of 16 values */
+    case PL_F32_R4: case PL_F16_R4: case PL_BF16_R4: { /* the row's pieces of 16 values, 64 apart */
         const long long e = float_row_bytes(w) / n;
-        pl_tensor plain = *w;
-        plain.type = w->type == PL_F32_R4 ? PL_F32 : w->type == PL_F16_R4 ? PL_F16 : PL_BF16;
-        plain.rows = 1;
-        char piece[16 * 4];
-        plain.data = piece;
-        plain.cols = 16;
+        pl_tensor piece = *w;
+        piece.type = w->type == PL_F32_R4 ? PL_F32 : w->type == PL_F16_R4 ? PL_F16 : PL_BF16;
+        piece.rows = 1;
+        piece.cols = 16;
         for (long long k = 0; k < n / 16; k++) {
-            memcpy(piece, (const char *)w->data + ((row / 4) * 4 * n + k * 64 + (row % 4) * 16) * e, (size_t)(16 * e));
-            pl_dequantize_row(&plain, 0, out + 16 * k);
+            piece.data = (const char *)w->data + (r4_row(row, n) + 64 * k) * e;
+            pl_dequantize_row(&piece, 0, out + 16 * k);
         }
         break;
     }

@@ -48,7 +48,7 @@ class _Size:
 
 
 class ThreadTuner:
-    """pick(n_tokens) -> (key, threads) before a step; done(key, seconds) after it."""
+    """pick(n_tokens) -> (key, threads) before a step; done(key, seconds, cpu_seconds) after it."""
 
     def __init__(self, max_threads):
         self.choices = sorted({max(1, max_threads >> k) for k in range(max(1, max_threads).bit_length())})

@@ -30,9 +30,11 @@ K_REPACKED = {"Q4_K": lib.PL_Q4_K_R16, "Q6_K": lib.PL_Q6_K_R16}
 
 
 def _repacked(t, n_threads=2):
-    """A Tensor holding t's repacked layout (64-byte aligned, as pyllama/model.py makes it)."""
+    """A Tensor holding t's repacked layout (64-byte aligned, as pyllama/model.py makes it; float
+    matrices: their copy, interleaved where the rows are wide)."""
     n = lib.pl_repack_bytes(t.t)
-    per_block = {lib.PL_Q4_0: 18, lib.PL_Q5_0: 22, lib.PL_Q8_0: 34, lib.PL_Q4_K: 144 / 8, lib.PL_Q6_K: 210 / 8}
+    per_block = {lib.PL_Q4_0: 18, lib.PL_Q5_0: 22, lib.PL_Q8_0: 34, lib.PL_Q4_K: 144 / 8, lib.PL_Q6_K: 210 / 8,
+                 lib.PL_F32: 128, lib.PL_F16: 64, lib.PL_BF16: 64}  # bytes per 32 values
     assert n == t.t.rows * t.t.cols // 32 * per_block[t.t.type]
     buf = np.zeros(n + 64, np.uint8)
     off = -buf.ctypes.data % 64

@@ -158,20 +158,6 @@ def test_wide_float_rows_any_split(kind, cols):
         assert t.matmul(x, 1)[r] == row.matmul(x, 1)[0]
 
 
-def _copied(t):
-    """t's copy made at load time (pl_repack into 64-byte aligned memory, as model.py does it)."""
-    from test_quants import Tensor
-    lib, ffi = pyllama._core.lib, pyllama._core.ffi
-    n = lib.pl_repack_bytes(t.t)
-    assert n == t.t.rows * t.t.cols * (4 if t.t.type == lib.PL_F32 else 2)
-    buf = np.zeros(n + 64, np.uint8)
-    off = -buf.ctypes.data % 64
-    ptype = lib.pl_repack(t.t, ffi.cast("void *", ffi.from_buffer(buf[off:off + n])), 2)
-    copy = Tensor(ptype, buf[off:off + n], t.t.rows, t.t.cols)
-    copy.keep.append(buf)
-    return copy
-
-
 @pytest.mark.parametrize("kind", ("F32", "F16", "BF16"))
 def test_wide_float_rows_interleaved(kind):
     """Wide rows (more than PL_WIDE_COLS values, a multiple of 16; rows a multiple of 4) are
@@ -181,11 +167,12 @@ def test_wide_float_rows_interleaved(kind):
     rows are split in pairs or in groups of 4, and a row a 3-row tile leaves over is summed by the
     one-token kernel: batched results then match the file layout's bit for bit only where the
     two splits agree, as on one thread, and to f32 rounding elsewhere.)"""
+    from test_kernels_repack import _repacked
     lib = pyllama._core.lib
     ptype = getattr(lib, "PL_" + kind)
     rows, cols = 28, 8192 + 32
     t = _float_tensor(ptype, rows, cols, 21)
-    r4 = _copied(t)
+    r4 = _repacked(t)
     if not {"avx2", "fma"} <= set(pyllama._core.ffi.string(lib.pl_build_info()).decode().split()):
         assert r4.t.type == ptype  # the interleaved kernels are AVX2+FMA code (PL_AVX2)
         return
@@ -201,7 +188,7 @@ def test_wide_float_rows_interleaved(kind):
                 assert np.array_equal(got, plain), n
             np.testing.assert_array_less(np.abs(got - plain), bound[:n])
     for shape in ((rows - 1, cols), (rows, cols - 8), (rows, 4096)):
-        assert _copied(_float_tensor(ptype, *shape, 21)).t.type == ptype, shape
+        assert _repacked(_float_tensor(ptype, *shape, 21)).t.type == ptype, shape
 
 
 @pytest.mark.parametrize("kind", ("F32", "F16", "Q8_0", "Q4_K"))

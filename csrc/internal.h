@@ -55,22 +55,26 @@ void pl__team_enter(pl__barrier *b);
 void pl__team_sync(void);
 
 /* Chunks [0, n) of one step of work, shared by the team: each member starts with an even,
- * contiguous part of them and takes its chunks front to back; a member done with its own takes
- * the others' from their back end, one at a time. So a member that gets less of the memory
- * bandwidth (or is descheduled) for a while does not hold the whole team at the next barrier.
- * Every member calls pl__chunks_begin with the same n (steps in the same order), then
- * pl__chunks_next until it returns -1; the step must end with a pl__team_sync. Outside a team
- * (or in a team of one) the caller gets every chunk in order. */
+ * contiguous part of them and takes its chunks front to back, in runs of consecutive chunks (a
+ * quarter of what its part has left, within [1, max_run]); a member done with its own takes the
+ * others' from their back end, one at a time. So a member that gets less of the memory
+ * bandwidth (or is descheduled) for a while does not hold the whole team at the next barrier,
+ * and the runs keep each taking (an atomic exchange, a fence that drains the loads in flight)
+ * rare while the ends of the parts stay fine-grained.
+ * Every member calls pl__chunks_begin with the same n and max_run (steps in the same order),
+ * then pl__chunks_next until it returns -1; the step must end with a pl__team_sync. Outside a
+ * team (or in a team of one) the caller gets every chunk in order, max_run at a time. */
 typedef struct {
-    long long n;
+    long long n, max_run;
     long long next, end; /* own chunks when not shared */
-    long long began_ns, own_taken; /* when this member began the step; own chunks it took */
+    long long began_ns, own_taken; /* when this member began the step; runs of its own it took */
     unsigned step;
     int shared;
 } pl__chunks;
 
-void pl__chunks_begin(pl__chunks *c, long long n);
-long long pl__chunks_next(pl__chunks *c);
+void pl__chunks_begin(pl__chunks *c, long long n, long long max_run);
+/* The first chunk of the next run, its end (exclusive) in *end; -1 when none is left. */
+long long pl__chunks_next(pl__chunks *c, long long *end);
 
 /* Causal attention (attention.c). pl__attend_heads: nq query heads that share one kv head (query
  * head i: q + i·head_size, its result out + i·head_size, its scores att + i·att_stride, last + 1

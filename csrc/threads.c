@@ -137,10 +137,10 @@ void pl__team_sync(void)
 
 #define CHUNK_MAX (1LL << 24)
 #ifndef PL_ALIVE_MIN_NS
-#define PL_ALIVE_MIN_NS 5000LL   /* a member counts as at work if it took a chunk this recently */
+#define PL_ALIVE_MIN_NS 5000LL   /* a member counts as at work if it took a run this recently */
 #endif
 #ifndef PL_ALIVE_MAX_NS
-#define PL_ALIVE_MAX_NS 200000LL /* (4 of the taker's own chunks' time, within these bounds) */
+#define PL_ALIVE_MAX_NS 200000LL /* (4 of the taker's own runs' time, within these bounds) */
 #endif
 
 static unsigned long long chunk_word(unsigned step, long long front, long long back)
@@ -164,11 +164,12 @@ static _Atomic unsigned long long *chunk_slot(pl__barrier *b, const pl__chunks *
     return slot;
 }
 
-void pl__chunks_begin(pl__chunks *c, long long n)
+void pl__chunks_begin(pl__chunks *c, long long n, long long max_run)
 {
     pl__barrier *b = team;
     const int nth = b ? atomic_load_explicit(&b->n_threads, memory_order_relaxed) : 1;
     c->n = n;
+    c->max_run = max_run > 1 ? max_run : 1;
     c->step = ++team_steps & 0xffffu;
     c->shared = nth > 1 && nth <= PL_MAX_TEAM && n < CHUNK_MAX;
     if (!c->shared) { /* all of it, or (a huge team or step) an even part of it */
@@ -182,9 +183,11 @@ void pl__chunks_begin(pl__chunks *c, long long n)
     chunk_slot(b, c, team_tid, nth);
 }
 
-/* The next chunk from member v's slot: its front for v itself, its back for the others; -1 when
- * it has none left. */
-static long long take_chunk(_Atomic unsigned long long *slot, unsigned step, int front_end)
+/* The next chunks from member v's slot: for v itself (own) a run from its front, a quarter of
+ * what is left within [1, max_run]; for the others one chunk from its back. The first one's
+ * index, the end in *end; -1 when it has none left. */
+static long long take_chunks(_Atomic unsigned long long *slot, unsigned step, int own,
+                             long long max_run, long long *end)
 {
     const unsigned long long mask = (unsigned long long)(CHUNK_MAX - 1);
     unsigned long long w = atomic_load_explicit(slot, memory_order_acquire);
@@ -192,28 +195,39 @@ static long long take_chunk(_Atomic unsigned long long *slot, unsigned step, int
         long long front = (long long)(w >> 24 & mask), back = (long long)(w & mask);
         if (front >= back)
             return -1;
-        unsigned long long next = front_end ? chunk_word(step, front + 1, back)
-                                            : chunk_word(step, front, back - 1);
+        long long run = own ? (back - front) / 4 : 1;
+        run = run < 1 ? 1 : run > max_run ? max_run : run;
+        const long long first = own ? front : back - run;
+        unsigned long long next = own ? chunk_word(step, front + run, back)
+                                      : chunk_word(step, front, back - run);
         if (atomic_compare_exchange_weak_explicit(slot, &w, next, memory_order_acq_rel,
-                                                  memory_order_acquire))
-            return front_end ? front : back - 1;
+                                                  memory_order_acquire)) {
+            *end = first + run;
+            return first;
+        }
     }
 }
 
-long long pl__chunks_next(pl__chunks *c)
+long long pl__chunks_next(pl__chunks *c, long long *end)
 {
-    if (!c->shared)
-        return c->next < c->end ? c->next++ : -1;
+    if (!c->shared) {
+        if (c->next >= c->end)
+            return -1;
+        const long long k = c->next;
+        c->next = c->end - k > c->max_run ? k + c->max_run : c->end;
+        *end = c->next;
+        return k;
+    }
     pl__barrier *b = team;
     const int nth = atomic_load_explicit(&b->n_threads, memory_order_relaxed);
-    long long i = take_chunk(&b->chunks[team_tid].word, c->step, 1);
+    long long i = take_chunks(&b->chunks[team_tid].word, c->step, 1, c->max_run, end);
     if (i >= 0) {
         c->own_taken++;
         atomic_store_explicit(&b->chunks[team_tid].active_ns, now_ns(), memory_order_relaxed);
         return i;
     }
     /* Own chunks done: take from members that are at work, those that began this step or took
-     * a chunk within the last few chunks' time. A member that did neither is most likely
+     * a run within the last few runs' time. A member that did neither is most likely
      * descheduled (other processes share the cores): its chunks are left to it, and this thread
      * goes to the barrier, where it gives its core away. (Taking them as well brought two
      * processes on two cores down to 0.6-0.8x of one alone, from 0.8-0.9x: the late member came
@@ -227,7 +241,7 @@ long long pl__chunks_next(pl__chunks *c)
         const int v = (team_tid + k) % nth;
         if (now - atomic_load_explicit(&b->chunks[v].active_ns, memory_order_relaxed) > window)
             continue;
-        i = take_chunk(chunk_slot(b, c, v, nth), c->step, 0);
+        i = take_chunks(chunk_slot(b, c, v, nth), c->step, 0, 1, end);
     }
     return i;
 }

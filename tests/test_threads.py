@@ -195,7 +195,9 @@ def test_wide_float_rows_interleaved(kind):
 def test_shared_chunks_give_every_row_once_at_any_team_size(kind):
     from test_quants import TYPES, Tensor, _rng, _weights
     lib = pyllama._core.lib
-    rows = 1002  # many chunks of 64 KiB and a short last one, in pairs of rows
+    # many chunks of 64 KiB (F32: 125) and a short last one, in pairs of rows: each member takes
+    # its own in runs of up to PL_TOKEN_RUN (16) chunks, shorter as its part runs out
+    rows = 4002
     if kind in ("F32", "F16"):
         t = _float_tensor(getattr(lib, "PL_" + kind), rows, 512, 7)
     else:

@@ -33,8 +33,9 @@
  * wider tiles (kq_batch: 16 rows in the lanes of a register), bit-identical as well.
  *
  * With AVX-512 VNNI, Q4_0, Q5_0, Q8_0, Q4_K and Q6_K matrices are repacked at load time
- * (pl_repack, 16 rows interleaved, see "Repacked" below): one kernel family then serves one token
- * and batches alike; the repacked layouts give exactly the file layout's results.
+ * (pl_repack, 16 rows interleaved, see "Repacked" below), and with AVX2 and F16C alone Q4_0 and
+ * Q8_0: one kernel family then serves one token and batches alike; the repacked K-quant layouts
+ * give exactly the file layout's results, the Q4_0/Q8_0 ones the same bits with or without VNNI.
  */
 #include <math.h>
 #include <stddef.h>
@@ -2107,6 +2108,10 @@ v_batch(int type, const pl_tensor *w, const void *xq, long long stride, int ntok
     }
 }
 
+#endif /* PL_VNNI512 */
+
+#if defined(PL_VNNI512) || (defined(PL_AVX2) && defined(__F16C__))
+#define PL_R16 1 /* the repacked Q4_0 and Q8_0 (with AVX-512 VNNI: also Q5_0) layout */
 /* ------------------------------------------------------------------------------------------------
  * Repacked Q4_0 / Q5_0 / Q8_0 (PL_Q4_0_R16, PL_Q5_0_R16, PL_Q8_0_R16), made at load time by
  * pl_repack.
@@ -2162,6 +2167,9 @@ static inline r16_view r16_group_view(int type, const char *base, long long grou
     return (r16_view){s + j * qb, s + ng * qb + 32 * j, stride, stride};
 }
 
+#endif /* PL_R16 */
+
+#ifdef PL_VNNI512
 /* A Q4_0 or Q5_0 block of a group (its quants at q) as 8 chunks of unsigned bytes, chunk k =
  * values 4k..4k+3 of the 16 rows. Q5_0: + 16 where the 5th bit is set (bit k of each byte of its
  * bits plane; a byte test per chunk was measured 4% faster than 8 stored 64-bit masks). */
@@ -2304,6 +2312,128 @@ static inline __attribute__((always_inline)) r16_view unpack_r16(int type, r16_v
     return (r16_view){dst, dst + 512 * (size_t)nb, 512, 32};
 }
 
+#elif defined(PL_R16)
+/* Without AVX-512 VNNI (AVX2 and F16C): PL_Q4_0_R16 and PL_Q8_0_R16. A 64-byte chunk is two
+ * halves of 8 rows x 4 bytes, and for a half each row's block sum becomes one int32 lane:
+ *   Q4_0: vpmaddubsw of the nibbles with 4 activation bytes broadcast gives each row's two pair
+ *         sums; a block's 8 of them (4 chunks' low and high nibbles) add up exactly in int16 (at
+ *         most 8·2·15·127 = 30480 in size), one vpmaddwd makes them int32, and corr (−8·Σx) is
+ *         added;
+ *   Q8_0: the weights back to signed (xor 0x80), then per chunk dot_i8's |w| · sign(x, w) pairs
+ *         (at most 2·128·127 = 32512) and a vpmaddwd to int32: Σ w·x, which is corr + Σ(w+128)·x.
+ * That is r16_tile's exact integer sum s, and the same f32 steps follow it, so the results are
+ * the AVX-512 build's bit for bit, where tile32's dots left each block's float work to one row at
+ * a time (8 lanes of 4 products). */
+static inline __attribute__((always_inline)) __m256i
+r16_half_sum(int type, const __m256i w[8], const char *q, int h, const int8_t *x, int32_t corr)
+{
+    if (type == PL_Q8_0_R16) { /* w unused: the quants at q, half h */
+        __m256i s = _mm256_setzero_si256();
+#pragma GCC unroll 8
+        for (int k = 0; k < 8; k++) {
+            int32_t xv;
+            memcpy(&xv, x + 4 * k, 4);
+            __m256i wk = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(q + 64 * k + 32 * h)),
+                                          _mm256_set1_epi8((char)0x80));
+            __m256i p = _mm256_maddubs_epi16(_mm256_abs_epi8(wk), _mm256_sign_epi8(_mm256_set1_epi32(xv), wk));
+            s = _mm256_add_epi32(s, _mm256_madd_epi16(p, _mm256_set1_epi16(1)));
+        }
+        return s;
+    }
+    __m256i s16 = _mm256_setzero_si256();
+#pragma GCC unroll 8
+    for (int k = 0; k < 8; k++) { /* w[k]: values 4k..4k+3 (k < 4) or 16+4(k-4).. of each row */
+        int32_t xv;
+        memcpy(&xv, x + (k < 4 ? 4 * k : 16 + 4 * (k - 4)), 4);
+        s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(w[k], _mm256_set1_epi32(xv)));
+    }
+    return _mm256_add_epi32(_mm256_madd_epi16(s16, _mm256_set1_epi16(1)), _mm256_set1_epi32(corr));
+}
+
+/* Half h of a Q4_0 group's block (its quants at q) as r16_half_sum's 8 vectors of nibbles */
+static inline __attribute__((always_inline)) void r16_half_values(int type, const char *q, int h, __m256i w[8])
+{
+    if (type == PL_Q8_0_R16)
+        return; /* read by r16_half_sum itself */
+    const __m256i m4 = _mm256_set1_epi8(15);
+#pragma GCC unroll 4
+    for (int k = 0; k < 4; k++) {
+        __m256i z = _mm256_loadu_si256((const __m256i *)(q + 64 * k + 32 * h));
+        w[k] = _mm256_and_si256(z, m4);
+        w[k + 4] = _mm256_and_si256(_mm256_srli_epi16(z, 4), m4);
+    }
+}
+
+/* One token, NG (1-4) groups that follow each other in a set (v: the first; NG = 1: any group) */
+static inline __attribute__((always_inline)) void
+r16_tile(int type, r16_view v, int NG, const act_view *a, int nb, float *out)
+{
+    const size_t qb = r16_qbytes(type);
+    __m256 acc[2 * R16_SET];
+#pragma GCC unroll 8
+    for (int i = 0; i < 2 * NG; i++) acc[i] = _mm256_setzero_ps();
+    for (int b = 0; b < nb; b++) {
+        const int8_t *x = a->q + QK * b;
+        if ((b & 1) == 0 && b + 4 < nb) _mm_prefetch((const char *)(x + 4 * QK), _MM_HINT_T0);
+        const __m256 xd = _mm256_set1_ps(a->ds[2 * b]);
+#pragma GCC unroll 4
+        for (int g = 0; g < NG; g++)
+#pragma GCC unroll 2
+            for (int h = 0; h < 2; h++) {
+                const char *q = v.q + b * v.qs + g * qb;
+                __m256i w[8];
+                r16_half_values(type, q, h, w);
+                __m256i s = r16_half_sum(type, w, q, h, x, a->corr[b]);
+                __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(v.d + b * v.ds + 32 * g + 16 * h)));
+                acc[2 * g + h] = _mm256_fmadd_ps(_mm256_mul_ps(dw, xd), _mm256_cvtepi32_ps(s), acc[2 * g + h]);
+            }
+    }
+#pragma GCC unroll 8
+    for (int i = 0; i < 2 * NG; i++) _mm256_storeu_ps(out + 8 * i, acc[i]);
+}
+
+/* One half of a group, NT (1-4) tokens: each block's Q4_0 nibbles unpacked once for all of them
+ * (Q8_0 weights are read per token from L1; unpacking them once, chunk by chunk with the tokens'
+ * sums in registers, measured no faster: 1B Q8_0 prompts 97-100 against 98 tok/s) */
+static inline __attribute__((always_inline)) void
+r16_half_nt(int type, r16_view v, int h, int NT, const act_view *a, int nb, float *out, long long ldo)
+{
+    __m256 acc[4];
+#pragma GCC unroll 4
+    for (int t = 0; t < NT; t++) acc[t] = _mm256_setzero_ps();
+    for (int b = 0; b < nb; b++) {
+        const char *q = v.q + b * v.qs;
+        __m256i w[8];
+        r16_half_values(type, q, h, w);
+        __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(v.d + b * v.ds + 16 * h)));
+#pragma GCC unroll 4
+        for (int t = 0; t < NT; t++) {
+            __m256i s = r16_half_sum(type, w, q, h, a[t].q + QK * b, a[t].corr[b]);
+            acc[t] = _mm256_fmadd_ps(_mm256_mul_ps(dw, _mm256_set1_ps(a[t].ds[2 * b])), _mm256_cvtepi32_ps(s), acc[t]);
+        }
+    }
+#pragma GCC unroll 4
+    for (int t = 0; t < NT; t++) _mm256_storeu_ps(out + t * ldo + 8 * h, acc[t]);
+}
+
+/* One group of 16 rows for ntok tokens, in tiles of up to 4 tokens, half by half. */
+static inline __attribute__((always_inline)) void
+r16_group(int type, r16_view v, const act_view *acts, int ntok, int nb, float *out, long long ldo)
+{
+    for (int t = 0; t < ntok; t += 4) {
+        float *o = out + t * ldo;
+        for (int h = 0; h < 2; h++)
+            switch (ntok - t) {
+            case 1: r16_half_nt(type, v, h, 1, acts + t, nb, o, ldo); break;
+            case 2: r16_half_nt(type, v, h, 2, acts + t, nb, o, ldo); break;
+            case 3: r16_half_nt(type, v, h, 3, acts + t, nb, o, ldo); break;
+            default: r16_half_nt(type, v, h, 4, acts + t, nb, o, ldo); break;
+            }
+    }
+}
+#endif
+
+#ifdef PL_R16
 static inline __attribute__((always_inline)) void
 r16_rows(int type, const pl_tensor *w, const act_view *acts, int ntok, float *out, long long ldo,
          long long r0, long long r1)
@@ -2335,12 +2465,14 @@ r16_rows(int type, const pl_tensor *w, const act_view *acts, int ntok, float *ou
     }
     for (; g < g1; g++) {
         const r16_view v = r16_group_view(type, base, groups, nb, g);
+#ifdef PL_VNNI512
         if (type != PL_Q8_0_R16 && ntok > 8 && nb <= R16_UNPACK_NB) {
             /* many token tiles: unpack the group's values once, then read them as Q8_0 does */
             r16_group(PL_Q8_0_R16, unpack_r16(type, v, nb, unpacked), acts, ntok, nb, out + g * RG, ldo);
-        } else {
-            r16_group(type, v, acts, ntok, nb, out + g * RG, ldo);
+            continue;
         }
+#endif
+        r16_group(type, v, acts, ntok, nb, out + g * RG, ldo);
     }
 }
 
@@ -2404,9 +2536,13 @@ long long pli_repack_bytes(const pl_tensor *w)
     if ((w->type == PL_Q4_K || w->type == PL_Q6_K) && w->rows % 16 == 0 && w->cols % QK_K == 0)
         return w->rows * (w->cols / QK_K) * (long long)block_bytes(w->type);
 #endif
+#ifdef PL_R16
 #ifdef PL_VNNI512
-    if ((w->type == PL_Q4_0 || w->type == PL_Q5_0 || w->type == PL_Q8_0) && w->rows % RG == 0 &&
-        w->cols % QK == 0)
+    const int r16_type = w->type == PL_Q4_0 || w->type == PL_Q5_0 || w->type == PL_Q8_0;
+#else
+    const int r16_type = w->type == PL_Q4_0 || w->type == PL_Q8_0;
+#endif
+    if (r16_type && w->rows % RG == 0 && w->cols % QK == 0)
         return w->rows * (w->cols / QK) * (long long)block_bytes(w->type);
 #endif
     (void)w;
@@ -2421,7 +2557,7 @@ int pli_repack(const pl_tensor *w, void *dst, long long g0, long long g1)
         return w->type == PL_Q4_K ? PL_Q4_K_R16 : PL_Q6_K_R16;
     }
 #endif
-#ifdef PL_VNNI512
+#ifdef PL_R16
     if (pli_repack_bytes(w) > 0) {
         r16_repack_groups(w, (char *)dst, g0, g1);
         return w->type == PL_Q8_0 ? PL_Q8_0_R16 : w->type == PL_Q5_0 ? PL_Q5_0_R16 : PL_Q4_0_R16;
@@ -2451,11 +2587,13 @@ void pli_matmul_batch(const pl_tensor *w, const void *xq, long long stride, int 
         return;
     }
 #endif
-#ifdef PL_VNNI512
+#ifdef PL_R16
     if (is_r16(w->type)) {
         r16_batch(w, xq, stride, ntok, out, ldo, r0, r1);
         return;
     }
+#endif
+#ifdef PL_VNNI512
     if (w->type == PL_Q8_0 || w->type == PL_Q4_0) {
         if (w->type == PL_Q8_0) v_batch(PL_Q8_0, w, xq, stride, ntok, out, ldo, r0, r1);
         else v_batch(PL_Q4_0, w, xq, stride, ntok, out, ldo, r0, r1);
@@ -2485,7 +2623,7 @@ void pli_matvec_rows(const pl_tensor *w, const void *xq, float *out, long long r
     }
 #endif
     act_view a = act_layout(w, xq);
-#ifdef PL_VNNI512
+#ifdef PL_R16
     if (is_r16(w->type)) {
         r16_batch(w, xq, 0, 1, out, 0, r0, r1);
         return;

@@ -10,7 +10,9 @@ Expected values come from:
   token exactly its single-token result, bit for bit (issue 12/13: batched == alone);
 - for Q4_K/Q6_K, the file layout's kernels exactly: the repacked layout holds the same dwords
   and the same kernels read it, so logits must be equal bit for bit, not just close;
-- /proc/cpuinfo and the core's build flags: a build for AVX-512 VNNI makes the layout, others not.
+- /proc/cpuinfo and the core's build flags: a build for AVX-512 VNNI makes the layout for all five
+  types, an AVX2 + F16C build without VNNI for Q4_0 and Q8_0 (its own kernels, the same bits),
+  others for none.
 """
 import numpy as np
 import pytest
@@ -24,9 +26,18 @@ from test_build import _cpu_flags
 from test_quants import TYPES, Tensor, _activations, _rng, _weights
 
 ffi, lib = _core.ffi, _core.lib
-VNNI = "avx512vnni" in ffi.string(lib.pl_build_info()).decode().split()
+BUILD = set(ffi.string(lib.pl_build_info()).decode().split())
+VNNI = "avx512vnni" in BUILD
 REPACKED = {"Q4_0": lib.PL_Q4_0_R16, "Q5_0": lib.PL_Q5_0_R16, "Q8_0": lib.PL_Q8_0_R16}
 K_REPACKED = {"Q4_K": lib.PL_Q4_K_R16, "Q6_K": lib.PL_Q6_K_R16}
+# the 32-value types this build repacks (quants.c PL_R16)
+REPACKS = set(REPACKED) if VNNI else {"Q4_0", "Q8_0"} if {"avx2", "f16c"} <= BUILD else set()
+
+
+def _needs_repack(name):
+    if name not in REPACKS:
+        pytest.skip(f"this build does not repack {name} (test_native_build_repacks_where_the_cpu_has_vnni "
+                    "checks why)")
 
 
 def _repacked(t, n_threads=2):
@@ -53,7 +64,7 @@ def test_native_build_repacks_where_the_cpu_has_vnni():
     for name in [*REPACKED, *K_REPACKED]:
         ptype, _, block, nbytes, _ = TYPES[name]
         t = Tensor(ptype, _weights(name, 32, 2 * block, "random", _rng(name, "bytes")), 32, 2 * block)
-        assert (lib.pl_repack_bytes(t.t) > 0) == VNNI
+        assert (lib.pl_repack_bytes(t.t) > 0) == (name in REPACKS or VNNI and name in K_REPACKED), name
         odd = Tensor(ptype, _weights(name, 33, 2 * block, "random", _rng(name, "odd")), 33, 2 * block)
         assert lib.pl_repack_bytes(odd.t) == 0  # rows not a multiple of 16: left as they are
 
@@ -62,12 +73,12 @@ needs_vnni = pytest.mark.skipif(not VNNI, reason="this build has no AVX-512 VNNI
                                 "(test_native_build_repacks_where_the_cpu_has_vnni checks why)")
 
 
-@needs_vnni
 @pytest.mark.parametrize("n_threads", (1, 2))
 @pytest.mark.parametrize("cols", (32, 96, 768))
 @pytest.mark.parametrize("rows", (16, 80, 96, 112))  # sets of 4 groups and 1, 2 or 3 left over
 @pytest.mark.parametrize("name", sorted(REPACKED))
 def test_repacked_matches_plain_layout(name, rows, cols, n_threads):
+    _needs_repack(name)
     ptype, _, block, _, _ = TYPES[name]
     rng = _rng(name, rows, cols, "repack")
     plain = Tensor(ptype, _weights(name, rows, cols, "gguf", rng), rows, cols)
@@ -85,14 +96,14 @@ def test_repacked_matches_plain_layout(name, rows, cols, n_threads):
     np.testing.assert_array_less(np.abs(got - want), 2e-6 * scale)
 
 
-@needs_vnni
 @pytest.mark.parametrize("n_threads", (1, 2))
 @pytest.mark.parametrize("name", sorted(REPACKED))
 @pytest.mark.parametrize("rows", (80, 96, 112))
 def test_repacked_batches_are_bit_identical_to_single(name, n_threads, rows):
-    """Token tiles of 1-8 (every leftover width), more than 8 tokens, the one-token path's sets of
-    4 groups and the groups left over (80, 96, 112 rows: 1, 2, 3 of them, whose set keeps its scales
-    after or before its values), split over 2 threads at group edges."""
+    """Token tiles of 1-8 (every leftover width; AVX2: tiles of 1-4), more than 8 tokens, the
+    one-token path's sets of 4 groups and the groups left over (80, 96, 112 rows: 1, 2, 3 of them,
+    whose set keeps its scales after or before its values), split over 2 threads at group edges."""
+    _needs_repack(name)
     ptype, _, block, _, _ = TYPES[name]
     cols = 96
     rng = _rng(name, "batch-r16")
@@ -104,11 +115,11 @@ def test_repacked_batches_are_bit_identical_to_single(name, n_threads, rows):
         np.testing.assert_array_equal(packed.matmul(x, n_threads), single)
 
 
-@needs_vnni
 @pytest.mark.parametrize("name", ("quant-base-q4_0.gguf", "quant-base-q8_0.gguf"))
 def test_models_run_repacked(shared, name):
     """The files tests/test_prefill.py runs take the repacked kernels (so its batched == stepwise
     check covers them), while the embedding keeps the file's layout."""
+    _needs_repack(name.split("-")[-1].split(".")[0].upper())
     tr = Transformer(load(shared / "models" / name), n_ctx=32)
     w = tr._weights
     mats = [getattr(w.layers[l], f) for l in range(tr.config["n_layers"])
@@ -117,12 +128,12 @@ def test_models_run_repacked(shared, name):
     assert w.token_embedding.type in (lib.PL_Q4_0, lib.PL_Q8_0, lib.PL_Q6_K, lib.PL_F32, lib.PL_F16)
 
 
-@needs_vnni
 @pytest.mark.parametrize("budget", (0, 700_000))
 def test_memory_budget_leaves_the_rest_in_the_file_layout(shared, monkeypatch, budget):
     """Repacked copies stop at half the memory available at load (here: none, or a few matrices
     of quant-base-q8_0, whose wcls comes first): the rest runs in the file's layout, and a batch
     still equals the same tokens one by one, bit for bit, across the mix."""
+    _needs_repack("Q8_0")
     from pyllama import model as model_mod
     monkeypatch.setattr(model_mod, "repack_budget", lambda: budget)
     tr = Transformer(load(shared / "models" / "quant-base-q8_0.gguf"), n_ctx=64)
@@ -138,10 +149,10 @@ def test_memory_budget_leaves_the_rest_in_the_file_layout(shared, monkeypatch, b
     np.testing.assert_array_equal(batched, stepwise)
 
 
-@needs_vnni
 def test_transformers_over_one_file_share_the_repacked_copy(shared):
     """A server builds a Llama (text) and an engine over one loaded file: the repacked matrices
     are made once, not once per Transformer (1.3 GB each for a 1B Q8_0 file), and both run."""
+    _needs_repack("Q8_0")
     mf = load(shared / "models" / "quant-base-q8_0.gguf")
     a, b = Transformer(mf, n_ctx=16), Transformer(mf, n_ctx=16, n_slots=2)
     wa, wb = a._weights, b._weights

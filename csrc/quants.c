@@ -33,9 +33,9 @@
  * wider tiles (kq_batch: 16 rows in the lanes of a register), bit-identical as well.
  *
  * With AVX-512 VNNI, Q4_0, Q5_0, Q8_0, Q4_K and Q6_K matrices are repacked at load time
- * (pl_repack, 16 rows interleaved, see "Repacked" below), and with AVX2 and F16C alone Q4_0 and
- * Q8_0: one kernel family then serves one token and batches alike; the repacked K-quant layouts
- * give exactly the file layout's results, the Q4_0/Q8_0 ones the same bits with or without VNNI.
+ * (pl_repack, 16 rows interleaved, see "Repacked" below), and with AVX2 and F16C alone Q4_0, Q5_0
+ * and Q8_0: one kernel family then serves one token and batches alike; the repacked K-quant
+ * layouts give exactly the file layout's results, the others the same bits with or without VNNI.
  */
 #include <math.h>
 #include <stddef.h>
@@ -2111,7 +2111,7 @@ v_batch(int type, const pl_tensor *w, const void *xq, long long stride, int ntok
 #endif /* PL_VNNI512 */
 
 #if defined(PL_VNNI512) || (defined(PL_AVX2) && defined(__F16C__))
-#define PL_R16 1 /* the repacked Q4_0 and Q8_0 (with AVX-512 VNNI: also Q5_0) layout */
+#define PL_R16 1 /* the repacked Q4_0, Q5_0 and Q8_0 layout */
 /* ------------------------------------------------------------------------------------------------
  * Repacked Q4_0 / Q5_0 / Q8_0 (PL_Q4_0_R16, PL_Q5_0_R16, PL_Q8_0_R16), made at load time by
  * pl_repack.
@@ -2313,12 +2313,14 @@ static inline __attribute__((always_inline)) r16_view unpack_r16(int type, r16_v
 }
 
 #elif defined(PL_R16)
-/* Without AVX-512 VNNI (AVX2 and F16C): PL_Q4_0_R16 and PL_Q8_0_R16. A 64-byte chunk is two
- * halves of 8 rows x 4 bytes, and for a half each row's block sum becomes one int32 lane:
+/* Without AVX-512 VNNI (AVX2 and F16C). A 64-byte chunk is two halves of 8 rows x 4 bytes, and
+ * for a half each row's block sum becomes one int32 lane:
  *   Q4_0: vpmaddubsw of the nibbles with 4 activation bytes broadcast gives each row's two pair
  *         sums; a block's 8 of them (4 chunks' low and high nibbles) add up exactly in int16 (at
  *         most 8·2·15·127 = 30480 in size), one vpmaddwd makes them int32, and corr (−8·Σx) is
  *         added;
+ *   Q5_0: the same with the 5th bits added to the nibbles (values up to 31), in two int16 sums of
+ *         4 (at most 31496), and corr = −16·Σx;
  *   Q8_0: the weights back to signed (xor 0x80), then per chunk dot_i8's |w| · sign(x, w) pairs
  *         (at most 2·128·127 = 32512) and a vpmaddwd to int32: Σ w·x, which is corr + Σ(w+128)·x.
  * That is r16_tile's exact integer sum s, and the same f32 steps follow it, so the results are
@@ -2340,17 +2342,24 @@ r16_half_sum(int type, const __m256i w[8], const char *q, int h, const int8_t *x
         }
         return s;
     }
-    __m256i s16 = _mm256_setzero_si256();
+    __m256i s16[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
 #pragma GCC unroll 8
     for (int k = 0; k < 8; k++) { /* w[k]: values 4k..4k+3 (k < 4) or 16+4(k-4).. of each row */
         int32_t xv;
         memcpy(&xv, x + (k < 4 ? 4 * k : 16 + 4 * (k - 4)), 4);
-        s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(w[k], _mm256_set1_epi32(xv)));
+        /* Q5_0 (values up to 31): 4 pair sums at most 4·2·31·127 = 31496 in one int16 sum */
+        const int part = type == PL_Q5_0_R16 && k >= 4;
+        s16[part] = _mm256_add_epi16(s16[part], _mm256_maddubs_epi16(w[k], _mm256_set1_epi32(xv)));
     }
-    return _mm256_add_epi32(_mm256_madd_epi16(s16, _mm256_set1_epi16(1)), _mm256_set1_epi32(corr));
+    __m256i s = _mm256_madd_epi16(s16[0], _mm256_set1_epi16(1));
+    if (type == PL_Q5_0_R16) s = _mm256_add_epi32(s, _mm256_madd_epi16(s16[1], _mm256_set1_epi16(1)));
+    return _mm256_add_epi32(s, _mm256_set1_epi32(corr));
 }
 
-/* Half h of a Q4_0 group's block (its quants at q) as r16_half_sum's 8 vectors of nibbles */
+/* Half h of a Q4_0 or Q5_0 group's block (its quants at q) as r16_half_sum's 8 vectors of
+ * unsigned values: the nibbles, and for Q5_0 + 16 where bit k of the byte in its bits plane is
+ * set (moved to bit 4 by a 16-bit shift; what the shift carries in from the next byte lies
+ * outside bit 4) */
 static inline __attribute__((always_inline)) void r16_half_values(int type, const char *q, int h, __m256i w[8])
 {
     if (type == PL_Q8_0_R16)
@@ -2361,6 +2370,17 @@ static inline __attribute__((always_inline)) void r16_half_values(int type, cons
         __m256i z = _mm256_loadu_si256((const __m256i *)(q + 64 * k + 32 * h));
         w[k] = _mm256_and_si256(z, m4);
         w[k + 4] = _mm256_and_si256(_mm256_srli_epi16(z, 4), m4);
+    }
+    if (type == PL_Q5_0_R16) {
+        const __m256i bits = _mm256_loadu_si256((const __m256i *)(q + 256 + 32 * h)), b4 = _mm256_set1_epi8(16);
+        w[0] = _mm256_add_epi8(w[0], _mm256_and_si256(_mm256_slli_epi16(bits, 4), b4));
+        w[1] = _mm256_add_epi8(w[1], _mm256_and_si256(_mm256_slli_epi16(bits, 3), b4));
+        w[2] = _mm256_add_epi8(w[2], _mm256_and_si256(_mm256_slli_epi16(bits, 2), b4));
+        w[3] = _mm256_add_epi8(w[3], _mm256_and_si256(_mm256_slli_epi16(bits, 1), b4));
+        w[4] = _mm256_add_epi8(w[4], _mm256_and_si256(bits, b4));
+        w[5] = _mm256_add_epi8(w[5], _mm256_and_si256(_mm256_srli_epi16(bits, 1), b4));
+        w[6] = _mm256_add_epi8(w[6], _mm256_and_si256(_mm256_srli_epi16(bits, 2), b4));
+        w[7] = _mm256_add_epi8(w[7], _mm256_and_si256(_mm256_srli_epi16(bits, 3), b4));
     }
 }
 
@@ -2537,12 +2557,8 @@ long long pli_repack_bytes(const pl_tensor *w)
         return w->rows * (w->cols / QK_K) * (long long)block_bytes(w->type);
 #endif
 #ifdef PL_R16
-#ifdef PL_VNNI512
-    const int r16_type = w->type == PL_Q4_0 || w->type == PL_Q5_0 || w->type == PL_Q8_0;
-#else
-    const int r16_type = w->type == PL_Q4_0 || w->type == PL_Q8_0;
-#endif
-    if (r16_type && w->rows % RG == 0 && w->cols % QK == 0)
+    if ((w->type == PL_Q4_0 || w->type == PL_Q5_0 || w->type == PL_Q8_0) && w->rows % RG == 0 &&
+        w->cols % QK == 0)
         return w->rows * (w->cols / QK) * (long long)block_bytes(w->type);
 #endif
     (void)w;

@@ -11,8 +11,8 @@ Expected values come from:
 - for Q4_K/Q6_K, the file layout's kernels exactly: the repacked layout holds the same dwords
   and the same kernels read it, so logits must be equal bit for bit, not just close;
 - /proc/cpuinfo and the core's build flags: a build for AVX-512 VNNI makes the layout for all five
-  types, an AVX2 + F16C build without VNNI for Q4_0 and Q8_0 (its own kernels, the same bits),
-  others for none.
+  types, an AVX2 + F16C build without VNNI for Q4_0, Q5_0 and Q8_0 (its own kernels, the same
+  bits), others for none.
 """
 import numpy as np
 import pytest
@@ -31,7 +31,7 @@ VNNI = "avx512vnni" in BUILD
 REPACKED = {"Q4_0": lib.PL_Q4_0_R16, "Q5_0": lib.PL_Q5_0_R16, "Q8_0": lib.PL_Q8_0_R16}
 K_REPACKED = {"Q4_K": lib.PL_Q4_K_R16, "Q6_K": lib.PL_Q6_K_R16}
 # the 32-value types this build repacks (quants.c PL_R16)
-REPACKS = set(REPACKED) if VNNI else {"Q4_0", "Q8_0"} if {"avx2", "f16c"} <= BUILD else set()
+REPACKS = set(REPACKED) if {"avx2", "f16c"} <= BUILD else set()
 
 
 def _needs_repack(name):
@@ -182,9 +182,9 @@ def _q5_logits(path, threads):
     return tr, batched, np.array([one.forward(tok, pos).copy() for pos, tok in enumerate(ids)])
 
 
-@needs_vnni
 @pytest.mark.parametrize("threads", (1, 2))
 def test_q5_0_model_runs_repacked_and_batches_bit_identically(q5_model, threads):
+    _needs_repack("Q5_0")
     tr, batched, stepwise = _q5_logits(q5_model, threads)
     w = tr._weights
     types = [getattr(w.layers[i], f).type for i in range(tr.config["n_layers"])
@@ -195,7 +195,8 @@ def test_q5_0_model_runs_repacked_and_batches_bit_identically(q5_model, threads)
 
 class _NoQ5Repack:
     """The core's lib, except that pl_repack_bytes declines Q5_0 (as it does on a build without
-    VNNI or when the memory budget runs out): the file's layout runs for Q5_0 matrices only."""
+    AVX2 and F16C or when the memory budget runs out): the file's layout runs for Q5_0 matrices
+    only."""
 
     def __getattr__(self, name):
         return getattr(lib, name)
@@ -205,11 +206,11 @@ class _NoQ5Repack:
         return 0 if t.type == lib.PL_Q5_0 else lib.pl_repack_bytes(t)
 
 
-@needs_vnni
 def test_q5_0_model_repacked_agrees_with_the_file_layout(q5_model, monkeypatch):
     """With the file's Q5_0 layout (the AVX2 kernels and tiles) batches are bit-identical too, and
     since every Q5_0 kernel does the same arithmetic per block (the exact integer sum, then one f32
     fma in block order) the logits are the same bits as with the repacked layout."""
+    _needs_repack("Q5_0")
     from pyllama import model as model_mod
     _, packed, _ = _q5_logits(q5_model, 2)
     monkeypatch.setattr(model_mod, "lib", _NoQ5Repack())

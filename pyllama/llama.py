@@ -50,8 +50,8 @@ class Llama:
                memory (safe if the file may change on disk while in use)
     repack     copy the weight matrices at load into the layouts the kernels read fastest
                (default: float matrices into 2 MiB pages; with AVX-512 VNNI, Q4_0, Q5_0, Q8_0,
-               Q4_K and Q6_K rows interleaved by 16, with AVX2 alone Q4_0 and Q8_0; README
-               "Speed"), within half the memory
+               Q4_K and Q6_K rows interleaved by 16, with AVX2 alone Q4_0, Q5_0 and Q8_0;
+               README "Speed"), within half the memory
                available; False runs every matrix from the file as it is: less memory, a
                quicker load, pages shared with other processes, slower tokens
     chat_format / chat_template   the chat template to use instead of the file's: a format name

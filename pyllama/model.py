@@ -232,9 +232,9 @@ class Transformer:
     def _matrix(self, dst, t):
         """A matmul weight: bound as the file has it, then repacked where this build's kernels
         have a layout of their own for its type (pl_repack: Q4_0, Q5_0, Q8_0, Q4_K, Q6_K with
-        AVX-512 VNNI, Q4_0 and Q8_0 with AVX2 alone; float matrices as they are, into 2 MiB
-        pages, wide rows interleaved). The copy is as large as the
-        tensor, made once at load time and shared by every Transformer over the same ModelFile,
+        AVX-512 VNNI, Q4_0, Q5_0 and Q8_0 with AVX2 alone; float matrices as they are, into
+        2 MiB pages, wide rows interleaved). The copy is as large as the tensor, made once at
+        load time and shared by every Transformer over the same ModelFile,
         while the copies fit in half the memory available at load (beyond that the file's layout
         runs, slower, from the page cache). The embedding rows stay in the file."""
         self._tensor(dst, t)

@@ -3,7 +3,7 @@ PYTHON ?= python3
 SHARED ?= $(or $(PYLLAMA_SHARED),../shared)
 PIP := $(PYTHON) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: install demo test bench bench-contention bench-compare bench-big bench-serve man clean
+.PHONY: install demo test bench bench-contention bench-compare bench-big bench-serve bench-avx2 man clean
 
 install:            ## build the C core for this CPU and install pyllama (editable) with test, server and ray deps
 	$(PIP) -e '.[test,server,ray]'
@@ -33,6 +33,9 @@ bench-compare: install  ## pyllama vs llama-cpp-python on the same GGUF files (p
 bench-serve: install  ## `pyllama serve`: aggregate tokens/s of 1, 2, 4, 8 streaming HTTP clients (15M, 110M, 1B Q8_0 shapes); LLAMA_SERVER=path/to/llama-server: side by side
 	PYLLAMA_SHARED=$(SHARED) $(PYTHON) benchmarks/serve_clients.py --model stories15M,stories110M --repeat 2 $(if $(LLAMA_SERVER),--llama-server $(LLAMA_SERVER))
 	PYLLAMA_SHARED=$(SHARED) $(PYTHON) benchmarks/serve_clients.py --model llama3-1b --gen 64 --repeat 2 $(if $(LLAMA_SERVER),--llama-server $(LLAMA_SERVER))
+
+bench-avx2: install  ## the AVX2-only path: an AVX2-only core (build/avx2) against LLAMA_BENCH=llama.cpp's llama-bench built for AVX2 alone
+	PYLLAMA_SHARED=$(SHARED) $(PYTHON) benchmarks/avx2.py $(if $(LLAMA_BENCH),--llama-bench $(LLAMA_BENCH))
 
 bench-big: install  ## only the Llama-3.2-1B-shaped rows of make bench (makes the files on first use, ~8 GB), then side by side
 	PYLLAMA_SHARED=$(SHARED) $(PYTHON) benchmarks/bench.py --big

@@ -2135,8 +2135,10 @@ v_batch(int type, const pl_tensor *w, const void *xq, long long stride, int ntok
  * so a block's integer sum s (exact) lands in the lane of its row, with no horizontal sums, and
  * every (row, token) computes  acc = fma(fp16(d)·xd, (float)s, acc)  block after block from 0.
  * Every kernel below (one token, or a tile of 1-8 tokens) does exactly that per row and token,
- * so batched results equal single-token ones bit for bit. The unsigned offset (128 or 8) comes
- * back through corr = −offset·Σq, the start value of each block's integer sum. */
+ * so batched results equal single-token ones bit for bit. The unsigned offset (128, 16 or 8)
+ * comes back through corr = −offset·Σq, the start value of each block's integer sum. Builds
+ * without AVX-512 VNNI read the same layout with AVX2 kernels of their own (after the VNNI ones)
+ * that reach the same exact s for 8 rows at a time, so every build gives the same bits. */
 #define RG 16
 #define R16_SET 4 /* groups of a set */
 

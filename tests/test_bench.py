@@ -1,5 +1,5 @@
 """`pyllama bench`'s logic (not its timings): the bandwidth probe's size, the cache-resident
-case, and time to first token measured per --threads row.
+case, and time to first token measured per --threads row; and what benchmarks/avx2.py refuses.
 
 Where expected values come from: the rules in pyllama/bench.py's docstrings (probe = 4x the
 last-level cache or the bytes a token reads, within 64 MiB..1 GiB; none when the weights fit in
@@ -8,8 +8,12 @@ the cache) and a fake sysfs cache tree written here.
 import argparse
 import io
 import json
+import os
 import statistics
+import subprocess
+import sys
 import types
+from pathlib import Path
 
 import pytest
 
@@ -175,3 +179,19 @@ def test_time_to_first_token_per_threads_row(monkeypatch):
     rows = json.loads(out.getvalue())
     assert calls["ttft"] == [1, 1, 2, 2]                     # repeat 2, each row its threads
     assert [r["time_to_first_token_ms"]["median"] for r in rows] == [1.0, 2.0]
+
+
+@pytest.mark.parametrize("args, message", [
+    ([], "--llama-bench (or LLAMA_BENCH=) is required"),
+    (["--llama-bench", "/nonexistent/llama-bench"], "no llama-bench at /nonexistent/llama-bench"),
+    (["--llama-bench", "x", "--rounds", "0"], "--rounds must be at least 1"),
+])
+def test_bench_avx2_refuses_what_it_cannot_measure(args, message):
+    """benchmarks/avx2.py (`make bench-avx2`) ends with one clear line, before it builds anything,
+    when it has no llama-bench to compare with or a count below 1."""
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "LLAMA_BENCH"}
+    proc = subprocess.run([sys.executable, str(root / "benchmarks" / "avx2.py"), *args], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr

@@ -36,7 +36,7 @@ REPACKS = set(REPACKED) if {"avx2", "f16c"} <= BUILD else set()
 
 def _needs_repack(name):
     if name not in REPACKS:
-        pytest.skip(f"this build does not repack {name} (test_native_build_repacks_where_the_cpu_has_vnni "
+        pytest.skip(f"this build does not repack {name} (test_build_repacks_what_its_kernels_read "
                     "checks why)")
 
 
@@ -56,7 +56,9 @@ def _repacked(t, n_threads=2):
     return r
 
 
-def test_native_build_repacks_where_the_cpu_has_vnni():
+def test_build_repacks_what_its_kernels_read():
+    """Q4_0, Q5_0 and Q8_0 are repacked by every build with AVX2 and F16C (AVX-512 VNNI or AVX2
+    kernels), Q4_K and Q6_K only with VNNI, and nothing whose rows are not a multiple of 16."""
     flags = set(_cpu_flags())
     native = "avx512f" in ffi.string(lib.pl_build_info()).decode()
     if native:  # -march=native on an AVX-512 CPU: VNNI kernels exactly when the CPU has VNNI
@@ -70,7 +72,7 @@ def test_native_build_repacks_where_the_cpu_has_vnni():
 
 
 needs_vnni = pytest.mark.skipif(not VNNI, reason="this build has no AVX-512 VNNI kernels "
-                                "(test_native_build_repacks_where_the_cpu_has_vnni checks why)")
+                                "(test_build_repacks_what_its_kernels_read checks why)")
 
 
 @pytest.mark.parametrize("n_threads", (1, 2))

@@ -96,12 +96,12 @@ static void softmax_att(float *x, int n)
  * of 8 in registers. */
 #ifdef PL_AVX2
 static inline __attribute__((always_inline)) void
-att_values_run(float *xb, const float *att, const float *vh, int i0, int i1, int kv_dim, int NV, int acc_in)
+att_values_run(float *xb, const float *att, const float *vh, int i0, int i1, int stride, int NV, int acc_in)
 {
     __m256 acc[8];
     for (int k = 0; k < NV; k++) acc[k] = acc_in ? _mm256_loadu_ps(xb + 8 * k) : _mm256_setzero_ps();
     for (int i = i0; i < i1; i++) {
-        const float *v = vh + (long long)i * kv_dim;
+        const float *v = vh + (long long)i * stride;
         __m256 a = _mm256_broadcast_ss(att + i);
         for (int k = 0; k < NV; k++) acc[k] = _mm256_add_ps(acc[k], _mm256_mul_ps(a, _mm256_loadu_ps(v + 8 * k)));
     }
@@ -109,23 +109,23 @@ att_values_run(float *xb, const float *att, const float *vh, int i0, int i1, int
 }
 #endif
 
-/* xb[j] (+)= Σ_i att[i]·v_i[j] over positions i0 <= i < i1 (v_i = vh + i·kv_dim; acc_in: on top of
+/* xb[j] (+)= Σ_i att[i]·v_i[j] over positions i0 <= i < i1 (v_i = vh + i·stride; acc_in: on top of
  * what xb holds, else from 0), summed in position order with a rounded product and a rounded add
  * per term, as llama2.c does; so consecutive ranges give the sum over their union, bit for bit.
  * Runs of up to 64 output values stay in registers across the positions (8 independent add
  * chains). */
-static void att_values(float *xb, const float *att, const float *vh, int i0, int i1, int kv_dim,
+static void att_values(float *xb, const float *att, const float *vh, int i0, int i1, int stride,
                        int head_size, int acc_in)
 {
     int j = 0;
 #ifdef PL_AVX2
-    for (; j + 64 <= head_size; j += 64) att_values_run(xb + j, att, vh + j, i0, i1, kv_dim, 8, acc_in);
-    for (; j + 32 <= head_size; j += 32) att_values_run(xb + j, att, vh + j, i0, i1, kv_dim, 4, acc_in);
-    for (; j + 8 <= head_size; j += 8) att_values_run(xb + j, att, vh + j, i0, i1, kv_dim, 1, acc_in);
+    for (; j + 64 <= head_size; j += 64) att_values_run(xb + j, att, vh + j, i0, i1, stride, 8, acc_in);
+    for (; j + 32 <= head_size; j += 32) att_values_run(xb + j, att, vh + j, i0, i1, stride, 4, acc_in);
+    for (; j + 8 <= head_size; j += 8) att_values_run(xb + j, att, vh + j, i0, i1, stride, 1, acc_in);
 #endif
     for (; j < head_size; j++) {
         float sum = acc_in ? xb[j] : 0.0f;
-        for (int i = i0; i < i1; i++) sum += att[i] * vh[(long long)i * kv_dim + j];
+        for (int i = i0; i < i1; i++) sum += att[i] * vh[(long long)i * stride + j];
         xb[j] = sum;
     }
 }
@@ -143,31 +143,52 @@ static inline float dot(const float *a, const float *b, int n)
     return s;
 }
 
-/* att[i] = scale·(q · k_i) for positions i0 <= i < i1 (k_i = kh + i·kv_dim): each score exactly as
- * dot() computes it, four positions at a time so that their FMA chains overlap. */
-static void att_scores(float *att, const float *q, const float *kh, int i0, int i1, int kv_dim,
+/* att[i] = scale·(q · k_i) for positions i0 <= i < i1 (k_i = kh + i·stride): each score exactly as
+ * dot() computes it, P positions at a time so that their FMA chains overlap (a head of 64 values
+ * is 8 steps of one chain: 8 chains keep both FMA units busy, 4 left half of them idle). */
+#ifdef PL_AVX2
+static inline __attribute__((always_inline)) void
+scores_run(float *att, const float *q, const float *k0, int stride, int head_size, float scale, int P)
+{
+    __m256 a[8];
+    for (int r = 0; r < P; r++) a[r] = _mm256_setzero_ps();
+    for (int j = 0; j < head_size; j += 8) {
+        __m256 qv = _mm256_loadu_ps(q + j);
+        for (int r = 0; r < P; r++)
+            a[r] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + (long long)r * stride + j), a[r]);
+    }
+    if (P < 8) {
+        for (int r = 0; r < P; r++) att[r] = pli_hsum8(a[r]) * scale;
+        return;
+    }
+    /* the 8 sums at once, each in pli_hsum8's order: (lane j) + (lane j + 4), then (0 + 2) and
+     * (1 + 3) of those, then the two */
+    __m256 c[4], d[2];
+    for (int r = 0; r < 4; r++)
+        c[r] = _mm256_add_ps(_mm256_permute2f128_ps(a[2 * r], a[2 * r + 1], 0x20),
+                             _mm256_permute2f128_ps(a[2 * r], a[2 * r + 1], 0x31));
+    for (int r = 0; r < 2; r++)
+        d[r] = _mm256_add_ps(_mm256_shuffle_ps(c[2 * r], c[2 * r + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                             _mm256_shuffle_ps(c[2 * r], c[2 * r + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+    /* lanes: sums 0, 2, 4, 6 | 1, 3, 5, 7 */
+    __m256 e = _mm256_add_ps(_mm256_shuffle_ps(d[0], d[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                             _mm256_shuffle_ps(d[0], d[1], _MM_SHUFFLE(3, 1, 3, 1)));
+    e = _mm256_permutevar8x32_ps(e, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    _mm256_storeu_ps(att, _mm256_mul_ps(e, _mm256_set1_ps(scale)));
+}
+#endif
+
+static void att_scores(float *att, const float *q, const float *kh, int i0, int i1, int stride,
                        int head_size, float scale)
 {
     int i = i0;
 #ifdef PL_AVX2
-    if (head_size % 8 == 0)
-        for (; i + 4 <= i1; i += 4) {
-            const float *k0 = kh + (long long)i * kv_dim;
-            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-            for (int j = 0; j < head_size; j += 8) {
-                __m256 qv = _mm256_loadu_ps(q + j);
-                a0 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + j), a0);
-                a1 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + kv_dim + j), a1);
-                a2 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + 2 * kv_dim + j), a2);
-                a3 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + 3 * kv_dim + j), a3);
-            }
-            att[i] = pli_hsum8(a0) * scale;
-            att[i + 1] = pli_hsum8(a1) * scale;
-            att[i + 2] = pli_hsum8(a2) * scale;
-            att[i + 3] = pli_hsum8(a3) * scale;
-        }
+    if (head_size % 8 == 0) {
+        for (; i + 8 <= i1; i += 8) scores_run(att + i, q, kh + (long long)i * stride, stride, head_size, scale, 8);
+        for (; i + 4 <= i1; i += 4) scores_run(att + i, q, kh + (long long)i * stride, stride, head_size, scale, 4);
+    }
 #endif
-    for (; i < i1; i++) att[i] = dot(q, kh + (long long)i * kv_dim, head_size) * scale;
+    for (; i < i1; i++) att[i] = dot(q, kh + (long long)i * stride, head_size) * scale;
 }
 
 /* Positions per block of the token-at-a-time attention: a block's keys (or values) of one kv
@@ -175,18 +196,19 @@ static void att_scores(float *att, const float *q, const float *kh, int i0, int 
 #define ATT_POS_BLOCK 64
 
 void pl__attend_heads(float *out, const float *q, int nq, const float *kh, const float *vh, int last,
-                      int kv_dim, int head_size, float scale, float *att, long long att_stride)
+                      int head_size, float scale, float *att, long long att_stride)
 {
+    const int stride = head_size; /* a kv head's positions lie together */
     for (int i0 = 0; i0 <= last; i0 += ATT_POS_BLOCK) {
         const int i1 = i0 + ATT_POS_BLOCK < last + 1 ? i0 + ATT_POS_BLOCK : last + 1;
         for (int h = 0; h < nq; h++)
-            att_scores(att + h * att_stride, q + (long long)h * head_size, kh, i0, i1, kv_dim, head_size, scale);
+            att_scores(att + h * att_stride, q + (long long)h * head_size, kh, i0, i1, stride, head_size, scale);
     }
     for (int h = 0; h < nq; h++) softmax_att(att + h * att_stride, last + 1);
     for (int i0 = 0; i0 <= last; i0 += ATT_POS_BLOCK) {
         const int i1 = i0 + ATT_POS_BLOCK < last + 1 ? i0 + ATT_POS_BLOCK : last + 1;
         for (int h = 0; h < nq; h++)
-            att_values(out + (long long)h * head_size, att + h * att_stride, vh, i0, i1, kv_dim, head_size, i0 > 0);
+            att_values(out + (long long)h * head_size, att + h * att_stride, vh, i0, i1, stride, head_size, i0 > 0);
     }
 }
 
@@ -205,16 +227,16 @@ int pl__attend_block_ok(int head_size)
 }
 
 #ifdef PL_AVX2
-/* st[r·16 + i] = scale·Σ_d k_{j+r}[d]·qt[d·16 + i] for R keys j.. (k = kh + j·kv_dim). */
+/* st[r·16 + i] = scale·Σ_d k_{j+r}[d]·qt[d·16 + i] for R keys j.. (k = kh + j·stride). */
 static inline __attribute__((always_inline)) void
-scores_tile(float *st, const float *k, int kv_dim, const float *qt, int head_size, __m256 scale, int R)
+scores_tile(float *st, const float *k, int stride, const float *qt, int head_size, __m256 scale, int R)
 {
     __m256 lo[6], hi[6];
     for (int r = 0; r < R; r++) lo[r] = hi[r] = _mm256_setzero_ps();
     for (int d = 0; d < head_size; d++) {
         __m256 q0 = _mm256_loadu_ps(qt + d * PL_ATT_BLOCK), q1 = _mm256_loadu_ps(qt + d * PL_ATT_BLOCK + 8);
         for (int r = 0; r < R; r++) {
-            __m256 kv = _mm256_broadcast_ss(k + (long long)r * kv_dim + d);
+            __m256 kv = _mm256_broadcast_ss(k + (long long)r * stride + d);
             lo[r] = _mm256_fmadd_ps(kv, q0, lo[r]);
             hi[r] = _mm256_fmadd_ps(kv, q1, hi[r]);
         }
@@ -227,13 +249,13 @@ scores_tile(float *st, const float *k, int kv_dim, const float *qt, int head_siz
 
 /* ot[r·16 + i] = Σ_j v_j[d + r]·st[j·16 + i] over keys j < nk, R values d.. . */
 static inline __attribute__((always_inline)) void
-values_tile(float *ot, const float *v, int kv_dim, const float *st, int nk, int R)
+values_tile(float *ot, const float *v, int stride, const float *st, int nk, int R)
 {
     __m256 lo[6], hi[6];
     for (int r = 0; r < R; r++) lo[r] = hi[r] = _mm256_setzero_ps();
     for (int j = 0; j < nk; j++) {
         __m256 p0 = _mm256_loadu_ps(st + j * PL_ATT_BLOCK), p1 = _mm256_loadu_ps(st + j * PL_ATT_BLOCK + 8);
-        const float *vj = v + (long long)j * kv_dim;
+        const float *vj = v + (long long)j * stride;
         for (int r = 0; r < R; r++) {
             __m256 vv = _mm256_broadcast_ss(vj + r);
             lo[r] = _mm256_fmadd_ps(vv, p0, lo[r]);
@@ -257,11 +279,12 @@ static inline void key_mask(int j, int p0, __m256 *m0, __m256 *m1)
 #endif
 
 void pl__attend_block(float *out, long long out_stride, const float *q, long long q_stride, int nq,
-                      int p0, const float *kh, const float *vh, int kv_dim, int head_size,
-                      float scale, float *st)
+                      int p0, const float *kh, const float *vh, int head_size, float scale,
+                      float *st)
 {
 #ifdef PL_AVX2
     enum { B = PL_ATT_BLOCK };
+    const int stride = head_size; /* a kv head's positions lie together */
     float qt[PL_ATT_MAX_HEAD * B], ot[6 * B];
     const int nk = p0 + nq; /* keys 0 .. p0 + nq - 1 */
     /* qt[d·16 + i] = q_i[d]; lanes past nq repeat the last query (any finite value would do) */
@@ -271,9 +294,9 @@ void pl__attend_block(float *out, long long out_stride, const float *q, long lon
     }
     const __m256 vscale = _mm256_set1_ps(scale);
     int j = 0;
-    for (; j + 6 <= nk; j += 6) scores_tile(st + j * B, kh + (long long)j * kv_dim, kv_dim, qt, head_size, vscale, 6);
-    for (; j + 2 <= nk; j += 2) scores_tile(st + j * B, kh + (long long)j * kv_dim, kv_dim, qt, head_size, vscale, 2);
-    for (; j < nk; j++) scores_tile(st + j * B, kh + (long long)j * kv_dim, kv_dim, qt, head_size, vscale, 1);
+    for (; j + 6 <= nk; j += 6) scores_tile(st + j * B, kh + (long long)j * stride, stride, qt, head_size, vscale, 6);
+    for (; j + 2 <= nk; j += 2) scores_tile(st + j * B, kh + (long long)j * stride, stride, qt, head_size, vscale, 2);
+    for (; j < nk; j++) scores_tile(st + j * B, kh + (long long)j * stride, stride, qt, head_size, vscale, 1);
     /* softmax down each lane over its keys; masked entries become 0 */
     const __m256 ninf = _mm256_set1_ps(-INFINITY);
     __m256 mx0 = ninf, mx1 = ninf;
@@ -310,10 +333,10 @@ void pl__attend_block(float *out, long long out_stride, const float *q, long lon
     for (int d = 0; d < head_size;) {
         int R = head_size - d >= 6 ? 6 : head_size - d >= 4 ? 4 : head_size - d >= 2 ? 2 : 1;
         switch (R) { /* constant R: the accumulators stay in registers */
-        case 6: values_tile(ot, vh + d, kv_dim, st, nk, 6); break;
-        case 4: values_tile(ot, vh + d, kv_dim, st, nk, 4); break;
-        case 2: values_tile(ot, vh + d, kv_dim, st, nk, 2); break;
-        default: values_tile(ot, vh + d, kv_dim, st, nk, 1); break;
+        case 6: values_tile(ot, vh + d, stride, st, nk, 6); break;
+        case 4: values_tile(ot, vh + d, stride, st, nk, 4); break;
+        case 2: values_tile(ot, vh + d, stride, st, nk, 2); break;
+        default: values_tile(ot, vh + d, stride, st, nk, 1); break;
         }
         for (int r = 0; r < R; r++)
             for (int i = 0; i < nq; i++) out[i * out_stride + d + r] = ot[r * B + i] * inv[i];
@@ -321,6 +344,6 @@ void pl__attend_block(float *out, long long out_stride, const float *q, long lon
     }
 #else
     (void)out, (void)out_stride, (void)q, (void)q_stride, (void)nq, (void)p0, (void)kh, (void)vh;
-    (void)kv_dim, (void)head_size, (void)scale, (void)st;
+    (void)head_size, (void)scale, (void)st;
 #endif
 }

@@ -82,15 +82,16 @@ long long pl__chunks_next(pl__chunks *c, long long *end);
  * once for all of them. pl__attend_block: one head, nq <= PL_ATT_BLOCK
  * consecutive queries at positions p0.. (query i: q + i·q_stride, its result out + i·out_stride)
  * over keys 0 .. p0 + nq - 1, st holding (p0 + nq)·PL_ATT_BLOCK floats; only where
- * pl__attend_block_ok(head_size). Keys and values of position j: kh, vh + j·kv_dim. */
+ * pl__attend_block_ok(head_size). Keys and values of position j: kh, vh + j·head_size (a kv
+ * head's positions lie together in the cache, run.c). */
 #define PL_ATT_BLOCK 16
 #define PL_ATT_MAX_HEAD 256
 void pl__attend_heads(float *out, const float *q, int nq, const float *kh, const float *vh, int last,
-                      int kv_dim, int head_size, float scale, float *att, long long att_stride);
+                      int head_size, float scale, float *att, long long att_stride);
 int pl__attend_block_ok(int head_size);
 void pl__attend_block(float *out, long long out_stride, const float *q, long long q_stride, int nq,
-                      int p0, const float *kh, const float *vh, int kv_dim, int head_size,
-                      float scale, float *st);
+                      int p0, const float *kh, const float *vh, int head_size, float scale,
+                      float *st);
 
 /* a[i] = silu(a[i])·b[i] for the first i of n that a vector exp covers (a multiple of 8, 0 without
  * AVX2); returns how many (attention.c: its softmax's exp, within 2 ulp of expf). */

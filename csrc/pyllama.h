@@ -116,8 +116,8 @@ typedef struct {
     float *att;         /* (max_batch, n_heads, n_ctx) attention scores */
     float *logits;      /* (max_batch, vocab_size) */
     float *rope;        /* (max_batch, head_dim) RoPE cos/sin pairs of each token's position */
-    float *key_cache;   /* (n_slots, n_layers, n_ctx, kv_dim) */
-    float *value_cache; /* (n_slots, n_layers, n_ctx, kv_dim) */
+    float *key_cache;   /* (n_slots, n_layers, n_kv_heads, n_ctx, head_dim) */
+    float *value_cache; /* (n_slots, n_layers, n_kv_heads, n_ctx, head_dim) */
     float *k;           /* (max_batch, kv_dim) a batch's keys before they go to their slots */
     float *v;           /* (max_batch, kv_dim) its values */
     void *scratch;      /* pl_scratch_bytes(weights, max_batch) bytes: quantized activations */

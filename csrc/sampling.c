@@ -338,28 +338,30 @@ void pl_kv_shift(const pl_weights *w, pl_state *s, int src, int dst, int n)
     const pl_config *c = &w->cfg;
     const int rope_style = c->rope_style;
     const float *freq_factors = w->rope_freqs;
-    const int head_size = c->head_dim, kv_dim = head_size * c->n_kv_heads;
-    const int half = head_size / 2;
+    const int head_size = c->head_dim, half = head_size / 2;
     const double delta = (double)dst - (double)src;
-    for (int l = 0; l < c->n_layers; l++) {
-        long long loff = (long long)l * s->n_ctx * kv_dim;
-        float *k = s->key_cache + loff, *v = s->value_cache + loff;
-        memmove(k + (long long)dst * kv_dim, k + (long long)src * kv_dim, (size_t)n * kv_dim * sizeof(float));
-        memmove(v + (long long)dst * kv_dim, v + (long long)src * kv_dim, (size_t)n * kv_dim * sizeof(float));
-        for (int j = 0; j < half; j++) {
-            /* pair j of every head: (2j, 2j+1) interleaved, (j, j+half) NeoX */
-            double freq = 1.0 / pow((double)c->rope_theta, (2.0 * j) / head_size);
-            if (freq_factors) freq /= freq_factors[j];
-            float cs = (float)cos(delta * freq), sn = (float)sin(delta * freq);
-            int a = rope_style == PL_ROPE_NEOX ? j : 2 * j;
-            int b = rope_style == PL_ROPE_NEOX ? j + half : 2 * j + 1;
-            for (int t = dst; t < dst + n; t++)
-                for (int h = 0; h < c->n_kv_heads; h++) {
-                    float *kh = k + (long long)t * kv_dim + h * head_size;
+    for (int l = 0; l < c->n_layers; l++)
+        for (int h = 0; h < c->n_kv_heads; h++) {
+            /* kv head h's positions lie together (run.c: kv_offset, kv_head_row) */
+            long long off = ((long long)l * c->n_kv_heads + h) * s->n_ctx * head_size;
+            float *k = s->key_cache + off, *v = s->value_cache + off;
+            memmove(k + (long long)dst * head_size, k + (long long)src * head_size,
+                    (size_t)n * head_size * sizeof(float));
+            memmove(v + (long long)dst * head_size, v + (long long)src * head_size,
+                    (size_t)n * head_size * sizeof(float));
+            for (int j = 0; j < half; j++) {
+                /* pair j of the head: (2j, 2j+1) interleaved, (j, j+half) NeoX */
+                double freq = 1.0 / pow((double)c->rope_theta, (2.0 * j) / head_size);
+                if (freq_factors) freq /= freq_factors[j];
+                float cs = (float)cos(delta * freq), sn = (float)sin(delta * freq);
+                int a = rope_style == PL_ROPE_NEOX ? j : 2 * j;
+                int b = rope_style == PL_ROPE_NEOX ? j + half : 2 * j + 1;
+                for (int t = dst; t < dst + n; t++) {
+                    float *kh = k + (long long)t * head_size;
                     float x0 = kh[a], x1 = kh[b];
                     kh[a] = x0 * cs - x1 * sn;
                     kh[b] = x0 * sn + x1 * cs;
                 }
+            }
         }
-    }
 }

@@ -105,7 +105,14 @@ def save(tf):
     kc, vc = tf._bufs["key_cache"][0], tf._bufs["value_cache"][0]  # slot 0: the API's sequence
     return b"".join([HEAD.pack(MAGIC, VERSION, len(head)), head,
                      np.asarray(tf.tokens, "<i4").tobytes(),
-                     np.ascontiguousarray(kc[:, :n]).tobytes(), np.ascontiguousarray(vc[:, :n]).tobytes()])
+                     _by_position(kc, n).tobytes(), _by_position(vc, n).tobytes()])
+
+
+def _by_position(cache, n):
+    """The first n positions of a slot's cache (layers, kv heads, n_ctx, head_dim) as the saved
+    state holds them: (layers, n, kv_dim)."""
+    L, H, _, hd = cache.shape
+    return np.ascontiguousarray(cache[:, :, :n].transpose(0, 2, 1, 3)).reshape(L, n, H * hd)
 
 
 def load(tf, data):
@@ -136,6 +143,8 @@ def load(tf, data):
         raise PyllamaError("state: a token id is outside the vocabulary")
     off += 4 * n
     kc, vc = tf._bufs["key_cache"][0], tf._bufs["value_cache"][0]  # slot 0: the API's sequence
-    kc[:, :n] = np.frombuffer(data, np.float32, L * n * kv, off).reshape(L, n, kv)
-    vc[:, :n] = np.frombuffer(data, np.float32, L * n * kv, off + L * n * kv * 4).reshape(L, n, kv)
+    H, hd = kc.shape[1], kc.shape[3]
+    for cache, start in ((kc, off), (vc, off + L * n * kv * 4)):
+        saved = np.frombuffer(data, np.float32, L * n * kv, start).reshape(L, n, H, hd)
+        cache[:, :, :n] = saved.transpose(0, 2, 1, 3)
     tf.tokens[:] = tokens

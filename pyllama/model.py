@@ -320,7 +320,8 @@ class Transformer:
         q_dim = cfg["n_heads"] * head_dim
         nb = self._batch_size()
         kv_dim = head_dim * cfg["n_kv_heads"]
-        kv_shape = (self.n_slots, cfg["n_layers"], n_ctx, kv_dim)
+        # a kv head's positions together: one sequential stream per head for attention (run.c)
+        kv_shape = (self.n_slots, cfg["n_layers"], cfg["n_kv_heads"], n_ctx, head_dim)
         scratch_bytes = int(lib.pl_scratch_bytes(self._weights, nb)) + 64
         need = (self.kv_cache_bytes() + scratch_bytes + 4 * nb * (
             cfg["n_heads"] * n_ctx + 3 * dim + max(dim, q_dim) + q_dim + 2 * hidden + vocab

@@ -230,11 +230,11 @@ def test_kv_shift_rerotates_keys(shifted):
     """After dropping positions, the first layer's keys/values equal a fresh run of the kept tokens
     at their new positions (layer 0 sees only its own token)."""
     tf, kept = shifted
-    k = tf._bufs["key_cache"][0, 0, :len(kept)].copy()
-    v = tf._bufs["value_cache"][0, 0, :len(kept)].copy()
+    k = tf._bufs["key_cache"][0, 0, :, :len(kept)].copy()
+    v = tf._bufs["value_cache"][0, 0, :, :len(kept)].copy()
     tf.prefill(kept, 0)
-    np.testing.assert_allclose(k, tf._bufs["key_cache"][0, 0, :len(kept)], atol=2e-4)
-    np.testing.assert_allclose(v, tf._bufs["value_cache"][0, 0, :len(kept)], atol=1e-6)
+    np.testing.assert_allclose(k, tf._bufs["key_cache"][0, 0, :, :len(kept)], atol=2e-4)
+    np.testing.assert_allclose(v, tf._bufs["value_cache"][0, 0, :, :len(kept)], atol=1e-6)
 
 
 def test_shifted_positions_are_not_a_reusable_prefix(shifted):
@@ -319,16 +319,17 @@ def test_kv_shift_against_numpy_rotation(shared, style, factors):
             lib.pl_kv_shift(w, tf._state, src, dst, n)
         finally:
             w.cfg.rope_style, w.rope_freqs = saved
-        want = k0[:, src:src + n].reshape(s.n_layers, n, s.n_kv_heads, hs).astype(np.float64)
+        # the cache of a slot: (layers, kv heads, positions, head_size)
+        want = k0[:, :, src:src + n].astype(np.float64)
         ang = (dst - src) * 10000.0 ** (-2 * np.arange(hs // 2) / hs) / f
         a = np.arange(hs // 2) if style == "neox" else 2 * np.arange(hs // 2)
         b = a + hs // 2 if style == "neox" else a + 1
         x0, x1 = want[..., a].copy(), want[..., b].copy()
         want[..., a] = x0 * np.cos(ang) - x1 * np.sin(ang)
         want[..., b] = x0 * np.sin(ang) + x1 * np.cos(ang)
-        np.testing.assert_allclose(kc[:, dst:dst + n], want.reshape(s.n_layers, n, -1), atol=1e-5)
-        np.testing.assert_array_equal(vc[:, dst:dst + n], v0[:, src:src + n])
-        np.testing.assert_array_equal(kc[:, :dst], k0[:, :dst])  # what stays is untouched
+        np.testing.assert_allclose(kc[:, :, dst:dst + n], want, atol=1e-5)
+        np.testing.assert_array_equal(vc[:, :, dst:dst + n], v0[:, :, src:src + n])
+        np.testing.assert_array_equal(kc[:, :, :dst], k0[:, :, :dst])  # what stays is untouched
 
 
 def test_stream_never_splits_a_character(m):

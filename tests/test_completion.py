@@ -176,6 +176,17 @@ def test_save_and_load_state(m):
     greedy(m, ids, n=5)
     state = m.save_state()
     assert isinstance(state, bytes)
+    # the state keeps the cache by position, (layers, n, kv_dim), whatever the cache's own layout:
+    # (layers, kv heads, n_ctx, head_size)
+    from pyllama import kvcache
+    tf = m._model
+    hlen = kvcache.HEAD.unpack_from(state)[2]
+    n, kc = len(tf.tokens), tf._bufs["key_cache"][0]
+    L, H, _, hs = kc.shape
+    keys = np.frombuffer(state, np.float32, L * n * H * hs, kvcache.HEAD.size + hlen + 4 * n)
+    keys = keys.reshape(L, n, H * hs)
+    for layer, pos, head in ((0, 0, 0), (L - 1, n - 1, H - 1), (1, 2, 1)):
+        np.testing.assert_array_equal(keys[layer, pos, head * hs:(head + 1) * hs], kc[layer, head, pos])
     want = text_of(greedy(m, ids, n=30))
     with pyllama.Llama(shared_path("models/stories260K.bin"), tokenizer=shared_path("models/tok512.bin"),
                        n_ctx=256) as other:

@@ -18,6 +18,7 @@ CACHE_DIR = "/sys/devices/system/cpu/cpu0/cache"
 DEFAULT_LLC = 32 << 20          # when the cache size cannot be read
 MIN_PROBE, MAX_PROBE = 64 << 20, 1 << 30
 SEGMENT = 32                    # generated tokens between two probes
+SETTLED = 1.15                  # a segment counts when its two probes differ by at most this factor
 
 
 def last_level_cache(cache_dir=CACHE_DIR):
@@ -88,45 +89,53 @@ def _stats(values):
 def bench(llama, threads, n_prompt=128, n_gen=256, repeat=3, probe=0):
     """{prompt_tok_s, gen_tok_s: {min, median, max}, ...} for one Llama at `threads`.
 
-    With a probe size (probe_bytes), the generation stops after every SEGMENT tokens for one
-    probe of the read bandwidth (not counted in its time), and the row gets read_bandwidth (the
-    probes' stats) and bandwidth_fraction: the median over all segments of the bytes the
-    segment read (weights, and the KV cache at its positions) per second over the probe right
-    after it. This machine's bandwidth moves with its neighbours' load, by up to 2x within a
-    minute: a probe from another moment than the tokens it divides says little."""
+    With a probe size (probe_bytes), a probe of the read bandwidth runs before the generation and
+    after every SEGMENT tokens of it (its time not counted), and the row gets read_bandwidth (the
+    probes' stats) and bandwidth_fraction: the median over the settled segments of the bytes the
+    segment read (weights, and the KV cache at its positions) per second over the mean of the two
+    probes around it. This machine's bandwidth moves with its neighbours' load, by up to 2x within
+    seconds: a segment whose two probes differ by more than SETTLED ran partly at one rate and
+    partly at another, and no probe says which; it is left out (counted in unsettled_segments)."""
     llama.threads = threads
     rng = np.random.default_rng(0)
     n_prompt = min(n_prompt, llama.n_ctx - 1)
     n_gen = min(n_gen, llama.n_ctx)
     prompt = [1] + rng.integers(3, llama.vocab_size, size=n_prompt - 1).tolist()
-    pp, tg, bw, frac = [], [], [], []
+    pp, tg, bw, frac, unsettled = [], [], [], [], 0
     per_token = bytes_per_token(llama.file)
     config = llama.config
+    segments = probe and n_gen >= SEGMENT
     for _ in range(repeat):
         t0 = time.perf_counter()
         llama.logits(prompt, last_only=True)  # the prompt's prefill
         pp.append(n_prompt / (time.perf_counter() - t0))
+        if segments:
+            bw.append(read_bandwidth(threads, probe, repeat=1))
         # between the yields of tokens n and n + 1, the forward pass at position n runs (the
         # first yield follows the pass at position 0): a segment ending at yield n covers
         # positions n - SEGMENT .. n - 1
         n, elapsed, t0 = 0, 0.0, time.perf_counter()
         for _ in llama.generate_tokens([1], n_gen, temperature=0.0, seed=1, stop=False):
             n += 1
-            if probe and n % SEGMENT == 0:
+            if segments and n % SEGMENT == 0:
                 dt = time.perf_counter() - t0
                 elapsed += dt
+                before = bw[-1]
                 bw.append(read_bandwidth(threads, probe, repeat=1))
-                read = per_token * SEGMENT + kv_bytes_read(config, n - SEGMENT, n)
-                frac.append(read / dt / bw[-1])
+                if max(before, bw[-1]) <= SETTLED * min(before, bw[-1]):
+                    read = per_token * SEGMENT + kv_bytes_read(config, n - SEGMENT, n)
+                    frac.append(read / dt / ((before + bw[-1]) / 2))
+                else:
+                    unsettled += 1
                 t0 = time.perf_counter()
         elapsed += time.perf_counter() - t0
         tg.append(n / elapsed)
-    measured = probe and frac
     return {"threads": threads, "prompt_tokens": n_prompt, "gen_tokens": n_gen,
             "prompt_tok_s": _stats(pp), "gen_tok_s": _stats(tg), "bytes_per_token": per_token,
             "kv_bytes_per_token": kv_bytes_read(config, 0, n_gen) / n_gen,
-            "read_bandwidth": _stats(bw) if measured else None,
-            "bandwidth_fraction": statistics.median(frac) if measured else None}
+            "read_bandwidth": _stats(bw) if segments else None,
+            "bandwidth_fraction": statistics.median(frac) if frac else None,
+            "settled_segments": len(frac), "unsettled_segments": unsettled}
 
 
 def time_to_first_token(path, tokenizer=None, threads=None):
@@ -175,9 +184,13 @@ def format_row(r):
     pp, tg, ttft = r["prompt_tok_s"], r["gen_tok_s"], r["time_to_first_token_ms"]
     wall = ("cache-resident (the weights fit in the "
             f"{r['last_level_cache'] / 2**20:.0f} MiB last-level cache)" if r["cache_resident"]
-            else f"{r['bandwidth_fraction'] * 100:.0f}% of the read bandwidth measured between its "
-                 f"segments (weights and KV cache; {r['read_bandwidth']['median'] / 1e9:.1f} GB/s)"
-            if r["bandwidth_fraction"] is not None else "too few tokens for a bandwidth figure")
+            else f"{r['bandwidth_fraction'] * 100:.0f}% of the read bandwidth measured around its "
+                 f"segments (weights and KV cache; {r['read_bandwidth']['median'] / 1e9:.1f} GB/s; "
+                 f"{r['settled_segments']} of {r['settled_segments'] + r['unsettled_segments']} "
+                 f"segments settled)"
+            if r["bandwidth_fraction"] is not None
+            else "the read bandwidth moved during every segment: no bandwidth figure"
+            if r.get("unsettled_segments") else "too few tokens for a bandwidth figure")
     return (f"threads {r['threads']}: prompt ({r['prompt_tokens']} tokens) "
             f"{pp['median']:.1f} tok/s [{pp['min']:.1f}..{pp['max']:.1f}], generate "
             f"{tg['median']:.1f} tok/s [{tg['min']:.1f}..{tg['max']:.1f}], {wall}, first token "

@@ -98,11 +98,11 @@ def test_large_model_probe_and_fraction(monkeypatch):
     out = io.BytesIO()
     B.run(_args(json=True, threads=[2], gen=2 * B.SEGMENT), out, io.StringIO())
     (row,) = json.loads(out.getvalue())
-    # one probe after each segment of each round, each of the probe size
-    assert calls["probe"] == [200 * MiB] * 4 and row["cache_resident"] is False
+    # one probe before the generation and one after each segment, each round, of the probe size
+    assert calls["probe"] == [200 * MiB] * 6 and row["cache_resident"] is False
     assert row["read_bandwidth"]["median"] == 10e9 and 0 < row["bandwidth_fraction"]
-    assert "% of the read bandwidth measured between its segments (weights and KV cache; 10.0 GB/s)" \
-        in B.format_row(row)
+    assert "% of the read bandwidth measured around its segments (weights and KV cache; 10.0 GB/s; " \
+        "4 of 4 segments settled)" in B.format_row(row)
 
 
 def test_too_short_a_generation_says_so_rather_than_guess(monkeypatch):
@@ -130,46 +130,68 @@ def test_kv_bytes_read():
         assert B.kv_bytes_read(mf.config, p, p + 1) == t.kv_cache_bytes(n_ctx=p + 1)
 
 
-def test_fraction_pairs_each_segment_with_its_own_probe(monkeypatch):
-    """The probe moves with the machine's load: each segment of SEGMENT generated tokens is
-    divided by the probe timed right after it, the probe's time is not generation time, and the
-    row reports the median of the segments' fractions, with the KV cache's bytes counted."""
-    _fake(monkeypatch, 200 * MiB)
-    S = B.SEGMENT
-    rates = iter([10e9, 40e9, 20e9, 30e9])
-    monkeypatch.setattr(B, "read_bandwidth", lambda threads, nbytes, repeat=5: next(rates))
-    cfg = {"n_layers": 4, "n_kv_heads": 2, "head_dim": 64}
+class _FakeLlama:  # what bench() uses of a Llama
+    threads, n_ctx, vocab_size, file = 1, 256, 32, None
+    config = {"n_layers": 4, "n_kv_heads": 2, "head_dim": 64}
 
-    class FakeLlama:  # what bench() uses of a Llama
-        threads, n_ctx, vocab_size, file, config = 1, 256, 32, None, cfg
+    def logits(self, ids, last_only):
+        pass
 
-        def logits(self, ids, last_only):
-            pass
+    def generate_tokens(self, ids, n, **kw):
+        return iter(range(n))
 
-        def generate_tokens(self, ids, n, **kw):
-            return iter(range(n))
 
-    seconds = [0.5, 0.25, 0.4, 0.2]  # two rounds of two segments
+def _fake_clock(monkeypatch, seconds):
+    """perf_counter for bench(): rounds of segments taking `seconds` ([round][segment]), each
+    probe 100 s (not generation time)."""
     clock, now = [], 0.0
-    for r in range(2):
+    for segs in seconds:
         clock += [now, now + 1.0]               # prompt start, end
         now += 1.0
-        clock.append(now)                       # generation start
-        for k in range(2):
-            now += seconds[2 * r + k]
-            clock += [now, now + 100.0]         # segment end; after the probe (100 s, not counted)
+        clock.append(now)                       # generation start (after the first probe)
+        for dt in segs:
+            now += dt
+            clock += [now, now + 100.0]         # segment end; after its probe
             now += 100.0
         clock.append(now)                       # generation end
     ticks = iter(clock)
     monkeypatch.setattr(B, "time", types.SimpleNamespace(perf_counter=lambda: next(ticks)))
-    row = B.bench(FakeLlama(), 1, 4, 2 * S, repeat=2, probe=200 * MiB)
+
+
+def test_fraction_divides_each_settled_segment_by_the_probes_around_it(monkeypatch):
+    """The probe moves with the machine's load: each segment of SEGMENT generated tokens is
+    divided by the mean of the probes timed right before and right after it; a segment whose
+    probes differ by more than SETTLED is left out (no probe says which rate it ran at); the
+    probes' time is not generation time, and the row reports the median of the settled
+    segments' fractions, with the KV cache's bytes counted."""
+    _fake(monkeypatch, 200 * MiB)
+    S = B.SEGMENT
+    # round 1: 10 -> 11 settled, 11 -> 30 not; round 2: 20 -> 20 -> 22 both settled
+    rates = iter([10e9, 11e9, 30e9, 20e9, 20e9, 22e9])
+    monkeypatch.setattr(B, "read_bandwidth", lambda threads, nbytes, repeat=5: next(rates))
+    cfg = _FakeLlama.config
+    _fake_clock(monkeypatch, [[0.5, 0.25], [0.4, 0.2]])
+    row = B.bench(_FakeLlama(), 1, 4, 2 * S, repeat=2, probe=200 * MiB)
     fr = [(200 * MiB * S + B.kv_bytes_read(cfg, p0, p0 + S)) / dt / bw
-          for (p0, dt, bw) in ((0, 0.5, 10e9), (S, 0.25, 40e9), (0, 0.4, 20e9), (S, 0.2, 30e9))]
+          for (p0, dt, bw) in ((0, 0.5, 10.5e9), (0, 0.4, 20e9), (S, 0.2, 21e9))]
     assert row["bandwidth_fraction"] == pytest.approx(statistics.median(fr), rel=1e-9)
+    assert (row["settled_segments"], row["unsettled_segments"]) == (3, 1)
     assert row["gen_tok_s"]["min"] == pytest.approx(2 * S / 0.75, rel=1e-9)
     assert row["gen_tok_s"]["max"] == pytest.approx(2 * S / 0.6, rel=1e-9)
-    assert row["read_bandwidth"] == {"min": 10e9, "median": 25e9, "max": 40e9}
+    assert row["read_bandwidth"] == {"min": 10e9, "median": 20e9, "max": 30e9}
     assert row["kv_bytes_per_token"] == B.kv_bytes_read(cfg, 0, 2 * S) / (2 * S)
+
+
+def test_no_settled_segment_gives_no_fraction(monkeypatch):
+    _fake(monkeypatch, 200 * MiB)
+    rates = iter([10e9, 20e9, 40e9])
+    monkeypatch.setattr(B, "read_bandwidth", lambda threads, nbytes, repeat=5: next(rates))
+    _fake_clock(monkeypatch, [[0.5, 0.25]])
+    row = B.bench(_FakeLlama(), 1, 4, 2 * B.SEGMENT, repeat=1, probe=200 * MiB)
+    assert row["bandwidth_fraction"] is None and row["unsettled_segments"] == 2
+    row.update(time_to_first_token_ms={"min": 1, "median": 1, "max": 1}, cache_resident=False,
+               last_level_cache=32 * MiB)
+    assert "the read bandwidth moved during every segment: no bandwidth figure" in B.format_row(row)
 
 
 def test_time_to_first_token_per_threads_row(monkeypatch):

@@ -129,7 +129,8 @@ def big_rows(repeat):
         g2 = r2["gen_tok_s"]["median"]
         frac = r2["bandwidth_fraction"]
         print(f"{fmt:7} {r2['bytes_per_token'] / 1e6:7.1f} {r1['gen_tok_s']['median']:7.1f} {g2:7.1f} "
-              f"{'[%.1f..%.1f]' % (r2['gen_tok_s']['min'], r2['gen_tok_s']['max']):>15} {frac * 100:4.0f} "
+              f"{'[%.1f..%.1f]' % (r2['gen_tok_s']['min'], r2['gen_tok_s']['max']):>15} "
+              f"{'-' if frac is None else format(frac * 100, '.0f'):>4} "
               f"{r2['prompt_tok_s']['median']:7.1f} {r5['prompt_tok_s']['median']:7.1f}  "
               f"{ct} {cb / r2['bytes_per_token'] * 100:.0f}% / {cs * g2 * 100:.0f}%", flush=True)
         rows.append(dict(model="llama3-1b", format=fmt, one_thread=r1, two_threads=r2, prompt512=r5,
@@ -155,7 +156,8 @@ def main():
     print(f"pyllama {pyllama.__version__} ({pyllama.build_info()})")
     bw = {t: read_bandwidth(t, 1 << 30) for t in (1, 2)}
     print(f"read bandwidth (1 GiB sum): 1 thread {bw[1] / 1e9:.1f} GB/s, 2 threads {bw[2] / 1e9:.1f} GB/s "
-          f"(%bw: bytes read, weights and KV cache, against a probe after each 32 generated tokens)\n")
+          f"(%bw: bytes read, weights and KV cache, against the mean of the probes around each 32 "
+          f"generated tokens; segments whose probes differ by over 15% left out)\n")
     head = (f"{'model':12} {'format':7} {'MB/tok':>7} {'gen 1t':>8} {'gen 2t':>8} {'[min..max 2t]':>17} "
             f"{'%bw':>4} {'prompt 2t':>9} {'ttft ms':>7}")
     print(head)
@@ -169,7 +171,8 @@ def main():
             r2 = bench(m, 2, 128, 256, args.repeat, probe_bytes(bytes_per_token(m.file), last_level_cache()))
             ttft = statistics.median(time_to_first_token(path) for _ in range(5))
             g1, g2 = r1["gen_tok_s"]["median"], r2["gen_tok_s"]["median"]
-            frac = r2["bandwidth_fraction"]  # None: the weights fit in the last-level cache
+            frac = r2["bandwidth_fraction"]  # None: the weights fit in the last-level cache, or
+            # the bandwidth moved during every segment
             print(f"{name:12} {fmt:7} {r2['bytes_per_token'] / 1e6:7.1f} {g1:8.1f} {g2:8.1f} "
                   f"{'[%.1f..%.1f]' % (r2['gen_tok_s']['min'], r2['gen_tok_s']['max']):>17} "
                   f"{'-' if frac is None else format(frac * 100, '.0f'):>4} "

@@ -71,8 +71,13 @@ def mixed(mf, seqs, threads):
     return [np.array(g) for g in got]
 
 
+# grouped-query attention; q, k, v biases with NEOX RoPE (each kv head's keys stored after its
+# rotation, run.c)
+BPE = ["bpe/llama3-tiny-f16.gguf", "bpe/qwen2-tiny-f16.gguf"]
+
+
 @pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("model", QUANT + FLOAT)
+@pytest.mark.parametrize("model", QUANT + FLOAT + BPE)
 def test_mixed_batch_equals_each_sequence_alone(model, threads):
     mf = load(model)
     seqs = sequences(mf.config["vocab_size"], (40, 6, 21, 13))

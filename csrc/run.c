@@ -168,18 +168,6 @@ static inline long long kv_head_row(const pl_state *s, int g, long long pos, int
     return ((long long)g * s->n_ctx + pos) * head_size;
 }
 
-/* This thread's even part [a, b) of [0, n). */
-static void thread_part(long long n, long long *a, long long *b)
-{
-    int tid = 0, nth = 1;
-#ifdef _OPENMP
-    tid = omp_get_thread_num();
-    nth = omp_get_num_threads();
-#endif
-    *a = n * tid / nth;
-    *b = n * (tid + 1) / nth;
-}
-
 /* Stores rows [r0, r1) of the k (or v) rows of tokens t0 .. t1-1 in buf (kv_dim floats a token)
  * in their slots' cache, layer l. */
 static void kv_store(float *cache, const float *buf, const pl_state *s, const seqmap *m, int l,

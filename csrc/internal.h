@@ -76,6 +76,22 @@ void pl__chunks_begin(pl__chunks *c, long long n, long long max_run);
 /* The first chunk of the next run, its end (exclusive) in *end; -1 when none is left. */
 long long pl__chunks_next(pl__chunks *c, long long *end);
 
+/* The KV cache (pl_state: key_cache, value_cache). Layer l's part of a slot's cache, n_ctx·kv_dim
+ * floats at + pl__kv_offset, holds each kv head's positions together: head g's key (or value) at
+ * position p is the head_size floats at + pl__kv_head_row(g, p) from there. A token's attention
+ * then reads one sequential stream per head, which the hardware prefetches at full read bandwidth
+ * (a position-major layout read a head's 256 bytes of every 3 KB row, at a third of it: 110M at
+ * 256 positions). */
+static inline long long pl__kv_offset(const pl_state *s, int slot, int l, int n_layers, int kv_dim)
+{
+    return ((long long)slot * n_layers + l) * s->n_ctx * kv_dim;
+}
+
+static inline long long pl__kv_head_row(const pl_state *s, int g, long long pos, int head_size)
+{
+    return ((long long)g * s->n_ctx + pos) * head_size;
+}
+
 /* Causal attention (attention.c). pl__attend_heads: nq query heads that share one kv head (query
  * head i: q + i·head_size, its result out + i·head_size, its scores att + i·att_stride, last + 1
  * floats), one query each at position last, each in llama2.c's order, the keys and values read

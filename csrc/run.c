@@ -153,33 +153,18 @@ static inline int tok_pos(const seqmap *m, int t) { return m->pos ? m->pos[t] : 
 static inline int tok_slot(const seqmap *m, int t) { return m->slot ? m->slot[t] : m->slot0; }
 static inline int tok_wanted(const seqmap *m, int t) { return m->want ? m->want[t] != 0 : t >= m->first; }
 
-/* Layer l's part of a slot's cache, n_ctx·kv_dim floats at key_cache or value_cache + this offset,
- * holds each kv head's positions together: head g's key (or value) at position p is the head_size
- * floats at + kv_head_row(g, p). A token's attention then reads one sequential stream per head,
- * which the hardware prefetches at full read bandwidth (a position-major layout read a head's 256
- * bytes of every 3 KB row, at a third of it: 110M at 256 positions). */
-static inline long long kv_offset(const pl_state *s, int slot, int l, int n_layers, int kv_dim)
-{
-    return ((long long)slot * n_layers + l) * s->n_ctx * kv_dim;
-}
-
-static inline long long kv_head_row(const pl_state *s, int g, long long pos, int head_size)
-{
-    return ((long long)g * s->n_ctx + pos) * head_size;
-}
-
 /* Stores rows [r0, r1) of the k (or v) rows of tokens t0 .. t1-1 in buf (kv_dim floats a token)
  * in their slots' cache, layer l. */
 static void kv_store(float *cache, const float *buf, const pl_state *s, const seqmap *m, int l,
                      int n_layers, int kv_dim, int head_size, int t0, int t1, long long r0, long long r1)
 {
     for (int t = t0; t < t1; t++) {
-        float *layer = cache + kv_offset(s, tok_slot(m, t), l, n_layers, kv_dim);
+        float *layer = cache + pl__kv_offset(s, tok_slot(m, t), l, n_layers, kv_dim);
         const float *src = buf + (long long)t * kv_dim;
         for (long long r = r0; r < r1;) {
             const int g = (int)(r / head_size);
             const long long end = (long long)(g + 1) * head_size < r1 ? (long long)(g + 1) * head_size : r1;
-            memcpy(layer + kv_head_row(s, g, tok_pos(m, t), head_size) + (r - (long long)g * head_size),
+            memcpy(layer + pl__kv_head_row(s, g, tok_pos(m, t), head_size) + (r - (long long)g * head_size),
                    src + r, (size_t)(end - r) * sizeof(float));
             r = end;
         }
@@ -350,8 +335,8 @@ static void forward_team(const pl_weights *w, pl_state *s, const seqmap *m)
                 for (int h = 0; h < n_heads; h++) {
                     const int t0 = b * PL_ATT_BLOCK;
                     const int nq = n - t0 < PL_ATT_BLOCK ? n - t0 : PL_ATT_BLOCK;
-                    const long long kv = kv_offset(s, m->slot0, l, p->n_layers, kv_dim)
-                                         + kv_head_row(s, h / kv_mul, 0, head_size);
+                    const long long kv = pl__kv_offset(s, m->slot0, l, p->n_layers, kv_dim)
+                                         + pl__kv_head_row(s, h / kv_mul, 0, head_size);
                     int tid = 0;
 #ifdef _OPENMP
                     tid = omp_get_thread_num();
@@ -371,8 +356,8 @@ static void forward_team(const pl_weights *w, pl_state *s, const seqmap *m)
                 for (int u = 0; u < n_units; u++) {
                     const int g = u / parts, part = u % parts; /* kv head, part of its group */
                     const int h0 = g * kv_mul + kv_mul * part / parts, h1 = g * kv_mul + kv_mul * (part + 1) / parts;
-                    const long long kv = kv_offset(s, tok_slot(m, t), l, p->n_layers, kv_dim)
-                                         + kv_head_row(s, g, 0, head_size);
+                    const long long kv = pl__kv_offset(s, tok_slot(m, t), l, p->n_layers, kv_dim)
+                                         + pl__kv_head_row(s, g, 0, head_size);
                     pl__attend_heads(s->xb + (long long)t * q_dim + h0 * head_size,
                                      s->q + (long long)t * q_dim + h0 * head_size, h1 - h0,
                                      s->key_cache + kv, s->value_cache + kv, tok_pos(m, t),

@@ -342,8 +342,9 @@ void pl_kv_shift(const pl_weights *w, pl_state *s, int src, int dst, int n)
     const double delta = (double)dst - (double)src;
     for (int l = 0; l < c->n_layers; l++)
         for (int h = 0; h < c->n_kv_heads; h++) {
-            /* kv head h's positions lie together (run.c: kv_offset, kv_head_row) */
-            long long off = ((long long)l * c->n_kv_heads + h) * s->n_ctx * head_size;
+            /* kv head h's positions lie together (slot 0: Python points the state at the slot) */
+            long long off = pl__kv_offset(s, 0, l, c->n_layers, c->n_kv_heads * head_size)
+                            + pl__kv_head_row(s, h, 0, head_size);
             float *k = s->key_cache + off, *v = s->value_cache + off;
             memmove(k + (long long)dst * head_size, k + (long long)src * head_size,
                     (size_t)n * head_size * sizeof(float));

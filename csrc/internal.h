@@ -99,7 +99,7 @@ static inline long long pl__kv_head_row(const pl_state *s, int g, long long pos,
  * consecutive queries at positions p0.. (query i: q + i·q_stride, its result out + i·out_stride)
  * over keys 0 .. p0 + nq - 1, st holding (p0 + nq)·PL_ATT_BLOCK floats; only where
  * pl__attend_block_ok(head_size). Keys and values of position j: kh, vh + j·head_size (a kv
- * head's positions lie together in the cache, run.c). */
+ * head's positions lie together in the cache: pl__kv_head_row above). */
 #define PL_ATT_BLOCK 16
 #define PL_ATT_MAX_HEAD 256
 void pl__attend_heads(float *out, const float *q, int nq, const float *kh, const float *vh, int last,

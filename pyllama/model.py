@@ -320,7 +320,7 @@ class Transformer:
         q_dim = cfg["n_heads"] * head_dim
         nb = self._batch_size()
         kv_dim = head_dim * cfg["n_kv_heads"]
-        # a kv head's positions together: one sequential stream per head for attention (run.c)
+        # a kv head's positions together: one sequential stream per head for attention (csrc/internal.h: pl__kv_offset)
         kv_shape = (self.n_slots, cfg["n_layers"], cfg["n_kv_heads"], n_ctx, head_dim)
         scratch_bytes = int(lib.pl_scratch_bytes(self._weights, nb)) + 64
         need = (self.kv_cache_bytes() + scratch_bytes + 4 * nb * (

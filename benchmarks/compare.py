@@ -2,13 +2,14 @@
 
 For each file: load time, prompt processing (128 tokens) and streaming generation through each
 project's public Python API (the same call on both: `create_completion(PROMPT, max_tokens=GEN,
-temperature=0, stream=True)`, chunks counted; --gen, default 128), 2 threads, medians; the first
+temperature=0, stream=True)`, its tokens counted (count_tokens); --gen, default 128), 2 threads, medians; the first
 line of the output names
 the CPU. llama-cpp-python runs in a child process of the Python given by --llama-python (default:
 this one; install it with `pip install -e '.[bench]'`, which builds llama.cpp from source and
 takes minutes).
 """
 import argparse
+import inspect
 import json
 import os
 import statistics
@@ -24,10 +25,26 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import cpu_line  # noqa: E402
 PROMPT = "Once upon a time"
 
+
+def count_tokens(stream, max_tokens):
+    """Generated tokens of a streamed completion, consumed here. Chunks are not tokens: both
+    projects end with a chunk that only says why, and pyllama sends no chunk for a token whose
+    bytes end inside a character (they go out with the next one). A stream that ran to its
+    length made max_tokens; one that stopped earlier is counted by its chunks with text (a lower
+    bound: a stop string's own tokens send none)."""
+    n, reason = 0, None
+    for chunk in stream:
+        choice = chunk["choices"][0]
+        n += bool(choice["text"])
+        reason = choice["finish_reason"] or reason
+    return max_tokens if reason == "length" else n
+
+
 CHILD = r'''
 import json, sys, time
 import numpy as np
 from llama_cpp import Llama
+COUNT_TOKENS
 path, n_gen, n_prompt, threads, repeat = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
 t0 = time.perf_counter()
 llm = Llama(model_path=path, n_ctx=max(512, n_prompt + n_gen + 16), n_threads=threads, n_threads_batch=threads,
@@ -42,14 +59,12 @@ for _ in range(repeat):
     llm.eval(ids)
     res["prompt"].append(n_prompt / (time.perf_counter() - t0))
     llm.reset()
-    n = 0
     t0 = time.perf_counter()
-    for chunk in llm.create_completion(PROMPT, max_tokens=n_gen, temperature=0.0, stream=True):
-        n += 1
+    n = count_tokens(llm.create_completion(PROMPT, max_tokens=n_gen, temperature=0.0, stream=True), n_gen)
     res["gen"].append(n / (time.perf_counter() - t0))
     res["gen_tokens"] = n
 print(json.dumps(res))
-'''.replace("PROMPT", repr(PROMPT))
+'''.replace("PROMPT", repr(PROMPT)).replace("COUNT_TOKENS", inspect.getsource(count_tokens))
 
 
 def pyllama_run(path, n_gen, n_prompt, threads, repeat):
@@ -64,10 +79,8 @@ def pyllama_run(path, n_gen, n_prompt, threads, repeat):
         t0 = time.perf_counter()
         m.logits(ids, last_only=True)  # the prompt's prefill
         res["prompt"].append(n_prompt / (time.perf_counter() - t0))
-        n = 0  # the same call and count as llama-cpp-python's (CHILD)
-        t0 = time.perf_counter()
-        for chunk in m.create_completion(PROMPT, max_tokens=n_gen, temperature=0.0, stream=True):
-            n += 1
+        t0 = time.perf_counter()  # the same call and count as llama-cpp-python's (CHILD)
+        n = count_tokens(m.create_completion(PROMPT, max_tokens=n_gen, temperature=0.0, stream=True), n_gen)
         res["gen"].append(n / (time.perf_counter() - t0))
         res["gen_tokens"] = n
     return res
@@ -116,7 +129,7 @@ def main():
             print(f"{f.name:26} {who:10} {r['load_s'] * 1000:8.1f} {statistics.median(r['prompt']):13.1f} "
                   f"{statistics.median(r['gen']):13.1f}"
                   + ("" if rows["pyllama"]["chunks"] == rows["llama-cpp"]["chunks"]
-                     else f"  ({r['chunks']} chunks)"))
+                     else f"  ({r['chunks']} tokens)"))
         a, b = rows["pyllama"], rows["llama-cpp"]
         print(f"{'':26} {'ratio':10} {b['load_s'] / a['load_s']:7.1f}x "
               f"{statistics.median(a['prompt']) / statistics.median(b['prompt']):12.2f}x "

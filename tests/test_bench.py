@@ -217,3 +217,44 @@ def test_bench_avx2_refuses_what_it_cannot_measure(args, message):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
     assert message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+def _compare_module():
+    root = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root / "benchmarks"))
+    try:
+        import compare
+    finally:
+        sys.path.remove(str(root / "benchmarks"))
+    return compare
+
+
+def _chunk(text, reason=None):
+    return {"choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": reason}]}
+
+
+def test_bench_compare_counts_tokens_not_chunks():
+    """`make bench-compare` divides generated tokens, not streamed chunks, by the time: the two
+    projects' streams of one completion differ in chunks (llama-cpp-python sends one per token,
+    empty where a character is unfinished; pyllama holds those bytes for the next chunk), and
+    both end with a chunk that only gives the reason. Expected counts: usage.completion_tokens of
+    the same completion not streamed (pyllama; ", there was" when stopped at " was", whose token
+    sends no text: a stopped stream counts its chunks with text, a lower bound), and the chunks
+    written here (llama-cpp-python's shape: 3 tokens, the second inside a character, then the
+    closing chunk)."""
+    from pyllama import Llama
+
+    compare = _compare_module()
+    m = Llama(str(shared_path("models/stories260K-f32.gguf")), threads=1, n_ctx=128)
+    usage = m.create_completion("Once upon a time", max_tokens=20, temperature=0.0)["usage"]
+    stream = m.create_completion("Once upon a time", max_tokens=20, temperature=0.0, stream=True)
+    assert compare.count_tokens(stream, 20) == usage["completion_tokens"] == 20
+    # stopped by a stop string: the chunks with text (the stop's own token sends none)
+    out = m.create_completion("Once upon a time", max_tokens=60, temperature=0.0, stop=[" was"])
+    assert out["choices"][0]["finish_reason"] == "stop" and out["usage"]["completion_tokens"] == 3
+    stream = m.create_completion("Once upon a time", max_tokens=60, temperature=0.0, stop=[" was"], stream=True)
+    assert compare.count_tokens(stream, 60) == 2
+    lcpp = [_chunk(" a"), _chunk(""), _chunk("é"), _chunk("", "length")]
+    assert compare.count_tokens(iter(lcpp), 3) == 3
+    stopped = [_chunk(" a"), _chunk(" b"), _chunk("", "stop")]
+    assert compare.count_tokens(iter(stopped), 10) == 2

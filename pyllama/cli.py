@@ -115,7 +115,7 @@ def _add_serve_args(p):
     p.add_argument("--parallel", "-np", type=int, default=4, metavar="N",
                    help="requests generated together, one KV slot each (default 4)")
     p.add_argument("--ctx-size", "-c", type=int, default=None, metavar="N",
-                   help="positions per slot (default: the model's context, at most 4096)")
+                   help="positions per slot (default: the model's context, at most 4096; 0 = all of it)")
     p.add_argument("--threads", type=int, default=None, metavar="N", help="CPU threads (default: all cores)")
     p.add_argument("--api-key", default=os.environ.get("PYLLAMA_API_KEY"), metavar="KEY",
                    help="require 'Authorization: Bearer KEY' (default: $PYLLAMA_API_KEY, else none)")

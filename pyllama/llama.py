@@ -45,7 +45,8 @@ class Llama:
                (logits-only use; tokenize() then raises TokenizerError)
     threads    OpenMP threads for the C core (default: all cores available to this process; 1 for
                a model too small to gain from more, see model.default_threads)
-    n_ctx      positions the KV cache holds (default: the model's seq_len; more on request)
+    n_ctx      positions the KV cache holds (default: the model's seq_len, at most 4096; 0: all of
+               the model's seq_len; more on request)
     mmap       map the file (default: pages shared between processes); False reads it into
                memory (safe if the file may change on disk while in use)
     repack     copy the weight matrices at load into the layouts the kernels read fastest

@@ -25,6 +25,7 @@ MAX_SLOTS = 256           # sequences one Transformer's KV cache may hold
 MAX_BATCH = 128            # prompt tokens per forward call (each weight row is read once per batch)
 ATT_BYTES = 64 << 20      # cap on a batch's attention scores
 ARENA_BYTES = 64 << 20    # least allocation for repacked copies (Transformer._repack_buffer)
+DEFAULT_CTX = 4096        # positions of a KV cache when none are asked for (llama.cpp's default -c)
 FLOAT_TYPES = (F32, F16, BF16)
 
 # GNU OpenMP's thread pool does not survive fork(): a child that opens a parallel region after its
@@ -100,6 +101,20 @@ def repack_budget():
 
 
 HUGE = 2 << 20
+
+
+def context_size(n_ctx, seq_len, name="n_ctx"):
+    """The positions a KV cache gets when `n_ctx` are asked for (Llama's n_ctx, the server's
+    ctx_size, Ray's n_ctx): None, the model's context (seq_len) up to DEFAULT_CTX; 0, all of the
+    model's context (as llama-cpp-python's n_ctx=0 and llama.cpp's -c 0); else n_ctx itself, past
+    seq_len too (as llama.cpp's -c: RoPE extends, quality may not). Models trained for 128K
+    positions ask for a 4 to 34 GB cache (Llama 3.x 1B to 8B) that most uses never fill, and
+    which the load would map in full."""
+    if n_ctx is None:
+        return min(seq_len, DEFAULT_CTX)
+    n_ctx = validate.integer(n_ctx, f"{name} (context positions, 0 = the model's {seq_len})",
+                             lo=0, hi=MAX_SEQ)
+    return n_ctx or seq_len
 
 
 def kv_position_bytes(config):
@@ -187,13 +202,7 @@ class Transformer:
         self.file = model_file
         self.config = cfg
         self.vocab_size = cfg["vocab_size"]
-        seq_len = cfg["seq_len"]
-        if n_ctx is None:
-            n_ctx = seq_len
-        # beyond the trained seq_len is allowed when asked for (as llama.cpp's -c): RoPE extends,
-        # quality may not
-        self.n_ctx = validate.integer(n_ctx, f"n_ctx (context positions; the model's seq_len is "
-                                             f"{seq_len})", lo=1, hi=MAX_SEQ)
+        self.n_ctx = context_size(n_ctx, cfg["seq_len"])
         self.n_slots = validate.integer(n_slots, "slots", 1, MAX_SLOTS)
         self.slot_len = [0] * self.n_slots
         self._keep = []

@@ -47,12 +47,11 @@ def _request(llama, prompt, n_ctx, sampling):
 
 def _open(model, load):
     """The Llama for text (tokenizer, templates; a one-position cache: the engine runs the model)
-    and the context each row runs in (n_ctx, default the model's seq_len)."""
-    from .formats.common import MAX_SEQ
+    and the context each row runs in (n_ctx: pyllama.model.context_size)."""
     from .llama import Llama
-    n_ctx = V.optional(V.integer, load.get("n_ctx"), "n_ctx", 1, MAX_SEQ)
+    from .model import context_size
     llama = Llama(model, **dict(load, n_ctx=1))
-    return llama, n_ctx or llama.config["seq_len"]
+    return llama, context_size(load.get("n_ctx"), llama.config["seq_len"])
 
 
 def _check(model, load, engine, sampling):

@@ -40,7 +40,6 @@ log = logging.getLogger("pyllama.server")
 SERVE_OPTIONS = dict(parallel=4, ctx_size=None, threads=None, api_key=None, max_queue=64,
                      tokenizer=None, chat_template=None, max_body=1 << 20, model_name=None,
                      repack=True)
-DEFAULT_CTX = 4096  # ctx_size None: the model's context, at most this (each slot holds one)
 
 
 class Server:
@@ -51,18 +50,21 @@ class Server:
         from .engine import Engine
         from .formats import load
         from .llama import Llama
+        from .model import context_size
         self.api_key = V.optional(V.text, api_key, "api_key")
         self.max_body = V.integer(max_body, "max_body", lo=1)
         repack = V.boolean(repack, "repack")  # (for a path; a Llama given here keeps its own)
         self.own_llama = not isinstance(model, Llama)
         if self.own_llama:
             mf = load(model)
-            ctx_size = min(mf.config["seq_len"], DEFAULT_CTX) if ctx_size is None else ctx_size
+            ctx_size = context_size(ctx_size, mf.config["seq_len"], "ctx_size")
             # text only (tokenizer, templates): the engine runs the model, so a 1-position cache here
             self.llama = Llama(mf, tokenizer=tokenizer, threads=threads, n_ctx=1, chat_template=chat_template,
                                repack=repack)
         else:
             self.llama = model
+            if ctx_size is not None:
+                ctx_size = context_size(ctx_size, model.config["seq_len"], "ctx_size")
             ctx_size = model.n_ctx if ctx_size is None else ctx_size
         self.llama._tok()  # a server without a tokenizer cannot take text: say so at start
         ctx_size = V.integer(ctx_size, "ctx_size", lo=2)
@@ -222,7 +224,7 @@ class _Outer:
 def build_app(model_or_path, **options):
     """The ASGI app serving model_or_path (a model file path or a pyllama.Llama, which is then
     shared, not closed by the app). options: parallel (slots, 4), ctx_size (per slot; default the
-    model's context, at most 4096), threads, api_key, max_queue (64), tokenizer, chat_template,
+    model's context, at most 4096; 0 all of it), threads, api_key, max_queue (64), tokenizer, chat_template,
     max_body (bytes, 1 MiB), model_name (the id /v1/models reports; default the file's name).
     The engine runs from here; the ASGI lifespan's end (or app.state.server.close()) stops it."""
     try:

@@ -228,7 +228,28 @@ def test_bad_threads_and_context(small):
     with pytest.raises(ParameterError, match="context"):
         pyllama.Llama(small[0], n_ctx=2**40)
     with pytest.raises(ParameterError, match="context"):
-        pyllama.Llama(small[0], n_ctx=0)
+        pyllama.Llama(small[0], n_ctx=-1)
+    with pytest.raises(ParameterError, match="context"):
+        pyllama.Llama(small[0], n_ctx=16.0)
+
+
+def test_default_context_is_the_models_up_to_4096(tmp_path):
+    """n_ctx None: the model's context, at most 4096 positions (a Llama 3.x file says 131072: a
+    cache of 4 GB for the 1B shape, 34 GB for the 8B, mapped at load); 0: all of it (as
+    llama-cpp-python's n_ctx=0); more than the model's when asked for. The same rule for the
+    server's ctx_size (Engine through Transformer) and Ray's n_ctx (pyllama.model.context_size)."""
+    from pyllama.model import context_size
+    small = write_legacy(tmp_path / "s.bin", seq=16)
+    long = write_legacy(tmp_path / "l.bin", seq=1 << 17)  # 131072 positions, a tiny model
+    assert pyllama.Llama(small).n_ctx == 16
+    assert pyllama.Llama(small, n_ctx=0).n_ctx == 16
+    assert pyllama.Llama(small, n_ctx=40).n_ctx == 40
+    assert pyllama.Llama(long).n_ctx == 4096
+    assert pyllama.Llama(long, n_ctx=0).n_ctx == 1 << 17
+    assert pyllama.Llama(long, n_ctx=5000).n_ctx == 5000
+    assert (context_size(None, 1 << 17), context_size(0, 1 << 17), context_size(7, 1 << 17)) == (4096, 1 << 17, 7)
+    with pytest.raises(ParameterError, match=r"ctx_size \(context positions, 0 = the model's 131072\)"):
+        context_size(-2, 1 << 17, "ctx_size")
 
 
 def test_kv_cache_larger_than_memory_is_refused_before_allocating(tmp_path):

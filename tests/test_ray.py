@@ -154,7 +154,7 @@ def test_columns_and_sampling_options_pass_through(cluster, files):
     (dict(stop=""), "stop"),
     (dict(logit_bias={9999: 1.0}), "9999"),
     (dict(bogus=1), "unknown argument(s): bogus"),
-    (dict(n_ctx=0), "n_ctx"),
+    (dict(n_ctx=-1), "n_ctx"),
     (dict(slots=0), "slots"),
     (dict(concurrency=0), "concurrency"),
     (dict(concurrency=(2, 1)), "concurrency[1]"),

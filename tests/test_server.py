@@ -545,3 +545,19 @@ def test_invalid_repack_option_is_refused(given):
     model = model_path() if given == "path" else pyllama.Llama(model_path(), threads=1)
     with pytest.raises(ParameterError, match="repack"):
         build_app(model, parallel=1, threads=1, repack="no")
+
+
+def test_ctx_size_default_is_the_models_context_up_to_4096(tmp_path):
+    """ctx_size None: each slot gets the model's context, at most 4096 positions; 0: all of it
+    (llama.cpp's -c 0); a number: that many. Here a tiny model whose file says 131072."""
+    from models import byte_vocab, write_legacy, write_tokenizer_bin
+    model = write_legacy(tmp_path / "long.bin", vocab=300, seq=1 << 17)
+    tok = write_tokenizer_bin(tmp_path / "t.bin", byte_vocab(300))
+    for ctx_size, want in ((None, 4096), (0, 1 << 17), (100, 100)):
+        app = build_app(model, tokenizer=tok, parallel=2, threads=1, ctx_size=ctx_size)
+        try:
+            assert app.state.engine.n_ctx == want and app.state.engine.model.n_ctx == want
+        finally:
+            app.state.server.close()
+    with pytest.raises(ParameterError, match="ctx_size"):
+        build_app(model, tokenizer=tok, ctx_size=-1)

@@ -2,11 +2,10 @@
 
 For each file: load time, prompt processing (128 tokens) and streaming generation through each
 project's public Python API (the same call on both: `create_completion(PROMPT, max_tokens=GEN,
-temperature=0, stream=True)`, its tokens counted (count_tokens); --gen, default 128), 2 threads, medians; the first
-line of the output names
-the CPU. llama-cpp-python runs in a child process of the Python given by --llama-python (default:
-this one; install it with `pip install -e '.[bench]'`, which builds llama.cpp from source and
-takes minutes).
+temperature=0, stream=True)`, its tokens counted by count_tokens; --gen, default 128), 2 threads,
+medians; the first line of the output names the CPU. llama-cpp-python runs in a child process of
+the Python given by --llama-python (default: this one; install it with `pip install -e
+'.[bench]'`, which builds llama.cpp from source and takes minutes).
 """
 import argparse
 import inspect

@@ -108,8 +108,8 @@ def context_size(n_ctx, seq_len, name="n_ctx"):
     ctx_size, Ray's n_ctx): None, the model's context (seq_len) up to DEFAULT_CTX; 0, all of the
     model's context (as llama-cpp-python's n_ctx=0 and llama.cpp's -c 0); else n_ctx itself, past
     seq_len too (as llama.cpp's -c: RoPE extends, quality may not). Models trained for 128K
-    positions ask for a 4 to 34 GB cache (Llama 3.x 1B to 8B) that most uses never fill, and
-    which the load would map in full."""
+    positions ask for an 8.6 to 34 GB float32 cache (Llama 3.x 1B to 8B) that most uses never
+    fill, and which the load would map in full."""
     if n_ctx is None:
         return min(seq_len, DEFAULT_CTX)
     n_ctx = validate.integer(n_ctx, f"{name} (context positions, 0 = the model's {seq_len})",

@@ -235,7 +235,7 @@ def test_bad_threads_and_context(small):
 
 def test_default_context_is_the_models_up_to_4096(tmp_path):
     """n_ctx None: the model's context, at most 4096 positions (a Llama 3.x file says 131072: a
-    cache of 4 GB for the 1B shape, 34 GB for the 8B, mapped at load); 0: all of it (as
+    cache of 8.6 GB for the 1B shape, 34 GB for the 8B, mapped at load); 0: all of it (as
     llama-cpp-python's n_ctx=0); more than the model's when asked for. The same rule for the
     server's ctx_size (Engine through Transformer) and Ray's n_ctx (pyllama.model.context_size)."""
     from pyllama.model import context_size

@@ -130,10 +130,13 @@ def _add_serve_args(p):
 def cmd_serve(args, out, err):
     from . import validate
     from .chat import FORMATS
+    from .formats.common import MAX_SEQ
     from .server import serve
     validate.optional(validate.integer, args.threads, "--threads", lo=1)
     validate.integer(args.parallel, "--parallel", lo=1)
-    validate.optional(validate.integer, args.ctx_size, "--ctx-size", lo=2)
+    if args.ctx_size != 0:  # 0: the model's whole context (pyllama.model.context_size)
+        validate.optional(validate.integer, args.ctx_size, "--ctx-size (0 = the model's context)",
+                          lo=2, hi=MAX_SEQ)
     validate.integer(args.max_queue, "--max-queue", lo=0)
     template = args.chat_template
     if template is not None:

@@ -277,7 +277,7 @@ def test_no_repack_flag_reaches_the_model(s260k, capsysbinary, monkeypatch):
     default, plain = run_in_process(capsysbinary, *args), run_in_process(capsysbinary, *args, "--no-repack")
     assert seen == [True, False] and default == plain and default[0] == 0 and default[1]
     served = []
-    monkeypatch.setattr(server, "serve", lambda m, **k: served.append(k["repack"]))
-    for extra in ((), ("--no-repack",)):
+    monkeypatch.setattr(server, "serve", lambda m, **k: served.append((k["repack"], k["ctx_size"])))
+    for extra in ((), ("--no-repack", "-c", "0")):
         assert run_in_process(capsysbinary, "serve", model, "-z", tok, *extra)[0] == 0
-    assert served == [True, False]
+    assert served == [(True, None), (False, 0)]  # -c 0 reaches the server: the model's context

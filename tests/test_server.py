@@ -478,6 +478,9 @@ def test_pyllama_serve_command_answers_and_stops_on_sigint(ref):
     (["--parallel", "0"], "--parallel: expected an integer >= 1"),
     (["--max-queue", "-1"], "--max-queue: expected an integer >= 0"),
     (["--port", "70000"], "--port: expected an integer in 0..65535"),
+    (["--ctx-size", "1"], "--ctx-size (0 = the model's context): expected an integer in 2..4194304"),
+    (["--ctx-size", "-5"], "--ctx-size (0 = the model's context): expected an integer in 2..4194304"),
+    (["--ctx-size", str(1 << 40)], "--ctx-size (0 = the model's context): expected an integer in 2..4194304"),
     (["--chat-template", "/nonexistent.jinja"], "--chat-template"),
 ])
 def test_serve_arguments_are_checked(args, message):

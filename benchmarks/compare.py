@@ -123,12 +123,12 @@ def main():
                 rows[who]["load_s"] = r["load_s"]
                 rows[who]["prompt"] += r["prompt"]
                 rows[who]["gen"] += r["gen"]
-                rows[who]["chunks"] = r["gen_tokens"]
+                rows[who]["gen_tokens"] = r["gen_tokens"]
         for who, r in rows.items():
             print(f"{f.name:26} {who:10} {r['load_s'] * 1000:8.1f} {statistics.median(r['prompt']):13.1f} "
                   f"{statistics.median(r['gen']):13.1f}"
-                  + ("" if rows["pyllama"]["chunks"] == rows["llama-cpp"]["chunks"]
-                     else f"  ({r['chunks']} tokens)"))
+                  + ("" if rows["pyllama"]["gen_tokens"] == rows["llama-cpp"]["gen_tokens"]
+                     else f"  ({r['gen_tokens']} tokens)"))
         a, b = rows["pyllama"], rows["llama-cpp"]
         print(f"{'':26} {'ratio':10} {b['load_s'] / a['load_s']:7.1f}x "
               f"{statistics.median(a['prompt']) / statistics.median(b['prompt']):12.2f}x "

@@ -1698,6 +1698,7 @@ kr_decode(int six, const pl_tensor *w, const void *xq, float *out, long long r0,
         if (!six) {
             for (int i = 0; i < nb; i++) {
                 kr_prefetch_x(&a, i + 1, nb);
+                pli_prefetch_ahead(g + i * sbytes, sbytes);
                 acc = kr_q4_step(g + i * sbytes, &a, i, acc);
             }
         } else {
@@ -1707,6 +1708,7 @@ kr_decode(int six, const pl_tensor *w, const void *xq, float *out, long long r0,
                 __m512i I[KR_DEFER];
                 for (int i = 0; i < n; i++) {
                     kr_prefetch_x(&a, i0 + i + 1, nb);
+                    pli_prefetch_ahead(g + (i0 + i) * sbytes, sbytes);
                     I[i] = kr_q6_sums(g + (i0 + i) * sbytes, &a, i0 + i);
                 }
                 for (int i = 0; i < n; i++) { /* k6_step */
@@ -2207,6 +2209,7 @@ r16_tile(int type, r16_view v, int NG, const act_view *a, int nb, float *out)
         /* x's next lines into L1 ahead of use (see kr_prefetch_x): one core read the 1B Q8_0
          * ffn_down (8192 values a row) at 0.85 -> 0.87 of its rate, Q4_0 unchanged */
         if ((b & 1) == 0 && b + 4 < nb) _mm_prefetch((const char *)(x + 4 * QK), _MM_HINT_T0);
+        pli_prefetch_ahead(v.q + b * v.qs, v.qs);
         for (int g = 0; g < NG; g++) {
             const char *q = v.q + b * v.qs + g * qb;
             __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(v.d + b * v.ds + 32 * g)));
@@ -2412,6 +2415,7 @@ r16_tile(int type, r16_view v, int NG, const act_view *a, int nb, float *out)
     for (int b = 0; b < nb; b++) {
         const int8_t *x = a->q + QK * b;
         if ((b & 1) == 0 && b + 4 < nb) _mm_prefetch((const char *)(x + 4 * QK), _MM_HINT_T0);
+        pli_prefetch_ahead(v.q + b * v.qs, v.qs);
         const __m256 xd = _mm256_set1_ps(a->ds[2 * b]);
 #pragma GCC unroll 4
         for (int g = 0; g < NG; g++)

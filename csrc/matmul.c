@@ -44,6 +44,33 @@ static inline __m256 load_f16_scalar(const uint16_t *h)
 #define LOAD_BF16(w, j) _mm256_castsi256_ps(_mm256_slli_epi32( \
     _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)((const uint16_t *)(w) + (j)))), 16))
 
+/* Vectors of the kernels below that have a 16-float form (TV_*): 16 floats where the compiler
+ * targets AVX-512, else 8 (AVX2). */
+#ifdef __AVX512F__
+#define TV __m512
+#define TV_N 16
+#define TV_ZERO() _mm512_setzero_ps()
+#define TV_X(p) _mm512_loadu_ps(p)
+#define TV_FMA(a, b, c) _mm512_fmadd_ps(a, b, c)
+#define TV_ADD(a, b) _mm512_add_ps(a, b)
+#define TV_SUM(v) _mm512_reduce_add_ps(v)
+#define TLOAD_F32(w, j) _mm512_loadu_ps((const float *)(w) + (j))
+#define TLOAD_F16(w, j) _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)(w) + (j))))
+#define TLOAD_BF16(w, j) _mm512_castsi512_ps(_mm512_slli_epi32( \
+    _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)((const uint16_t *)(w) + (j)))), 16))
+#else
+#define TV __m256
+#define TV_N 8
+#define TV_ZERO() _mm256_setzero_ps()
+#define TV_X(p) _mm256_loadu_ps(p)
+#define TV_FMA(a, b, c) _mm256_fmadd_ps(a, b, c)
+#define TV_ADD(a, b) _mm256_add_ps(a, b)
+#define TV_SUM(v) pli_hsum8(v)
+#define TLOAD_F32 LOAD_F32
+#define TLOAD_F16 LOAD_F16
+#define TLOAD_BF16 LOAD_BF16
+#endif
+
 /* Rows of more than PL_WIDE_COLS values: x (4 bytes a value) takes more than half of L1, and the
  * streaming weights evict it before the next row comes back to it (see FLOAT_ROWS). */
 #define PL_WIDE_COLS 4096
@@ -86,7 +113,7 @@ static void NAME(const ELEM *base, const float *x, float *out, long long r0, lon
 /* One row at a time, 32 values per step in four accumulators: a single sequential stream of
  * weights runs at about twice the read bandwidth of two interleaved row streams here (while x
  * stays in L1; wider rows go two at a time, NAME##_wide). */
-#define FLOAT_ROWS(NAME, ELEM, LOAD, SCALAR)                                                      \
+#define FLOAT_ROWS(NAME, ELEM, LOAD, TLOAD, SCALAR)                                               \
 FLOAT_WIDE_ROWS(NAME##_wide, ELEM, LOAD, SCALAR)                                                 \
 static void NAME(const void *data, const float *x, float *out, long long r0, long long r1, long long n) \
 {                                                                                               \
@@ -97,23 +124,23 @@ static void NAME(const void *data, const float *x, float *out, long long r0, lon
     }                                                                                           \
     for (long long r = r0; r < r1; r++) {                                                       \
         const ELEM *w0 = base + r * n;                                                          \
-        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;                             \
+        TV a0 = TV_ZERO(), a1 = a0, a2 = a0, a3 = a0;                                           \
         long long j = 0;                                                                        \
-        for (; j + 32 <= n; j += 32) {                                                          \
-            pli_prefetch_ahead(w0 + j, 32 * sizeof(ELEM));                                      \
-            a0 = _mm256_fmadd_ps(LOAD(w0, j), _mm256_loadu_ps(x + j), a0);                      \
-            a1 = _mm256_fmadd_ps(LOAD(w0, j + 8), _mm256_loadu_ps(x + j + 8), a1);              \
-            a2 = _mm256_fmadd_ps(LOAD(w0, j + 16), _mm256_loadu_ps(x + j + 16), a2);            \
-            a3 = _mm256_fmadd_ps(LOAD(w0, j + 24), _mm256_loadu_ps(x + j + 24), a3);            \
+        for (; j + 4 * TV_N <= n; j += 4 * TV_N) {                                              \
+            pli_prefetch_ahead(w0 + j, 4 * TV_N * sizeof(ELEM));                                \
+            a0 = TV_FMA(TLOAD(w0, j), TV_X(x + j), a0);                                         \
+            a1 = TV_FMA(TLOAD(w0, j + TV_N), TV_X(x + j + TV_N), a1);                           \
+            a2 = TV_FMA(TLOAD(w0, j + 2 * TV_N), TV_X(x + j + 2 * TV_N), a2);                   \
+            a3 = TV_FMA(TLOAD(w0, j + 3 * TV_N), TV_X(x + j + 3 * TV_N), a3);                   \
         }                                                                                       \
-        for (; j + 8 <= n; j += 8) a0 = _mm256_fmadd_ps(LOAD(w0, j), _mm256_loadu_ps(x + j), a0); \
-        float s0 = pli_hsum8(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));       \
+        for (; j + TV_N <= n; j += TV_N) a0 = TV_FMA(TLOAD(w0, j), TV_X(x + j), a0);            \
+        float s0 = TV_SUM(TV_ADD(TV_ADD(a0, a1), TV_ADD(a2, a3)));                              \
         for (; j < n; j++) s0 += SCALAR(w0[j]) * x[j];                                          \
         out[r] = s0;                                                                            \
     }                                                                                           \
 }
 #else
-#define FLOAT_ROWS(NAME, ELEM, LOAD, SCALAR)                                                      \
+#define FLOAT_ROWS(NAME, ELEM, LOAD, TLOAD, SCALAR)                                               \
 static void NAME(const void *data, const float *x, float *out, long long r0, long long r1, long long n) \
 {                                                                                               \
     const ELEM *base = (const ELEM *)data;                                                      \
@@ -130,9 +157,9 @@ static void NAME(const void *data, const float *x, float *out, long long r0, lon
 #endif
 
 #define AS_F32(v) (v)
-FLOAT_ROWS(rows_f32, float, LOAD_F32, AS_F32)
-FLOAT_ROWS(rows_f16, uint16_t, LOAD_F16, pli_fp16)
-FLOAT_ROWS(rows_bf16, uint16_t, LOAD_BF16, bf16_to_f32)
+FLOAT_ROWS(rows_f32, float, LOAD_F32, TLOAD_F32, AS_F32)
+FLOAT_ROWS(rows_f16, uint16_t, LOAD_F16, TLOAD_F16, pli_fp16)
+FLOAT_ROWS(rows_bf16, uint16_t, LOAD_BF16, TLOAD_BF16, bf16_to_f32)
 
 /* ------------------------------------------------------------------------------------------------
  * Wide float rows, interleaved (PL_F32_R4, PL_F16_R4, PL_BF16_R4; made by pl_repack): rows in
@@ -197,28 +224,6 @@ FLOAT_R4_ROWS(rows_bf16_r4, uint16_t, LOAD_BF16)
  * it (14 loads for 12 FMAs instead of 7), and the tile waits on loads: with it, the F32 tile runs
  * 2.1x faster on one core (23 -> 49 GMAC/s, 2048x768 weights, 64 tokens). */
 #define IN_REG(v) PL_IN_REG(v)
-#ifdef __AVX512F__
-#define TV __m512
-#define TV_N 16
-#define TV_ZERO() _mm512_setzero_ps()
-#define TV_X(p) _mm512_loadu_ps(p)
-#define TV_FMA(a, b, c) _mm512_fmadd_ps(a, b, c)
-#define TV_SUM(v) _mm512_reduce_add_ps(v)
-#define TLOAD_F32(w, j) _mm512_loadu_ps((const float *)(w) + (j))
-#define TLOAD_F16(w, j) _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)(w) + (j))))
-#define TLOAD_BF16(w, j) _mm512_castsi512_ps(_mm512_slli_epi32( \
-    _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)((const uint16_t *)(w) + (j)))), 16))
-#else
-#define TV __m256
-#define TV_N 8
-#define TV_ZERO() _mm256_setzero_ps()
-#define TV_X(p) _mm256_loadu_ps(p)
-#define TV_FMA(a, b, c) _mm256_fmadd_ps(a, b, c)
-#define TV_SUM(v) pli_hsum8(v)
-#define TLOAD_F32 LOAD_F32
-#define TLOAD_F16 LOAD_F16
-#define TLOAD_BF16 LOAD_BF16
-#endif
 #define FMA3(xv) \
     a##xv = TV_FMA(u, x##xv##v, a##xv); b##xv = TV_FMA(v, x##xv##v, b##xv); c##xv = TV_FMA(w, x##xv##v, c##xv);
 #define FLOAT_TILE(NAME, ELEM, LOAD, ROWS, ROWP, POS)                                         \

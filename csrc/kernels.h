@@ -33,9 +33,10 @@
 /* PL_AHEAD: how far ahead of its weight stream a one-token kernel prefetches (prefetcht0, line
  * by line as it reads; 0: the hardware prefetcher alone, e.g. PYLLAMA_CFLAGS=-DPL_AHEAD=0). A
  * one-token matmul does little arithmetic per byte, so how many lines are in flight sets its pace:
- * on a Zen 5 EPYC one core read the 1B-shaped files' matrices at 0.48-0.65 (Q6_K, Q4_K), 0.90
- * (Q8_0, Q4_0) and 0.70-0.80 (stories110M F16) of a plain sum over the same bytes without it,
- * 0.89-0.94, 0.94-0.98 and 0.83-0.96 with it (README, Speed). */
+ * on a Zen 5 EPYC one core read the 1B-shaped files' matrices at 0.48-0.80 (Q6_K, Q4_K), 0.90-0.94
+ * (Q8_0, Q4_0) and stories110M F16 at 0.70-0.80 of a plain sum over the same bytes without it,
+ * at 0.88-0.96, 0.91-0.98 and 0.82-0.91 with it (README, Speed; on a Zen 4 EPYC, earlier variants
+ * of it measured 1-5% slower). */
 #ifndef PL_AHEAD
 #define PL_AHEAD 8192
 #endif

@@ -95,7 +95,9 @@ def main():
     ap.add_argument("--quick", action="store_true", help="skip the stories110M files")
     ap.add_argument("--big", action="store_true",
                     help="only the Llama-3.2-1B-shaped files (`benchmarks/bench.py --big` makes them)")
-    ap.add_argument("--rounds", type=int, default=1, help="alternate the two projects this many times")
+    # two rounds: each project runs each file twice, alternating, so a change of the machine's state
+    # during one project's turn (its read rate moves by up to 2x within minutes) weighs on both
+    ap.add_argument("--rounds", type=int, default=2, help="alternate the two projects this many times")
     ap.add_argument("files", nargs="*", type=Path, help="GGUF files (default: the bench files)")
     args = ap.parse_args()
     files = [SHARED / "models" / "stories260K-f32.gguf"]

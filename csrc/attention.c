@@ -96,31 +96,24 @@ static void softmax_att(float *x, int n)
  * of W floats in registers (W = 8: AVX2, 16: AVX-512). Each output value takes the same rounded
  * product and rounded add per position whatever the width, so both give the same bits. */
 #ifdef PL_AVX2
-static inline __attribute__((always_inline)) void
-att_values_run(float *xb, const float *att, const float *vh, int i0, int i1, int stride, int NV, int acc_in)
-{
-    __m256 acc[8];
-    for (int k = 0; k < NV; k++) acc[k] = acc_in ? _mm256_loadu_ps(xb + 8 * k) : _mm256_setzero_ps();
-    for (int i = i0; i < i1; i++) {
-        const float *v = vh + (long long)i * stride;
-        __m256 a = _mm256_broadcast_ss(att + i);
-        for (int k = 0; k < NV; k++) acc[k] = _mm256_add_ps(acc[k], _mm256_mul_ps(a, _mm256_loadu_ps(v + 8 * k)));
-    }
-    for (int k = 0; k < NV; k++) _mm256_storeu_ps(xb + 8 * k, acc[k]);
+#define ATT_VALUES_RUN(NAME, V, W, LOAD, SET1, ZERO, ADD, MUL, STORE)                               \
+static inline __attribute__((always_inline)) void                                                   \
+NAME(float *xb, const float *att, const float *vh, int i0, int i1, int stride, int NV, int acc_in)  \
+{                                                                                                   \
+    V acc[8];                                                                                       \
+    for (int k = 0; k < NV; k++) acc[k] = acc_in ? LOAD(xb + W * k) : ZERO();                       \
+    for (int i = i0; i < i1; i++) {                                                                 \
+        const float *v = vh + (long long)i * stride;                                                \
+        V a = SET1(att[i]);                                                                         \
+        for (int k = 0; k < NV; k++) acc[k] = ADD(acc[k], MUL(a, LOAD(v + W * k)));                 \
+    }                                                                                               \
+    for (int k = 0; k < NV; k++) STORE(xb + W * k, acc[k]);                                         \
 }
+ATT_VALUES_RUN(att_values_run, __m256, 8, _mm256_loadu_ps, _mm256_set1_ps, _mm256_setzero_ps, _mm256_add_ps,
+               _mm256_mul_ps, _mm256_storeu_ps)
 #ifdef __AVX512F__
-static inline __attribute__((always_inline)) void
-att_values_run16(float *xb, const float *att, const float *vh, int i0, int i1, int stride, int NV, int acc_in)
-{
-    __m512 acc[8];
-    for (int k = 0; k < NV; k++) acc[k] = acc_in ? _mm512_loadu_ps(xb + 16 * k) : _mm512_setzero_ps();
-    for (int i = i0; i < i1; i++) {
-        const float *v = vh + (long long)i * stride;
-        __m512 a = _mm512_set1_ps(att[i]);
-        for (int k = 0; k < NV; k++) acc[k] = _mm512_add_ps(acc[k], _mm512_mul_ps(a, _mm512_loadu_ps(v + 16 * k)));
-    }
-    for (int k = 0; k < NV; k++) _mm512_storeu_ps(xb + 16 * k, acc[k]);
-}
+ATT_VALUES_RUN(att_values_run16, __m512, 16, _mm512_loadu_ps, _mm512_set1_ps, _mm512_setzero_ps, _mm512_add_ps,
+               _mm512_mul_ps, _mm512_storeu_ps)
 #define AV_RUN att_values_run16
 #define AV_W 16
 #else

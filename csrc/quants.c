@@ -1270,7 +1270,7 @@ static inline __attribute__((always_inline)) void q6_sums(const blk_q6_K *b, con
 }
 
 /* Software prefetch this many bytes ahead of the super-block being read (0: none; the T0 hint, 4 KiB,
- * beat T1 and 1, 2, 3, 6, 8 KiB). A thread's 4-row groups lie end to end in memory, so the point
+ * beat T1 and 1, 2, 3, 6, 8 KiB on a Zen 4 EPYC; on a Zen 5, 4 and 8 KiB (PL_AHEAD) measured alike). A thread's 4-row groups lie end to end in memory, so the point
  * ahead is where it reads next. At 2 threads the hardware prefetcher alone left generation 4-7%
  * slower (1B Q4_K_M, 110M Q4_K_M; builds alternated in the same runs), behind the old kernel. */
 #ifndef KQ_PF
@@ -1292,9 +1292,7 @@ k_rows4(int six, const char *row0, size_t rb, const act_view *a, int nb, float *
             for (int e = 0; e < n; e++) {
                 const int i = i0 + e;
                 const char *b = row0 + r * rb + i * bb;
-#if KQ_PF
-                for (size_t o = 0; o < bb; o += 64) _mm_prefetch(b + KQ_PF + o, _MM_HINT_T0);
-#endif
+                if (KQ_PF) pli_prefetch_lines(b + KQ_PF, bb);
                 if (six) {
                     q6_sums((const blk_q6_K *)b, a, i, &sv[e][r]);
                     d[e][r] = ((const blk_q6_K *)b)->d;
@@ -1677,12 +1675,7 @@ static inline __attribute__((always_inline)) __m512i kr_q6_sums(const char *sb, 
  * block sums as well added nothing). */
 static inline __attribute__((always_inline)) void kr_prefetch_x(const act_view *a, int i, int nb)
 {
-    /* (always_inline: as a plain static inline, GCC 12 judged this function free of side effects,
-     * a prefetch being no store, and deleted its calls before it could inline them; the decode
-     * loops then ran without the prefetch, and one core read the 1B Q4_K_M file's ffn_down at
-     * Q4_K 0.69-0.73, Q6_K 0.74-0.75 of a plain sum over the same bytes, 0.86-0.90 with it.) */
-    if (i < nb)
-        for (int k = 0; k < QK_K; k += 64) _mm_prefetch((const char *)(a->q + QK_K * i + k), _MM_HINT_T0);
+    if (i < nb) pli_prefetch_lines(a->q + QK_K * i, QK_K);
 }
 
 /* Rows [r0, r1) (multiples of 16) of a repacked matrix for one token. */

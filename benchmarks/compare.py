@@ -100,6 +100,9 @@ def main():
     ap.add_argument("--rounds", type=int, default=2, help="alternate the two projects this many times")
     ap.add_argument("files", nargs="*", type=Path, help="GGUF files (default: the bench files)")
     args = ap.parse_args()
+    for name in ("threads", "gen", "prompt", "repeat", "rounds"):
+        if getattr(args, name) < 1:
+            ap.error(f"--{name} must be at least 1")
     files = [SHARED / "models" / "stories260K-f32.gguf"]
     for name in ["stories15M"] + ([] if args.quick else ["stories110M"]):
         files += [MODELS / f"{name}-{t}.gguf" for t in ("f32", "f16", "q8_0", "q4_0", "q4_k_m")]

@@ -258,3 +258,13 @@ def test_bench_compare_counts_tokens_not_chunks():
     assert compare.count_tokens(iter(lcpp), 3) == 3
     stopped = [_chunk(" a"), _chunk(" b"), _chunk("", "stop")]
     assert compare.count_tokens(iter(stopped), 10) == 2
+
+
+@pytest.mark.parametrize("arg", ["--rounds=0", "--repeat=0", "--threads=-1", "--gen=0", "--prompt=0"])
+def test_bench_compare_refuses_counts_below_one(arg):
+    """benchmarks/compare.py: a count below 1 is one usage error (exit 2), not a traceback from
+    the median of no samples after minutes of llama.cpp runs."""
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "compare.py"
+    proc = subprocess.run([sys.executable, str(script), arg], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert "must be at least 1" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr

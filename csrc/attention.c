@@ -1,7 +1,7 @@
 /* Causal attention of one head: a token at a time (llama2.c's order, every model), and a block of
  * up to PL_ATT_BLOCK consecutive queries at a time as two small matrix products (prompts of float
  * models: results within f32 rounding of the token-at-a-time order, not bit for bit); and the
- * SwiGLU gate with the same vector exp (float prompts too).
+ * SwiGLU gate with the same exp.
  */
 #include <math.h>
 #include "internal.h"
@@ -38,9 +38,30 @@ static inline float hmax8(__m256 m8)
     m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
     return _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
 }
+
+
+/* exp8 on one lane, the same operations in the same order (every one rounded once, as the vector
+ * instructions round each lane), so a value gets the same bits whichever of the two computes it. */
+static inline float exp1(float v)
+{
+    v = v > -87.0f ? v : -87.0f;
+    const float k = rintf(v * 1.44269504088896341f);
+    float r = fmaf(-k, 0.693359375f, v);
+    r = fmaf(-k, -2.12194440e-4f, r);
+    float p = fmaf(1.9875691500e-4f, r, 1.3981999507e-3f);
+    p = fmaf(p, r, 8.3334519073e-3f);
+    p = fmaf(p, r, 4.1665795894e-2f);
+    p = fmaf(p, r, 1.6666665459e-1f);
+    p = fmaf(p, r, 5.0000001201e-1f);
+    p = fmaf(p, r * r, r + 1.0f);
+    union { unsigned u; float f; } e = {(unsigned)((int)k + 127) << 23};
+    return p * e.f;
+}
 #endif
 
-long long pl__swiglu(float *a, const float *b, long long n)
+/* The SwiGLU gate, a[i] = silu(a[i])·b[i] for i < n: with exp8/exp1 where the build has AVX2
+ * (both paths, the same bits for every i, however a run of rows is split), else with expf. */
+void pl__swiglu(float *a, const float *b, long long n)
 {
     long long i = 0;
 #ifdef PL_AVX2
@@ -51,10 +72,14 @@ long long pl__swiglu(float *a, const float *b, long long n)
         __m256 silu = _mm256_mul_ps(v, _mm256_div_ps(one, _mm256_add_ps(one, e)));
         _mm256_storeu_ps(a + i, _mm256_mul_ps(silu, _mm256_loadu_ps(b + i)));
     }
+    for (; i < n; i++) {
+        const float v = a[i], nv = 0.0f - v;
+        const float e = exp1(nv < 88.0f ? nv : 88.0f);
+        a[i] = v * (1.0f / (1.0f + e)) * b[i];
+    }
 #else
-    (void)a, (void)b, (void)n;
+    for (; i < n; i++) a[i] = a[i] * (1.0f / (1.0f + expf(-a[i]))) * b[i];
 #endif
-    return i;
 }
 
 /* ------------------------------------------------------------------------------------------------

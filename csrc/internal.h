@@ -111,7 +111,7 @@ void pl__attend_block(float *out, long long out_stride, const float *q, long lon
 
 /* a[i] = silu(a[i])·b[i] for the first i of n that a vector exp covers (a multiple of 8, 0 without
  * AVX2); returns how many (attention.c: its softmax's exp, within 2 ulp of expf). */
-long long pl__swiglu(float *a, const float *b, long long n);
+void pl__swiglu(float *a, const float *b, long long n);
 
 /* In place: x[i] = exp(x[i] - max) / sum (llama2.c's arithmetic; the sampler relies on it). */
 void pli_softmax(float *x, int size);

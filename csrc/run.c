@@ -214,7 +214,7 @@ typedef struct {
     pl_state *s;
     const pl_layer *L;
     const seqmap *m;
-    int l, n_layers, n, q_dim, kv_dim, dim, hidden_dim, head_size, norm_rope, vector_exp;
+    int l, n_layers, n, q_dim, kv_dim, dim, hidden_dim, head_size, norm_rope;
 } layer_epi;
 
 /* q, k, v (s->q, s->k, s->v): biases and NORM RoPE; then k (NORM) and v to the cache (NEOX keys
@@ -252,17 +252,8 @@ static void epi_swiglu(void *ctx, int i, long long r0, long long r1)
 {
     const layer_epi *e = ctx;
     (void)i;
-    for (int t = 0; t < e->n; t++) {
-        float *hb = e->s->hb + (long long)t * e->hidden_dim, *hb2 = e->s->hb2 + (long long)t * e->hidden_dim;
-        long long j = r0;
-        if (e->vector_exp) /* float prompts: the vector exp (as their attention's softmax) */
-            j = pl__swiglu(hb + j, hb2 + j, r1 - j) + r0;
-        for (; j < r1; j++) {
-            float val = hb[j];
-            val *= 1.0f / (1.0f + expf(-val));
-            hb[j] = val * hb2[j];
-        }
-    }
+    for (int t = 0; t < e->n; t++)
+        pl__swiglu(e->s->hb + (long long)t * e->hidden_dim + r0, e->s->hb2 + (long long)t * e->hidden_dim + r0, r1 - r0);
 }
 
 /* The layers and the classifier for the batch already embedded in s->x: run by every thread of
@@ -305,7 +296,7 @@ static void forward_team(const pl_weights *w, pl_state *s, const seqmap *m)
         /* attention rmsnorm; q, k, v plus biases, with RoPE (NORM pairs lie within a thread's
          * rows, split in pairs; NEOX pairs span a head); k and v to their slots' cache */
         layer_epi ectx = {s, L, m, l, p->n_layers, n, q_dim, kv_dim, dim, hidden_dim, head_size,
-                          p->rope_style != PL_ROPE_NEOX, block_att};
+                          p->rope_style != PL_ROPE_NEOX};
         pl__mm qkv[3] = {{&L->wq, s->q}, {&L->wk, s->k}, {&L->wv, s->v}};
         pl__epilogue e_qkv = {epi_qkv, &ectx};
         pl__team_matmuls(norm_input(s, x, L->rms_att, n, dim, p->rms_eps, own_norm), n, qkv, 3,

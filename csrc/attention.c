@@ -244,24 +244,32 @@ static void att_scores(float *att, const float *q, const float *kh, int i0, int 
 }
 
 /* Positions per block of the token-at-a-time attention: a block's keys (or values) of one kv
- * head, 64 rows of up to 64 floats, stay in L1 while each query head of its group uses them. */
+ * head, 64 rows of up to 64 floats, stay in L1 while each query of the run uses them. The blocks
+ * start at the same positions whatever the run, and a query's sums run in position order across
+ * them (att_values carries them over in its output), so its bits do not depend on the run. */
 #define ATT_POS_BLOCK 64
 
-void pl__attend_heads(float *out, const float *q, int nq, const float *kh, const float *vh, int last,
-                      int head_size, float scale, float *att, long long att_stride)
+void pl__attend_heads(float *out, const float *q, long long tok_stride, int nt, int nq, const float *kh,
+                      const float *vh, int last, int head_size, float scale, float *att,
+                      long long att_stride, long long att_tok_stride)
 {
     const int stride = head_size; /* a kv head's positions lie together */
-    for (int i0 = 0; i0 <= last; i0 += ATT_POS_BLOCK) {
-        const int i1 = i0 + ATT_POS_BLOCK < last + 1 ? i0 + ATT_POS_BLOCK : last + 1;
-        for (int h = 0; h < nq; h++)
-            att_scores(att + h * att_stride, q + (long long)h * head_size, kh, i0, i1, stride, head_size, scale);
-    }
-    for (int h = 0; h < nq; h++) softmax_att(att + h * att_stride, last + 1);
-    for (int i0 = 0; i0 <= last; i0 += ATT_POS_BLOCK) {
-        const int i1 = i0 + ATT_POS_BLOCK < last + 1 ? i0 + ATT_POS_BLOCK : last + 1;
-        for (int h = 0; h < nq; h++)
-            att_values(out + (long long)h * head_size, att + h * att_stride, vh, i0, i1, stride, head_size, i0 > 0);
-    }
+    for (int i0 = 0; i0 <= last + nt - 1; i0 += ATT_POS_BLOCK)
+        for (int t = i0 > last ? i0 - last : 0; t < nt; t++) { /* the tokens that see position i0 */
+            const int i1 = i0 + ATT_POS_BLOCK < last + t + 1 ? i0 + ATT_POS_BLOCK : last + t + 1;
+            for (int h = 0; h < nq; h++)
+                att_scores(att + t * att_tok_stride + h * att_stride, q + t * tok_stride + (long long)h * head_size,
+                           kh, i0, i1, stride, head_size, scale);
+        }
+    for (int t = 0; t < nt; t++)
+        for (int h = 0; h < nq; h++) softmax_att(att + t * att_tok_stride + h * att_stride, last + t + 1);
+    for (int i0 = 0; i0 <= last + nt - 1; i0 += ATT_POS_BLOCK)
+        for (int t = i0 > last ? i0 - last : 0; t < nt; t++) {
+            const int i1 = i0 + ATT_POS_BLOCK < last + t + 1 ? i0 + ATT_POS_BLOCK : last + t + 1;
+            for (int h = 0; h < nq; h++)
+                att_values(out + t * tok_stride + (long long)h * head_size, att + t * att_tok_stride + h * att_stride,
+                           vh, i0, i1, stride, head_size, i0 > 0);
+        }
 }
 
 /* ------------------------------------------------------------------------------------------------

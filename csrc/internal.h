@@ -92,25 +92,28 @@ static inline long long pl__kv_head_row(const pl_state *s, int g, long long pos,
     return ((long long)g * s->n_ctx + pos) * head_size;
 }
 
-/* Causal attention (attention.c). pl__attend_heads: nq query heads that share one kv head (query
- * head i: q + i·head_size, its result out + i·head_size, its scores att + i·att_stride, last + 1
- * floats), one query each at position last, each in llama2.c's order, the keys and values read
- * once for all of them. pl__attend_block: one head, nq <= PL_ATT_BLOCK
+/* Causal attention (attention.c). pl__attend_heads: nt consecutive tokens of one sequence (token i
+ * at position last + i), each with nq query heads that share one kv head (query head j of token i:
+ * q + i·tok_stride + j·head_size, its result at the same offset from out, its scores att +
+ * i·att_tok_stride + j·att_stride, last + i + 1 floats), each query in llama2.c's order and with
+ * the same bits whatever nt: a block of keys (and of values) is read once for all nt·nq queries.
+ * pl__attend_block: one head, nq <= PL_ATT_BLOCK
  * consecutive queries at positions p0.. (query i: q + i·q_stride, its result out + i·out_stride)
  * over keys 0 .. p0 + nq - 1, st holding (p0 + nq)·PL_ATT_BLOCK floats; only where
  * pl__attend_block_ok(head_size). Keys and values of position j: kh, vh + j·head_size (a kv
  * head's positions lie together in the cache: pl__kv_head_row above). */
 #define PL_ATT_BLOCK 16
 #define PL_ATT_MAX_HEAD 256
-void pl__attend_heads(float *out, const float *q, int nq, const float *kh, const float *vh, int last,
-                      int head_size, float scale, float *att, long long att_stride);
+void pl__attend_heads(float *out, const float *q, long long tok_stride, int nt, int nq, const float *kh,
+                      const float *vh, int last, int head_size, float scale, float *att,
+                      long long att_stride, long long att_tok_stride);
 int pl__attend_block_ok(int head_size);
 void pl__attend_block(float *out, long long out_stride, const float *q, long long q_stride, int nq,
                       int p0, const float *kh, const float *vh, int head_size, float scale,
                       float *st);
 
-/* a[i] = silu(a[i])·b[i] for the first i of n that a vector exp covers (a multiple of 8, 0 without
- * AVX2); returns how many (attention.c: its softmax's exp, within 2 ulp of expf). */
+/* a[i] = silu(a[i])·b[i] for i < n (attention.c: with its softmax's exp, within 2 ulp of expf, where
+ * the build has AVX2; each a[i] the same bits whatever n and where the run starts). */
 void pl__swiglu(float *a, const float *b, long long n);
 
 /* In place: x[i] = exp(x[i] - max) / sum (llama2.c's arithmetic; the sampler relies on it). */

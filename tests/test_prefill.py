@@ -31,6 +31,20 @@ def test_batched_equals_stepwise(model, threads):
         assert np.abs(batched - stepwise).max() <= 1e-5 * scale
 
 
+@pytest.mark.parametrize("model", ["quant-base-q4_0.gguf", "quant-base-q6_k.gguf"])
+def test_prompt_pieces_at_any_position_equal_stepwise(model):
+    """A prompt given in pieces that start anywhere (as after a prefix-cache hit) runs through the
+    run-of-tokens attention with its blocks of keys and of queries out of step with the pieces:
+    still the single-token logits, bit for bit."""
+    m = pyllama.Llama(shared_path("models/" + model), threads=2, n_ctx=512)
+    ids = [1] + np.random.default_rng(7).integers(3, m.vocab_size, size=299).tolist()
+    t = m._model
+    cuts = [0, 1, 38, 107, 170, 171, 300]  # pieces of 1, 37, 69, 63, 1 and 129 tokens
+    pieces = np.concatenate([t.prefill(ids[a:b], a, all_logits=True) for a, b in zip(cuts, cuts[1:])])
+    stepwise = np.array([t.forward(tok, pos).copy() for pos, tok in enumerate(ids)])
+    np.testing.assert_array_equal(pieces, stepwise)
+
+
 def test_prefill_then_decode_continues_the_cache():
     m = pyllama.Llama(shared_path("models/stories260K.bin"))
     ids = [1, 403, 407, 261, 378, 432, 383]

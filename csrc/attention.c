@@ -230,8 +230,9 @@ scores_run(float *att, const float *q, const float *k0, int stride, int head_siz
 }
 #endif
 
-static void att_scores(float *att, const float *q, const float *kh, int i0, int i1, int stride,
-                       int head_size, float scale)
+static inline __attribute__((always_inline)) void
+att_scores_hs(float *att, const float *q, const float *kh, int i0, int i1, int stride, int head_size,
+              float scale)
 {
     int i = i0;
 #ifdef PL_AVX2
@@ -241,6 +242,20 @@ static void att_scores(float *att, const float *q, const float *kh, int i0, int 
     }
 #endif
     for (; i < i1; i++) att[i] = dot(q, kh + (long long)i * stride, head_size) * scale;
+}
+
+/* The common head sizes as constants (the keys' offsets become displacements of one address) */
+static void att_scores(float *att, const float *q, const float *kh, int i0, int i1, int stride,
+                       int head_size, float scale)
+{
+    if (stride == head_size)
+        switch (head_size) {
+        case 48: att_scores_hs(att, q, kh, i0, i1, 48, 48, scale); return;
+        case 64: att_scores_hs(att, q, kh, i0, i1, 64, 64, scale); return;
+        case 128: att_scores_hs(att, q, kh, i0, i1, 128, 128, scale); return;
+        default: break;
+        }
+    att_scores_hs(att, q, kh, i0, i1, stride, head_size, scale);
 }
 
 /* Positions per block of the token-at-a-time attention: a block's keys (or values) of one kv

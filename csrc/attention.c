@@ -376,6 +376,16 @@ static inline void key_mask(int j, int p0, __m256 *m0, __m256 *m1)
 }
 #endif
 
+#ifdef PL_AVX2
+/* out_i[d + r] = O[i][d + r] / sum_i for the R values of ot (row r: the 16 query lanes) */
+static inline void block_out(float *out, long long out_stride, int nq, int d, int R, const float *ot,
+                             const float *inv)
+{
+    for (int r = 0; r < R; r++)
+        for (int i = 0; i < nq; i++) out[i * out_stride + d + r] = ot[r * PL_ATT_BLOCK + i] * inv[i];
+}
+#endif
+
 #ifdef __AVX512F__
 /* The same tiles with the 16 query lanes of a block in one 512-bit register: half the
  * instructions of two 256-bit ones, and up to 12 keys (or values) a tile. */
@@ -438,8 +448,7 @@ static void attend_block16(float *out, long long out_stride, int nq, int p0, con
         case 4: values_tile16(ot, vh + d, stride, st, nk, 4); break;
         default: values_tile16(ot, vh + d, stride, st, nk, 1); break;
         }
-        for (int r = 0; r < R; r++)
-            for (int i = 0; i < nq; i++) out[i * out_stride + d + r] = ot[r * B + i] * inv[i];
+        block_out(out, out_stride, nq, d, R, ot, inv);
         d += R;
     }
 }
@@ -501,8 +510,7 @@ static void attend_block8(float *out, long long out_stride, int nq, int p0, cons
         case 2: values_tile(ot, vh + d, stride, st, nk, 2); break;
         default: values_tile(ot, vh + d, stride, st, nk, 1); break;
         }
-        for (int r = 0; r < R; r++)
-            for (int i = 0; i < nq; i++) out[i * out_stride + d + r] = ot[r * B + i] * inv[i];
+        block_out(out, out_stride, nq, d, R, ot, inv);
         d += R;
     }
 }

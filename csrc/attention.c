@@ -9,16 +9,28 @@
 /* ------------------------------------------------------------------------------------------------
  * exp on 8 lanes: a polynomial within 2 ulp of expf, inputs below -87 taken as -87 */
 
+/* The polynomial's constants, one list for exp8, exp16 and exp1 (which must agree bit for bit) */
+#define EXP_MIN (-87.0f)
+#define EXP_LOG2E 1.44269504088896341f
+#define EXP_LN2HI 0.693359375f
+#define EXP_LN2LO (-2.12194440e-4f)
+#define EXP_C1 1.9875691500e-4f
+#define EXP_C2 1.3981999507e-3f
+#define EXP_C3 8.3334519073e-3f
+#define EXP_C4 4.1665795894e-2f
+#define EXP_C5 1.6666665459e-1f
+#define EXP_C6 5.0000001201e-1f
+
 #ifdef PL_AVX2
 static inline __m256 exp8(__m256 v)
 {
-    const __m256 log2e = _mm256_set1_ps(1.44269504088896341f);
-    const __m256 ln2hi = _mm256_set1_ps(0.693359375f), ln2lo = _mm256_set1_ps(-2.12194440e-4f);
-    const __m256 c1 = _mm256_set1_ps(1.9875691500e-4f), c2 = _mm256_set1_ps(1.3981999507e-3f);
-    const __m256 c3 = _mm256_set1_ps(8.3334519073e-3f), c4 = _mm256_set1_ps(4.1665795894e-2f);
-    const __m256 c5 = _mm256_set1_ps(1.6666665459e-1f), c6 = _mm256_set1_ps(5.0000001201e-1f);
+    const __m256 log2e = _mm256_set1_ps(EXP_LOG2E);
+    const __m256 ln2hi = _mm256_set1_ps(EXP_LN2HI), ln2lo = _mm256_set1_ps(EXP_LN2LO);
+    const __m256 c1 = _mm256_set1_ps(EXP_C1), c2 = _mm256_set1_ps(EXP_C2);
+    const __m256 c3 = _mm256_set1_ps(EXP_C3), c4 = _mm256_set1_ps(EXP_C4);
+    const __m256 c5 = _mm256_set1_ps(EXP_C5), c6 = _mm256_set1_ps(EXP_C6);
     const __m256 one = _mm256_set1_ps(1.0f);
-    v = _mm256_max_ps(v, _mm256_set1_ps(-87.0f));
+    v = _mm256_max_ps(v, _mm256_set1_ps(EXP_MIN));
     __m256 k = _mm256_round_ps(_mm256_mul_ps(v, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     __m256 r = _mm256_fnmadd_ps(k, ln2hi, v);
     r = _mm256_fnmadd_ps(k, ln2lo, r);
@@ -36,16 +48,16 @@ static inline __m256 exp8(__m256 v)
 /* exp8 on 16 lanes: the same steps, so each lane gets exp8's bits */
 static inline __m512 exp16(__m512 v)
 {
-    v = _mm512_max_ps(v, _mm512_set1_ps(-87.0f));
-    __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(v, _mm512_set1_ps(1.44269504088896341f)),
+    v = _mm512_max_ps(v, _mm512_set1_ps(EXP_MIN));
+    __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(v, _mm512_set1_ps(EXP_LOG2E)),
                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693359375f), v);
-    r = _mm512_fnmadd_ps(k, _mm512_set1_ps(-2.12194440e-4f), r);
-    __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(1.9875691500e-4f), r, _mm512_set1_ps(1.3981999507e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    __m512 r = _mm512_fnmadd_ps(k, _mm512_set1_ps(EXP_LN2HI), v);
+    r = _mm512_fnmadd_ps(k, _mm512_set1_ps(EXP_LN2LO), r);
+    __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(EXP_C1), r, _mm512_set1_ps(EXP_C2));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(EXP_C3));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(EXP_C4));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(EXP_C5));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(EXP_C6));
     p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
     __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(k), _mm512_set1_epi32(127)), 23);
     return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
@@ -59,20 +71,19 @@ static inline float hmax8(__m256 m8)
     return _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
 }
 
-
 /* exp8 on one lane, the same operations in the same order (every one rounded once, as the vector
  * instructions round each lane), so a value gets the same bits whichever of the two computes it. */
 static inline float exp1(float v)
 {
-    v = v > -87.0f ? v : -87.0f;
-    const float k = rintf(v * 1.44269504088896341f);
-    float r = fmaf(-k, 0.693359375f, v);
-    r = fmaf(-k, -2.12194440e-4f, r);
-    float p = fmaf(1.9875691500e-4f, r, 1.3981999507e-3f);
-    p = fmaf(p, r, 8.3334519073e-3f);
-    p = fmaf(p, r, 4.1665795894e-2f);
-    p = fmaf(p, r, 1.6666665459e-1f);
-    p = fmaf(p, r, 5.0000001201e-1f);
+    v = v > EXP_MIN ? v : EXP_MIN;
+    const float k = rintf(v * EXP_LOG2E);
+    float r = fmaf(-k, EXP_LN2HI, v);
+    r = fmaf(-k, EXP_LN2LO, r);
+    float p = fmaf(EXP_C1, r, EXP_C2);
+    p = fmaf(p, r, EXP_C3);
+    p = fmaf(p, r, EXP_C4);
+    p = fmaf(p, r, EXP_C5);
+    p = fmaf(p, r, EXP_C6);
     p = fmaf(p, r * r, r + 1.0f);
     union { unsigned u; float f; } e = {(unsigned)((int)k + 127) << 23};
     return p * e.f;

@@ -41,7 +41,8 @@
 #define PL_AHEAD 8192
 #endif
 
-/* The lines of [p, p + n) into L1 (prefetcht0), every prefetch of the kernels. always_inline: as
+/* The lines of [p, p + n) into L1 (prefetcht0), the kernels' line-by-line prefetches (the float
+ * one-token kernels' weights: pli_prefetch_ahead_nta below). always_inline: as
  * a plain static inline, GCC 12 judged such a function free of side effects (a prefetch stores
  * nothing) and deleted its calls before inlining them; the K-quant decode loops then ran without
  * their prefetch of x (one core read the 1B Q4_K_M file's ffn_down at Q4_K 0.69-0.73, Q6_K

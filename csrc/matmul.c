@@ -91,8 +91,8 @@ static void NAME(const ELEM *base, const float *x, float *out, long long r0, lon
         __m256 a0 = _mm256_setzero_ps(), a1 = a0, b0 = a0, b1 = a0;                             \
         for (long long j = 0; j < n16; j += 16) {                                               \
             __m256 x0 = _mm256_loadu_ps(x + j), x1 = _mm256_loadu_ps(x + j + 8);                \
-            pli_prefetch_ahead_nta(w0 + j, 16 * sizeof(ELEM));                                      \
-            if (two) pli_prefetch_ahead_nta(w1 + j, 16 * sizeof(ELEM));                             \
+            pli_prefetch_ahead_nta(w0 + j, 16 * sizeof(ELEM));                                  \
+            if (two) pli_prefetch_ahead_nta(w1 + j, 16 * sizeof(ELEM));                         \
             a0 = _mm256_fmadd_ps(LOAD(w0, j), x0, a0);                                          \
             a1 = _mm256_fmadd_ps(LOAD(w0, j + 8), x1, a1);                                      \
             if (two) {                                                                          \
@@ -127,7 +127,7 @@ static void NAME(const void *data, const float *x, float *out, long long r0, lon
         TV a0 = TV_ZERO(), a1 = a0, a2 = a0, a3 = a0;                                           \
         long long j = 0;                                                                        \
         for (; j + 4 * TV_N <= n; j += 4 * TV_N) {                                              \
-            pli_prefetch_ahead_nta(w0 + j, 4 * TV_N * sizeof(ELEM));                                \
+            pli_prefetch_ahead_nta(w0 + j, 4 * TV_N * sizeof(ELEM));                            \
             a0 = TV_FMA(TLOAD(w0, j), TV_X(x + j), a0);                                         \
             a1 = TV_FMA(TLOAD(w0, j + TV_N), TV_X(x + j + TV_N), a1);                           \
             a2 = TV_FMA(TLOAD(w0, j + 2 * TV_N), TV_X(x + j + 2 * TV_N), a2);                   \
@@ -196,7 +196,7 @@ static void NAME(const void *data, const float *x, float *out, long long r0, lon
             __m256 x0 = _mm256_loadu_ps(x + j), x1 = _mm256_loadu_ps(x + j + 8);                \
             PL_IN_REG(x0);                                                                      \
             PL_IN_REG(x1);                                                                      \
-            pli_prefetch_ahead_nta(g, 64 * sizeof(ELEM));                                           \
+            pli_prefetch_ahead_nta(g, 64 * sizeof(ELEM));                                       \
             for (int q = 0; q < 4; q++) {                                                       \
                 a[2 * q] = _mm256_fmadd_ps(LOAD(g, 16 * q), x0, a[2 * q]);                      \
                 a[2 * q + 1] = _mm256_fmadd_ps(LOAD(g, 16 * q + 8), x1, a[2 * q + 1]);          \

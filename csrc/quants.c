@@ -1270,8 +1270,9 @@ static inline __attribute__((always_inline)) void q6_sums(const blk_q6_K *b, con
 }
 
 /* Software prefetch this many bytes ahead of the super-block being read (0: none; the T0 hint, 4 KiB,
- * beat T1 and 1, 2, 3, 6, 8 KiB on a Zen 4 EPYC; on a Zen 5, 4 and 8 KiB (PL_AHEAD) measured alike). A thread's 4-row groups lie end to end in memory, so the point
- * ahead is where it reads next. At 2 threads the hardware prefetcher alone left generation 4-7%
+ * beat T1 and 1, 2, 3, 6, 8 KiB on a Zen 4 EPYC; on a Zen 5, 4 and 8 KiB (PL_AHEAD) measured
+ * alike). A thread's 4-row groups lie end to end in memory, so the point ahead is where it reads
+ * next. At 2 threads the hardware prefetcher alone left generation 4-7%
  * slower (1B Q4_K_M, 110M Q4_K_M; builds alternated in the same runs), behind the old kernel. */
 #ifndef KQ_PF
 #define KQ_PF 4096
